@@ -26,6 +26,8 @@ pub enum ProtoError {
     TooLong { len: usize, max: usize },
     #[error("unknown message type {0:#04x}")]
     UnknownType(u8),
+    #[error("message does not link to the conversation's history: the sender's history was altered or forked")]
+    ChainMismatch,
     #[error("ratchet cannot send yet: no message received from the peer")]
     NotReady,
 }

@@ -4,6 +4,7 @@
 //! number, so every function here is deterministic under test. See
 //! PROTOCOL.md for the byte layouts; each module's docs name its section.
 
+pub mod connection;
 pub mod envelope;
 pub mod error;
 pub mod handshake;

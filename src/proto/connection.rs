@@ -1,0 +1,852 @@
+//! A connection's state machine (PROTOCOL.md §5): invitation, handshake,
+//! and then ordinary messages, with no I/O.
+//!
+//! The client creates queues on relays (that is I/O), hands the results to
+//! this module, and carries out the [`Action`]s it returns, in order, after
+//! saving the new state. Everything a relay could see or change is
+//! authenticated here, so the client can treat relays as untrusted pipes.
+//!
+//! ```text
+//! inviter                                   joiner
+//! Invited ──(invitation, out of band)────▶  accept: Joining
+//!         ◀── connection request (Hello) ── unsigned, to every inviter queue
+//! Accepted: secure own queues with the
+//!           joiner's sender keys, then
+//!         ── HelloReply ─────────────────▶  unsigned, to every reply queue
+//!                                           Connected: secure own queues, then
+//!         ◀── Confirm ───────────────────── signed
+//! Connected
+//! ```
+//!
+//! A side sends its own messages only once Connected, because before that
+//! the peer's queues are not yet secured to accept signed sends.
+
+use ed25519_dalek::SigningKey;
+use rand_core::{CryptoRng, RngCore};
+use serde::{Deserialize, Serialize};
+use tern_relay::address::RelayAddress;
+use tern_relay::wire::Id;
+
+use super::envelope::{ChainError, ChainReceiver, ChainSender, ChainStatus, Envelope, Kind};
+use super::handshake::{joiner_agree, HandshakeKeys, InviterSecrets};
+use super::hello::{negotiate, Channel, Hello, HelloReply, Profile};
+use super::invitation::{Invitation, SendQueue};
+use super::keys::{b64, DhKeyPair, Secret32};
+use super::queue_msg::{self, QueueMessage};
+use super::ratchet::Ratchet;
+use super::security_code::security_code;
+use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// Keys generated before asking a relay to create a queue.
+#[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct QueueKeys {
+    /// Ed25519 seed of the recipient's auth key.
+    pub auth: Secret32,
+    pub dh: DhKeyPair,
+}
+
+impl QueueKeys {
+    pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
+        Self {
+            auth: Secret32::random(rng),
+            dh: DhKeyPair::generate(rng),
+        }
+    }
+
+    pub fn auth_public(&self) -> [u8; 32] {
+        SigningKey::from_bytes(self.auth.as_bytes())
+            .verifying_key()
+            .to_bytes()
+    }
+}
+
+/// One of our receiving queues.
+#[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct RecvQueue {
+    /// Our relay, as in our relay list (it may carry our access key).
+    #[serde(with = "address_text")]
+    pub relay: RelayAddress,
+    #[serde(with = "b64")]
+    pub recipient_id: Id,
+    #[serde(with = "b64")]
+    pub sender_id: Id,
+    /// Ed25519 seed signing our commands on this queue.
+    pub auth: Secret32,
+    /// The secret shared with the relay for this queue's deliveries.
+    pub queue_secret: Secret32,
+    /// The sender key registered with SECURE, once done.
+    #[serde(default, with = "opt_key")]
+    pub secured_with: Option<[u8; 32]>,
+}
+
+impl RecvQueue {
+    /// Completes a queue from the relay's CREATE answer.
+    pub fn created(
+        relay: RelayAddress,
+        keys: &QueueKeys,
+        recipient_id: Id,
+        sender_id: Id,
+        relay_dh: &[u8; 32],
+    ) -> Result<Self, ProtoError> {
+        Ok(Self {
+            relay,
+            recipient_id,
+            sender_id,
+            auth: keys.auth.clone(),
+            queue_secret: keys.dh.dh(relay_dh)?,
+            secured_with: None,
+        })
+    }
+
+    pub fn signing_key(&self) -> SigningKey {
+        SigningKey::from_bytes(self.auth.as_bytes())
+    }
+
+    /// The queue as a sender must know it.
+    pub fn send_queue(&self) -> SendQueue {
+        SendQueue {
+            relay: self.relay.without_access_key(),
+            sender_id: self.sender_id,
+        }
+    }
+}
+
+/// One of the peer's queues that we send to.
+#[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct PeerQueue {
+    #[serde(with = "address_text")]
+    pub relay: RelayAddress,
+    #[serde(with = "b64")]
+    pub sender_id: Id,
+    /// Ed25519 seed signing our sends to this queue.
+    pub auth: Secret32,
+}
+
+impl PeerQueue {
+    pub fn signing_key(&self) -> SigningKey {
+        SigningKey::from_bytes(self.auth.as_bytes())
+    }
+}
+
+mod address_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tern_relay::address::RelayAddress;
+
+    pub fn serialize<S: Serializer>(a: &RelayAddress, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RelayAddress, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_key {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct W(#[serde(with = "super::b64")] [u8; 32]);
+
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(W).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnState {
+    /// Inviter: invitation made, no request yet.
+    Invited,
+    /// Joiner: request sent, waiting for the inviter's reply.
+    Joining,
+    /// Inviter: reply sent, waiting for the joiner's confirmation.
+    Accepted,
+    Connected,
+}
+
+/// How much to trust that the keys are the peer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SecurityLevel {
+    /// The invitation travelled as a link or file through some other channel:
+    /// whoever controlled that channel could have replaced it.
+    Shared,
+    /// A QR code was shown on a screen and scanned in person.
+    InPerson,
+    /// Security codes were compared out of band.
+    Verified,
+}
+
+/// Something the client must do, in order, after saving the new state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// SECURE our receiving queue `queue` with the peer's sender key.
+    Secure { queue: usize },
+    /// Send a ratchet message to every peer queue; `signed` is false only for
+    /// the handshake's first message on a fresh queue.
+    Deliver {
+        #[serde(with = "b64")]
+        envelope_id: [u8; 16],
+        ratchet_msg: Vec<u8>,
+        signed: bool,
+    },
+}
+
+/// What a received message meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// The handshake reached a state worth telling the user about.
+    Connected {
+        profile: Profile,
+    },
+    Text {
+        envelope: Envelope,
+        text: String,
+        chain: ChainStatus,
+    },
+    ProfileUpdated {
+        profile: Profile,
+    },
+    /// A control message (queue rotation); handled by the rotation code.
+    Control {
+        envelope: Envelope,
+    },
+    /// A kind this version does not know; the user is told to upgrade.
+    Unsupported {
+        kind: u8,
+    },
+    /// Handshake bookkeeping with nothing to show.
+    Nothing,
+}
+
+/// The result of processing one queue message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub incoming: Incoming,
+    pub actions: Vec<Action>,
+    /// Identifies the message across relays: record it to drop copies.
+    pub digest: [u8; 32],
+}
+
+#[derive(Clone, Serialize, Deserialize, Debug)]
+pub struct Connection {
+    pub state: ConnState,
+    /// The inviter's invitation secrets, kept only until the request arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<InviterSecrets>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<HandshakeKeys>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratchet: Option<Ratchet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret: Option<Secret32>,
+    pub recv_queues: Vec<RecvQueue>,
+    pub peer_queues: Vec<PeerQueue>,
+    pub chain_out: ChainSender,
+    pub chain_in: ChainReceiver,
+    /// The protocol version both sides speak (0 until negotiated).
+    pub version: u8,
+    pub our_channel: Channel,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub their_channel: Option<Channel>,
+    pub verified: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_profile: Option<Profile>,
+}
+
+fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    rng.fill_bytes(&mut id);
+    id
+}
+
+impl Connection {
+    /// Inviter: a new one-time invitation over our freshly created queues.
+    pub fn invite<R: RngCore + CryptoRng>(
+        recv_queues: Vec<RecvQueue>,
+        channel: Channel,
+        rng: &mut R,
+    ) -> (Connection, Invitation) {
+        let secrets = InviterSecrets::generate(rng);
+        let invitation = Invitation {
+            invitation_key: secrets.invitation.public(),
+            ratchet_key: secrets.ratchet.public(),
+            queues: recv_queues.iter().map(RecvQueue::send_queue).collect(),
+        };
+        let conn = Connection {
+            state: ConnState::Invited,
+            invitation: Some(secrets),
+            keys: None,
+            ratchet: None,
+            connection_secret: None,
+            recv_queues,
+            peer_queues: Vec::new(),
+            chain_out: ChainSender::default(),
+            chain_in: ChainReceiver::default(),
+            version: 0,
+            our_channel: channel,
+            their_channel: None,
+            verified: false,
+            peer_profile: None,
+        };
+        (conn, invitation)
+    }
+
+    /// Joiner: accepts `invitation` with our reply queues. Returns the state
+    /// and the connection request to send, unsigned, to every inviter queue.
+    pub fn accept<R: RngCore + CryptoRng>(
+        invitation: &Invitation,
+        recv_queues: Vec<RecvQueue>,
+        profile: &Profile,
+        channel: Channel,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Connection, Vec<u8>), ProtoError> {
+        let agreement = joiner_agree(&invitation.invitation_key, &invitation.ratchet_key, rng)?;
+        let mut ratchet =
+            Ratchet::init_initiator(&agreement.ratchet, &invitation.ratchet_key, rng)?;
+        let peer_queues: Vec<PeerQueue> = invitation
+            .queues
+            .iter()
+            .map(|q| PeerQueue {
+                relay: q.relay.clone(),
+                sender_id: q.sender_id,
+                auth: Secret32::random(rng),
+            })
+            .collect();
+        let hello = Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            channel,
+            sender_keys: peer_queues
+                .iter()
+                .map(|q| q.signing_key().verifying_key().to_bytes())
+                .collect(),
+            reply_queues: recv_queues.iter().map(RecvQueue::send_queue).collect(),
+            profile: profile.clone(),
+        };
+        let mut chain_out = ChainSender::default();
+        let env = chain_out.next(Kind::Hello, random_id(rng), now_ms, hello.encode())?;
+        let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
+        let request = queue_msg::conn_request(
+            &agreement.keys.joiner_identity,
+            &agreement.keys.joiner_ephemeral,
+            &ratchet_msg,
+        );
+        let conn = Connection {
+            state: ConnState::Joining,
+            invitation: None,
+            keys: Some(agreement.keys),
+            ratchet: Some(ratchet),
+            connection_secret: Some(agreement.connection_secret.clone()),
+            recv_queues,
+            peer_queues,
+            chain_out,
+            chain_in: ChainReceiver::default(),
+            version: 0,
+            our_channel: channel,
+            their_channel: None,
+            verified: false,
+            peer_profile: None,
+        };
+        Ok((conn, request))
+    }
+
+    /// The security code, once the handshake keys are known.
+    pub fn security_code(&self) -> Option<String> {
+        self.keys.as_ref().map(|k| security_code(&k.transcript()))
+    }
+
+    pub fn security_level(&self) -> SecurityLevel {
+        if self.verified {
+            SecurityLevel::Verified
+        } else if self.our_channel == Channel::Screen && self.their_channel == Some(Channel::Screen)
+        {
+            SecurityLevel::InPerson
+        } else {
+            SecurityLevel::Shared
+        }
+    }
+
+    /// Encrypts an envelope of `kind` for the peer. Only once connected: the
+    /// caller keeps messages in its outbox until then.
+    pub fn encrypt<R: RngCore + CryptoRng>(
+        &mut self,
+        kind: Kind,
+        body: Vec<u8>,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Action, ProtoError> {
+        if self.state != ConnState::Connected {
+            return Err(ProtoError::NotReady);
+        }
+        self.encrypt_any(kind, body, now_ms, true, rng)
+    }
+
+    fn encrypt_any<R: RngCore + CryptoRng>(
+        &mut self,
+        kind: Kind,
+        body: Vec<u8>,
+        now_ms: u64,
+        signed: bool,
+        rng: &mut R,
+    ) -> Result<Action, ProtoError> {
+        let ratchet = self.ratchet.as_mut().ok_or(ProtoError::NotReady)?;
+        let mut chain = self.chain_out.clone();
+        let id = random_id(rng);
+        let env = chain.next(kind, id, now_ms, body)?;
+        let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
+        self.chain_out = chain;
+        Ok(Action::Deliver {
+            envelope_id: id,
+            ratchet_msg,
+            signed,
+        })
+    }
+
+    /// The bytes to upload to peer queue `i` for a ratchet message.
+    pub fn queue_message<R: RngCore + CryptoRng>(
+        &self,
+        i: usize,
+        ratchet_msg: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>, ProtoError> {
+        let secret = self
+            .connection_secret
+            .as_ref()
+            .ok_or(ProtoError::NotReady)?;
+        let q = self.peer_queues.get(i).ok_or(ProtoError::NotReady)?;
+        Ok(queue_msg::seal_message(
+            secret,
+            &q.sender_id,
+            ratchet_msg,
+            rng,
+        ))
+    }
+
+    /// Processes a message that arrived on our receiving queue `queue`. On
+    /// error nothing changed; the caller may drop the message. `profile` is
+    /// ours, sent in the handshake reply if this message is a request.
+    pub fn receive<R: RngCore + CryptoRng>(
+        &mut self,
+        queue: usize,
+        message: &[u8],
+        profile: &Profile,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Received, ProtoError> {
+        let mut next = self.clone();
+        let r = next.receive_inner(queue, message, profile, now_ms, rng)?;
+        *self = next;
+        Ok(r)
+    }
+
+    fn receive_inner<R: RngCore + CryptoRng>(
+        &mut self,
+        queue: usize,
+        message: &[u8],
+        profile: &Profile,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Received, ProtoError> {
+        let q = self.recv_queues.get(queue).ok_or(ProtoError::Decrypt)?;
+        match queue_msg::parse(message)? {
+            QueueMessage::ConnRequest {
+                joiner_identity,
+                joiner_ephemeral,
+                ratchet_msg,
+            } => {
+                let digest = queue_msg::digest(&ratchet_msg);
+                if self.state != ConnState::Invited {
+                    // The same request through another relay, or a second one
+                    // for a one-time invitation: either way, nothing to do.
+                    return Err(ProtoError::Duplicate);
+                }
+                self.accept_request(
+                    &joiner_identity,
+                    &joiner_ephemeral,
+                    &ratchet_msg,
+                    profile,
+                    now_ms,
+                    rng,
+                )
+                .map(|(incoming, actions)| Received {
+                    incoming,
+                    actions,
+                    digest,
+                })
+            }
+            QueueMessage::Message { sealed } => {
+                let secret = self.connection_secret.as_ref().ok_or(ProtoError::Decrypt)?;
+                let ratchet_msg = queue_msg::open_message(secret, &q.sender_id, &sealed)?;
+                let digest = queue_msg::digest(&ratchet_msg);
+                let env = self.decrypt_envelope(&ratchet_msg, rng)?;
+                let (incoming, actions) = self.apply(env, now_ms, rng)?;
+                Ok(Received {
+                    incoming,
+                    actions,
+                    digest,
+                })
+            }
+        }
+    }
+
+    fn decrypt_envelope<R: RngCore + CryptoRng>(
+        &mut self,
+        ratchet_msg: &[u8],
+        rng: &mut R,
+    ) -> Result<Envelope, ProtoError> {
+        let ratchet = self.ratchet.as_mut().ok_or(ProtoError::Decrypt)?;
+        let padded = ratchet.decrypt(ratchet_msg, rng)?;
+        Envelope::decode(&padded)
+    }
+
+    fn accept_request<R: RngCore + CryptoRng>(
+        &mut self,
+        joiner_identity: &[u8; 32],
+        joiner_ephemeral: &[u8; 32],
+        ratchet_msg: &[u8],
+        profile: &Profile,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Incoming, Vec<Action>), ProtoError> {
+        let secrets = self.invitation.as_ref().ok_or(ProtoError::Decrypt)?;
+        let agreement = secrets.agree(joiner_identity, joiner_ephemeral)?;
+        let mut ratchet = Ratchet::init_responder(&agreement.ratchet, secrets.ratchet.clone());
+        let padded = ratchet.decrypt(ratchet_msg, rng)?;
+        let env = Envelope::decode(&padded)?;
+        if env.kind != Kind::Hello {
+            return Err(ProtoError::Decrypt);
+        }
+        self.chain_in.check(&env).map_err(chain_err)?;
+        let hello = Hello::decode(&env.body)?;
+        if hello.sender_keys.len() != self.recv_queues.len() {
+            return Err(tern_relay::codec::CodecError::Invalid("one sender key per queue").into());
+        }
+        let version = negotiate(
+            (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            (hello.min_version, hello.max_version),
+        )
+        .ok_or(ProtoError::UnsupportedVersion(hello.min_version))?;
+        self.chain_in.record(&env);
+        self.invitation = None;
+        self.keys = Some(agreement.keys);
+        self.ratchet = Some(ratchet);
+        self.connection_secret = Some(agreement.connection_secret);
+        self.version = version;
+        self.their_channel = Some(hello.channel);
+        self.peer_profile = Some(hello.profile.clone());
+        for (q, key) in self.recv_queues.iter_mut().zip(&hello.sender_keys) {
+            q.secured_with = Some(*key);
+        }
+        self.peer_queues = hello
+            .reply_queues
+            .iter()
+            .map(|q| PeerQueue {
+                relay: q.relay.clone(),
+                sender_id: q.sender_id,
+                auth: Secret32::random(rng),
+            })
+            .collect();
+        self.state = ConnState::Accepted;
+        let mut actions: Vec<Action> = (0..self.recv_queues.len())
+            .map(|queue| Action::Secure { queue })
+            .collect();
+        actions.push(self.reply_action(profile, now_ms, rng)?);
+        Ok((Incoming::Nothing, actions))
+    }
+
+    fn reply_action<R: RngCore + CryptoRng>(
+        &mut self,
+        profile: &Profile,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Action, ProtoError> {
+        let reply = HelloReply {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            channel: self.our_channel,
+            sender_keys: self
+                .peer_queues
+                .iter()
+                .map(|q| q.signing_key().verifying_key().to_bytes())
+                .collect(),
+            profile: profile.clone(),
+        };
+        self.encrypt_any(Kind::HelloReply, reply.encode(), now_ms, false, rng)
+    }
+
+    fn apply<R: RngCore + CryptoRng>(
+        &mut self,
+        env: Envelope,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Incoming, Vec<Action>), ProtoError> {
+        let chain = self.chain_in.check(&env).map_err(chain_err)?;
+        let result = match (self.state, env.kind) {
+            (ConnState::Joining, Kind::HelloReply) => {
+                let reply = HelloReply::decode(&env.body)?;
+                if reply.sender_keys.len() != self.recv_queues.len() {
+                    return Err(
+                        tern_relay::codec::CodecError::Invalid("one sender key per queue").into(),
+                    );
+                }
+                self.version = negotiate(
+                    (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+                    (reply.min_version, reply.max_version),
+                )
+                .ok_or(ProtoError::UnsupportedVersion(reply.min_version))?;
+                for (q, key) in self.recv_queues.iter_mut().zip(&reply.sender_keys) {
+                    q.secured_with = Some(*key);
+                }
+                self.their_channel = Some(reply.channel);
+                self.peer_profile = Some(reply.profile.clone());
+                self.state = ConnState::Connected;
+                let mut actions: Vec<Action> = (0..self.recv_queues.len())
+                    .map(|queue| Action::Secure { queue })
+                    .collect();
+                actions.push(self.encrypt_any(Kind::Confirm, Vec::new(), now_ms, true, rng)?);
+                (
+                    Incoming::Connected {
+                        profile: reply.profile,
+                    },
+                    actions,
+                )
+            }
+            (ConnState::Accepted, Kind::Confirm) => {
+                self.state = ConnState::Connected;
+                let profile = self.peer_profile.clone().unwrap_or_default();
+                (Incoming::Connected { profile }, Vec::new())
+            }
+            (ConnState::Connected, Kind::Text) => {
+                let text = String::from_utf8(env.body.clone())
+                    .map_err(|_| tern_relay::codec::CodecError::Invalid("UTF-8 text"))?;
+                (
+                    Incoming::Text {
+                        envelope: env.clone(),
+                        text,
+                        chain,
+                    },
+                    Vec::new(),
+                )
+            }
+            (ConnState::Connected, Kind::Profile) => {
+                let profile = Profile::from_bytes(&env.body)?;
+                self.peer_profile = Some(profile.clone());
+                (Incoming::ProfileUpdated { profile }, Vec::new())
+            }
+            (ConnState::Connected, Kind::Control) => (
+                Incoming::Control {
+                    envelope: env.clone(),
+                },
+                Vec::new(),
+            ),
+            (ConnState::Connected, Kind::Receipt) => (Incoming::Nothing, Vec::new()),
+            (ConnState::Connected, Kind::Unknown(k)) => {
+                (Incoming::Unsupported { kind: k }, Vec::new())
+            }
+            // A handshake message out of place: authentic (it decrypted) but
+            // meaningless now, e.g. a late copy. Ignore it.
+            _ => (Incoming::Nothing, Vec::new()),
+        };
+        self.chain_in.record(&env);
+        Ok(result)
+    }
+}
+
+fn chain_err(e: ChainError) -> ProtoError {
+    match e {
+        ChainError::Duplicate => ProtoError::Duplicate,
+        ChainError::Mismatch => ProtoError::ChainMismatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE";
+
+    fn queues(rng: &mut StdRng, n: usize, host: u8) -> Vec<RecvQueue> {
+        (0..n)
+            .map(|i| {
+                let keys = QueueKeys::generate(rng);
+                let relay_dh = DhKeyPair::generate(rng);
+                let relay: RelayAddress = format!("tern://{KEY}@10.0.{host}.{i}:5223")
+                    .parse()
+                    .unwrap();
+                RecvQueue::created(
+                    relay,
+                    &keys,
+                    [i as u8 + 1; 16],
+                    [i as u8 + 100; 16],
+                    &relay_dh.public(),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn profile(name: &str) -> Profile {
+        Profile {
+            name: name.into(),
+            ..Profile::default()
+        }
+    }
+
+    fn deliveries(actions: &[Action]) -> Vec<(Vec<u8>, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver {
+                    ratchet_msg,
+                    signed,
+                    ..
+                } => Some((ratchet_msg.clone(), *signed)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs a whole handshake; returns (inviter, joiner).
+    pub(crate) fn connect(rng: &mut StdRng) -> (Connection, Connection) {
+        let (mut alice, inv) = Connection::invite(queues(rng, 2, 1), Channel::Screen, rng);
+        let inv = Invitation::from_link(&inv.to_link()).unwrap();
+        let (mut bob, request) = Connection::accept(
+            &inv,
+            queues(rng, 3, 2),
+            &profile("bob"),
+            Channel::Screen,
+            1,
+            rng,
+        )
+        .unwrap();
+        assert_eq!(bob.state, ConnState::Joining);
+        // The request arrives on both of Alice's queues; the second is a copy.
+        let r = alice
+            .receive(0, &request, &profile("alice"), 2, rng)
+            .unwrap();
+        assert_eq!(
+            alice.receive(1, &request, &profile("alice"), 2, rng),
+            Err(ProtoError::Duplicate)
+        );
+        assert_eq!(alice.state, ConnState::Accepted);
+        assert_eq!(
+            r.actions[..2],
+            [Action::Secure { queue: 0 }, Action::Secure { queue: 1 }]
+        );
+        let d = deliveries(&r.actions);
+        assert_eq!(d.len(), 1);
+        assert!(!d[0].1, "the reply to a fresh queue is unsigned");
+        assert_eq!(alice.peer_queues.len(), 3);
+        assert_eq!(alice.peer_profile.as_ref().unwrap().name, "bob");
+        // The reply goes to Bob's queue 2 (any of them).
+        let up = alice.queue_message(2, &d[0].0, rng).unwrap();
+        let r = bob.receive(2, &up, &profile("bob"), 3, rng).unwrap();
+        assert_eq!(
+            r.incoming,
+            Incoming::Connected {
+                profile: profile("alice")
+            }
+        );
+        assert_eq!(bob.state, ConnState::Connected);
+        let d = deliveries(&r.actions);
+        assert!(d[0].1, "the confirmation is signed");
+        let up = bob.queue_message(0, &d[0].0, rng).unwrap();
+        let r = alice.receive(0, &up, &profile("alice"), 4, rng).unwrap();
+        assert!(matches!(r.incoming, Incoming::Connected { .. }));
+        assert_eq!(alice.state, ConnState::Connected);
+        (alice, bob)
+    }
+
+    #[test]
+    fn handshake_then_messages_both_ways() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut alice, mut bob) = connect(&mut rng);
+        assert_eq!(alice.security_code(), bob.security_code());
+        assert_eq!(alice.security_level(), SecurityLevel::InPerson);
+        for i in 0..3 {
+            let Action::Deliver { ratchet_msg, .. } = alice
+                .encrypt(Kind::Text, format!("hi {i}").into_bytes(), 10, &mut rng)
+                .unwrap()
+            else {
+                panic!()
+            };
+            let up = alice.queue_message(1, &ratchet_msg, &mut rng).unwrap();
+            let r = bob.receive(1, &up, &profile("bob"), 11, &mut rng).unwrap();
+            let Incoming::Text { text, chain, .. } = r.incoming else {
+                panic!()
+            };
+            assert_eq!(text, format!("hi {i}"));
+            assert_eq!(chain, ChainStatus::InOrder);
+            // The same message through another relay is a duplicate.
+            let copy = alice.queue_message(2, &ratchet_msg, &mut rng).unwrap();
+            assert_eq!(
+                bob.receive(2, &copy, &profile("bob"), 11, &mut rng),
+                Err(ProtoError::Duplicate)
+            );
+        }
+        let Action::Deliver { ratchet_msg, .. } = bob
+            .encrypt(Kind::Text, b"back".to_vec(), 12, &mut rng)
+            .unwrap()
+        else {
+            panic!()
+        };
+        let up = bob.queue_message(0, &ratchet_msg, &mut rng).unwrap();
+        let r = alice
+            .receive(0, &up, &profile("alice"), 13, &mut rng)
+            .unwrap();
+        assert!(matches!(r.incoming, Incoming::Text { ref text, .. } if text == "back"));
+    }
+
+    #[test]
+    fn messages_on_the_wrong_queue_or_tampered_change_nothing() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (mut alice, mut bob) = connect(&mut rng);
+        let Action::Deliver { ratchet_msg, .. } = alice
+            .encrypt(Kind::Text, b"x".to_vec(), 10, &mut rng)
+            .unwrap()
+        else {
+            panic!()
+        };
+        let up = alice.queue_message(0, &ratchet_msg, &mut rng).unwrap();
+        let before = serde_json::to_string(&bob).unwrap();
+        // Queue layer keyed by sender id: queue 1 cannot open queue 0's upload.
+        assert_eq!(
+            bob.receive(1, &up, &profile("bob"), 0, &mut rng),
+            Err(ProtoError::Decrypt)
+        );
+        let mut bad = up.clone();
+        bad[500] ^= 1;
+        assert!(bob.receive(0, &bad, &profile("bob"), 0, &mut rng).is_err());
+        assert_eq!(serde_json::to_string(&bob).unwrap(), before);
+        assert!(bob.receive(0, &up, &profile("bob"), 0, &mut rng).is_ok());
+    }
+
+    #[test]
+    fn cannot_send_before_connected() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut alice, _) = Connection::invite(queues(&mut rng, 1, 1), Channel::Shared, &mut rng);
+        assert_eq!(
+            alice.encrypt(Kind::Text, vec![], 0, &mut rng),
+            Err(ProtoError::NotReady)
+        );
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (alice, bob) = connect(&mut rng);
+        for c in [alice, bob] {
+            let json = serde_json::to_string(&c).unwrap();
+            let back: Connection = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+    }
+}
