@@ -10,3 +10,5 @@ pub mod proto;
 pub mod store;
 
 pub use tern_relay as relay;
+pub mod client;
+pub mod net;

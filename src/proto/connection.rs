@@ -372,11 +372,12 @@ impl Connection {
         }
     }
 
-    /// Encrypts an envelope of `kind` for the peer. Only once connected: the
-    /// caller keeps messages in its outbox until then.
+    /// Encrypts an envelope of `kind` with message id `id` for the peer.
+    /// Only once connected: the caller keeps messages in its outbox until then.
     pub fn encrypt<R: RngCore + CryptoRng>(
         &mut self,
         kind: Kind,
+        id: [u8; 16],
         body: Vec<u8>,
         now_ms: u64,
         rng: &mut R,
@@ -384,12 +385,13 @@ impl Connection {
         if self.state != ConnState::Connected {
             return Err(ProtoError::NotReady);
         }
-        self.encrypt_any(kind, body, now_ms, true, rng)
+        self.encrypt_any(kind, id, body, now_ms, true, rng)
     }
 
     fn encrypt_any<R: RngCore + CryptoRng>(
         &mut self,
         kind: Kind,
+        id: [u8; 16],
         body: Vec<u8>,
         now_ms: u64,
         signed: bool,
@@ -397,7 +399,6 @@ impl Connection {
     ) -> Result<Action, ProtoError> {
         let ratchet = self.ratchet.as_mut().ok_or(ProtoError::NotReady)?;
         let mut chain = self.chain_out.clone();
-        let id = random_id(rng);
         let env = chain.next(kind, id, now_ms, body)?;
         let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
         self.chain_out = chain;
@@ -426,6 +427,21 @@ impl Connection {
             ratchet_msg,
             rng,
         ))
+    }
+
+    /// The digest identifying `message` (arrived on our queue `queue`) across
+    /// relays, without touching any state; `None` if it does not open. Check
+    /// it against the messages already processed before calling `receive`.
+    pub fn digest_of(&self, queue: usize, message: &[u8]) -> Option<[u8; 32]> {
+        match queue_msg::parse(message).ok()? {
+            QueueMessage::ConnRequest { ratchet_msg, .. } => Some(queue_msg::digest(&ratchet_msg)),
+            QueueMessage::Message { sealed } => {
+                let secret = self.connection_secret.as_ref()?;
+                let q = self.recv_queues.get(queue)?;
+                let ratchet_msg = queue_msg::open_message(secret, &q.sender_id, &sealed).ok()?;
+                Some(queue_msg::digest(&ratchet_msg))
+            }
+        }
     }
 
     /// Processes a message that arrived on our receiving queue `queue`. On
@@ -577,7 +593,8 @@ impl Connection {
                 .collect(),
             profile: profile.clone(),
         };
-        self.encrypt_any(Kind::HelloReply, reply.encode(), now_ms, false, rng)
+        let id = random_id(rng);
+        self.encrypt_any(Kind::HelloReply, id, reply.encode(), now_ms, false, rng)
     }
 
     fn apply<R: RngCore + CryptoRng>(
@@ -609,7 +626,8 @@ impl Connection {
                 let mut actions: Vec<Action> = (0..self.recv_queues.len())
                     .map(|queue| Action::Secure { queue })
                     .collect();
-                actions.push(self.encrypt_any(Kind::Confirm, Vec::new(), now_ms, true, rng)?);
+                let id = random_id(rng);
+                actions.push(self.encrypt_any(Kind::Confirm, id, Vec::new(), now_ms, true, rng)?);
                 (
                     Incoming::Connected {
                         profile: reply.profile,
@@ -834,7 +852,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let (mut alice, _) = Connection::invite(queues(&mut rng, 1, 1), Channel::Shared, &mut rng);
         assert_eq!(
-            alice.encrypt(Kind::Text, vec![], 0, &mut rng),
+            alice.encrypt(Kind::Text, [0; 16], vec![], 0, &mut rng),
             Err(ProtoError::NotReady)
         );
     }

@@ -1,0 +1,547 @@
+//! Receiving: fetch from every queue of every contact, process each message
+//! in a store transaction, and only then acknowledge it to its relay.
+//!
+//! Network work happens on worker threads (one per queue while long-polling,
+//! a small pool otherwise); all store work happens on the calling thread, one
+//! message at a time, so the store sees a single writer per process.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::OsRng;
+use tern_relay::address::RelayAddress;
+use tern_relay::seal::delivery_open;
+use tern_relay::wire::{Command, ErrorCode, Id, Reply};
+
+use super::jobs::{flush_outbox, push_actions};
+use super::model::{
+    contact_key, history_log, seen_set, Contact, Direction, HistoryEntry, Settings, SETTINGS,
+};
+use super::{abort, unwrap_abort, Client, ClientError};
+use crate::net::{NetError, RelayClient};
+use crate::proto::connection::{ConnState, Incoming};
+use crate::proto::envelope::ChainStatus;
+use crate::proto::keys::Secret32;
+use crate::proto::ProtoError;
+
+/// Longest single long-poll asked of a relay; relays cap it too.
+const POLL_SLICE_MS: u32 = 25_000;
+/// Queues fetched at once when draining without waiting.
+const DRAIN_THREADS: usize = 8;
+/// In `--follow`, how often to look for new contacts and pending jobs.
+const RESCAN: Duration = Duration::from_secs(5);
+
+/// Something the user should hear about.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Message {
+        contact: String,
+        entry: HistoryEntry,
+        chain: ChainStatus,
+    },
+    Connected {
+        contact: String,
+    },
+    ProfileUpdated {
+        contact: String,
+    },
+    Unsupported {
+        contact: String,
+        kind: u8,
+    },
+    Warning(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// Long-poll up to this long for the first message.
+    pub wait: Option<Duration>,
+    /// Keep receiving until interrupted.
+    pub follow: bool,
+    /// Only this contact's queues.
+    pub contact_id: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct FetchSummary {
+    pub messages: usize,
+    /// Queues that could not be fetched.
+    pub errors: Vec<NetError>,
+    pub queues: usize,
+}
+
+/// One queue to fetch from.
+struct QueueRef {
+    contact_id: String,
+    queue: usize,
+    relay: RelayAddress,
+    recipient_id: Id,
+    signer: SigningKey,
+    queue_secret: Secret32,
+}
+
+impl QueueRef {
+    fn key(&self) -> (String, usize, Id) {
+        (self.contact_id.clone(), self.queue, self.recipient_id)
+    }
+}
+
+enum FromWorker {
+    Delivery {
+        queue: Arc<QueueRef>,
+        msg_id: Id,
+        body: Vec<u8>,
+        /// `true`: stored, acknowledge it.
+        ack: Sender<bool>,
+    },
+    Failed {
+        error: NetError,
+    },
+    Done,
+}
+
+#[derive(Clone, Copy)]
+struct Mode {
+    wait_ms: u32,
+    keep_polling: bool,
+}
+
+fn worker(
+    net: &RelayClient,
+    q: Arc<QueueRef>,
+    mode: Mode,
+    stop: &AtomicBool,
+    out: &Sender<FromWorker>,
+) {
+    let fetch = |wait_ms| {
+        net.call(
+            &q.relay,
+            &Command::Fetch {
+                recipient_id: q.recipient_id,
+                wait_ms,
+            },
+            Some(&q.signer),
+        )
+    };
+    let mut reply = fetch(mode.wait_ms);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match reply {
+            Ok(Reply::Message { msg_id, body, .. }) => {
+                let (ack_tx, ack_rx) = mpsc::channel();
+                let sent = out.send(FromWorker::Delivery {
+                    queue: q.clone(),
+                    msg_id,
+                    body,
+                    ack: ack_tx,
+                });
+                if sent.is_err() || ack_rx.recv() != Ok(true) {
+                    return;
+                }
+                reply = net.call(
+                    &q.relay,
+                    &Command::Ack {
+                        recipient_id: q.recipient_id,
+                        msg_id,
+                    },
+                    Some(&q.signer),
+                );
+                if matches!(&reply, Err(e) if e.code() == Some(ErrorCode::NoMessage)) {
+                    // Acknowledged meanwhile by another tern process.
+                    reply = fetch(0);
+                }
+            }
+            Ok(_) => {
+                if mode.keep_polling && !stop.load(Ordering::Relaxed) {
+                    reply = fetch(mode.wait_ms);
+                } else {
+                    let _ = out.send(FromWorker::Done);
+                    return;
+                }
+            }
+            Err(error) => {
+                let retry =
+                    mode.keep_polling && error.is_transient() && !stop.load(Ordering::Relaxed);
+                let _ = out.send(FromWorker::Failed { error });
+                if !retry {
+                    let _ = out.send(FromWorker::Done);
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                reply = fetch(mode.wait_ms);
+            }
+        }
+    }
+}
+
+impl Client {
+    fn queue_refs(&self, only: Option<&str>) -> Result<Vec<Arc<QueueRef>>, ClientError> {
+        let mut out = Vec::new();
+        for c in self.contacts()? {
+            if only.is_some_and(|id| id != c.id) {
+                continue;
+            }
+            for (i, q) in c.conn.recv_queues.iter().enumerate() {
+                out.push(Arc::new(QueueRef {
+                    contact_id: c.id.clone(),
+                    queue: i,
+                    relay: q.relay.clone(),
+                    recipient_id: q.recipient_id,
+                    signer: q.signing_key(),
+                    queue_secret: q.queue_secret.clone(),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fetches, stores and acknowledges messages, reporting each through
+    /// `on_event` as soon as it is stored.
+    pub fn fetch(
+        &mut self,
+        opts: &FetchOptions,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<FetchSummary, ClientError> {
+        let mut summary = FetchSummary::default();
+        let only = opts.contact_id.as_deref();
+        // Work left over from earlier commands (outbox, handshake steps).
+        self.run_all_jobs(only, on_event)?;
+
+        let queues = self.queue_refs(only)?;
+        summary.queues = queues.len();
+        self.drain(&queues, &mut summary, on_event)?;
+        self.run_all_jobs(only, on_event)?;
+
+        let waiting = opts.follow || (opts.wait.is_some() && summary.messages == 0);
+        if waiting && !queues.is_empty() {
+            self.long_poll(opts, queues, &mut summary, on_event)?;
+        }
+        Ok(summary)
+    }
+
+    fn run_all_jobs(
+        &mut self,
+        only: Option<&str>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let pending: Vec<String> = self
+            .contacts()?
+            .into_iter()
+            .filter(|c| only.is_none_or(|id| id == c.id))
+            .filter(|c| {
+                !c.jobs.is_empty() || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
+            })
+            .map(|c| c.id)
+            .collect();
+        for id in pending {
+            self.update_contact(&id, |_, c| flush_outbox(c, super::now()))?;
+            let report = self.run_jobs(&id)?;
+            for e in report.errors {
+                on_event(Event::Warning(format!("could not deliver yet: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties every queue once, without waiting.
+    fn drain(
+        &mut self,
+        queues: &[Arc<QueueRef>],
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let todo = Mutex::new(queues.to_vec());
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel();
+        let threads = queues.len().min(DRAIN_THREADS);
+        let net = self.net.clone();
+        std::thread::scope(|s| -> Result<(), ClientError> {
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let (todo, stop, net) = (&todo, &stop, &net);
+                s.spawn(move || loop {
+                    let next = todo.lock().ok().and_then(|mut t| t.pop());
+                    let Some(q) = next else { break };
+                    worker(
+                        net,
+                        q,
+                        Mode {
+                            wait_ms: 0,
+                            keep_polling: false,
+                        },
+                        stop,
+                        &tx,
+                    );
+                });
+            }
+            drop(tx);
+            let result = self.consume(&rx, None, summary, on_event);
+            stop.store(true, Ordering::Relaxed);
+            // Unblock workers waiting for an answer: dropping the receiver
+            // makes their sends fail.
+            drop(rx);
+            result
+        })
+    }
+
+    /// Long-polls every queue, one thread each, until the first message
+    /// (`--wait`) or forever (`--follow`).
+    fn long_poll(
+        &mut self,
+        opts: &FetchOptions,
+        mut queues: Vec<Arc<QueueRef>>,
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let deadline = opts
+            .wait
+            .filter(|_| !opts.follow)
+            .map(|w| Instant::now() + w);
+        let wait_ms = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(POLL_SLICE_MS as u128) as u32,
+            None => POLL_SLICE_MS,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut started: HashSet<(String, usize, Id)> = HashSet::new();
+        let shared_net = self.net.clone();
+        let spawn = |q: Arc<QueueRef>, started: &mut HashSet<_>| {
+            if !started.insert(q.key()) {
+                return;
+            }
+            let (net, stop, tx) = (shared_net.clone(), stop.clone(), tx.clone());
+            let mode = Mode {
+                wait_ms,
+                keep_polling: opts.follow,
+            };
+            // Detached on purpose: a `--wait` that got its message returns
+            // without waiting for the other long-polls to time out. A message
+            // such a poll receives afterwards is not acknowledged, so the
+            // relay delivers it again next time.
+            std::thread::spawn(move || worker(&net, q, mode, &stop, &tx));
+        };
+        for q in queues.drain(..) {
+            spawn(q, &mut started);
+        }
+        let before = summary.messages;
+        let result = loop {
+            let limit = if opts.follow {
+                Some(RESCAN)
+            } else {
+                deadline.map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            match self.consume_one(&rx, limit, summary, on_event) {
+                Ok(true) => {
+                    if !opts.follow && summary.messages > before {
+                        // Collect what arrives right behind the first message.
+                        let _ =
+                            self.consume(&rx, Some(Duration::from_millis(300)), summary, on_event);
+                        break Ok(());
+                    }
+                }
+                Ok(false) => {
+                    if !opts.follow {
+                        break Ok(());
+                    }
+                    // Pick up contacts made meanwhile by other tern commands.
+                    self.run_all_jobs(opts.contact_id.as_deref(), on_event)?;
+                    for q in self.queue_refs(opts.contact_id.as_deref())? {
+                        spawn(q, &mut started);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+            self.run_all_jobs(opts.contact_id.as_deref(), on_event)?;
+        };
+        stop.store(true, Ordering::Relaxed);
+        result
+    }
+
+    /// Handles worker messages until all workers are done, or until nothing
+    /// arrived for `idle`.
+    fn consume(
+        &mut self,
+        rx: &Receiver<FromWorker>,
+        idle: Option<Duration>,
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        while self.consume_one(rx, idle, summary, on_event)? {}
+        Ok(())
+    }
+
+    /// Handles one worker message; `false` when the channel closed or `idle` passed.
+    fn consume_one(
+        &mut self,
+        rx: &Receiver<FromWorker>,
+        idle: Option<Duration>,
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<bool, ClientError> {
+        let msg = match idle {
+            Some(d) => match rx.recv_timeout(d) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return Ok(false)
+                }
+            },
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return Ok(false),
+            },
+        };
+        match msg {
+            FromWorker::Delivery {
+                queue,
+                msg_id,
+                body,
+                ack,
+            } => {
+                match self.process(&queue, &msg_id, &body) {
+                    Ok(events) => {
+                        let _ = ack.send(true);
+                        for e in events {
+                            if matches!(e, Event::Message { .. }) {
+                                summary.messages += 1;
+                            }
+                            on_event(e);
+                        }
+                    }
+                    Err(e) => {
+                        // Not stored, so not acknowledged: the relay keeps it.
+                        let _ = ack.send(false);
+                        return Err(e);
+                    }
+                }
+            }
+            FromWorker::Failed { error } => {
+                on_event(Event::Warning(error.to_string()));
+                summary.errors.push(error);
+            }
+            FromWorker::Done => {}
+        }
+        Ok(true)
+    }
+
+    /// Stores one delivered message; `Ok` means it may be acknowledged.
+    fn process(
+        &mut self,
+        q: &QueueRef,
+        msg_id: &Id,
+        body: &[u8],
+    ) -> Result<Vec<Event>, ClientError> {
+        let Ok(message) = delivery_open(q.queue_secret.as_bytes(), msg_id, body) else {
+            return Ok(vec![Event::Warning(format!(
+                "relay {} delivered a message that does not decrypt; dropped",
+                q.relay.label()
+            ))]);
+        };
+        let now = super::now();
+        let id = q.contact_id.clone();
+        self.store
+            .transaction(|tx| {
+                let settings: Settings =
+                    tx.get(SETTINGS)?.unwrap_or_else(|| unreachable_settings());
+                let Some(mut c) = tx.get::<Contact>(&contact_key(&id))? else {
+                    // Forgotten meanwhile.
+                    return Ok(Vec::new());
+                };
+                let seen = seen_set(&id);
+                let digest = c.conn.digest_of(q.queue, &message);
+                if let Some(d) = &digest {
+                    if tx.seen(&seen, d)? {
+                        return Ok(Vec::new());
+                    }
+                }
+                let received =
+                    match c
+                        .conn
+                        .receive(q.queue, &message, &settings.profile, now, &mut OsRng)
+                    {
+                        Ok(r) => r,
+                        Err(ProtoError::Duplicate) => return Ok(Vec::new()),
+                        Err(e) => {
+                            return Ok(vec![Event::Warning(format!(
+                                "dropped a message for {} that could not be accepted: {e}",
+                                c.name
+                            ))])
+                        }
+                    };
+                tx.mark_seen(&seen, &received.digest)?;
+                c.last_activity_ms = now;
+                push_actions(&mut c, received.actions, now);
+                let mut events = Vec::new();
+                match received.incoming {
+                    Incoming::Text {
+                        envelope,
+                        text,
+                        chain,
+                    } => {
+                        let entry = HistoryEntry {
+                            dir: Direction::In,
+                            id: envelope.id,
+                            text,
+                            sent_at_ms: envelope.sent_at_ms,
+                            received_at_ms: Some(now),
+                        };
+                        tx.append(&history_log(&id), &entry)?;
+                        if let ChainStatus::Gap { missing } = chain {
+                            events.push(Event::Warning(format!(
+                                "{missing} earlier message(s) from {} have not arrived (yet)",
+                                c.name
+                            )));
+                        }
+                        events.push(Event::Message {
+                            contact: c.name.clone(),
+                            entry,
+                            chain,
+                        });
+                    }
+                    Incoming::Connected { profile } => {
+                        if c.provisional_name && !profile.name.trim().is_empty() {
+                            let name = Client::unique_name(tx, profile.name.trim(), &c.id)?;
+                            Client::rename_in(tx, &mut c, name)?;
+                            c.provisional_name = false;
+                        }
+                        flush_outbox(&mut c, now).map_err(abort)?;
+                        events.push(Event::Connected {
+                            contact: c.name.clone(),
+                        });
+                    }
+                    Incoming::ProfileUpdated { .. } => events.push(Event::ProfileUpdated {
+                        contact: c.name.clone(),
+                    }),
+                    Incoming::Unsupported { kind } => events.push(Event::Unsupported {
+                        contact: c.name.clone(),
+                        kind,
+                    }),
+                    Incoming::Control { .. } => events.push(Event::Warning(format!(
+                        "{} sent a control message this version cannot act on yet",
+                        c.name
+                    ))),
+                    Incoming::Nothing => {}
+                }
+                tx.put(&contact_key(&id), &c)?;
+                Ok(events)
+            })
+            .map_err(unwrap_abort)
+    }
+}
+
+fn unreachable_settings() -> Settings {
+    // `init` writes settings in the transaction that creates the store.
+    Settings {
+        profile: Default::default(),
+        relays: Vec::new(),
+        isolate: false,
+        created_ms: 0,
+    }
+}

@@ -1,0 +1,288 @@
+//! The client: profile, contacts and messages on top of the store, the
+//! protocol core and the relay client. The CLI is a thin shell around this.
+//!
+//! Order of operations is what keeps messages safe: protocol state changes
+//! and the work they imply ([`model::Job`]) are committed to the store in
+//! one transaction *before* anything goes to a relay, and a received message
+//! is acknowledged to its relay only *after* the transaction that stores it
+//! has committed.
+
+pub mod fetch;
+pub mod jobs;
+pub mod model;
+
+use std::path::Path;
+
+use data_encoding::HEXLOWER;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use tern_relay::address::RelayAddress;
+use tern_relay::wire::{Command, Reply};
+use thiserror::Error;
+
+use crate::net::{now_ms, NetError, RelayClient};
+use crate::proto::connection::{QueueKeys, RecvQueue};
+use crate::proto::ProtoError;
+use crate::store::{KeySource, Store, StoreError, Tx};
+use model::{contact_key, Contact, IndexEntry, Settings, INDEX, SETTINGS};
+
+/// Most relays one direction of a connection uses.
+pub const MAX_RELAYS_PER_CONNECTION: usize = 3;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("no contact named {0:?}: see `tern contacts`")]
+    UnknownContact(String),
+    #[error("a contact named {0:?} exists already: choose another --name")]
+    NameTaken(String),
+    #[error("the profile has no relays: add one with `tern relays add ADDRESS`")]
+    NoRelays,
+    #[error("no relay could be reached ({0}); try again later")]
+    AllRelaysFailed(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Net(e) => e.is_transient(),
+            ClientError::AllRelaysFailed(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Aborts a store transaction with a client error.
+pub(crate) fn abort(e: impl Into<ClientError>) -> StoreError {
+    StoreError::abort(e.into())
+}
+
+/// Turns a transaction's error back into a client error when it is one.
+pub(crate) fn unwrap_abort(e: StoreError) -> ClientError {
+    match e {
+        StoreError::Aborted(inner) => match inner.downcast::<ClientError>() {
+            Ok(c) => *c,
+            Err(other) => ClientError::Store(StoreError::Aborted(other)),
+        },
+        other => ClientError::Store(other),
+    }
+}
+
+pub fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    OsRng.fill_bytes(&mut id);
+    id
+}
+
+/// An unlocked profile and a way to reach relays.
+pub struct Client {
+    pub store: Store,
+    pub net: std::sync::Arc<RelayClient>,
+}
+
+impl Client {
+    pub fn open(home: &Path, key: KeySource) -> Result<Self, ClientError> {
+        let store = Store::open(home, key)?;
+        let isolate = store
+            .read(|tx| tx.get::<Settings>(SETTINGS))?
+            .map(|s| s.isolate)
+            .unwrap_or(false);
+        Ok(Self {
+            store,
+            net: std::sync::Arc::new(RelayClient::new(isolate)),
+        })
+    }
+
+    pub fn settings(&self) -> Result<Settings, ClientError> {
+        self.store
+            .read(|tx| tx.get::<Settings>(SETTINGS))?
+            .ok_or_else(|| ClientError::Invalid("the profile has no settings: it was not fully initialised; run `tern init` again in an empty --home".into()))
+    }
+
+    pub fn index(&self) -> Result<Vec<IndexEntry>, ClientError> {
+        Ok(self
+            .store
+            .read(|tx| tx.get::<Vec<IndexEntry>>(INDEX))?
+            .unwrap_or_default())
+    }
+
+    /// Finds a contact's id by exact name.
+    pub fn contact_id(&self, name: &str) -> Result<String, ClientError> {
+        self.index()?
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.id)
+            .ok_or_else(|| ClientError::UnknownContact(name.to_string()))
+    }
+
+    pub fn contact(&self, id: &str) -> Result<Contact, ClientError> {
+        self.store
+            .read(|tx| tx.get::<Contact>(&contact_key(id)))?
+            .ok_or_else(|| ClientError::UnknownContact(id.to_string()))
+    }
+
+    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        let index = self.index()?;
+        Ok(self.store.read(|tx| {
+            let mut out = Vec::with_capacity(index.len());
+            for e in &index {
+                if let Some(c) = tx.get::<Contact>(&contact_key(&e.id))? {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })?)
+    }
+
+    /// Read-modify-write of one contact inside a transaction.
+    pub fn update_contact<T>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        self.store
+            .transaction(|tx| {
+                let key = contact_key(id);
+                let mut c = tx
+                    .get::<Contact>(&key)?
+                    .ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
+                let out = f(tx, &mut c).map_err(abort)?;
+                tx.put(&key, &c)?;
+                Ok(out)
+            })
+            .map_err(unwrap_abort)
+    }
+
+    /// Creates one receiving queue on each of up to three of our relays, in
+    /// parallel. Fails only if no relay could create one.
+    pub fn create_queues(&self) -> Result<Vec<RecvQueue>, ClientError> {
+        let relays: Vec<RelayAddress> = self.settings()?.relay_addresses();
+        if relays.is_empty() {
+            return Err(ClientError::NoRelays);
+        }
+        let chosen: Vec<RelayAddress> =
+            relays.into_iter().take(MAX_RELAYS_PER_CONNECTION).collect();
+        let results: Vec<Result<RecvQueue, ClientError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chosen
+                .iter()
+                .map(|relay| {
+                    let net = &*self.net;
+                    s.spawn(move || create_queue(net, relay))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(ClientError::Invalid("queue creation panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut queues = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok(q) => queues.push(q),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if queues.is_empty() {
+            return Err(ClientError::AllRelaysFailed(errors.join("; ")));
+        }
+        for e in errors {
+            eprintln!("tern: warning: {e}");
+        }
+        Ok(queues)
+    }
+
+    /// Adds a new contact record and its index entry. Names must be unique.
+    pub fn add_contact(&mut self, contact: &Contact) -> Result<(), ClientError> {
+        self.store
+            .transaction(|tx| {
+                let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+                if index.iter().any(|e| e.name == contact.name) {
+                    return Err(abort(ClientError::NameTaken(contact.name.clone())));
+                }
+                index.push(IndexEntry {
+                    id: contact.id.clone(),
+                    name: contact.name.clone(),
+                });
+                tx.put(INDEX, &index)?;
+                tx.put(&contact_key(&contact.id), contact)?;
+                Ok(())
+            })
+            .map_err(unwrap_abort)
+    }
+
+    /// A name not used by any contact: `base`, or `base-2`, `base-3`, …
+    pub fn unique_name(tx: &Tx<'_>, base: &str, except_id: &str) -> Result<String, StoreError> {
+        let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        let taken = |n: &str| index.iter().any(|e| e.name == n && e.id != except_id);
+        if !taken(base) {
+            return Ok(base.to_string());
+        }
+        Ok((2..)
+            .map(|i| format!("{base}-{i}"))
+            .find(|n| !taken(n))
+            .expect("some suffix is free"))
+    }
+
+    /// Renames a contact in its record and the index.
+    pub fn rename_in(tx: &Tx<'_>, contact: &mut Contact, name: String) -> Result<(), StoreError> {
+        let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        for e in index.iter_mut().filter(|e| e.id == contact.id) {
+            e.name = name.clone();
+        }
+        tx.put(INDEX, &index)?;
+        contact.name = name;
+        Ok(())
+    }
+}
+
+pub fn new_contact_id() -> String {
+    HEXLOWER.encode(&random_id())
+}
+
+pub fn now() -> u64 {
+    now_ms()
+}
+
+fn create_queue(net: &RelayClient, relay: &RelayAddress) -> Result<RecvQueue, ClientError> {
+    let keys = QueueKeys::generate(&mut OsRng);
+    let signer = ed25519_dalek::SigningKey::from_bytes(keys.auth.as_bytes());
+    let reply = net.call(
+        relay,
+        &Command::Create {
+            access_key: relay.access_key.clone(),
+            recipient_auth: keys.auth_public(),
+            recipient_dh: keys.dh.public(),
+        },
+        Some(&signer),
+    )?;
+    match reply {
+        Reply::Queue {
+            recipient_id,
+            sender_id,
+            relay_dh,
+        } => Ok(RecvQueue::created(
+            relay.clone(),
+            &keys,
+            recipient_id,
+            sender_id,
+            &relay_dh,
+        )?),
+        other => Err(ClientError::Invalid(format!(
+            "relay {} answered CREATE with {other:?}",
+            relay.label()
+        ))),
+    }
+}

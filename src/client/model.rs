@@ -1,0 +1,116 @@
+//! What the client keeps in its encrypted store, and under which names.
+//!
+//! Record names are opaque: contacts are known by random ids, never by the
+//! names people give them (those live inside the encrypted values).
+
+use serde::{Deserialize, Serialize};
+use tern_relay::address::RelayAddress;
+
+use crate::proto::connection::Connection;
+use crate::proto::envelope::Kind;
+use crate::proto::hello::Profile;
+use crate::proto::keys::b64;
+
+pub const SETTINGS: &str = "settings";
+pub const INDEX: &str = "contacts";
+
+pub fn contact_key(id: &str) -> String {
+    format!("contact/{id}")
+}
+pub fn history_log(id: &str) -> String {
+    format!("history/{id}")
+}
+pub fn seen_set(id: &str) -> String {
+    format!("seen/{id}")
+}
+
+/// The profile and its preferences.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub profile: Profile,
+    /// Our relays, each possibly with our access key.
+    pub relays: Vec<String>,
+    /// A fresh TCP connection per request.
+    #[serde(default)]
+    pub isolate: bool,
+    pub created_ms: u64,
+}
+
+impl Settings {
+    pub fn relay_addresses(&self) -> Vec<RelayAddress> {
+        self.relays.iter().filter_map(|r| r.parse().ok()).collect()
+    }
+}
+
+/// One line of the contact index: enough to find a contact by name without
+/// decrypting every contact record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub id: String,
+    pub name: String,
+}
+
+/// Work that must reach a relay; kept in the store so a crash or an outage
+/// delays it but never loses it. Run in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Job {
+    /// SECURE our receiving queue with the sender key the peer gave us.
+    Secure { queue: usize },
+    /// Upload to every peer queue still in `pending`.
+    Deliver {
+        #[serde(with = "b64")]
+        envelope_id: [u8; 16],
+        /// A ratchet message, or (when `raw`) a whole queue message.
+        payload: Vec<u8>,
+        signed: bool,
+        raw: bool,
+        pending: Vec<usize>,
+        created_ms: u64,
+    },
+}
+
+/// Something to send once the connection is up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Queued {
+    pub kind: Kind,
+    #[serde(with = "b64")]
+    pub id: [u8; 16],
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Contact {
+    pub id: String,
+    pub name: String,
+    /// True while the name is a placeholder to replace with the peer's
+    /// profile name once connected.
+    #[serde(default)]
+    pub provisional_name: bool,
+    pub conn: Connection,
+    pub created_ms: u64,
+    pub last_activity_ms: u64,
+    #[serde(default)]
+    pub jobs: Vec<Job>,
+    #[serde(default)]
+    pub outbox: Vec<Queued>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// One message in the local history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub dir: Direction,
+    #[serde(with = "b64")]
+    pub id: [u8; 16],
+    pub text: String,
+    pub sent_at_ms: u64,
+    /// For incoming messages: when this device stored it.
+    #[serde(default)]
+    pub received_at_ms: Option<u64>,
+}
