@@ -10,5 +10,6 @@ pub mod proto;
 pub mod store;
 
 pub use tern_relay as relay;
+pub mod cli;
 pub mod client;
 pub mod net;

@@ -1,0 +1,129 @@
+//! `tern accept`: join with someone's invitation.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use rand::rngs::OsRng;
+
+use super::exit::{fail, BAD_INVITATION, TRY_AGAIN};
+use super::output::{note, stdin_is_terminal};
+use super::{qr, unlock, Cli};
+use crate::client::jobs::reached_a_relay;
+use crate::client::model::{Contact, Job};
+use crate::client::{new_contact_id, now, random_id};
+use crate::proto::connection::Connection;
+use crate::proto::hello::Channel;
+use crate::proto::invitation::Invitation;
+
+/// Accept an invitation given as a link, on stdin, or as a picture of its QR code
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  tern accept 'TERN:AEB…'\n  tern accept --image photo.jpg --name ada\n  pbpaste | tern accept -"
+)]
+pub struct Args {
+    /// The invitation link, or - to read it from stdin
+    #[arg(value_name = "LINK", conflicts_with = "image")]
+    pub link: Option<String>,
+    /// A PNG or JPEG picture (photo or screenshot) of the QR code
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// What to call the contact [default: the name they give themselves]
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+fn read_invitation(args: &Args) -> anyhow::Result<(Invitation, Channel)> {
+    if let Some(path) = &args.image {
+        let text = qr::decode_file(path)?;
+        let inv = Invitation::from_link(&text).map_err(|e| {
+            fail(
+                BAD_INVITATION,
+                format!(
+                    "the QR code in {} is not a tern invitation: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        // A picture of a QR code usually comes from a screen shown in person.
+        return Ok((inv, Channel::Screen));
+    }
+    let text = match args.link.as_deref() {
+        Some("-") | None => {
+            if args.link.is_none() && stdin_is_terminal() {
+                return Err(fail(
+                    super::exit::USAGE,
+                    "give the invitation link, --image FILE, or - to read stdin",
+                ));
+            }
+            let mut s = String::new();
+            std::io::stdin()
+                .take(64 * 1024)
+                .read_to_string(&mut s)
+                .context("reading the invitation from stdin")?;
+            s
+        }
+        Some(l) => l.to_string(),
+    };
+    let inv = Invitation::from_link(&text)
+        .map_err(|e| fail(BAD_INVITATION, format!("not a usable invitation: {e}")))?;
+    Ok((inv, Channel::Shared))
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let (invitation, channel) = read_invitation(args)?;
+    let mut client = unlock::open(cli)?;
+    let settings = client.settings()?;
+    let queues = client.create_queues()?;
+    let t = now();
+    let (conn, request) = Connection::accept(
+        &invitation,
+        queues,
+        &settings.profile,
+        channel,
+        t,
+        &mut OsRng,
+    )?;
+    let id = new_contact_id();
+    let (name, provisional) = match &args.name {
+        Some(n) => (n.trim().to_string(), false),
+        None => (format!("contact-{}", &id[..6]), true),
+    };
+    let request_id = random_id();
+    let contact = Contact {
+        id: id.clone(),
+        name: name.clone(),
+        provisional_name: provisional,
+        jobs: vec![Job::Deliver {
+            envelope_id: request_id,
+            payload: request,
+            signed: false,
+            raw: true,
+            pending: (0..conn.peer_queues.len()).collect(),
+            created_ms: t,
+        }],
+        conn,
+        created_ms: t,
+        last_activity_ms: t,
+        outbox: Vec::new(),
+    };
+    client.add_contact(&contact)?;
+    let report = client.run_jobs(&id)?;
+    let contact = client.contact(&id)?;
+    if !reached_a_relay(&contact, &request_id) {
+        let why = report
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(fail(
+            TRY_AGAIN,
+            format!("invitation accepted, but the request could not be sent yet ({why}); `tern recv` retries it"),
+        ));
+    }
+    note(&format!(
+        "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
+    ));
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `tern forget`: delete a contact, its queues and its history.
+
+use std::io::{BufRead, Write};
+
+use tern_relay::wire::Command;
+
+use super::exit::{fail, USAGE};
+use super::output::{note, stdin_is_terminal};
+use super::{unlock, Cli};
+use crate::client::model::{contact_key, history_log, seen_set, IndexEntry, INDEX};
+use crate::client::unwrap_abort;
+
+/// Delete a contact: its queues on the relays, its keys and its history
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  tern forget bob --yes")]
+pub struct Args {
+    pub contact: String,
+    /// Do not ask for confirmation (needed when stdin is not a terminal)
+    #[arg(long)]
+    pub yes: bool,
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let id = client.contact_id(&args.contact)?;
+    if !args.yes {
+        if !stdin_is_terminal() {
+            return Err(fail(
+                USAGE,
+                "forget deletes the history too: pass --yes to confirm; nothing was changed",
+            ));
+        }
+        eprint!(
+            "Delete {} and the whole history with them? [y/N] ",
+            args.contact
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            note("nothing was changed");
+            return Ok(());
+        }
+    }
+    let contact = client.contact(&id)?;
+    // Best effort: a relay that is down keeps the queue until its TTL.
+    for q in &contact.conn.recv_queues {
+        if let Err(e) = client.net.call(
+            &q.relay,
+            &Command::Delete {
+                recipient_id: q.recipient_id,
+            },
+            Some(&q.signing_key()),
+        ) {
+            note(&format!(
+                "warning: could not delete a queue: {e}; it expires on the relay by itself"
+            ));
+        }
+    }
+    client
+        .store
+        .transaction(|tx| {
+            let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+            index.retain(|e| e.id != id);
+            tx.put(INDEX, &index)?;
+            tx.delete(&contact_key(&id))?;
+            tx.remove_log(&history_log(&id))?;
+            tx.clear_seen(&seen_set(&id))?;
+            Ok(())
+        })
+        .map_err(unwrap_abort)?;
+    note(&format!("{} forgotten", args.contact));
+    Ok(())
+}

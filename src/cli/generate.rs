@@ -1,0 +1,137 @@
+//! `tern generate` (hidden): writes the man pages and shell completions from
+//! the clap definitions, so they never drift from the real options. The
+//! checked-in copies under man/ and completions/ are compared with fresh
+//! output by a test.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::CommandFactory;
+use clap_complete::Shell;
+
+use super::Cli;
+
+/// Write man pages and shell completions
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory to write man/ and completions/ into
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+}
+
+const EXIT_STATUS: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+An error not listed below.
+.TP
+\fB2\fR
+Usage error: bad arguments or options; nothing was changed.
+.TP
+\fB3\fR
+No contact by that name.
+.TP
+\fB4\fR
+\fBtern verify\fR: the security codes differ. Do not trust the connection.
+.TP
+\fB5\fR
+Wrong passphrase, or a passphrase is needed and standard input is not a terminal.
+.TP
+\fB6\fR
+Not a usable invitation: a malformed link, an image without a QR code, or a newer protocol version.
+.TP
+\fB7\fR
+No profile in the home directory: run \fBtern init\fR.
+.TP
+\fB75\fR
+Temporary failure: no relay could be reached or the queue is full. The work is kept and retried by the next \fBtern send\fR or \fBtern recv\fR.
+"#;
+
+const ENVIRONMENT: &str = r#".SH ENVIRONMENT
+.TP
+\fBTERN_HOME\fR
+The profile directory, as \fB\-\-home\fR.
+.TP
+\fBTERN_PASSPHRASE\fR
+The passphrase itself. Visible to other processes of the same user; prefer \fBTERN_PASSPHRASE_FILE\fR.
+.TP
+\fBTERN_PASSPHRASE_FILE\fR
+A file whose first line is the passphrase, as \fB\-\-passphrase\-file\fR.
+.TP
+\fBTERN_IDENTITY\fR
+An identity file from \fBtern key export\fR, as \fB\-\-identity\fR.
+.TP
+\fBTERN_RELAY_DATA\fR
+The relay's data directory, as \fBtern relay serve \-\-data\fR.
+.TP
+\fBPORT\fR
+\fBtern relay serve\fR listens on this port, overriding \fB\-\-listen\fR's.
+.TP
+\fBXDG_DATA_HOME\fR
+Base of the default profile and relay directories.
+.TP
+\fBNO_COLOR\fR
+QR codes on the terminal are drawn without colours.
+"#;
+
+const FILES: &str = r#".SH FILES
+.TP
+\fI$XDG_DATA_HOME/tern/\fR (default \fI~/.local/share/tern/\fR)
+The profile. \fIkey.age\fR is the profile key encrypted with the passphrase (a standard age file: \fBage \-d key.age\fR opens it);
+\fIstore.db\fR (SQLite, with \fIstore.db\-wal\fR) holds settings, contacts, keys and history, every value encrypted under that key.
+A profile made with \fB\-\-no\-passphrase\fR keeps its key in \fIidentity\-unprotected.txt\fR instead.
+.TP
+\fI$XDG_DATA_HOME/tern\-relay/\fR (default \fI~/.local/share/tern\-relay/\fR)
+A relay: \fIidentity.key\fR (its secret key, mode 0600) and its queue database.
+"#;
+
+fn man_page(cmd: clap::Command, name: &str, extra: &str, dir: &Path) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(cmd.name(name.to_string()))
+        .render(&mut buf)
+        .context("rendering a man page")?;
+    buf.write_all(extra.as_bytes())?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn write_all(out: &Path) -> anyhow::Result<()> {
+    let man = out.join("man");
+    let comp = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&comp)?;
+    let cmd = Cli::command();
+    man_page(
+        cmd.clone(),
+        "tern",
+        &format!("{EXIT_STATUS}{ENVIRONMENT}{FILES}"),
+        &man,
+    )?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("tern-{}", sub.get_name());
+        man_page(
+            sub.clone().bin_name(name.replace('-', " ")),
+            &name,
+            EXIT_STATUS,
+            &man,
+        )?;
+    }
+    for shell in [
+        Shell::Bash,
+        Shell::Zsh,
+        Shell::Fish,
+        Shell::Elvish,
+        Shell::PowerShell,
+    ] {
+        let mut c = Cli::command();
+        clap_complete::generate_to(shell, &mut c, "tern", &comp).context("writing completions")?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    write_all(&args.out)
+}

@@ -1,0 +1,117 @@
+//! The command line: argument definitions (clap) and one module per
+//! subcommand. Each `run` returns `anyhow::Result`; `main` maps errors to the
+//! documented exit codes ([`exit`]).
+
+pub mod accept;
+pub mod contacts;
+pub mod exit;
+pub mod forget;
+pub mod generate;
+pub mod init;
+pub mod invite;
+pub mod key;
+pub mod log;
+pub mod output;
+pub mod profile;
+pub mod qr;
+pub mod recv;
+pub mod relay;
+pub mod relays;
+pub mod send;
+pub mod unlock;
+pub mod verify;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub const ABOUT: &str = "Federated end-to-end encrypted chat with no identifiers";
+
+const LONG_ABOUT: &str = "\
+tern connects people through one-time invitations (a QR code or a link) and \
+carries their messages through relays that hold only padded ciphertext. \
+There are no accounts, user names or phone numbers: every conversation uses \
+fresh keys and queues of its own.";
+
+const EXAMPLES: &str = "\
+Examples:
+  tern init --name Ada --relay 'tern://KEY@relay.example.org:5223'
+  tern invite --name bob            # show a QR code to Bob
+  tern accept 'TERN:…'              # Bob joins with the link
+  tern recv --wait 30               # complete the handshake, read messages
+  echo 'backup done' | tern send bob";
+
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]
+    #[arg(long, global = true, env = "TERN_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Read the passphrase from the first line of FILE (for scripts; the
+    /// TERN_PASSPHRASE variable works too)
+    #[arg(long, global = true, env = "TERN_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+
+    /// Unlock with an identity file written by `tern key export` instead of
+    /// the passphrase (fast, for cron jobs)
+    #[arg(long, global = true, env = "TERN_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Init(init::Args),
+    Invite(invite::Args),
+    Accept(accept::Args),
+    Send(send::Args),
+    Recv(recv::Args),
+    Contacts(contacts::Args),
+    Verify(verify::Args),
+    Profile(profile::Args),
+    Log(log::Args),
+    Forget(forget::Args),
+    Relays(relays::Args),
+    Key(key::Args),
+    Relay(relay::Args),
+    #[command(hide = true)]
+    Generate(generate::Args),
+}
+
+/// The profile directory: --home, $TERN_HOME, or the XDG data directory.
+pub fn home_dir(cli_home: Option<&PathBuf>) -> PathBuf {
+    cli_home.cloned().unwrap_or_else(|| data_dir("tern"))
+}
+
+/// `$XDG_DATA_HOME/NAME`, falling back to `~/.local/share/NAME`.
+pub fn data_dir(name: &str) -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join(name);
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share").join(name),
+        None => PathBuf::from(".").join(name),
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init(a) => init::run(&cli, a),
+        Command::Invite(a) => invite::run(&cli, a),
+        Command::Accept(a) => accept::run(&cli, a),
+        Command::Send(a) => send::run(&cli, a),
+        Command::Recv(a) => recv::run(&cli, a),
+        Command::Contacts(a) => contacts::run(&cli, a),
+        Command::Verify(a) => verify::run(&cli, a),
+        Command::Profile(a) => profile::run(&cli, a),
+        Command::Log(a) => log::run(&cli, a),
+        Command::Forget(a) => forget::run(&cli, a),
+        Command::Relays(a) => relays::run(&cli, a),
+        Command::Key(a) => key::run(&cli, a),
+        Command::Relay(a) => relay::run(a),
+        Command::Generate(a) => generate::run(a),
+    }
+}

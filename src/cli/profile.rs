@@ -1,0 +1,94 @@
+//! `tern profile`: show or change your profile.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::exit::{fail, USAGE};
+use super::output::{json, line, note};
+use super::{unlock, Cli};
+use crate::client::model::{Settings, SETTINGS};
+use crate::proto::hello::MAX_AVATAR;
+
+/// Show or change your profile; changes are sent to connected contacts
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  tern profile\n  tern profile --status 'on holiday until Monday'\n  tern profile --avatar me.png"
+)]
+pub struct Args {
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub status: Option<String>,
+    /// A PNG or JPEG of at most 12 KiB
+    #[arg(long, value_name = "FILE")]
+    pub avatar: Option<PathBuf>,
+    /// Remove the avatar
+    #[arg(long, conflicts_with = "avatar")]
+    pub no_avatar: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let mut settings = client.settings()?;
+    let changing =
+        args.name.is_some() || args.status.is_some() || args.avatar.is_some() || args.no_avatar;
+    if changing {
+        let mut p = settings.profile.clone();
+        if let Some(n) = &args.name {
+            p.name = n.trim().to_string();
+        }
+        if let Some(s) = &args.status {
+            p.status = s.clone();
+        }
+        if let Some(path) = &args.avatar {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if bytes.len() > MAX_AVATAR {
+                return Err(fail(
+                    USAGE,
+                    format!("the avatar is {} bytes; at most {MAX_AVATAR}", bytes.len()),
+                ));
+            }
+            p.avatar = Some(bytes);
+        }
+        if args.no_avatar {
+            p.avatar = None;
+        }
+        p.validate().map_err(|e| fail(USAGE, e.to_string()))?;
+        settings.profile = p.clone();
+        client
+            .store
+            .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
+        let reports = client.broadcast_profile(&p.to_bytes())?;
+        let failed = reports.iter().filter(|r| r.waiting > 0).count();
+        note(&format!(
+            "profile updated; sent to {} contact(s){}",
+            reports.len(),
+            if failed > 0 {
+                format!(", {failed} still to be delivered")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let p = &settings.profile;
+    if args.json {
+        json(
+            &json!({"name": p.name, "status": p.status, "avatar_bytes": p.avatar.as_ref().map(Vec::len)}),
+        );
+    } else if !changing {
+        line(&format!("name:   {}", p.name));
+        line(&format!("status: {}", p.status));
+        line(&format!(
+            "avatar: {}",
+            p.avatar
+                .as_ref()
+                .map_or("none".to_string(), |a| format!("{} bytes", a.len()))
+        ));
+    }
+    Ok(())
+}
