@@ -1,0 +1,429 @@
+
+using namespace System.Management.Automation
+using namespace System.Management.Automation.Language
+
+Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
+    param($wordToComplete, $commandAst, $cursorPosition)
+
+    $commandElements = $commandAst.CommandElements
+    $command = @(
+        'tern'
+        for ($i = 1; $i -lt $commandElements.Count; $i++) {
+            $element = $commandElements[$i]
+            if ($element -isnot [StringConstantExpressionAst] -or
+                $element.StringConstantType -ne [StringConstantType]::BareWord -or
+                $element.Value.StartsWith('-') -or
+                $element.Value -eq $wordToComplete) {
+                break
+        }
+        $element.Value
+    }) -join ';'
+
+    $completions = @(switch ($command) {
+        'tern' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('init', 'init', [CompletionResultType]::ParameterValue, 'Create a profile: display name, relays, and the passphrase that protects it')
+            [CompletionResult]::new('invite', 'invite', [CompletionResultType]::ParameterValue, 'Make a one-time invitation: a QR code to show, a link or a PNG file')
+            [CompletionResult]::new('accept', 'accept', [CompletionResultType]::ParameterValue, 'Accept an invitation given as a link, on stdin, or as a picture of its QR code')
+            [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Send a message: from the arguments, or from stdin when there are none')
+            [CompletionResult]::new('recv', 'recv', [CompletionResultType]::ParameterValue, 'Receive messages from every contact (and complete pending connections)')
+            [CompletionResult]::new('contacts', 'contacts', [CompletionResultType]::ParameterValue, 'List contacts: state, security level, relays and last activity')
+            [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
+            [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
+            [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
+            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
+            [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
+            [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
+            [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
+            [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;init' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'Your display name, shown to contacts only (never sent to relays)')
+            [CompletionResult]::new('--relay', '--relay', [CompletionResultType]::ParameterName, 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--no-passphrase', '--no-passphrase', [CompletionResultType]::ParameterName, 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)')
+            [CompletionResult]::new('--isolate', '--isolate', [CompletionResultType]::ParameterName, 'Use a fresh TCP connection for every request, so no connection is shared by two queues')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;invite' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'What to call the contact [default: their own name, once they accept]')
+            [CompletionResult]::new('--png', '--png', [CompletionResultType]::ParameterName, 'Write the QR code to a PNG file')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--qr', '--qr', [CompletionResultType]::ParameterName, 'Show a QR code on the terminal (the default when stdout is a terminal)')
+            [CompletionResult]::new('--link', '--link', [CompletionResultType]::ParameterName, 'Print the link (the default when stdout is not a terminal)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;accept' {
+            [CompletionResult]::new('--image', '--image', [CompletionResultType]::ParameterName, 'A PNG or JPEG picture (photo or screenshot) of the QR code')
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'What to call the contact [default: the name they give themselves]')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;send' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;recv' {
+            [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'Wait up to SECS for the first message if none is waiting')
+            [CompletionResult]::new('--from', '--from', [CompletionResultType]::ParameterName, 'Only this contact')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('--follow', '--follow', [CompletionResultType]::ParameterName, 'Keep receiving and printing as messages arrive, until interrupted')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;contacts' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;verify' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;profile' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'name')
+            [CompletionResult]::new('--status', '--status', [CompletionResultType]::ParameterName, 'status')
+            [CompletionResult]::new('--avatar', '--avatar', [CompletionResultType]::ParameterName, 'A PNG or JPEG of at most 12 KiB')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--no-avatar', '--no-avatar', [CompletionResultType]::ParameterName, 'Remove the avatar')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'json')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;log' {
+            [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'How many of the latest messages')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;forget' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--yes', '--yes', [CompletionResultType]::ParameterName, 'Do not ask for confirmation (needed when stdin is not a terminal)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relays' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line (list and test)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List your relays (the default)')
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a relay for new connections')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Stop using a relay for new connections')
+            [CompletionResult]::new('test', 'test', [CompletionResultType]::ParameterValue, 'Check that each relay answers and holds the key its address names')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;relays;list' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line (list and test)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relays;add' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line (list and test)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relays;remove' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line (list and test)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relays;test' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line (list and test)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relays;help' {
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List your relays (the default)')
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a relay for new connections')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Stop using a relay for new connections')
+            [CompletionResult]::new('test', 'test', [CompletionResultType]::ParameterValue, 'Check that each relay answers and holds the key its address names')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;relays;help;list' {
+            break
+        }
+        'tern;relays;help;add' {
+            break
+        }
+        'tern;relays;help;remove' {
+            break
+        }
+        'tern;relays;help;test' {
+            break
+        }
+        'tern;relays;help;help' {
+            break
+        }
+        'tern;key' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('export', 'export', [CompletionResultType]::ParameterValue, 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step')
+            [CompletionResult]::new('passwd', 'passwd', [CompletionResultType]::ParameterValue, 'Change the passphrase (or remove it with --no-passphrase)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;key;export' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'out')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--force', '--force', [CompletionResultType]::ParameterName, 'Replace FILE if it exists')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;key;passwd' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--no-passphrase', '--no-passphrase', [CompletionResultType]::ParameterName, 'no-passphrase')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;key;help' {
+            [CompletionResult]::new('export', 'export', [CompletionResultType]::ParameterValue, 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step')
+            [CompletionResult]::new('passwd', 'passwd', [CompletionResultType]::ParameterValue, 'Change the passphrase (or remove it with --no-passphrase)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;key;help;export' {
+            break
+        }
+        'tern;key;help;passwd' {
+            break
+        }
+        'tern;key;help;help' {
+            break
+        }
+        'tern;relay' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;relay;serve' {
+            [CompletionResult]::new('--data', '--data', [CompletionResultType]::ParameterName, 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]')
+            [CompletionResult]::new('--access-key-file', '--access-key-file', [CompletionResultType]::ParameterName, 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out')
+            [CompletionResult]::new('--listen', '--listen', [CompletionResultType]::ParameterName, 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port')
+            [CompletionResult]::new('--ttl-days', '--ttl-days', [CompletionResultType]::ParameterName, 'Delete undelivered messages after this many days')
+            [CompletionResult]::new('--max-pending', '--max-pending', [CompletionResultType]::ParameterName, 'Most messages waiting in one queue; senders get "queue full" past it')
+            [CompletionResult]::new('--max-wait', '--max-wait', [CompletionResultType]::ParameterName, 'Longest long-poll a client may ask for, in seconds')
+            [CompletionResult]::new('--max-connections', '--max-connections', [CompletionResultType]::ParameterName, 'Most simultaneous connections')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relay;address' {
+            [CompletionResult]::new('--data', '--data', [CompletionResultType]::ParameterName, 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]')
+            [CompletionResult]::new('--access-key-file', '--access-key-file', [CompletionResultType]::ParameterName, 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out')
+            [CompletionResult]::new('--listen', '--listen', [CompletionResultType]::ParameterName, 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;relay;help' {
+            [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;relay;help;serve' {
+            break
+        }
+        'tern;relay;help;address' {
+            break
+        }
+        'tern;relay;help;help' {
+            break
+        }
+        'tern;generate' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Directory to write man/ and completions/ into')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;help' {
+            [CompletionResult]::new('init', 'init', [CompletionResultType]::ParameterValue, 'Create a profile: display name, relays, and the passphrase that protects it')
+            [CompletionResult]::new('invite', 'invite', [CompletionResultType]::ParameterValue, 'Make a one-time invitation: a QR code to show, a link or a PNG file')
+            [CompletionResult]::new('accept', 'accept', [CompletionResultType]::ParameterValue, 'Accept an invitation given as a link, on stdin, or as a picture of its QR code')
+            [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Send a message: from the arguments, or from stdin when there are none')
+            [CompletionResult]::new('recv', 'recv', [CompletionResultType]::ParameterValue, 'Receive messages from every contact (and complete pending connections)')
+            [CompletionResult]::new('contacts', 'contacts', [CompletionResultType]::ParameterValue, 'List contacts: state, security level, relays and last activity')
+            [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
+            [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
+            [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
+            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
+            [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
+            [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
+            [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
+            [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;help;init' {
+            break
+        }
+        'tern;help;invite' {
+            break
+        }
+        'tern;help;accept' {
+            break
+        }
+        'tern;help;send' {
+            break
+        }
+        'tern;help;recv' {
+            break
+        }
+        'tern;help;contacts' {
+            break
+        }
+        'tern;help;verify' {
+            break
+        }
+        'tern;help;profile' {
+            break
+        }
+        'tern;help;log' {
+            break
+        }
+        'tern;help;forget' {
+            break
+        }
+        'tern;help;relays' {
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List your relays (the default)')
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a relay for new connections')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Stop using a relay for new connections')
+            [CompletionResult]::new('test', 'test', [CompletionResultType]::ParameterValue, 'Check that each relay answers and holds the key its address names')
+            break
+        }
+        'tern;help;relays;list' {
+            break
+        }
+        'tern;help;relays;add' {
+            break
+        }
+        'tern;help;relays;remove' {
+            break
+        }
+        'tern;help;relays;test' {
+            break
+        }
+        'tern;help;key' {
+            [CompletionResult]::new('export', 'export', [CompletionResultType]::ParameterValue, 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step')
+            [CompletionResult]::new('passwd', 'passwd', [CompletionResultType]::ParameterValue, 'Change the passphrase (or remove it with --no-passphrase)')
+            break
+        }
+        'tern;help;key;export' {
+            break
+        }
+        'tern;help;key;passwd' {
+            break
+        }
+        'tern;help;relay' {
+            [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            break
+        }
+        'tern;help;relay;serve' {
+            break
+        }
+        'tern;help;relay;address' {
+            break
+        }
+        'tern;help;generate' {
+            break
+        }
+        'tern;help;help' {
+            break
+        }
+    })
+
+    $completions.Where{ $_.CompletionText -like "$wordToComplete*" } |
+        Sort-Object -Property ListItemText
+}

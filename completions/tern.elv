@@ -1,0 +1,363 @@
+
+use builtin;
+use str;
+
+set edit:completion:arg-completer[tern] = {|@words|
+    fn spaces {|n|
+        builtin:repeat $n ' ' | str:join ''
+    }
+    fn cand {|text desc|
+        edit:complex-candidate $text &display=$text' '(spaces (- 14 (wcswidth $text)))$desc
+    }
+    var command = 'tern'
+    for word $words[1..-1] {
+        if (str:has-prefix $word '-') {
+            break
+        }
+        set command = $command';'$word
+    }
+    var completions = [
+        &'tern'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand init 'Create a profile: display name, relays, and the passphrase that protects it'
+            cand invite 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+            cand accept 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
+            cand send 'Send a message: from the arguments, or from stdin when there are none'
+            cand recv 'Receive messages from every contact (and complete pending connections)'
+            cand contacts 'List contacts: state, security level, relays and last activity'
+            cand verify 'Show a contact''s security code, or compare it with theirs'
+            cand profile 'Show or change your profile; changes are sent to connected contacts'
+            cand log 'Show the local history with a contact, oldest first'
+            cand forget 'Delete a contact: its queues on the relays, its keys and its history'
+            cand relays 'List, add, remove or test your relays'
+            cand key 'Manage the key that protects the profile'
+            cand relay 'Run a relay, or print the address users add with `tern init --relay`'
+            cand generate 'Write man pages and shell completions'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;init'= {
+            cand --name 'Your display name, shown to contacts only (never sent to relays)'
+            cand --relay 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --no-passphrase 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)'
+            cand --isolate 'Use a fresh TCP connection for every request, so no connection is shared by two queues'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;invite'= {
+            cand --name 'What to call the contact [default: their own name, once they accept]'
+            cand --png 'Write the QR code to a PNG file'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --qr 'Show a QR code on the terminal (the default when stdout is a terminal)'
+            cand --link 'Print the link (the default when stdout is not a terminal)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;accept'= {
+            cand --image 'A PNG or JPEG picture (photo or screenshot) of the QR code'
+            cand --name 'What to call the contact [default: the name they give themselves]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;send'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;recv'= {
+            cand --wait 'Wait up to SECS for the first message if none is waiting'
+            cand --from 'Only this contact'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand --follow 'Keep receiving and printing as messages arrive, until interrupted'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;contacts'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;verify'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;profile'= {
+            cand --name 'name'
+            cand --status 'status'
+            cand --avatar 'A PNG or JPEG of at most 12 KiB'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --no-avatar 'Remove the avatar'
+            cand --json 'json'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;log'= {
+            cand --limit 'How many of the latest messages'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;forget'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --yes 'Do not ask for confirmation (needed when stdin is not a terminal)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relays'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line (list and test)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand list 'List your relays (the default)'
+            cand add 'Add a relay for new connections'
+            cand remove 'Stop using a relay for new connections'
+            cand test 'Check that each relay answers and holds the key its address names'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;relays;list'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line (list and test)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relays;add'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line (list and test)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relays;remove'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line (list and test)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relays;test'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line (list and test)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relays;help'= {
+            cand list 'List your relays (the default)'
+            cand add 'Add a relay for new connections'
+            cand remove 'Stop using a relay for new connections'
+            cand test 'Check that each relay answers and holds the key its address names'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;relays;help;list'= {
+        }
+        &'tern;relays;help;add'= {
+        }
+        &'tern;relays;help;remove'= {
+        }
+        &'tern;relays;help;test'= {
+        }
+        &'tern;relays;help;help'= {
+        }
+        &'tern;key'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;key;export'= {
+            cand --out 'out'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --force 'Replace FILE if it exists'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;key;passwd'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --no-passphrase 'no-passphrase'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;key;help'= {
+            cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;key;help;export'= {
+        }
+        &'tern;key;help;passwd'= {
+        }
+        &'tern;key;help;help'= {
+        }
+        &'tern;relay'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
+            cand address 'Print the address of the relay in --data'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;relay;serve'= {
+            cand --data 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]'
+            cand --access-key-file 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out'
+            cand --listen 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port'
+            cand --ttl-days 'Delete undelivered messages after this many days'
+            cand --max-pending 'Most messages waiting in one queue; senders get "queue full" past it'
+            cand --max-wait 'Longest long-poll a client may ask for, in seconds'
+            cand --max-connections 'Most simultaneous connections'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relay;address'= {
+            cand --data 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]'
+            cand --access-key-file 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out'
+            cand --listen 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;relay;help'= {
+            cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
+            cand address 'Print the address of the relay in --data'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;relay;help;serve'= {
+        }
+        &'tern;relay;help;address'= {
+        }
+        &'tern;relay;help;help'= {
+        }
+        &'tern;generate'= {
+            cand --out 'Directory to write man/ and completions/ into'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;help'= {
+            cand init 'Create a profile: display name, relays, and the passphrase that protects it'
+            cand invite 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+            cand accept 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
+            cand send 'Send a message: from the arguments, or from stdin when there are none'
+            cand recv 'Receive messages from every contact (and complete pending connections)'
+            cand contacts 'List contacts: state, security level, relays and last activity'
+            cand verify 'Show a contact''s security code, or compare it with theirs'
+            cand profile 'Show or change your profile; changes are sent to connected contacts'
+            cand log 'Show the local history with a contact, oldest first'
+            cand forget 'Delete a contact: its queues on the relays, its keys and its history'
+            cand relays 'List, add, remove or test your relays'
+            cand key 'Manage the key that protects the profile'
+            cand relay 'Run a relay, or print the address users add with `tern init --relay`'
+            cand generate 'Write man pages and shell completions'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;help;init'= {
+        }
+        &'tern;help;invite'= {
+        }
+        &'tern;help;accept'= {
+        }
+        &'tern;help;send'= {
+        }
+        &'tern;help;recv'= {
+        }
+        &'tern;help;contacts'= {
+        }
+        &'tern;help;verify'= {
+        }
+        &'tern;help;profile'= {
+        }
+        &'tern;help;log'= {
+        }
+        &'tern;help;forget'= {
+        }
+        &'tern;help;relays'= {
+            cand list 'List your relays (the default)'
+            cand add 'Add a relay for new connections'
+            cand remove 'Stop using a relay for new connections'
+            cand test 'Check that each relay answers and holds the key its address names'
+        }
+        &'tern;help;relays;list'= {
+        }
+        &'tern;help;relays;add'= {
+        }
+        &'tern;help;relays;remove'= {
+        }
+        &'tern;help;relays;test'= {
+        }
+        &'tern;help;key'= {
+            cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+        }
+        &'tern;help;key;export'= {
+        }
+        &'tern;help;key;passwd'= {
+        }
+        &'tern;help;relay'= {
+            cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
+            cand address 'Print the address of the relay in --data'
+        }
+        &'tern;help;relay;serve'= {
+        }
+        &'tern;help;relay;address'= {
+        }
+        &'tern;help;generate'= {
+        }
+        &'tern;help;help'= {
+        }
+    ]
+    $completions[$command]
+}

@@ -1,0 +1,221 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_tern_global_optspecs
+    string join \n home= passphrase-file= identity= h/help V/version
+end
+
+function __fish_tern_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_tern_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_tern_using_subcommand
+    set -l cmd (__fish_tern_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c tern -n "__fish_tern_needs_command" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_needs_command" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_needs_command" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c tern -n "__fish_tern_needs_command" -s V -l version -d 'Print version'
+complete -c tern -n "__fish_tern_needs_command" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
+complete -c tern -n "__fish_tern_needs_command" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+complete -c tern -n "__fish_tern_needs_command" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
+complete -c tern -n "__fish_tern_needs_command" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
+complete -c tern -n "__fish_tern_needs_command" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
+complete -c tern -n "__fish_tern_needs_command" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
+complete -c tern -n "__fish_tern_needs_command" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
+complete -c tern -n "__fish_tern_needs_command" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
+complete -c tern -n "__fish_tern_needs_command" -f -a "log" -d 'Show the local history with a contact, oldest first'
+complete -c tern -n "__fish_tern_needs_command" -f -a "forget" -d 'Delete a contact: its queues on the relays, its keys and its history'
+complete -c tern -n "__fish_tern_needs_command" -f -a "relays" -d 'List, add, remove or test your relays'
+complete -c tern -n "__fish_tern_needs_command" -f -a "key" -d 'Manage the key that protects the profile'
+complete -c tern -n "__fish_tern_needs_command" -f -a "relay" -d 'Run a relay, or print the address users add with `tern init --relay`'
+complete -c tern -n "__fish_tern_needs_command" -f -a "generate" -d 'Write man pages and shell completions'
+complete -c tern -n "__fish_tern_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand init" -l name -d 'Your display name, shown to contacts only (never sent to relays)' -r
+complete -c tern -n "__fish_tern_using_subcommand init" -l relay -d 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT' -r
+complete -c tern -n "__fish_tern_using_subcommand init" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand init" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand init" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand init" -l no-passphrase -d 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)'
+complete -c tern -n "__fish_tern_using_subcommand init" -l isolate -d 'Use a fresh TCP connection for every request, so no connection is shared by two queues'
+complete -c tern -n "__fish_tern_using_subcommand init" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l name -d 'What to call the contact [default: their own name, once they accept]' -r
+complete -c tern -n "__fish_tern_using_subcommand invite" -l png -d 'Write the QR code to a PNG file' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invite" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invite" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invite" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invite" -l qr -d 'Show a QR code on the terminal (the default when stdout is a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l link -d 'Print the link (the default when stdout is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand invite" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand accept" -l image -d 'A PNG or JPEG picture (photo or screenshot) of the QR code' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -l name -d 'What to call the contact [default: the name they give themselves]' -r
+complete -c tern -n "__fish_tern_using_subcommand accept" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand send" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand send" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand send" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand send" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand recv" -l wait -d 'Wait up to SECS for the first message if none is waiting' -r
+complete -c tern -n "__fish_tern_using_subcommand recv" -l from -d 'Only this contact' -r
+complete -c tern -n "__fish_tern_using_subcommand recv" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand recv" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand recv" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand recv" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand recv" -l follow -d 'Keep receiving and printing as messages arrive, until interrupted'
+complete -c tern -n "__fish_tern_using_subcommand recv" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand contacts" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand verify" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand verify" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand verify" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand verify" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand profile" -l name -r
+complete -c tern -n "__fish_tern_using_subcommand profile" -l status -r
+complete -c tern -n "__fish_tern_using_subcommand profile" -l avatar -d 'A PNG or JPEG of at most 12 KiB' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l no-avatar -d 'Remove the avatar'
+complete -c tern -n "__fish_tern_using_subcommand profile" -l json
+complete -c tern -n "__fish_tern_using_subcommand profile" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand log" -l limit -d 'How many of the latest messages' -r
+complete -c tern -n "__fish_tern_using_subcommand log" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand log" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand log" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand log" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand log" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand forget" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand forget" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand forget" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand forget" -l yes -d 'Do not ask for confirmation (needed when stdin is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand forget" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "list" -d 'List your relays (the default)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "add" -d 'Add a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "list" -d 'List your relays (the default)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "add" -d 'Add a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l out -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l force -d 'Replace FILE if it exists'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l no-passphrase
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "address" -d 'Print the address of the relay in --data'
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l data -d 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l access-key-file -d 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l listen -d 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l ttl-days -d 'Delete undelivered messages after this many days' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-pending -d 'Most messages waiting in one queue; senders get "queue full" past it' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-wait -d 'Longest long-poll a client may ask for, in seconds' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-connections -d 'Most simultaneous connections' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l data -d 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l access-key-file -d 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l listen -d 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "address" -d 'Print the address of the relay in --data'
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand generate" -l out -d 'Directory to write man/ and completions/ into' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "log" -d 'Show the local history with a contact, oldest first'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "forget" -d 'Delete a contact: its queues on the relays, its keys and its history'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "relays" -d 'List, add, remove or test your relays'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "key" -d 'Manage the key that protects the profile'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "relay" -d 'Run a relay, or print the address users add with `tern init --relay`'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "generate" -d 'Write man pages and shell completions'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays key relay generate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "list" -d 'List your relays (the default)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "add" -d 'Add a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relay" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relay" -f -a "address" -d 'Print the address of the relay in --data'
