@@ -1,0 +1,848 @@
+//! The client's encrypted profile store.
+//!
+//! # On-disk layout
+//!
+//! A profile is a directory (`--home DIR`, created with mode 0700):
+//!
+//! | file | content |
+//! | --- | --- |
+//! | `store.db` (+ `store.db-wal`, `store.db-shm`) | SQLite database, WAL mode, mode 0600: every value encrypted |
+//! | `key.age` | passphrase-protected profiles: a standard age file (scrypt, N = 2^[`SCRYPT_LOG_N`]) holding the identity; `age -d key.age` opens it |
+//! | `identity-unprotected.txt` | `--no-passphrase` profiles only: the identity in the clear, mode 0600 |
+//!
+//! `store.db` is the profile's commit point: [`Store::exists`] is true once it
+//! is in place, and `tern init` creates it last (under a temporary name,
+//! renamed when complete), so an interrupted init leaves no half profile.
+//!
+//! # Keys
+//!
+//! The root secret is an age X25519 identity (`AGE-SECRET-KEY-1…`),
+//! generated at init. It can be presented three ways ([`KeySource`]): the
+//! passphrase that decrypts `key.age` (about 0.2 s of scrypt), an exported
+//! identity file (`tern` reads it directly: milliseconds, for cron jobs), or
+//! nothing at all for an unprotected profile. From the identity, HKDF-SHA256
+//! derives two 32-byte keys (`info` "tern/v1 store key" and "tern/v1 store
+//! name key"):
+//!
+//! - every value is sealed with XChaCha20-Poly1305 under the first, with a
+//!   random 24-byte nonce, and associated data naming its table and row (and
+//!   sequence number, for logs): a ciphertext moved to another row does not
+//!   decrypt. Plaintexts are padded to a multiple of 64 bytes.
+//! - every name is replaced by its HMAC-SHA256 under the second. Record
+//!   keys, log names, set names and seen digests never appear on disk, so
+//!   the database shows how many rows there are and roughly how big they
+//!   are, and nothing else. Callers should still use opaque ids
+//!   (`contact/3f9a…`), not names: it costs nothing and guards against a
+//!   future layout that stores less carefully.
+//!
+//! [`ReadTx::keys`] lists names by prefix even though rows are keyed by HMAC:
+//! each record also stores its name sealed, and a `bucket` column holding a
+//! (truncated) HMAC of the name's first segment up to and including the
+//! first `/`. A prefix with a `/` in it reads one bucket (`contact/` reads
+//! only contacts); a prefix without one scans all records. The price is
+//! that the database shows which records share a first segment (how many
+//! contacts, say), not what the segment is.
+//!
+//! # Concurrency and crashes
+//!
+//! Each [`Store`] has its own SQLite connection; several processes (`tern
+//! recv --follow` and `tern send`) and several handles in one process can
+//! use one profile at once. [`Store::transaction`] starts with `BEGIN
+//! IMMEDIATE`, taking the write lock before reading, so a read-modify-write
+//! inside one transaction never loses an update; a writer waits up to
+//! [`BUSY_TIMEOUT`] for another, then fails with [`StoreError::Locked`].
+//! Readers never wait for writers (WAL).
+//!
+//! A transaction is atomic and durable: SQLite's WAL with `synchronous=FULL`
+//! fsyncs each commit, and a process killed at any instant (or a power cut)
+//! leaves the database at the last committed transaction, readable.
+//! Files outside the database (`key.age`, the unprotected identity,
+//! exports) are replaced by write-to-temporary, fsync, rename; changing the
+//! passphrase records the new key file in the database before renaming it
+//! into place, and a change interrupted half-way is rolled back or finished
+//! by the next `open`.
+
+mod crypto;
+mod db;
+mod error;
+mod keyfile;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use serde::{de::DeserializeOwned, Serialize};
+use zeroize::Zeroizing;
+
+use crypto::{Keys, NameKind, Slot};
+use keyfile::Unlocked;
+
+pub use age::secrecy::SecretString;
+pub use error::StoreError;
+pub use keyfile::{MAX_SCRYPT_LOG_N, SCRYPT_LOG_N};
+
+/// How long a writer waits for another process's transaction before giving
+/// up with [`StoreError::Locked`]. Transactions are short (milliseconds),
+/// so 10 s only runs out if another process is stuck.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many digests a seen-set keeps; past this the oldest are evicted.
+pub const SEEN_CAP: u64 = 10_000;
+
+const DB_FILE: &str = "store.db";
+const DB_PARTIAL_FILE: &str = "store.db.partial";
+const KEY_FILE: &str = "key.age";
+const UNPROTECTED_FILE: &str = "identity-unprotected.txt";
+
+/// How to unlock an existing profile.
+#[derive(Debug)]
+pub enum KeySource {
+    /// The passphrase that decrypts `key.age`.
+    Passphrase(SecretString),
+    /// An identity file written by [`Store::export_identity`] (or any file
+    /// with this profile's `AGE-SECRET-KEY-1…`). Must not be accessible to
+    /// other users (mode 0600), like an ssh key.
+    IdentityFile(PathBuf),
+    /// A profile created with `--no-passphrase`.
+    Unprotected,
+}
+
+/// How a new profile (or a profile changing its key) protects its identity.
+#[derive(Debug)]
+pub enum NewKey {
+    /// Encrypt the identity to this passphrase in `key.age`.
+    Passphrase(SecretString),
+    /// Store the identity in the clear (`--no-passphrase`).
+    Unprotected,
+}
+
+/// Whether a profile has a passphrase; readable without unlocking it, so
+/// the CLI knows whether to prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    Passphrase,
+    Unprotected,
+}
+
+impl Protection {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protection::Passphrase => "passphrase",
+            Protection::Unprotected => "unprotected",
+        }
+    }
+
+    fn parse(raw: &[u8]) -> Option<Protection> {
+        match raw {
+            b"passphrase" => Some(Protection::Passphrase),
+            b"unprotected" => Some(Protection::Unprotected),
+            _ => None,
+        }
+    }
+}
+
+struct Paths {
+    home: PathBuf,
+    db: PathBuf,
+    db_partial: PathBuf,
+    key: PathBuf,
+    unprotected: PathBuf,
+}
+
+impl Paths {
+    fn new(home: &Path) -> Paths {
+        Paths {
+            home: home.to_path_buf(),
+            db: home.join(DB_FILE),
+            db_partial: home.join(DB_PARTIAL_FILE),
+            key: home.join(KEY_FILE),
+            unprotected: home.join(UNPROTECTED_FILE),
+        }
+    }
+
+    /// The key file a profile with this protection must have, and the one
+    /// it must not.
+    fn key_files(&self, protection: Protection) -> (&Path, &Path) {
+        match protection {
+            Protection::Passphrase => (&self.key, &self.unprotected),
+            Protection::Unprotected => (&self.unprotected, &self.key),
+        }
+    }
+}
+
+/// An open, unlocked profile. Dropping it closes the database; the keys are
+/// zeroized.
+pub struct Store {
+    conn: Connection,
+    keys: Keys,
+    unlocked: Unlocked,
+    paths: Paths,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("home", &self.paths.home)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Whether `home` holds a profile (its `store.db`).
+    pub fn exists(home: &Path) -> bool {
+        Paths::new(home).db.is_file()
+    }
+
+    /// Whether the profile in `home` has a passphrase, without unlocking it.
+    pub fn protection(home: &Path) -> Result<Protection, StoreError> {
+        let paths = Paths::new(home);
+        let mut conn = open_db(&paths)?;
+        let tx = conn.transaction()?;
+        Ok(db::Meta::load(&tx)?.protection)
+    }
+
+    /// Create a new profile in `home` (created if missing, mode 0700) with a
+    /// fresh identity. Fails with [`StoreError::AlreadyExists`] if there is
+    /// one. Leftovers of an interrupted `create` (`store.db.partial`, and a
+    /// key file beside it) are discarded: nothing was ever encrypted under
+    /// them. A key file without either is refused
+    /// ([`StoreError::StrayKeyFile`]): it may belong to a moved `store.db`.
+    ///
+    /// Do not run two `create`s on the same directory at once.
+    pub fn create(home: &Path, key: NewKey) -> Result<Store, StoreError> {
+        if let NewKey::Passphrase(p) = &key {
+            use age::secrecy::ExposeSecret;
+            if p.expose_secret().is_empty() {
+                return Err(StoreError::EmptyPassphrase);
+            }
+        }
+        let paths = Paths::new(home);
+        if paths.db.exists() {
+            return Err(StoreError::AlreadyExists(home.to_path_buf()));
+        }
+        create_home(home)?;
+        // `store.db.partial` is created before anything else, so a key file
+        // without it did not come from an interrupted `create`: it may be
+        // the only key to a `store.db` that was moved away. Keep it.
+        if !paths.db_partial.exists() {
+            for key_file in [&paths.key, &paths.unprotected] {
+                if key_file.exists() {
+                    return Err(StoreError::StrayKeyFile(key_file.clone()));
+                }
+            }
+        }
+        for stale in [&paths.key, &paths.unprotected, &paths.db_partial] {
+            keyfile::remove_if_exists(stale)?;
+        }
+        keyfile::remove_if_exists(&home.join(format!("{DB_PARTIAL_FILE}-journal")))?;
+        remove_stale_tmps(&paths)?;
+
+        // SQLite would create the file with the umask's mode; create it
+        // first with 0600 (the -wal and -shm files inherit the mode).
+        drop(
+            keyfile::create_private(&paths.db_partial)
+                .map_err(|e| StoreError::io(&paths.db_partial, e))?,
+        );
+        keyfile::sync_parent(&paths.db_partial).map_err(|e| StoreError::io(home, e))?;
+
+        let unlocked = Unlocked::generate();
+        let keys = Keys::derive(&unlocked.identity);
+        let (protection, key_hash) = match key {
+            NewKey::Passphrase(p) => {
+                let bytes = keyfile::encrypt_key_file(&paths.key, &unlocked.text, p)?;
+                keyfile::write_atomic(&paths.key, &bytes)?;
+                (Protection::Passphrase, Some(keyfile::key_file_hash(&bytes)))
+            }
+            NewKey::Unprotected => {
+                keyfile::write_atomic(&paths.unprotected, unlocked.text.as_bytes())?;
+                (Protection::Unprotected, None)
+            }
+        };
+        db::initialize(&paths.db_partial, &keys, protection, key_hash)?;
+        if paths.db.exists() {
+            return Err(StoreError::AlreadyExists(home.to_path_buf()));
+        }
+        fs::rename(&paths.db_partial, &paths.db).map_err(|e| StoreError::io(&paths.db, e))?;
+        keyfile::sync_parent(&paths.db).map_err(|e| StoreError::io(home, e))?;
+
+        let conn = open_db(&paths)?;
+        Ok(Store {
+            conn,
+            keys,
+            unlocked,
+            paths,
+        })
+    }
+
+    /// Open and unlock the profile in `home`.
+    ///
+    /// Errors worth telling apart: [`StoreError::NoProfile`],
+    /// [`StoreError::WrongPassphrase`] (nothing on disk is changed),
+    /// [`StoreError::KeyFileCorrupt`] / [`StoreError::KeyFileMissing`],
+    /// [`StoreError::PassphraseRequired`] /
+    /// [`StoreError::NotPassphraseProtected`] (use [`Store::protection`]
+    /// to choose), [`StoreError::WrongIdentity`], [`StoreError::Locked`].
+    pub fn open(home: &Path, key: KeySource) -> Result<Store, StoreError> {
+        let paths = Paths::new(home);
+        let mut conn = open_db(&paths)?;
+        let meta = {
+            let tx = conn.transaction()?;
+            db::Meta::load(&tx)?
+        };
+
+        let from_key_file = matches!(key, KeySource::Passphrase(_));
+        let unlocked = match key {
+            KeySource::Passphrase(p) => {
+                if meta.protection != Protection::Passphrase {
+                    return Err(StoreError::NotPassphraseProtected(paths.home));
+                }
+                keyfile::unlock_key_file(&paths.key, p, &meta.key_hashes)?
+            }
+            KeySource::IdentityFile(path) => keyfile::read_identity_file(&path)?,
+            KeySource::Unprotected => {
+                if meta.protection != Protection::Unprotected {
+                    return Err(StoreError::PassphraseRequired(paths.home));
+                }
+                keyfile::read_identity_file(&paths.unprotected)?
+            }
+        };
+        let keys = Keys::derive(&unlocked.identity);
+        if !meta.key_matches(&keys) {
+            return Err(if from_key_file {
+                StoreError::KeyFileCorrupt {
+                    path: paths.key,
+                    detail: "it holds the identity of another profile".into(),
+                }
+            } else {
+                StoreError::WrongIdentity(paths.home)
+            });
+        }
+
+        let mut store = Store {
+            conn,
+            keys,
+            unlocked,
+            paths,
+        };
+        store.finish_interrupted()?;
+        Ok(store)
+    }
+
+    /// The profile directory.
+    pub fn home(&self) -> &Path {
+        &self.paths.home
+    }
+
+    /// The profile's age recipient (`age1…`): files encrypted to it can be
+    /// opened with an exported identity.
+    pub fn recipient(&self) -> String {
+        self.unlocked.identity.to_public().to_string()
+    }
+
+    /// Write the profile's identity to `path` (mode 0600), in the format
+    /// `age-keygen` writes: it unlocks the profile with
+    /// [`KeySource::IdentityFile`], no passphrase needed, and works with
+    /// `age -d -i`. Anyone who has it can read the whole profile.
+    ///
+    /// Refuses an existing file ([`StoreError::FileExists`]) unless
+    /// `overwrite`; an overwrite is atomic.
+    pub fn export_identity(&self, path: &Path, overwrite: bool) -> Result<(), StoreError> {
+        if overwrite {
+            keyfile::write_atomic(path, self.unlocked.text.as_bytes())
+        } else {
+            keyfile::write_new(path, self.unlocked.text.as_bytes())
+        }
+    }
+
+    /// Change how the identity is protected: a new passphrase, a passphrase
+    /// for an unprotected profile, or none. The identity stays the same, so
+    /// exported identity files keep working and nothing is re-encrypted.
+    /// A store opened with an exported identity can do this too, which is
+    /// how a forgotten passphrase is reset.
+    pub fn set_key(&mut self, key: NewKey) -> Result<(), StoreError> {
+        let (protection, content): (Protection, Zeroizing<Vec<u8>>) = match key {
+            NewKey::Passphrase(p) => {
+                use age::secrecy::ExposeSecret;
+                if p.expose_secret().is_empty() {
+                    return Err(StoreError::EmptyPassphrase);
+                }
+                let bytes = keyfile::encrypt_key_file(&self.paths.key, &self.unlocked.text, p)?;
+                // First make the new key file known, so that if we stop
+                // after the rename below, a wrong passphrase on it is still
+                // reported as such.
+                let hash = keyfile::key_file_hash(&bytes);
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
+                db::add_key_hash(&tx, hash)?;
+                tx.commit()?;
+                (Protection::Passphrase, Zeroizing::new(bytes))
+            }
+            NewKey::Unprotected => (
+                Protection::Unprotected,
+                Zeroizing::new(self.unlocked.text.as_bytes().to_vec()),
+            ),
+        };
+        let (target, other) = self.paths.key_files(protection);
+        // The file swap happens under the database write lock, so it cannot
+        // interleave with another process's `set_key` or `open` clean-up.
+        // The protection mode switches only at COMMIT; until then the old
+        // key file is still in place and authoritative.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        keyfile::write_atomic(target, &content)?;
+        db::set_protection(&tx, protection)?;
+        tx.commit()?;
+        if keyfile::remove_if_exists(other)? {
+            keyfile::sync_parent(other).map_err(|e| StoreError::io(other, e))?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` in a write transaction (`BEGIN IMMEDIATE … COMMIT`): it sees
+    /// a stable view, no other writer runs meanwhile, and its writes land
+    /// all together or (on `Err`, or a panic) not at all. Waits up to
+    /// [`BUSY_TIMEOUT`] for another writer. To abort with an error of your
+    /// own, return [`StoreError::abort`]`(e)`.
+    pub fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&Tx {
+            read: ReadTx {
+                conn: &tx,
+                keys: &self.keys,
+            },
+        })?; // Dropping `tx` on the error path rolls back.
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Run `f` on a read-only snapshot: it sees the database as of its
+    /// first read, unaffected by concurrent writers, and never blocks them.
+    /// A [`Tx`] derefs to [`ReadTx`], so reading helpers written against
+    /// `&ReadTx` work in both.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&ReadTx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let out = f(&ReadTx {
+            conn: &tx,
+            keys: &self.keys,
+        })?;
+        // Nothing to commit; ending the transaction releases the snapshot.
+        tx.rollback()?;
+        Ok(out)
+    }
+
+    /// Finish or roll back a key change that was interrupted, and remove
+    /// temporary files a crash left behind: an unprotected identity lying
+    /// around in a passphrase profile would defeat the passphrase.
+    fn finish_interrupted(&mut self) -> Result<(), StoreError> {
+        let paths = &self.paths;
+        let needs_work = |protection: Protection| -> Result<bool, StoreError> {
+            let (_, other) = paths.key_files(protection);
+            Ok(other.exists() || !stale_tmps(paths)?.is_empty())
+        };
+        // Cheap unlocked check first; the common case takes no write lock.
+        let protection = {
+            let tx = self.conn.transaction()?;
+            db::Meta::load(&tx)?.protection
+        };
+        if !needs_work(protection)? {
+            return Ok(());
+        }
+        // Under the write lock, no `set_key` is between its rename and its
+        // commit, so what meta says is what the files should be.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let protection = db::Meta::load(&tx)?.protection;
+        let (_, other) = self.paths.key_files(protection);
+        keyfile::remove_if_exists(other)?;
+        remove_stale_tmps(&self.paths)?;
+        tx.commit()?;
+        keyfile::sync_parent(other).map_err(|e| StoreError::io(&self.paths.home, e))?;
+        Ok(())
+    }
+}
+
+fn open_db(paths: &Paths) -> Result<Connection, StoreError> {
+    if !paths.db.is_file() {
+        return Err(StoreError::NoProfile(paths.home.clone()));
+    }
+    db::open(&paths.db)
+}
+
+fn create_home(home: &Path) -> Result<(), StoreError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(home).map_err(|e| StoreError::io(home, e))
+}
+
+/// Temporary files from an interrupted `write_atomic` of a profile file.
+fn stale_tmps(paths: &Paths) -> Result<Vec<PathBuf>, StoreError> {
+    let entries = fs::read_dir(&paths.home).map_err(|e| StoreError::io(&paths.home, e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(&paths.home, e))?;
+        let name = entry.file_name();
+        if keyfile::is_tmp_for(&name, KEY_FILE) || keyfile::is_tmp_for(&name, UNPROTECTED_FILE) {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
+fn remove_stale_tmps(paths: &Paths) -> Result<(), StoreError> {
+    for tmp in stale_tmps(paths)? {
+        keyfile::remove_if_exists(&tmp)?;
+    }
+    Ok(())
+}
+
+/// A read-only view inside [`Store::read`] (and, through `Deref`, inside
+/// [`Store::transaction`]).
+///
+/// Names (record keys, log names, set names) are arbitrary strings; they
+/// are never stored as given (see the module docs), but keep them opaque
+/// anyway.
+pub struct ReadTx<'a> {
+    conn: &'a Connection,
+    keys: &'a Keys,
+}
+
+/// A write transaction inside [`Store::transaction`]. All reading methods
+/// of [`ReadTx`] are available too.
+pub struct Tx<'a> {
+    read: ReadTx<'a>,
+}
+
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = ReadTx<'a>;
+    fn deref(&self) -> &ReadTx<'a> {
+        &self.read
+    }
+}
+
+/// Truncated HMACs are enough where the column only groups rows (buckets)
+/// or tests membership among at most `SEEN_CAP` entries: 128 bits leaves
+/// collisions out of reach while halving the index size.
+const SHORT_ID: usize = 16;
+
+fn corrupt_record(what: &str, name: &str) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{what} {name:?} fails authentication (damaged, or moved from another row)"
+    ))
+}
+
+/// Serialize into zeroizing memory. The length is measured first so the
+/// buffer never reallocates: values such as ratchet states hold keys, and a
+/// reallocation would leave copies of them in freed memory.
+fn to_json<T: Serialize + ?Sized>(name: &str, value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let err = |source| StoreError::Encode {
+        key: name.to_string(),
+        source,
+    };
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_err(err)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+    serde_json::to_writer(&mut *out, value).map_err(err)?;
+    Ok(out)
+}
+
+fn from_json<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        key: name.to_string(),
+        source,
+    })
+}
+
+fn seq_from_db(seq: i64) -> Result<u64, StoreError> {
+    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative sequence number {seq}")))
+}
+
+fn limit_to_db(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+impl ReadTx<'_> {
+    fn kv_id(&self, key: &str) -> [u8; 32] {
+        self.keys.name_id(NameKind::Kv, key.as_bytes())
+    }
+
+    /// The bucket of a name or prefix: its first segment through the first
+    /// `/`, or the whole string if it has none.
+    fn bucket(&self, name: &str) -> Vec<u8> {
+        let segment = match name.find('/') {
+            Some(i) => &name[..=i],
+            None => name,
+        };
+        self.keys.name_id(NameKind::KvBucket, segment.as_bytes())[..SHORT_ID].to_vec()
+    }
+
+    fn log_id(&self, log: &str) -> [u8; 32] {
+        self.keys.name_id(NameKind::Log, log.as_bytes())
+    }
+
+    fn seen_ids(&self, set: &str, digest: &[u8; 32]) -> ([u8; 32], Vec<u8>) {
+        let set_id = self.keys.name_id(NameKind::SeenSet, set.as_bytes());
+        let digest = self.keys.name_id(NameKind::SeenDigest, digest)[..SHORT_ID].to_vec();
+        (set_id, digest)
+    }
+
+    /// The record stored under `key`, if any.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let id = self.kv_id(key);
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT value FROM kv WHERE id = ?1")?
+            .query_row([&id[..]], |r| r.get(0))
+            .optional()?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let plain = self
+            .keys
+            .open(Slot::KvValue(&id), &sealed)
+            .ok_or_else(|| corrupt_record("record", key))?;
+        from_json(key, &plain).map(Some)
+    }
+
+    /// All record keys starting with `prefix`, sorted. A prefix containing
+    /// `/` reads only the records whose first segment matches; a prefix
+    /// without one (including `""`) reads every record's name.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        if prefix.contains('/') {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT id, name FROM kv WHERE bucket = ?1")?;
+            let iter = stmt.query_map([self.bucket(prefix)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for row in iter {
+                rows.push(row?);
+            }
+        } else {
+            let mut stmt = self.conn.prepare_cached("SELECT id, name FROM kv")?;
+            let iter = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for row in iter {
+                rows.push(row?);
+            }
+        }
+        let mut names = Vec::new();
+        for (id, sealed) in rows {
+            let id: [u8; 32] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("malformed record id".into()))?;
+            let plain = self.keys.open(Slot::KvName(&id), &sealed).ok_or_else(|| {
+                corrupt_record(
+                    "the name of record",
+                    &data_encoding::HEXLOWER.encode(&id[..8]),
+                )
+            })?;
+            let name: String = from_json("(record name)", &plain)?;
+            // A name sealed under another row's id would have failed above;
+            // this catches a name that does not hash to its own row.
+            if self.kv_id(&name) != id {
+                return Err(corrupt_record("the name of record", &name));
+            }
+            if name.starts_with(prefix) {
+                names.push(name);
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// The last `limit` entries of `log`, oldest first, with their sequence
+    /// numbers. One index range scan: cost depends on `limit`, not on the
+    /// length of the log.
+    pub fn tail<T: DeserializeOwned>(
+        &self,
+        log: &str,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        self.tail_before(log, u64::MAX, limit)
+    }
+
+    /// Like [`ReadTx::tail`], but only entries with sequence number below
+    /// `before`: pass the oldest `seq` you have to page further back.
+    pub fn tail_before<T: DeserializeOwned>(
+        &self,
+        log: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        let id = self.log_id(log);
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, value FROM log WHERE log = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            rusqlite::params![&id[..], before, limit_to_db(limit)],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, sealed) = row?;
+            let seq = seq_from_db(seq)?;
+            let plain = self
+                .keys
+                .open(Slot::Log(&id, seq), &sealed)
+                .ok_or_else(|| corrupt_record("log entry", &format!("{log}#{seq}")))?;
+            out.push((seq, from_json(log, &plain)?));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Whether `digest` is in the seen-set `set`.
+    pub fn seen(&self, set: &str, digest: &[u8; 32]) -> Result<bool, StoreError> {
+        let (set_id, digest) = self.seen_ids(set, digest);
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM seen WHERE set_id = ?1 AND digest = ?2")?
+            .query_row(rusqlite::params![&set_id[..], digest], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+}
+
+impl Tx<'_> {
+    /// Store `value` under `key`, replacing any previous value.
+    pub fn put<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let r = &self.read;
+        let id = r.kv_id(key);
+        let json = to_json(key, value)?;
+        let name = to_json(key, key)?;
+        let sealed_value = r.keys.seal(Slot::KvValue(&id), &json);
+        let sealed_name = r.keys.seal(Slot::KvName(&id), &name);
+        r.conn
+            .prepare_cached(
+                "INSERT INTO kv (id, bucket, name, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET value = excluded.value, name = excluded.name",
+            )?
+            .execute(rusqlite::params![
+                &id[..],
+                r.bucket(key),
+                sealed_name,
+                sealed_value
+            ])?;
+        Ok(())
+    }
+
+    /// Remove the record under `key` (no error if there is none).
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let id = self.read.kv_id(key);
+        self.read
+            .conn
+            .prepare_cached("DELETE FROM kv WHERE id = ?1")?
+            .execute([&id[..]])?;
+        Ok(())
+    }
+
+    /// Append `value` to `log`; returns its sequence number (1 for the
+    /// first entry, then consecutive). One index lookup and one insert,
+    /// whatever the log's length. After [`Tx::remove_log`] numbering starts
+    /// again at 1.
+    pub fn append<T: Serialize + ?Sized>(&self, log: &str, value: &T) -> Result<u64, StoreError> {
+        let r = &self.read;
+        let id = r.log_id(log);
+        let last: Option<i64> = r
+            .conn
+            .prepare_cached("SELECT seq FROM log WHERE log = ?1 ORDER BY seq DESC LIMIT 1")?
+            .query_row([&id[..]], |row| row.get(0))
+            .optional()?;
+        let seq = match last {
+            None => 1,
+            Some(last) => seq_from_db(last)?
+                .checked_add(1)
+                .filter(|s| i64::try_from(*s).is_ok())
+                .ok_or_else(|| StoreError::Corrupt("log sequence number overflow".into()))?,
+        };
+        let json = to_json(log, value)?;
+        let sealed = r.keys.seal(Slot::Log(&id, seq), &json);
+        r.conn
+            .prepare_cached("INSERT INTO log (log, seq, value) VALUES (?1, ?2, ?3)")?
+            .execute(rusqlite::params![&id[..], seq as i64, sealed])?;
+        Ok(seq)
+    }
+
+    /// Delete every entry of `log`.
+    pub fn remove_log(&self, log: &str) -> Result<(), StoreError> {
+        let id = self.read.log_id(log);
+        self.read
+            .conn
+            .prepare_cached("DELETE FROM log WHERE log = ?1")?
+            .execute([&id[..]])?;
+        Ok(())
+    }
+
+    /// Add `digest` to the seen-set `set` (or mark it as seen again, which
+    /// makes it the newest). When the set holds more than [`SEEN_CAP`]
+    /// digests, the oldest go. Constant cost: index lookups, no count.
+    pub fn mark_seen(&self, set: &str, digest: &[u8; 32]) -> Result<(), StoreError> {
+        self.mark_seen_capped(set, digest, SEEN_CAP)
+    }
+
+    fn mark_seen_capped(&self, set: &str, digest: &[u8; 32], cap: u64) -> Result<(), StoreError> {
+        let r = &self.read;
+        let (set_id, digest) = r.seen_ids(set, digest);
+        let last: Option<i64> = r
+            .conn
+            .prepare_cached("SELECT ord FROM seen WHERE set_id = ?1 ORDER BY ord DESC LIMIT 1")?
+            .query_row([&set_id[..]], |row| row.get(0))
+            .optional()?;
+        let ord = last.unwrap_or(0).saturating_add(1);
+        r.conn
+            .prepare_cached(
+                "INSERT INTO seen (set_id, digest, ord) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (set_id, digest) DO UPDATE SET ord = excluded.ord",
+            )?
+            .execute(rusqlite::params![&set_id[..], digest, ord])?;
+        // `ord` values in a set are distinct and at most `ord`, so keeping
+        // those above `ord - cap` keeps at most `cap` entries.
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        if ord > cap {
+            r.conn
+                .prepare_cached("DELETE FROM seen WHERE set_id = ?1 AND ord <= ?2")?
+                .execute(rusqlite::params![&set_id[..], ord - cap])?;
+        }
+        Ok(())
+    }
+
+    /// Forget the whole seen-set `set` (for a deleted conversation).
+    pub fn clear_seen(&self, set: &str) -> Result<(), StoreError> {
+        let set_id = self.read.keys.name_id(NameKind::SeenSet, set.as_bytes());
+        self.read
+            .conn
+            .prepare_cached("DELETE FROM seen WHERE set_id = ?1")?
+            .execute([&set_id[..]])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
