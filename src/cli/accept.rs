@@ -90,23 +90,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         None => (format!("contact-{}", &id[..6]), true),
     };
     let request_id = random_id();
-    let contact = Contact {
-        id: id.clone(),
-        name: name.clone(),
-        provisional_name: provisional,
-        jobs: vec![Job::Deliver {
-            envelope_id: request_id,
-            payload: request,
-            signed: false,
-            raw: true,
-            pending: (0..conn.peer_queues.len()).collect(),
-            created_ms: t,
-        }],
-        conn,
+    let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
+    contact.jobs.push(Job::Deliver {
+        envelope_id: request_id,
+        payload: request,
+        signed: false,
+        raw: true,
+        pending: (0..contact.conn.peer_queues.len()).collect(),
         created_ms: t,
-        last_activity_ms: t,
-        outbox: Vec::new(),
-    };
+        delivered_any: false,
+    });
     client.add_contact(&contact)?;
     let report = client.run_jobs(&id)?;
     let contact = client.contact(&id)?;

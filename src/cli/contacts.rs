@@ -64,15 +64,18 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 "receive_relays": ours,
                 "send_relays": theirs,
                 "last_activity": time(c.last_activity_ms),
+                "last_rotated": time(c.conn.last_rotated_ms),
+                "rotating": c.conn.rotating(),
                 "pending_jobs": c.jobs.len() + c.outbox.len(),
             }));
         } else {
             line(&format!(
-                "{:<20} {:<10} {:<10} last {}  ({})",
+                "{:<20} {:<10} {:<10} last {}  rotated {}  ({})",
                 c.name,
                 state_word(c.conn.state),
                 security_word(level),
                 time(c.last_activity_ms),
+                time(c.conn.last_rotated_ms),
                 security_note(level)
             ));
         }

@@ -37,6 +37,11 @@ pub struct Args {
     /// shared by two queues
     #[arg(long)]
     pub isolate: bool,
+
+    /// Move each connection to fresh queues about every DAYS days (0: only
+    /// with `tern rotate`)
+    #[arg(long, value_name = "DAYS", default_value_t = 7)]
+    pub rotate_days: u32,
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
@@ -77,6 +82,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         profile,
         relays: relays.iter().map(ToString::to_string).collect(),
         isolate: args.isolate,
+        rotate_days: args.rotate_days,
         created_ms: now(),
     };
     store.transaction(|tx| {

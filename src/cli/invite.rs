@@ -55,16 +55,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         ));
     }
     let t = now();
-    client.add_contact(&Contact {
-        id,
-        name: name.clone(),
-        provisional_name: provisional,
-        conn,
-        created_ms: t,
-        last_activity_ms: t,
-        jobs: Vec::new(),
-        outbox: Vec::new(),
-    })?;
+    client.add_contact(&Contact::new(id, name.clone(), provisional, conn, t))?;
     let link = invitation.to_link();
     if let Some(path) = &args.png {
         qr::png(&link, path)?;

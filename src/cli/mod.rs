@@ -17,6 +17,7 @@ pub mod qr;
 pub mod recv;
 pub mod relay;
 pub mod relays;
+pub mod rotate;
 pub mod send;
 pub mod unlock;
 pub mod verify;
@@ -75,6 +76,7 @@ pub enum Command {
     Log(log::Args),
     Forget(forget::Args),
     Relays(relays::Args),
+    Rotate(rotate::Args),
     Key(key::Args),
     Relay(relay::Args),
     #[command(hide = true)]
@@ -110,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Log(a) => log::run(&cli, a),
         Command::Forget(a) => forget::run(&cli, a),
         Command::Relays(a) => relays::run(&cli, a),
+        Command::Rotate(a) => rotate::run(&cli, a),
         Command::Key(a) => key::run(&cli, a),
         Command::Relay(a) => relay::run(a),
         Command::Generate(a) => generate::run(a),

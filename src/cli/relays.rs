@@ -8,6 +8,7 @@ use super::exit::{fail, FAILURE, USAGE};
 use super::output::{json, line, note};
 use super::{unlock, Cli};
 use crate::client::model::{Settings, SETTINGS};
+use crate::proto::connection::ConnState;
 
 /// List, add, remove or test your relays
 #[derive(Debug, clap::Args)]
@@ -74,17 +75,41 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             if settings.relays.len() == before {
                 return Err(fail(USAGE, "that relay is not in the list"));
             }
-            let using = client
+            if settings.relays.is_empty() {
+                return Err(fail(
+                    USAGE,
+                    "that is your only relay: add another one first (tern relays add)",
+                ));
+            }
+            let affected: Vec<(String, String, bool)> = client
                 .contacts()?
-                .iter()
-                .filter(|c| c.conn.recv_queues.iter().any(|q| q.relay.same_relay(&a)))
-                .count();
+                .into_iter()
+                .filter(|c| c.conn.all_recv_queues().any(|q| q.relay.same_relay(&a)))
+                .map(|c| (c.id, c.name, c.conn.state == ConnState::Connected))
+                .collect();
             client
                 .store
                 .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
             note(&format!(
-                "relay removed from the list; {using} connection(s) still receive through it until they are rotated (`tern rotate`)"
+                "relay removed; {} connection(s) receive through it: moving them to your other relays",
+                affected.len()
             ));
+            for (id, name, connected) in affected {
+                if !connected {
+                    note(&format!(
+                        "{name} is not connected yet: its invitation still uses that relay"
+                    ));
+                    continue;
+                }
+                match client.rotate(&id, false) {
+                    Ok(_) => note(&format!(
+                        "{name}: moving (completes as you both run `tern recv`)"
+                    )),
+                    Err(e) => note(&format!(
+                        "{name}: could not start moving yet ({e}); `tern rotate {name}` retries"
+                    )),
+                }
+            }
         }
         Action::Test => {
             let mut bad = 0;

@@ -77,7 +77,6 @@ pub struct FetchSummary {
 /// One queue to fetch from.
 struct QueueRef {
     contact_id: String,
-    queue: usize,
     relay: RelayAddress,
     recipient_id: Id,
     signer: SigningKey,
@@ -85,8 +84,8 @@ struct QueueRef {
 }
 
 impl QueueRef {
-    fn key(&self) -> (String, usize, Id) {
-        (self.contact_id.clone(), self.queue, self.recipient_id)
+    fn key(&self) -> (String, Id) {
+        (self.contact_id.clone(), self.recipient_id)
     }
 }
 
@@ -186,10 +185,9 @@ impl Client {
             if only.is_some_and(|id| id != c.id) {
                 continue;
             }
-            for (i, q) in c.conn.recv_queues.iter().enumerate() {
+            for q in c.conn.all_recv_queues() {
                 out.push(Arc::new(QueueRef {
                     contact_id: c.id.clone(),
-                    queue: i,
                     relay: q.relay.clone(),
                     recipient_id: q.recipient_id,
                     signer: q.signing_key(),
@@ -209,13 +207,17 @@ impl Client {
     ) -> Result<FetchSummary, ClientError> {
         let mut summary = FetchSummary::default();
         let only = opts.contact_id.as_deref();
-        // Work left over from earlier commands (outbox, handshake steps).
+        // Work left over from earlier commands (outbox, handshake steps),
+        // and queue rotations that are due.
         self.run_all_jobs(only, on_event)?;
+        self.rotate_due(only, on_event)?;
 
         let queues = self.queue_refs(only)?;
         summary.queues = queues.len();
         self.drain(&queues, &mut summary, on_event)?;
         self.run_all_jobs(only, on_event)?;
+        // A peer may have asked for a rotation in what just arrived.
+        self.rotate_due(only, on_event)?;
 
         let waiting = opts.follow || (opts.wait.is_some() && summary.messages == 0);
         if waiting && !queues.is_empty() {
@@ -311,7 +313,7 @@ impl Client {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let mut started: HashSet<(String, usize, Id)> = HashSet::new();
+        let mut started: HashSet<(String, Id)> = HashSet::new();
         let shared_net = self.net.clone();
         let spawn = |q: Arc<QueueRef>, started: &mut HashSet<_>| {
             if !started.insert(q.key()) {
@@ -351,8 +353,10 @@ impl Client {
                     if !opts.follow {
                         break Ok(());
                     }
-                    // Pick up contacts made meanwhile by other tern commands.
+                    // Pick up contacts made meanwhile by other tern commands,
+                    // and new queues from rotations.
                     self.run_all_jobs(opts.contact_id.as_deref(), on_event)?;
+                    self.rotate_due(opts.contact_id.as_deref(), on_event)?;
                     for q in self.queue_refs(opts.contact_id.as_deref())? {
                         spawn(q, &mut started);
                     }
@@ -455,26 +459,28 @@ impl Client {
                     return Ok(Vec::new());
                 };
                 let seen = seen_set(&id);
-                let digest = c.conn.digest_of(q.queue, &message);
+                let digest = c.conn.digest_of(&q.recipient_id, &message);
                 if let Some(d) = &digest {
                     if tx.seen(&seen, d)? {
                         return Ok(Vec::new());
                     }
                 }
-                let received =
-                    match c
-                        .conn
-                        .receive(q.queue, &message, &settings.profile, now, &mut OsRng)
-                    {
-                        Ok(r) => r,
-                        Err(ProtoError::Duplicate) => return Ok(Vec::new()),
-                        Err(e) => {
-                            return Ok(vec![Event::Warning(format!(
-                                "dropped a message for {} that could not be accepted: {e}",
-                                c.name
-                            ))])
-                        }
-                    };
+                let received = match c.conn.receive(
+                    &q.recipient_id,
+                    &message,
+                    &settings.profile,
+                    now,
+                    &mut OsRng,
+                ) {
+                    Ok(r) => r,
+                    Err(ProtoError::Duplicate) => return Ok(Vec::new()),
+                    Err(e) => {
+                        return Ok(vec![Event::Warning(format!(
+                            "dropped a message for {} that could not be accepted: {e}",
+                            c.name
+                        ))])
+                    }
+                };
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
                 push_actions(&mut c, received.actions, now);
@@ -523,10 +529,8 @@ impl Client {
                         contact: c.name.clone(),
                         kind,
                     }),
-                    Incoming::Control { .. } => events.push(Event::Warning(format!(
-                        "{} sent a control message this version cannot act on yet",
-                        c.name
-                    ))),
+                    Incoming::RotationRequested => c.rotation_wanted = true,
+                    Incoming::RotationStep => {}
                     Incoming::Nothing => {}
                 }
                 tx.put(&contact_key(&id), &c)?;
@@ -542,6 +546,7 @@ fn unreachable_settings() -> Settings {
         profile: Default::default(),
         relays: Vec::new(),
         isolate: false,
+        rotate_days: 0,
         created_ms: 0,
     }
 }

@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 
 use rand::rngs::OsRng;
-use tern_relay::wire::{Command, ErrorCode};
+use tern_relay::wire::{Command, ErrorCode, Id, Reply};
 
 use super::model::{Contact, Job, Queued};
 use super::{Client, ClientError};
 use crate::net::NetError;
-use crate::proto::connection::{Action, ConnState};
+use crate::proto::connection::{Action, ConnState, RecvQueue};
 
 /// Unacknowledged work older than this is given up: the relays' own TTL has
 /// passed, so the peer could not get it anyway.
@@ -35,7 +35,11 @@ impl JobReport {
 pub fn push_actions(contact: &mut Contact, actions: Vec<Action>, now_ms: u64) {
     for a in actions {
         match a {
-            Action::Secure { queue } => contact.jobs.push(Job::Secure { queue }),
+            Action::Secure { recipient_id } => contact.jobs.push(Job::Secure { recipient_id }),
+            Action::DeleteQueue { recipient_id } => {
+                contact.jobs.push(Job::DeleteQueue { recipient_id })
+            }
+            Action::Switched => retarget(contact),
             Action::Deliver {
                 envelope_id,
                 ratchet_msg,
@@ -47,9 +51,32 @@ pub fn push_actions(contact: &mut Contact, actions: Vec<Action>, now_ms: u64) {
                 raw: false,
                 pending: (0..contact.conn.peer_queues.len()).collect(),
                 created_ms: now_ms,
+                delivered_any: false,
             }),
         }
     }
+}
+
+/// After the peer's queues were replaced: a delivery that some old queue
+/// already holds will be drained from there; one that reached none goes to
+/// the new queues instead.
+fn retarget(contact: &mut Contact) {
+    let all: Vec<usize> = (0..contact.conn.peer_queues.len()).collect();
+    contact.jobs.retain_mut(|job| match job {
+        Job::Deliver {
+            delivered_any: true,
+            ..
+        } => false,
+        Job::Deliver {
+            pending,
+            raw: false,
+            ..
+        } => {
+            pending.clone_from(&all);
+            true
+        }
+        _ => true,
+    });
 }
 
 /// Once connected, encrypts everything that waited in the outbox.
@@ -90,17 +117,19 @@ impl Client {
             return Ok(JobReport::default());
         }
         let mut report = JobReport::default();
-        let mut secured: Vec<usize> = Vec::new();
-        let mut delivered: HashMap<[u8; 16], Vec<usize>> = HashMap::new();
+        let mut done_queue_jobs: Vec<Id> = Vec::new();
+        let mut forget: Vec<Id> = Vec::new();
+        // envelope id -> sender ids of the peer queues that took it
+        let mut delivered: HashMap<[u8; 16], Vec<Id>> = HashMap::new();
         for job in &contact.jobs {
             match job {
-                Job::Secure { queue } => {
-                    let Some(q) = contact.conn.recv_queues.get(*queue) else {
-                        secured.push(*queue);
+                Job::Secure { recipient_id } => {
+                    let Some(q) = contact.conn.recv_queue(recipient_id) else {
+                        done_queue_jobs.push(*recipient_id);
                         continue;
                     };
                     let Some(sender_auth) = q.secured_with else {
-                        secured.push(*queue);
+                        done_queue_jobs.push(*recipient_id);
                         continue;
                     };
                     let cmd = Command::Secure {
@@ -108,13 +137,27 @@ impl Client {
                         sender_auth,
                     };
                     match self.net.call(&q.relay, &cmd, Some(&q.signing_key())) {
-                        Ok(_) => secured.push(*queue),
+                        Ok(_) => done_queue_jobs.push(*recipient_id),
                         Err(e) => {
                             // Later deliveries may depend on this queue being
-                            // secured (the handshake reply): stop here.
+                            // secured (a handshake reply, a switch): stop here.
                             report.errors.push(e);
                             break;
                         }
+                    }
+                }
+                Job::DeleteQueue { recipient_id } => {
+                    let Some(q) = contact.conn.recv_queue(recipient_id) else {
+                        done_queue_jobs.push(*recipient_id);
+                        continue;
+                    };
+                    match self.delete_if_empty(q) {
+                        Ok(true) => {
+                            done_queue_jobs.push(*recipient_id);
+                            forget.push(*recipient_id);
+                        }
+                        Ok(false) => {}
+                        Err(e) => report.errors.push(e),
                     }
                 }
                 Job::Deliver {
@@ -127,15 +170,15 @@ impl Client {
                 } => {
                     let outcomes = self.deliver(&contact, payload, *signed, *raw, pending);
                     let done = delivered.entry(*envelope_id).or_default();
-                    for (queue, outcome) in outcomes {
+                    for (sender_id, outcome) in outcomes {
                         match outcome {
-                            Ok(()) => done.push(queue),
+                            Ok(()) => done.push(sender_id),
                             // An unsigned upload refused: the queue already
                             // holds its one unsigned message (our earlier try,
                             // whose answer was lost) or is gone. Either way
                             // retrying cannot help.
                             Err(e) if !*signed && e.code() == Some(ErrorCode::Auth) => {
-                                done.push(queue)
+                                done.push(sender_id)
                             }
                             Err(e) => report.errors.push(e),
                         }
@@ -145,23 +188,33 @@ impl Client {
         }
         let now = super::now();
         let waiting = self.update_contact(id, |_, c| {
-            let mut secured = secured.clone();
+            for rid in &forget {
+                c.conn.forget_retired(rid);
+            }
+            let mut done_queue_jobs = done_queue_jobs.clone();
+            let peer_ids: Vec<Id> = c.conn.peer_queues.iter().map(|q| q.sender_id).collect();
             c.jobs.retain_mut(|job| match job {
-                Job::Secure { queue } => match secured.iter().position(|q| q == queue) {
-                    Some(i) => {
-                        secured.remove(i);
-                        false
+                Job::Secure { recipient_id } | Job::DeleteQueue { recipient_id } => {
+                    match done_queue_jobs.iter().position(|q| q == recipient_id) {
+                        Some(i) => {
+                            done_queue_jobs.remove(i);
+                            false
+                        }
+                        None => true,
                     }
-                    None => true,
-                },
+                }
                 Job::Deliver {
                     envelope_id,
                     pending,
                     created_ms,
+                    delivered_any,
                     ..
                 } => {
                     if let Some(done) = delivered.get(envelope_id) {
-                        pending.retain(|q| !done.contains(q));
+                        // By sender id: if the peer's queues were switched
+                        // meanwhile, indices now mean other queues.
+                        pending.retain(|&i| peer_ids.get(i).is_none_or(|sid| !done.contains(sid)));
+                        *delivered_any |= !done.is_empty();
                     }
                     !pending.is_empty() && now.saturating_sub(*created_ms) < JOB_EXPIRY_MS
                 }
@@ -172,6 +225,34 @@ impl Client {
         Ok(report)
     }
 
+    /// Deletes a retired queue on its relay if nothing is waiting in it;
+    /// `Ok(false)` if a message still is (the next fetch takes it first).
+    fn delete_if_empty(&self, q: &RecvQueue) -> Result<bool, NetError> {
+        let key = q.signing_key();
+        let fetch = Command::Fetch {
+            recipient_id: q.recipient_id,
+            wait_ms: 0,
+        };
+        match self.net.call(&q.relay, &fetch, Some(&key)) {
+            Ok(Reply::Empty) => {}
+            Ok(_) => return Ok(false),
+            // Gone already (deleted by an earlier run whose answer was lost).
+            Err(e) if e.code() == Some(ErrorCode::Auth) => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        match self.net.call(
+            &q.relay,
+            &Command::Delete {
+                recipient_id: q.recipient_id,
+            },
+            Some(&key),
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(ErrorCode::Auth) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Uploads one payload to the given peer queues in parallel.
     fn deliver(
         &self,
@@ -180,7 +261,7 @@ impl Client {
         signed: bool,
         raw: bool,
         queues: &[usize],
-    ) -> Vec<(usize, Result<(), NetError>)> {
+    ) -> Vec<(Id, Result<(), NetError>)> {
         std::thread::scope(|s| {
             let handles: Vec<_> = queues
                 .iter()
@@ -198,7 +279,10 @@ impl Client {
                             sender_id: q.sender_id,
                             message,
                         };
-                        (i, net.call(&q.relay, &cmd, key.as_ref()).map(|_| ()))
+                        (
+                            q.sender_id,
+                            net.call(&q.relay, &cmd, key.as_ref()).map(|_| ()),
+                        )
                     }))
                 })
                 .collect();

@@ -10,6 +10,7 @@
 pub mod fetch;
 pub mod jobs;
 pub mod model;
+pub mod rotate;
 pub mod send;
 
 use std::path::Path;

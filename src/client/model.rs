@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use tern_relay::address::RelayAddress;
+use tern_relay::wire::Id;
 
 use crate::proto::connection::Connection;
 use crate::proto::envelope::Kind;
@@ -33,6 +34,9 @@ pub struct Settings {
     /// A fresh TCP connection per request.
     #[serde(default)]
     pub isolate: bool,
+    /// Rotate each connection's queues about this often (0: never).
+    #[serde(default = "default_rotate_days")]
+    pub rotate_days: u32,
     pub created_ms: u64,
 }
 
@@ -40,6 +44,10 @@ impl Settings {
     pub fn relay_addresses(&self) -> Vec<RelayAddress> {
         self.relays.iter().filter_map(|r| r.parse().ok()).collect()
     }
+}
+
+fn default_rotate_days() -> u32 {
+    7
 }
 
 /// One line of the contact index: enough to find a contact by name without
@@ -55,7 +63,15 @@ pub struct IndexEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Job {
     /// SECURE our receiving queue with the sender key the peer gave us.
-    Secure { queue: usize },
+    Secure {
+        #[serde(with = "b64")]
+        recipient_id: Id,
+    },
+    /// DELETE a retired receiving queue once it is empty (queue rotation).
+    DeleteQueue {
+        #[serde(with = "b64")]
+        recipient_id: Id,
+    },
     /// Upload to every peer queue still in `pending`.
     Deliver {
         #[serde(with = "b64")]
@@ -66,6 +82,10 @@ pub enum Job {
         raw: bool,
         pending: Vec<usize>,
         created_ms: u64,
+        /// Some relay already holds it: after a queue switch the peer drains
+        /// the old queues, so it need not be re-sent.
+        #[serde(default)]
+        delivered_any: bool,
     },
 }
 
@@ -93,6 +113,35 @@ pub struct Contact {
     pub jobs: Vec<Job>,
     #[serde(default)]
     pub outbox: Vec<Queued>,
+    /// When automatic rotation is next due (jittered per contact).
+    #[serde(default)]
+    pub next_rotation_ms: u64,
+    /// The peer asked us to rotate; done by the next command that can.
+    #[serde(default)]
+    pub rotation_wanted: bool,
+}
+
+impl Contact {
+    pub fn new(
+        id: String,
+        name: String,
+        provisional_name: bool,
+        conn: Connection,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            provisional_name,
+            conn,
+            created_ms: now_ms,
+            last_activity_ms: now_ms,
+            jobs: Vec::new(),
+            outbox: Vec::new(),
+            next_rotation_ms: 0,
+            rotation_wanted: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,6 +59,9 @@ impl Client {
         })?;
         let report = self.run_jobs(id)?;
         let contact = self.contact(id)?;
+        // Opportunistic: a rotation that is due rides along with sending.
+        let mut notes = Vec::new();
+        self.rotate_due(Some(id), &mut |e| notes.push(e))?;
         Ok(SendOutcome {
             id: msg_id,
             delivered: connected && reached_a_relay(&contact, &msg_id),

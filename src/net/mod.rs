@@ -56,11 +56,22 @@ impl NetError {
     }
 }
 
+/// Milliseconds since the Unix epoch. `TERN_TEST_CLOCK_OFFSET_SECS` moves
+/// tern's clock (for tests of time-driven behaviour such as automatic
+/// rotation); relays' clocks are corrected for as usual.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    static OFFSET_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let offset = *OFFSET_MS.get_or_init(|| {
+        std::env::var("TERN_TEST_CLOCK_OFFSET_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .map_or(0, |s| s.saturating_mul(1000))
+    });
+    let real = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    real.saturating_add_signed(offset)
 }
 
 /// A client for any number of relays.

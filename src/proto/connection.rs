@@ -184,8 +184,21 @@ pub enum SecurityLevel {
 /// Something the client must do, in order, after saving the new state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
-    /// SECURE our receiving queue `queue` with the peer's sender key.
-    Secure { queue: usize },
+    /// SECURE our receiving queue with the sender key recorded in it.
+    Secure {
+        #[serde(with = "b64")]
+        recipient_id: Id,
+    },
+    /// A retired receiving queue: once it is empty, DELETE it on its relay
+    /// and forget it (queue rotation).
+    DeleteQueue {
+        #[serde(with = "b64")]
+        recipient_id: Id,
+    },
+    /// The peer queues were replaced (queue rotation): deliveries that have
+    /// not reached any old queue must be re-aimed at the new ones, before
+    /// the deliveries that follow this action.
+    Switched,
     /// Send a ratchet message to every peer queue; `signed` is false only for
     /// the handshake's first message on a fresh queue.
     Deliver {
@@ -211,10 +224,11 @@ pub enum Incoming {
     ProfileUpdated {
         profile: Profile,
     },
-    /// A control message (queue rotation); handled by the rotation code.
-    Control {
-        envelope: Envelope,
-    },
+    /// The peer asks us to rotate our receiving queues: the client creates
+    /// new queues and calls [`Connection::start_rotation`].
+    RotationRequested,
+    /// A step of a queue rotation, nothing to show.
+    RotationStep,
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
         kind: u8,
@@ -256,9 +270,22 @@ pub struct Connection {
     pub verified: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_profile: Option<Profile>,
+    /// Our receiving queues being replaced (see `rotation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<super::rotation::Rotation>,
+    /// New peer queues announced by the peer, with our fresh sender keys,
+    /// used once the peer says they are secured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_rotation: Option<Vec<PeerQueue>>,
+    /// Old receiving queues still drained until the peer has switched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_queues: Vec<RecvQueue>,
+    /// When our receiving queues last moved (or were created).
+    #[serde(default)]
+    pub last_rotated_ms: u64,
 }
 
-fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
+pub(crate) fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
     let mut id = [0u8; 16];
     rng.fill_bytes(&mut id);
     id
@@ -292,6 +319,10 @@ impl Connection {
             their_channel: None,
             verified: false,
             peer_profile: None,
+            rotation: None,
+            peer_rotation: None,
+            retired_queues: Vec::new(),
+            last_rotated_ms: 0,
         };
         (conn, invitation)
     }
@@ -352,8 +383,36 @@ impl Connection {
             their_channel: None,
             verified: false,
             peer_profile: None,
+            rotation: None,
+            peer_rotation: None,
+            retired_queues: Vec::new(),
+            last_rotated_ms: now_ms,
         };
         Ok((conn, request))
+    }
+
+    /// Any of our receiving queues — current, being set up by a rotation, or
+    /// retired and draining — by recipient id.
+    pub fn recv_queue(&self, recipient_id: &Id) -> Option<&RecvQueue> {
+        self.all_recv_queues()
+            .find(|q| &q.recipient_id == recipient_id)
+    }
+
+    /// Every receiving queue that may hold messages for us.
+    pub fn all_recv_queues(&self) -> impl Iterator<Item = &RecvQueue> {
+        self.recv_queues
+            .iter()
+            .chain(self.rotation.iter().flat_map(|r| r.new_queues.iter()))
+            .chain(self.retired_queues.iter())
+    }
+
+    pub(crate) fn secure_all(&self, queues: &[RecvQueue]) -> Vec<Action> {
+        queues
+            .iter()
+            .map(|q| Action::Secure {
+                recipient_id: q.recipient_id,
+            })
+            .collect()
     }
 
     /// The security code, once the handshake keys are known.
@@ -388,7 +447,7 @@ impl Connection {
         self.encrypt_any(kind, id, body, now_ms, true, rng)
     }
 
-    fn encrypt_any<R: RngCore + CryptoRng>(
+    pub(crate) fn encrypt_any<R: RngCore + CryptoRng>(
         &mut self,
         kind: Kind,
         id: [u8; 16],
@@ -432,12 +491,12 @@ impl Connection {
     /// The digest identifying `message` (arrived on our queue `queue`) across
     /// relays, without touching any state; `None` if it does not open. Check
     /// it against the messages already processed before calling `receive`.
-    pub fn digest_of(&self, queue: usize, message: &[u8]) -> Option<[u8; 32]> {
+    pub fn digest_of(&self, queue: &Id, message: &[u8]) -> Option<[u8; 32]> {
         match queue_msg::parse(message).ok()? {
             QueueMessage::ConnRequest { ratchet_msg, .. } => Some(queue_msg::digest(&ratchet_msg)),
             QueueMessage::Message { sealed } => {
                 let secret = self.connection_secret.as_ref()?;
-                let q = self.recv_queues.get(queue)?;
+                let q = self.recv_queue(queue)?;
                 let ratchet_msg = queue_msg::open_message(secret, &q.sender_id, &sealed).ok()?;
                 Some(queue_msg::digest(&ratchet_msg))
             }
@@ -449,7 +508,7 @@ impl Connection {
     /// ours, sent in the handshake reply if this message is a request.
     pub fn receive<R: RngCore + CryptoRng>(
         &mut self,
-        queue: usize,
+        queue: &Id,
         message: &[u8],
         profile: &Profile,
         now_ms: u64,
@@ -463,13 +522,13 @@ impl Connection {
 
     fn receive_inner<R: RngCore + CryptoRng>(
         &mut self,
-        queue: usize,
+        queue: &Id,
         message: &[u8],
         profile: &Profile,
         now_ms: u64,
         rng: &mut R,
     ) -> Result<Received, ProtoError> {
-        let q = self.recv_queues.get(queue).ok_or(ProtoError::Decrypt)?;
+        let sender_id = self.recv_queue(queue).ok_or(ProtoError::Decrypt)?.sender_id;
         match queue_msg::parse(message)? {
             QueueMessage::ConnRequest {
                 joiner_identity,
@@ -477,7 +536,9 @@ impl Connection {
                 ratchet_msg,
             } => {
                 let digest = queue_msg::digest(&ratchet_msg);
-                if self.state != ConnState::Invited {
+                if self.state != ConnState::Invited
+                    || !self.recv_queues.iter().any(|q| &q.recipient_id == queue)
+                {
                     // The same request through another relay, or a second one
                     // for a one-time invitation: either way, nothing to do.
                     return Err(ProtoError::Duplicate);
@@ -498,7 +559,7 @@ impl Connection {
             }
             QueueMessage::Message { sealed } => {
                 let secret = self.connection_secret.as_ref().ok_or(ProtoError::Decrypt)?;
-                let ratchet_msg = queue_msg::open_message(secret, &q.sender_id, &sealed)?;
+                let ratchet_msg = queue_msg::open_message(secret, &sender_id, &sealed)?;
                 let digest = queue_msg::digest(&ratchet_msg);
                 let env = self.decrypt_envelope(&ratchet_msg, rng)?;
                 let (incoming, actions) = self.apply(env, now_ms, rng)?;
@@ -569,9 +630,8 @@ impl Connection {
             })
             .collect();
         self.state = ConnState::Accepted;
-        let mut actions: Vec<Action> = (0..self.recv_queues.len())
-            .map(|queue| Action::Secure { queue })
-            .collect();
+        self.last_rotated_ms = now_ms;
+        let mut actions = self.secure_all(&self.recv_queues);
         actions.push(self.reply_action(profile, now_ms, rng)?);
         Ok((Incoming::Nothing, actions))
     }
@@ -623,9 +683,7 @@ impl Connection {
                 self.their_channel = Some(reply.channel);
                 self.peer_profile = Some(reply.profile.clone());
                 self.state = ConnState::Connected;
-                let mut actions: Vec<Action> = (0..self.recv_queues.len())
-                    .map(|queue| Action::Secure { queue })
-                    .collect();
+                let mut actions = self.secure_all(&self.recv_queues);
                 let id = random_id(rng);
                 actions.push(self.encrypt_any(Kind::Confirm, id, Vec::new(), now_ms, true, rng)?);
                 (
@@ -657,12 +715,7 @@ impl Connection {
                 self.peer_profile = Some(profile.clone());
                 (Incoming::ProfileUpdated { profile }, Vec::new())
             }
-            (ConnState::Connected, Kind::Control) => (
-                Incoming::Control {
-                    envelope: env.clone(),
-                },
-                Vec::new(),
-            ),
+            (ConnState::Connected, Kind::Control) => self.apply_control(&env.body, now_ms, rng)?,
             (ConnState::Connected, Kind::Receipt) => (Incoming::Nothing, Vec::new()),
             (ConnState::Connected, Kind::Unknown(k)) => {
                 (Incoming::Unsupported { kind: k }, Vec::new())
@@ -684,14 +737,14 @@ fn chain_err(e: ChainError) -> ProtoError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
     const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE";
 
-    fn queues(rng: &mut StdRng, n: usize, host: u8) -> Vec<RecvQueue> {
+    pub(crate) fn queues(rng: &mut StdRng, n: usize, host: u8) -> Vec<RecvQueue> {
         (0..n)
             .map(|i| {
                 let keys = QueueKeys::generate(rng);
@@ -711,7 +764,7 @@ mod tests {
             .collect()
     }
 
-    fn profile(name: &str) -> Profile {
+    pub(crate) fn profile(name: &str) -> Profile {
         Profile {
             name: name.into(),
             ..Profile::default()
@@ -747,17 +800,24 @@ mod tests {
         .unwrap();
         assert_eq!(bob.state, ConnState::Joining);
         // The request arrives on both of Alice's queues; the second is a copy.
+        let (a0, a1) = (
+            alice.recv_queues[0].recipient_id,
+            alice.recv_queues[1].recipient_id,
+        );
         let r = alice
-            .receive(0, &request, &profile("alice"), 2, rng)
+            .receive(&a0, &request, &profile("alice"), 2, rng)
             .unwrap();
         assert_eq!(
-            alice.receive(1, &request, &profile("alice"), 2, rng),
+            alice.receive(&a1, &request, &profile("alice"), 2, rng),
             Err(ProtoError::Duplicate)
         );
         assert_eq!(alice.state, ConnState::Accepted);
         assert_eq!(
             r.actions[..2],
-            [Action::Secure { queue: 0 }, Action::Secure { queue: 1 }]
+            [
+                Action::Secure { recipient_id: a0 },
+                Action::Secure { recipient_id: a1 }
+            ]
         );
         let d = deliveries(&r.actions);
         assert_eq!(d.len(), 1);
@@ -766,7 +826,8 @@ mod tests {
         assert_eq!(alice.peer_profile.as_ref().unwrap().name, "bob");
         // The reply goes to Bob's queue 2 (any of them).
         let up = alice.queue_message(2, &d[0].0, rng).unwrap();
-        let r = bob.receive(2, &up, &profile("bob"), 3, rng).unwrap();
+        let b2 = bob.recv_queues[2].recipient_id;
+        let r = bob.receive(&b2, &up, &profile("bob"), 3, rng).unwrap();
         assert_eq!(
             r.incoming,
             Incoming::Connected {
@@ -777,7 +838,7 @@ mod tests {
         let d = deliveries(&r.actions);
         assert!(d[0].1, "the confirmation is signed");
         let up = bob.queue_message(0, &d[0].0, rng).unwrap();
-        let r = alice.receive(0, &up, &profile("alice"), 4, rng).unwrap();
+        let r = alice.receive(&a0, &up, &profile("alice"), 4, rng).unwrap();
         assert!(matches!(r.incoming, Incoming::Connected { .. }));
         assert_eq!(alice.state, ConnState::Connected);
         (alice, bob)
@@ -791,13 +852,27 @@ mod tests {
         assert_eq!(alice.security_level(), SecurityLevel::InPerson);
         for i in 0..3 {
             let Action::Deliver { ratchet_msg, .. } = alice
-                .encrypt(Kind::Text, format!("hi {i}").into_bytes(), 10, &mut rng)
+                .encrypt(
+                    Kind::Text,
+                    [i; 16],
+                    format!("hi {i}").into_bytes(),
+                    10,
+                    &mut rng,
+                )
                 .unwrap()
             else {
                 panic!()
             };
             let up = alice.queue_message(1, &ratchet_msg, &mut rng).unwrap();
-            let r = bob.receive(1, &up, &profile("bob"), 11, &mut rng).unwrap();
+            let r = bob
+                .receive(
+                    &bob.recv_queues[1].recipient_id.clone(),
+                    &up,
+                    &profile("bob"),
+                    11,
+                    &mut rng,
+                )
+                .unwrap();
             let Incoming::Text { text, chain, .. } = r.incoming else {
                 panic!()
             };
@@ -805,20 +880,22 @@ mod tests {
             assert_eq!(chain, ChainStatus::InOrder);
             // The same message through another relay is a duplicate.
             let copy = alice.queue_message(2, &ratchet_msg, &mut rng).unwrap();
+            let b2 = bob.recv_queues[2].recipient_id;
             assert_eq!(
-                bob.receive(2, &copy, &profile("bob"), 11, &mut rng),
+                bob.receive(&b2, &copy, &profile("bob"), 11, &mut rng),
                 Err(ProtoError::Duplicate)
             );
         }
         let Action::Deliver { ratchet_msg, .. } = bob
-            .encrypt(Kind::Text, b"back".to_vec(), 12, &mut rng)
+            .encrypt(Kind::Text, [9; 16], b"back".to_vec(), 12, &mut rng)
             .unwrap()
         else {
             panic!()
         };
         let up = bob.queue_message(0, &ratchet_msg, &mut rng).unwrap();
+        let a0 = alice.recv_queues[0].recipient_id;
         let r = alice
-            .receive(0, &up, &profile("alice"), 13, &mut rng)
+            .receive(&a0, &up, &profile("alice"), 13, &mut rng)
             .unwrap();
         assert!(matches!(r.incoming, Incoming::Text { ref text, .. } if text == "back"));
     }
@@ -828,23 +905,29 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let (mut alice, mut bob) = connect(&mut rng);
         let Action::Deliver { ratchet_msg, .. } = alice
-            .encrypt(Kind::Text, b"x".to_vec(), 10, &mut rng)
+            .encrypt(Kind::Text, [1; 16], b"x".to_vec(), 10, &mut rng)
             .unwrap()
         else {
             panic!()
         };
         let up = alice.queue_message(0, &ratchet_msg, &mut rng).unwrap();
         let before = serde_json::to_string(&bob).unwrap();
+        let (b0, b1) = (
+            bob.recv_queues[0].recipient_id,
+            bob.recv_queues[1].recipient_id,
+        );
         // Queue layer keyed by sender id: queue 1 cannot open queue 0's upload.
         assert_eq!(
-            bob.receive(1, &up, &profile("bob"), 0, &mut rng),
+            bob.receive(&b1, &up, &profile("bob"), 0, &mut rng),
             Err(ProtoError::Decrypt)
         );
         let mut bad = up.clone();
         bad[500] ^= 1;
-        assert!(bob.receive(0, &bad, &profile("bob"), 0, &mut rng).is_err());
+        assert!(bob
+            .receive(&b0, &bad, &profile("bob"), 0, &mut rng)
+            .is_err());
         assert_eq!(serde_json::to_string(&bob).unwrap(), before);
-        assert!(bob.receive(0, &up, &profile("bob"), 0, &mut rng).is_ok());
+        assert!(bob.receive(&b0, &up, &profile("bob"), 0, &mut rng).is_ok());
     }
 
     #[test]

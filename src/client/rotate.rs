@@ -1,0 +1,98 @@
+//! Starting queue rotations: on request (`tern rotate`), when the peer asks,
+//! and automatically every few days with per-contact jitter so that
+//! contacts do not rotate in lockstep (which would let relays pair them up).
+
+use rand::rngs::OsRng;
+use rand::Rng;
+
+use super::fetch::Event;
+use super::jobs::{push_actions, JobReport};
+use super::model::Job;
+use super::{now, Client, ClientError};
+use crate::proto::connection::ConnState;
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// When the next automatic rotation is due: `days` from now plus up to a
+/// quarter of that again, at random.
+pub fn next_due(now_ms: u64, days: u32) -> u64 {
+    let base = u64::from(days) * DAY_MS;
+    now_ms + base + OsRng.gen_range(0..=base / 4)
+}
+
+impl Client {
+    /// Moves contact `id`'s receiving queues to fresh ones on our current
+    /// relays; with `both`, also asks the contact to move theirs.
+    pub fn rotate(&mut self, id: &str, both: bool) -> Result<JobReport, ClientError> {
+        let contact = self.contact(id)?;
+        if contact.conn.state != ConnState::Connected {
+            return Err(ClientError::Invalid(format!(
+                "{} is not connected yet: nothing to rotate",
+                contact.name
+            )));
+        }
+        let days = self.settings()?.rotate_days;
+        let queues = self.create_queues()?;
+        let t = now();
+        self.update_contact(id, |_, c| {
+            let (actions, abandoned) = c.conn.start_rotation(queues, t, &mut OsRng)?;
+            push_actions(c, actions, t);
+            for q in abandoned {
+                c.jobs.push(Job::DeleteQueue {
+                    recipient_id: q.recipient_id,
+                });
+                c.conn.retired_queues.push(q);
+            }
+            if both {
+                let ask = c.conn.request_rotation(t, &mut OsRng)?;
+                push_actions(c, vec![ask], t);
+            }
+            c.rotation_wanted = false;
+            c.next_rotation_ms = next_due(t, days.max(1));
+            Ok(())
+        })?;
+        self.run_jobs(id)
+    }
+
+    /// Rotations that are due (by the schedule, or because the peer asked).
+    /// Failures are reported, not fatal: the next command tries again.
+    pub fn rotate_due(
+        &mut self,
+        only: Option<&str>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let days = self.settings()?.rotate_days;
+        let t = now();
+        let due: Vec<(String, String)> = self
+            .contacts()?
+            .into_iter()
+            .filter(|c| only.is_none_or(|id| id == c.id))
+            .filter(|c| c.conn.state == ConnState::Connected && !c.conn.rotating())
+            .filter(|c| {
+                let scheduled = days > 0 && {
+                    let at = if c.next_rotation_ms > 0 {
+                        c.next_rotation_ms
+                    } else {
+                        c.conn.last_rotated_ms + u64::from(days) * DAY_MS
+                    };
+                    t >= at
+                };
+                c.rotation_wanted || scheduled
+            })
+            .map(|c| (c.id, c.name))
+            .collect();
+        for (id, name) in due {
+            match self.rotate(&id, false) {
+                Ok(report) => {
+                    for e in report.errors {
+                        on_event(Event::Warning(format!("rotating {name}'s queues: {e}")));
+                    }
+                }
+                Err(e) => on_event(Event::Warning(format!(
+                    "could not rotate {name}'s queues yet: {e}"
+                ))),
+            }
+        }
+        Ok(())
+    }
+}
