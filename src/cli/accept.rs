@@ -11,10 +11,12 @@ use super::output::{note, stdin_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::client::jobs::reached_a_relay;
 use crate::client::model::{Contact, Job};
+use crate::client::Client;
 use crate::client::{new_contact_id, now, random_id};
+use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
-use crate::proto::invitation::Invitation;
+use crate::proto::rekey::{parse_link, AnyInvitation, RekeyInvitation};
 
 /// Accept an invitation given as a link, on stdin, or as a picture of its QR code
 #[derive(Debug, clap::Args)]
@@ -33,10 +35,10 @@ pub struct Args {
     pub name: Option<String>,
 }
 
-fn read_invitation(args: &Args) -> anyhow::Result<(Invitation, Channel)> {
+fn read_invitation(args: &Args) -> anyhow::Result<(AnyInvitation, Channel)> {
     if let Some(path) = &args.image {
         let text = qr::decode_file(path)?;
-        let inv = Invitation::from_link(&text).map_err(|e| {
+        let inv = parse_link(&text).map_err(|e| {
             fail(
                 BAD_INVITATION,
                 format!(
@@ -65,7 +67,7 @@ fn read_invitation(args: &Args) -> anyhow::Result<(Invitation, Channel)> {
         }
         Some(l) => l.to_string(),
     };
-    let inv = Invitation::from_link(&text)
+    let inv = parse_link(&text)
         .map_err(|e| fail(BAD_INVITATION, format!("not a usable invitation: {e}")))?;
     Ok((inv, Channel::Shared))
 }
@@ -73,6 +75,10 @@ fn read_invitation(args: &Args) -> anyhow::Result<(Invitation, Channel)> {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let (invitation, channel) = read_invitation(args)?;
     let mut client = unlock::open(cli)?;
+    let invitation = match invitation {
+        AnyInvitation::Contact(i) => i,
+        AnyInvitation::Rekey(r) => return accept_rekey(&mut client, &r, channel),
+    };
     let settings = client.settings()?;
     let queues = client.create_queues()?;
     let t = now();
@@ -99,6 +105,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         pending: (0..contact.conn.peer_queues.len()).collect(),
         created_ms: t,
         delivered_any: false,
+        generation: 0,
     });
     client.add_contact(&contact)?;
     let report = client.run_jobs(&id)?;
@@ -117,6 +124,81 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     }
     note(&format!(
         "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
+    ));
+    Ok(())
+}
+
+/// A re-key invitation from an existing contact: a new handshake whose
+/// connection replaces the current one once it completes.
+fn accept_rekey(client: &mut Client, r: &RekeyInvitation, channel: Channel) -> anyhow::Result<()> {
+    let contact = client
+        .contacts()?
+        .into_iter()
+        .find(|c| {
+            c.conn
+                .connection_secret
+                .as_ref()
+                .is_some_and(|s| r.is_for(s))
+        })
+        .ok_or_else(|| {
+            fail(
+                BAD_INVITATION,
+                "this re-key invitation is not for any of your contacts (or was already used)",
+            )
+        })?;
+    if contact.conn.state != ConnState::Connected || contact.old.is_some() {
+        return Err(fail(
+            super::exit::USAGE,
+            format!(
+                "{}: a re-key is already completing; run `tern recv` first",
+                contact.name
+            ),
+        ));
+    }
+    let secret = contact.conn.connection_secret.clone().expect("found by it");
+    let invitation = r.open(&secret).map_err(|e| {
+        fail(
+            BAD_INVITATION,
+            format!("the re-key invitation does not open: {e}"),
+        )
+    })?;
+    let settings = client.settings()?;
+    let queues = client.create_queues()?;
+    let t = now();
+    let (conn, request) = Connection::accept(
+        &invitation,
+        queues,
+        &settings.profile,
+        channel,
+        t,
+        &mut OsRng,
+    )?;
+    let request_id = random_id();
+    client.update_contact(&contact.id, |_, c| {
+        c.replace_connection(conn);
+        c.jobs.push(Job::Deliver {
+            envelope_id: request_id,
+            pending: (0..c.conn.peer_queues.len()).collect(),
+            payload: request,
+            signed: false,
+            raw: true,
+            created_ms: t,
+            delivered_any: false,
+            generation: c.generation,
+        });
+        Ok(())
+    })?;
+    client.run_jobs(&contact.id)?;
+    let contact = client.contact(&contact.id)?;
+    if !reached_a_relay(&contact, &request_id) {
+        return Err(fail(
+            TRY_AGAIN,
+            "re-key accepted, but the request could not be sent yet; `tern recv` retries it",
+        ));
+    }
+    note(&format!(
+        "re-keying {}: completes when they run `tern recv`, then run `tern recv` here",
+        contact.name
     ));
     Ok(())
 }

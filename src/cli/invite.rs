@@ -1,26 +1,33 @@
-//! `tern invite`: make a one-time invitation and show it.
+//! `tern invite`: make a one-time invitation (or a re-key invitation for an
+//! existing contact) and show it.
 
 use std::path::PathBuf;
 
 use rand::rngs::OsRng;
 
+use super::exit::{fail, USAGE};
 use super::output::{line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::client::model::Contact;
-use crate::client::{new_contact_id, now};
-use crate::proto::connection::Connection;
+use crate::client::{new_contact_id, now, Client};
+use crate::proto::connection::{ConnState, Connection};
 use crate::proto::hello::Channel;
+use crate::proto::rekey::RekeyInvitation;
 
 /// Make a one-time invitation: a QR code to show, a link or a PNG file
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern invite --name bob             # QR code on this terminal\n  tern invite --name bob --link      # a link to send\n  tern invite --png invite.png       # a picture to print or send"
+    after_help = "Examples:\n  tern invite --name bob             # QR code on this terminal\n  tern invite --name bob --link      # a link to send\n  tern invite --png invite.png       # a picture to print or send\n  tern invite --rekey bob            # new keys and queues for Bob, shown in person"
 )]
 #[command(group(clap::ArgGroup::new("form").args(["qr", "link", "png"])))]
 pub struct Args {
     /// What to call the contact [default: their own name, once they accept]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rekey")]
     pub name: Option<String>,
+    /// Re-key an existing contact: replace the connection's keys and queues
+    /// with ones exchanged through this invitation (useless to anyone else)
+    #[arg(long, value_name = "CONTACT")]
+    pub rekey: Option<String>,
     /// Show a QR code on the terminal (the default when stdout is a terminal)
     #[arg(long)]
     pub qr: bool,
@@ -41,22 +48,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     } else {
         Channel::Shared
     };
-    let queues = client.create_queues()?;
-    let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
-    let id = new_contact_id();
-    let (name, provisional) = match &args.name {
-        Some(n) => (n.trim().to_string(), false),
-        None => (format!("invited-{}", &id[..6]), true),
+    let (link, name) = match &args.rekey {
+        Some(contact) => (rekey(&mut client, contact, channel)?, contact.clone()),
+        None => new_contact(&mut client, args.name.as_deref(), channel)?,
     };
-    if name.is_empty() {
-        return Err(super::exit::fail(
-            super::exit::USAGE,
-            "--name must not be empty",
-        ));
-    }
-    let t = now();
-    client.add_contact(&Contact::new(id, name.clone(), provisional, conn, t))?;
-    let link = invitation.to_link();
     if let Some(path) = &args.png {
         qr::png(&link, path)?;
         note(&format!(
@@ -75,7 +70,56 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         line(&link);
     }
     note(&format!(
-        "then run `tern recv --wait 60` to complete the connection (contact {name})"
+        "then run `tern recv --wait 60` to complete the connection ({name})"
     ));
     Ok(())
+}
+
+fn new_contact(
+    client: &mut Client,
+    name: Option<&str>,
+    channel: Channel,
+) -> anyhow::Result<(String, String)> {
+    let id = new_contact_id();
+    let (name, provisional) = match name {
+        Some(n) => (n.trim().to_string(), false),
+        None => (format!("invited-{}", &id[..6]), true),
+    };
+    if name.is_empty() {
+        return Err(fail(USAGE, "--name must not be empty"));
+    }
+    let queues = client.create_queues()?;
+    let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
+    client.add_contact(&Contact::new(id, name.clone(), provisional, conn, now()))?;
+    Ok((invitation.to_link(), name))
+}
+
+fn rekey(client: &mut Client, name: &str, channel: Channel) -> anyhow::Result<String> {
+    let id = client.contact_id(name)?;
+    let contact = client.contact(&id)?;
+    if contact.conn.state != ConnState::Connected {
+        return Err(fail(
+            USAGE,
+            format!("{name} is not connected yet: nothing to re-key"),
+        ));
+    }
+    if contact.old.is_some() {
+        return Err(fail(
+            USAGE,
+            format!("a re-key with {name} is still completing: run `tern recv` first"),
+        ));
+    }
+    let Some(secret) = contact.conn.connection_secret.clone() else {
+        return Err(fail(USAGE, format!("{name} has no connection keys yet")));
+    };
+    let queues = client.create_queues()?;
+    let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
+    let link = RekeyInvitation::seal(&invitation, &secret, &mut OsRng).to_link();
+    client.update_contact(&id, |_, c| {
+        // An earlier re-key invitation not yet accepted is replaced; its
+        // queues expire on their relays.
+        c.rekey = Some(conn);
+        Ok(())
+    })?;
+    Ok(link)
 }

@@ -17,7 +17,9 @@ use tern_relay::address::RelayAddress;
 use tern_relay::seal::delivery_open;
 use tern_relay::wire::{Command, ErrorCode, Id, Reply};
 
-use super::jobs::{flush_outbox, push_actions};
+use super::jobs::{
+    flush_outbox, peer_left_old_connection, push_actions, push_actions_for, settle_old_connection,
+};
 use super::model::{
     contact_key, history_log, seen_set, Contact, Direction, HistoryEntry, Settings, SETTINGS,
 };
@@ -185,7 +187,9 @@ impl Client {
             if only.is_some_and(|id| id != c.id) {
                 continue;
             }
-            for q in c.conn.all_recv_queues() {
+            let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
+            let rekey = c.rekey.iter().flat_map(|r| r.recv_queues.iter());
+            for q in c.conn.all_recv_queues().chain(old).chain(rekey) {
                 out.push(Arc::new(QueueRef {
                     contact_id: c.id.clone(),
                     relay: q.relay.clone(),
@@ -459,19 +463,37 @@ impl Client {
                     return Ok(Vec::new());
                 };
                 let seen = seen_set(&id);
-                let digest = c.conn.digest_of(&q.recipient_id, &message);
-                if let Some(d) = &digest {
-                    if tx.seen(&seen, d)? {
+                let rid = &q.recipient_id;
+                let which = if c.conn.recv_queue(rid).is_some() {
+                    Which::Current
+                } else if c
+                    .old
+                    .as_ref()
+                    .is_some_and(|o| o.conn.recv_queue(rid).is_some())
+                {
+                    Which::Old
+                } else if c
+                    .rekey
+                    .as_ref()
+                    .is_some_and(|r| r.recv_queue(rid).is_some())
+                {
+                    Which::Rekey
+                } else {
+                    // A queue this contact no longer uses.
+                    return Ok(Vec::new());
+                };
+                let conn = match which {
+                    Which::Current => &mut c.conn,
+                    Which::Old => &mut c.old.as_mut().expect("checked").conn,
+                    Which::Rekey => c.rekey.as_mut().expect("checked"),
+                };
+                if let Some(d) = conn.digest_of(rid, &message) {
+                    if tx.seen(&seen, &d)? {
                         return Ok(Vec::new());
                     }
                 }
-                let received = match c.conn.receive(
-                    &q.recipient_id,
-                    &message,
-                    &settings.profile,
-                    now,
-                    &mut OsRng,
-                ) {
+                let received = match conn.receive(rid, &message, &settings.profile, now, &mut OsRng)
+                {
                     Ok(r) => r,
                     Err(ProtoError::Duplicate) => return Ok(Vec::new()),
                     Err(e) => {
@@ -483,8 +505,25 @@ impl Client {
                 };
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
-                push_actions(&mut c, received.actions, now);
                 let mut events = Vec::new();
+                match which {
+                    Which::Current => push_actions(&mut c, received.actions, now),
+                    Which::Old => {
+                        let generation = c.old.as_ref().map_or(0, |o| o.generation);
+                        push_actions_for(&mut c, generation, received.actions, now);
+                    }
+                    Which::Rekey => {
+                        // The contact accepted our re-key invitation: the new
+                        // connection takes over; the old one drains.
+                        let new = c.rekey.take().expect("checked");
+                        c.replace_connection(new);
+                        push_actions(&mut c, received.actions, now);
+                        events.push(Event::Warning(format!(
+                            "{} accepted the re-key invitation: new keys and queues",
+                            c.name
+                        )));
+                    }
+                }
                 match received.incoming {
                     Incoming::Text {
                         envelope,
@@ -531,13 +570,29 @@ impl Client {
                     }),
                     Incoming::RotationRequested => c.rotation_wanted = true,
                     Incoming::RotationStep => {}
+                    Incoming::PeerSwitched => {
+                        if which == Which::Current {
+                            peer_left_old_connection(&mut c);
+                        }
+                    }
                     Incoming::Nothing => {}
                 }
+                settle_old_connection(&mut c, now).map_err(abort)?;
                 tx.put(&contact_key(&id), &c)?;
                 Ok(events)
             })
             .map_err(unwrap_abort)
     }
+}
+
+/// Which of a contact's connections a queue belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Current,
+    /// The one a re-key replaced, draining.
+    Old,
+    /// A re-key invitation we made, not yet accepted.
+    Rekey,
 }
 
 fn unreachable_settings() -> Settings {

@@ -2,6 +2,9 @@
 //! every queue of the peer. Results are written back in a transaction, so a
 //! job interrupted by a crash or an outage is simply run again later (the
 //! receiver drops the copies).
+//!
+//! Each job names the connection it belongs to by generation: after a
+//! re-key, the old connection's jobs still go out through the old queues.
 
 use std::collections::HashMap;
 
@@ -11,7 +14,7 @@ use tern_relay::wire::{Command, ErrorCode, Id, Reply};
 use super::model::{Contact, Job, Queued};
 use super::{Client, ClientError};
 use crate::net::NetError;
-use crate::proto::connection::{Action, ConnState, RecvQueue};
+use crate::proto::connection::{Action, ConnState, Connection, RecvQueue};
 
 /// Unacknowledged work older than this is given up: the relays' own TTL has
 /// passed, so the peer could not get it anyway.
@@ -31,15 +34,28 @@ impl JobReport {
     }
 }
 
-/// Turns protocol actions into stored jobs.
+/// Turns protocol actions of the current connection into stored jobs.
 pub fn push_actions(contact: &mut Contact, actions: Vec<Action>, now_ms: u64) {
+    let generation = contact.generation;
+    push_actions_for(contact, generation, actions, now_ms);
+}
+
+/// Turns protocol actions of connection `generation` into stored jobs.
+pub fn push_actions_for(contact: &mut Contact, generation: u32, actions: Vec<Action>, now_ms: u64) {
+    let peers = contact
+        .conn_for(generation)
+        .map_or(0, |c| c.peer_queues.len());
     for a in actions {
         match a {
-            Action::Secure { recipient_id } => contact.jobs.push(Job::Secure { recipient_id }),
-            Action::DeleteQueue { recipient_id } => {
-                contact.jobs.push(Job::DeleteQueue { recipient_id })
-            }
-            Action::Switched => retarget(contact),
+            Action::Secure { recipient_id } => contact.jobs.push(Job::Secure {
+                recipient_id,
+                generation,
+            }),
+            Action::DeleteQueue { recipient_id } => contact.jobs.push(Job::DeleteQueue {
+                recipient_id,
+                generation,
+            }),
+            Action::Switched => retarget(contact, generation, peers),
             Action::Deliver {
                 envelope_id,
                 ratchet_msg,
@@ -49,9 +65,10 @@ pub fn push_actions(contact: &mut Contact, actions: Vec<Action>, now_ms: u64) {
                 payload: ratchet_msg,
                 signed,
                 raw: false,
-                pending: (0..contact.conn.peer_queues.len()).collect(),
+                pending: (0..peers).collect(),
                 created_ms: now_ms,
                 delivered_any: false,
+                generation,
             }),
         }
     }
@@ -60,9 +77,10 @@ pub fn push_actions(contact: &mut Contact, actions: Vec<Action>, now_ms: u64) {
 /// After the peer's queues were replaced: a delivery that some old queue
 /// already holds will be drained from there; one that reached none goes to
 /// the new queues instead.
-fn retarget(contact: &mut Contact) {
-    let all: Vec<usize> = (0..contact.conn.peer_queues.len()).collect();
+fn retarget(contact: &mut Contact, generation: u32, peers: usize) {
+    let all: Vec<usize> = (0..peers).collect();
     contact.jobs.retain_mut(|job| match job {
+        Job::Deliver { generation: g, .. } if *g != generation => true,
         Job::Deliver {
             delivered_any: true,
             ..
@@ -94,6 +112,57 @@ pub fn flush_outbox(contact: &mut Contact, now_ms: u64) -> Result<(), ClientErro
     Ok(())
 }
 
+/// After a re-key: once the new connection is up and nothing is left to
+/// send on the old one, tell the peer; once the peer said the same and the
+/// old queues are gone, drop the old connection.
+pub fn settle_old_connection(contact: &mut Contact, now_ms: u64) -> Result<(), ClientError> {
+    let Some(old) = &contact.old else {
+        return Ok(());
+    };
+    let old_gen = old.generation;
+    let old_jobs = contact
+        .jobs
+        .iter()
+        .any(|j| j.generation() == old_gen && matches!(j, Job::Deliver { .. }));
+    if !old.told_peer && !old_jobs && contact.conn.state == ConnState::Connected {
+        let action = contact.conn.announce_switched(now_ms, &mut OsRng)?;
+        push_actions(contact, vec![action], now_ms);
+        if let Some(o) = contact.old.as_mut() {
+            o.told_peer = true;
+        }
+    }
+    let old = contact.old.as_ref().expect("checked above");
+    let drained = old.conn.all_recv_queues().next().is_none();
+    if old.told_peer
+        && old.peer_done
+        && drained
+        && !contact.jobs.iter().any(|j| j.generation() == old_gen)
+    {
+        contact.old = None;
+    }
+    Ok(())
+}
+
+/// The peer sends nothing more to the old connection's queues: drain and
+/// delete them.
+pub fn peer_left_old_connection(contact: &mut Contact) {
+    let Some(old) = contact.old.as_mut() else {
+        return;
+    };
+    if old.peer_done {
+        return;
+    }
+    old.peer_done = true;
+    let generation = old.generation;
+    let queues: Vec<Id> = old.conn.all_recv_queues().map(|q| q.recipient_id).collect();
+    for recipient_id in queues {
+        contact.jobs.push(Job::DeleteQueue {
+            recipient_id,
+            generation,
+        });
+    }
+}
+
 /// Whether a job for `envelope_id` reached at least one relay (or is gone,
 /// which means it reached all of them).
 pub fn reached_a_relay(contact: &Contact, envelope_id: &[u8; 16]) -> bool {
@@ -101,12 +170,12 @@ pub fn reached_a_relay(contact: &Contact, envelope_id: &[u8; 16]) -> bool {
     let job = contact.jobs.iter().find_map(|j| match j {
         Job::Deliver {
             envelope_id: e,
-            pending,
+            delivered_any,
             ..
-        } if e == envelope_id => Some(pending.len()),
+        } if e == envelope_id => Some(*delivered_any),
         _ => None,
     });
-    !waiting_in_outbox && job.is_none_or(|pending| pending < contact.conn.peer_queues.len())
+    !waiting_in_outbox && job.unwrap_or(true)
 }
 
 impl Client {
@@ -117,19 +186,23 @@ impl Client {
             return Ok(JobReport::default());
         }
         let mut report = JobReport::default();
-        let mut done_queue_jobs: Vec<Id> = Vec::new();
-        let mut forget: Vec<Id> = Vec::new();
-        // envelope id -> sender ids of the peer queues that took it
-        let mut delivered: HashMap<[u8; 16], Vec<Id>> = HashMap::new();
+        let mut done_queue_jobs: Vec<(u32, Id)> = Vec::new();
+        let mut forget: Vec<(u32, Id)> = Vec::new();
+        // (generation, envelope id) -> sender ids of the peer queues that took it
+        let mut delivered: HashMap<(u32, [u8; 16]), Vec<Id>> = HashMap::new();
         for job in &contact.jobs {
+            let generation = job.generation();
+            let Some(conn) = contact.conn_for(generation) else {
+                continue;
+            };
             match job {
-                Job::Secure { recipient_id } => {
-                    let Some(q) = contact.conn.recv_queue(recipient_id) else {
-                        done_queue_jobs.push(*recipient_id);
+                Job::Secure { recipient_id, .. } => {
+                    let Some(q) = conn.recv_queue(recipient_id) else {
+                        done_queue_jobs.push((generation, *recipient_id));
                         continue;
                     };
                     let Some(sender_auth) = q.secured_with else {
-                        done_queue_jobs.push(*recipient_id);
+                        done_queue_jobs.push((generation, *recipient_id));
                         continue;
                     };
                     let cmd = Command::Secure {
@@ -137,7 +210,7 @@ impl Client {
                         sender_auth,
                     };
                     match self.net.call(&q.relay, &cmd, Some(&q.signing_key())) {
-                        Ok(_) => done_queue_jobs.push(*recipient_id),
+                        Ok(_) => done_queue_jobs.push((generation, *recipient_id)),
                         Err(e) => {
                             // Later deliveries may depend on this queue being
                             // secured (a handshake reply, a switch): stop here.
@@ -146,15 +219,15 @@ impl Client {
                         }
                     }
                 }
-                Job::DeleteQueue { recipient_id } => {
-                    let Some(q) = contact.conn.recv_queue(recipient_id) else {
-                        done_queue_jobs.push(*recipient_id);
+                Job::DeleteQueue { recipient_id, .. } => {
+                    let Some(q) = conn.recv_queue(recipient_id) else {
+                        done_queue_jobs.push((generation, *recipient_id));
                         continue;
                     };
                     match self.delete_if_empty(q) {
                         Ok(true) => {
-                            done_queue_jobs.push(*recipient_id);
-                            forget.push(*recipient_id);
+                            done_queue_jobs.push((generation, *recipient_id));
+                            forget.push((generation, *recipient_id));
                         }
                         Ok(false) => {}
                         Err(e) => report.errors.push(e),
@@ -168,8 +241,8 @@ impl Client {
                     pending,
                     ..
                 } => {
-                    let outcomes = self.deliver(&contact, payload, *signed, *raw, pending);
-                    let done = delivered.entry(*envelope_id).or_default();
+                    let outcomes = self.deliver(conn, payload, *signed, *raw, pending);
+                    let done = delivered.entry((generation, *envelope_id)).or_default();
                     for (sender_id, outcome) in outcomes {
                         match outcome {
                             Ok(()) => done.push(sender_id),
@@ -188,37 +261,65 @@ impl Client {
         }
         let now = super::now();
         let waiting = self.update_contact(id, |_, c| {
-            for rid in &forget {
-                c.conn.forget_retired(rid);
+            for (generation, rid) in &forget {
+                if *generation == c.generation {
+                    c.conn.forget_queue(rid);
+                } else if let Some(o) = c.old.as_mut().filter(|o| o.generation == *generation) {
+                    o.conn.forget_queue(rid);
+                }
             }
             let mut done_queue_jobs = done_queue_jobs.clone();
-            let peer_ids: Vec<Id> = c.conn.peer_queues.iter().map(|q| q.sender_id).collect();
-            c.jobs.retain_mut(|job| match job {
-                Job::Secure { recipient_id } | Job::DeleteQueue { recipient_id } => {
-                    match done_queue_jobs.iter().position(|q| q == recipient_id) {
-                        Some(i) => {
-                            done_queue_jobs.remove(i);
-                            false
-                        }
-                        None => true,
-                    }
+            let peer_ids = |c: &Contact, generation: u32| -> Vec<Id> {
+                c.conn_for(generation)
+                    .map(|conn| conn.peer_queues.iter().map(|q| q.sender_id).collect())
+                    .unwrap_or_default()
+            };
+            let ids: HashMap<u32, Vec<Id>> = c
+                .jobs
+                .iter()
+                .map(|j| j.generation())
+                .map(|g| (g, peer_ids(c, g)))
+                .collect();
+            let live: Vec<u32> = std::iter::once(c.generation)
+                .chain(c.old.as_ref().map(|o| o.generation))
+                .collect();
+            c.jobs.retain_mut(|job| {
+                let generation = job.generation();
+                if !live.contains(&generation) {
+                    return false;
                 }
-                Job::Deliver {
-                    envelope_id,
-                    pending,
-                    created_ms,
-                    delivered_any,
-                    ..
-                } => {
-                    if let Some(done) = delivered.get(envelope_id) {
-                        // By sender id: if the peer's queues were switched
-                        // meanwhile, indices now mean other queues.
-                        pending.retain(|&i| peer_ids.get(i).is_none_or(|sid| !done.contains(sid)));
-                        *delivered_any |= !done.is_empty();
+                match job {
+                    Job::Secure { recipient_id, .. } | Job::DeleteQueue { recipient_id, .. } => {
+                        match done_queue_jobs
+                            .iter()
+                            .position(|q| *q == (generation, *recipient_id))
+                        {
+                            Some(i) => {
+                                done_queue_jobs.remove(i);
+                                false
+                            }
+                            None => true,
+                        }
                     }
-                    !pending.is_empty() && now.saturating_sub(*created_ms) < JOB_EXPIRY_MS
+                    Job::Deliver {
+                        envelope_id,
+                        pending,
+                        created_ms,
+                        delivered_any,
+                        ..
+                    } => {
+                        if let Some(done) = delivered.get(&(generation, *envelope_id)) {
+                            // By sender id: if the peer's queues were switched
+                            // meanwhile, indices now mean other queues.
+                            let peers = &ids[&generation];
+                            pending.retain(|&i| peers.get(i).is_none_or(|sid| !done.contains(sid)));
+                            *delivered_any |= !done.is_empty();
+                        }
+                        !pending.is_empty() && now.saturating_sub(*created_ms) < JOB_EXPIRY_MS
+                    }
                 }
             });
+            settle_old_connection(c, now)?;
             Ok(c.jobs.len())
         })?;
         report.waiting = waiting;
@@ -240,13 +341,10 @@ impl Client {
             Err(e) if e.code() == Some(ErrorCode::Auth) => return Ok(true),
             Err(e) => return Err(e),
         }
-        match self.net.call(
-            &q.relay,
-            &Command::Delete {
-                recipient_id: q.recipient_id,
-            },
-            Some(&key),
-        ) {
+        let delete = Command::Delete {
+            recipient_id: q.recipient_id,
+        };
+        match self.net.call(&q.relay, &delete, Some(&key)) {
             Ok(_) => Ok(true),
             Err(e) if e.code() == Some(ErrorCode::Auth) => Ok(true),
             Err(e) => Err(e),
@@ -256,7 +354,7 @@ impl Client {
     /// Uploads one payload to the given peer queues in parallel.
     fn deliver(
         &self,
-        contact: &Contact,
+        conn: &Connection,
         payload: &[u8],
         signed: bool,
         raw: bool,
@@ -266,11 +364,11 @@ impl Client {
             let handles: Vec<_> = queues
                 .iter()
                 .filter_map(|&i| {
-                    let q = contact.conn.peer_queues.get(i)?;
+                    let q = conn.peer_queues.get(i)?;
                     let message = if raw {
                         payload.to_vec()
                     } else {
-                        contact.conn.queue_message(i, payload, &mut OsRng).ok()?
+                        conn.queue_message(i, payload, &mut OsRng).ok()?
                     };
                     let net = &self.net;
                     Some(s.spawn(move || {

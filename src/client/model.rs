@@ -66,11 +66,15 @@ pub enum Job {
     Secure {
         #[serde(with = "b64")]
         recipient_id: Id,
+        #[serde(default)]
+        generation: u32,
     },
     /// DELETE a retired receiving queue once it is empty (queue rotation).
     DeleteQueue {
         #[serde(with = "b64")]
         recipient_id: Id,
+        #[serde(default)]
+        generation: u32,
     },
     /// Upload to every peer queue still in `pending`.
     Deliver {
@@ -86,7 +90,34 @@ pub enum Job {
         /// the old queues, so it need not be re-sent.
         #[serde(default)]
         delivered_any: bool,
+        /// Which connection of the contact (see [`Contact::generation`]).
+        #[serde(default)]
+        generation: u32,
     },
+}
+
+impl Job {
+    pub fn generation(&self) -> u32 {
+        match self {
+            Job::Secure { generation, .. }
+            | Job::DeleteQueue { generation, .. }
+            | Job::Deliver { generation, .. } => *generation,
+        }
+    }
+}
+
+/// The connection a re-key replaced, kept until the peer has switched and
+/// its queues are drained and deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OldConnection {
+    pub generation: u32,
+    pub conn: Connection,
+    /// We told the peer we send nothing more on it.
+    #[serde(default)]
+    pub told_peer: bool,
+    /// The peer told us the same.
+    #[serde(default)]
+    pub peer_done: bool,
 }
 
 /// Something to send once the connection is up.
@@ -119,6 +150,16 @@ pub struct Contact {
     /// The peer asked us to rotate; done by the next command that can.
     #[serde(default)]
     pub rotation_wanted: bool,
+    /// Counts re-keys: jobs name the connection they belong to by it.
+    #[serde(default)]
+    pub generation: u32,
+    /// The connection a re-key replaced, while it drains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<OldConnection>,
+    /// Inviter side of a re-key: the new connection, until the contact
+    /// accepts the re-key invitation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey: Option<Connection>,
 }
 
 impl Contact {
@@ -140,7 +181,34 @@ impl Contact {
             outbox: Vec::new(),
             next_rotation_ms: 0,
             rotation_wanted: false,
+            generation: 0,
+            old: None,
+            rekey: None,
         }
+    }
+
+    /// The connection jobs of `generation` belong to.
+    pub fn conn_for(&self, generation: u32) -> Option<&Connection> {
+        if generation == self.generation {
+            Some(&self.conn)
+        } else {
+            self.old
+                .as_ref()
+                .filter(|o| o.generation == generation)
+                .map(|o| &o.conn)
+        }
+    }
+
+    /// Replaces the connection (re-key), keeping the old one to drain.
+    pub fn replace_connection(&mut self, new: Connection) {
+        let old = std::mem::replace(&mut self.conn, new);
+        self.old = Some(OldConnection {
+            generation: self.generation,
+            conn: old,
+            told_peer: false,
+            peer_done: false,
+        });
+        self.generation += 1;
     }
 }
 

@@ -40,6 +40,7 @@ impl Client {
             for q in abandoned {
                 c.jobs.push(Job::DeleteQueue {
                     recipient_id: q.recipient_id,
+                    generation: c.generation,
                 });
                 c.conn.retired_queues.push(q);
             }

@@ -229,6 +229,8 @@ pub enum Incoming {
     RotationRequested,
     /// A step of a queue rotation, nothing to show.
     RotationStep,
+    /// The peer sends nothing more to our old queues (rotation or re-key).
+    PeerSwitched,
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
         kind: u8,

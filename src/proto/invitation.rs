@@ -32,7 +32,7 @@ use super::{ProtoError, PROTOCOL_VERSION};
 pub const LINK_PREFIX: &str = "TERN:";
 /// Most queues (relays) one invitation may list.
 pub const MAX_QUEUES: usize = 3;
-const KIND_CONTACT: u8 = 1;
+pub(crate) const KIND_CONTACT: u8 = 1;
 
 /// A queue someone may send to: a relay and the queue's sender id there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,16 +124,20 @@ impl Invitation {
     }
 
     pub fn from_link(text: &str) -> Result<Self, ProtoError> {
-        let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let upper = compact.to_ascii_uppercase();
-        let body = upper
-            .strip_prefix(LINK_PREFIX)
-            .ok_or(ProtoError::NotAnInvitation)?;
-        let bytes = BASE32_NOPAD
-            .decode(body.as_bytes())
-            .map_err(|_| ProtoError::NotAnInvitation)?;
-        Self::decode(&bytes)
+        Self::decode(&link_bytes(text)?)
     }
+}
+
+/// The binary form inside a link (either kind).
+pub fn link_bytes(text: &str) -> Result<Vec<u8>, ProtoError> {
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let upper = compact.to_ascii_uppercase();
+    let body = upper
+        .strip_prefix(LINK_PREFIX)
+        .ok_or(ProtoError::NotAnInvitation)?;
+    BASE32_NOPAD
+        .decode(body.as_bytes())
+        .map_err(|_| ProtoError::NotAnInvitation)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod invitation;
 pub mod keys;
 pub mod queue_msg;
 pub mod ratchet;
+pub mod rekey;
 pub mod rotation;
 pub mod security_code;
 

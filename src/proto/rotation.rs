@@ -235,6 +235,8 @@ impl Connection {
                 Ok((Incoming::RotationStep, vec![Action::Switched, switched]))
             }
             // R: the peer sends only to the new queues now: retire the old.
+            // (After a re-key, the same message retires the whole previous
+            // connection, which the client holds.)
             Control::Switched => {
                 let actions = self
                     .retired_queues
@@ -243,16 +245,27 @@ impl Connection {
                         recipient_id: q.recipient_id,
                     })
                     .collect();
-                Ok((Incoming::RotationStep, actions))
+                Ok((Incoming::PeerSwitched, actions))
             }
             Control::Rotate => Ok((Incoming::RotationRequested, Vec::new())),
         }
     }
 
-    /// Forgets a retired queue once the client has deleted it.
-    pub fn forget_retired(&mut self, recipient_id: &Id) {
+    /// Forgets a receiving queue once the client has deleted it.
+    pub fn forget_queue(&mut self, recipient_id: &Id) {
         self.retired_queues
             .retain(|q| &q.recipient_id != recipient_id);
+        self.recv_queues.retain(|q| &q.recipient_id != recipient_id);
+    }
+
+    /// Tells the peer we send nothing more to its old queues (after a re-key
+    /// or a rotation); see `Control::Switched`.
+    pub fn announce_switched<R: RngCore + CryptoRng>(
+        &mut self,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Action, ProtoError> {
+        self.control(Control::Switched, now_ms, rng)
     }
 }
 
@@ -358,7 +371,7 @@ mod tests {
             .collect();
         assert_eq!(deletes, old);
         for rid in &deletes {
-            bob.forget_retired(rid);
+            bob.forget_queue(rid);
         }
         assert!(bob.retired_queues.is_empty());
         // Messages flow on the new queues.
