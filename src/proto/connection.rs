@@ -757,8 +757,8 @@ pub(crate) mod tests {
                 RecvQueue::created(
                     relay,
                     &keys,
-                    [i as u8 + 1; 16],
-                    [i as u8 + 100; 16],
+                    [16 * host + i as u8 + 1; 16],
+                    [16 * host + i as u8 + 9; 16],
                     &relay_dh.public(),
                 )
                 .unwrap()
