@@ -177,7 +177,12 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut w = Writer::new();
-        w.u8(7).u16(0x0102).u32(3).u64(4).short_bytes(b"abc").long_bytes(b"xy");
+        w.u8(7)
+            .u16(0x0102)
+            .u32(3)
+            .u64(4)
+            .short_bytes(b"abc")
+            .long_bytes(b"xy");
         let v = w.pad_to(40).unwrap();
         let mut r = Reader::new(&v);
         assert_eq!(r.u8().unwrap(), 7);
@@ -192,8 +197,14 @@ mod tests {
     #[test]
     fn truncation_and_padding_errors() {
         assert_eq!(Reader::new(&[1]).u16(), Err(CodecError::Truncated));
-        assert_eq!(Reader::new(&[5, 1]).short_bytes(), Err(CodecError::Truncated));
-        assert_eq!(Reader::new(&[0, 1]).finish_padding(), Err(CodecError::BadPadding));
+        assert_eq!(
+            Reader::new(&[5, 1]).short_bytes(),
+            Err(CodecError::Truncated)
+        );
+        assert_eq!(
+            Reader::new(&[0, 1]).finish_padding(),
+            Err(CodecError::BadPadding)
+        );
         assert_eq!(Reader::new(&[0]).finish(), Err(CodecError::Trailing));
     }
 }

@@ -10,4 +10,22 @@ pub mod codec;
 pub mod seal;
 pub mod wire;
 
+// The server: `tern relay serve`.
+pub mod config;
+pub mod error;
+mod event_loop;
+pub mod handler;
+pub mod http;
+mod identity;
+mod lock;
+mod log;
+mod page;
+mod replay;
+pub mod server;
+pub mod store;
+mod waiters;
+
 pub use address::{RelayAddress, Transport};
+pub use config::ServeConfig;
+pub use error::RelayError;
+pub use server::{load_address, shutdown_on_signals, Server, ShutdownHandle};

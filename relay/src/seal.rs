@@ -164,7 +164,10 @@ pub struct RequestSealer {
 }
 
 impl RequestSealer {
-    pub fn new<R: RngCore + CryptoRng>(relay_key: &[u8; 32], rng: &mut R) -> Result<Self, SealError> {
+    pub fn new<R: RngCore + CryptoRng>(
+        relay_key: &[u8; 32],
+        rng: &mut R,
+    ) -> Result<Self, SealError> {
         let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(relay_key)
             .map_err(|_| SealError::KeyAgreement)?;
         let (enc, ctx) =
@@ -245,7 +248,10 @@ pub fn open_request(identity: &RelayIdentity, block: &[u8]) -> Result<OpenedRequ
 
 /// X25519 between a queue's relay-side key and its recipient-side key. Both
 /// ends compute it; an all-zero (non-contributory) result is refused.
-pub fn queue_secret(secret: &x25519_dalek::StaticSecret, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, SealError> {
+pub fn queue_secret(
+    secret: &x25519_dalek::StaticSecret,
+    peer: &[u8; 32],
+) -> Result<Zeroizing<[u8; 32]>, SealError> {
     let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
     if !shared.was_contributory() {
         return Err(SealError::KeyAgreement);
@@ -278,7 +284,11 @@ pub fn delivery_seal(queue_secret: &[u8; 32], msg_id: &[u8; 16], msg: &[u8]) -> 
 }
 
 /// Recipient side: decrypts a delivered message.
-pub fn delivery_open(queue_secret: &[u8; 32], msg_id: &[u8; 16], ct: &[u8]) -> Result<Vec<u8>, SealError> {
+pub fn delivery_open(
+    queue_secret: &[u8; 32],
+    msg_id: &[u8; 16],
+    ct: &[u8],
+) -> Result<Vec<u8>, SealError> {
     if ct.len() < TAG_LEN {
         return Err(SealError::Open);
     }
@@ -300,7 +310,10 @@ mod tests {
     fn request_and_response_round_trip() {
         let id = RelayIdentity::generate(&mut OsRng);
         let req = vec![7u8; REQUEST_LEN];
-        let (block, client_key) = RequestSealer::new(&id.public(), &mut OsRng).unwrap().seal(&req).unwrap();
+        let (block, client_key) = RequestSealer::new(&id.public(), &mut OsRng)
+            .unwrap()
+            .seal(&req)
+            .unwrap();
         assert_eq!(block.len(), BLOCK_LEN);
         let opened = open_request(&id, &block).unwrap();
         assert_eq!(opened.plaintext, req);
@@ -314,21 +327,30 @@ mod tests {
     fn wrong_relay_key_gets_nothing() {
         let id = RelayIdentity::generate(&mut OsRng);
         let other = RelayIdentity::generate(&mut OsRng);
-        let (block, _) = RequestSealer::new(&other.public(), &mut OsRng).unwrap().seal(&vec![0u8; REQUEST_LEN]).unwrap();
+        let (block, _) = RequestSealer::new(&other.public(), &mut OsRng)
+            .unwrap()
+            .seal(&vec![0u8; REQUEST_LEN])
+            .unwrap();
         assert!(matches!(open_request(&id, &block), Err(SealError::Open)));
     }
 
     #[test]
     fn any_flipped_bit_is_rejected() {
         let id = RelayIdentity::generate(&mut OsRng);
-        let (block, key) = RequestSealer::new(&id.public(), &mut OsRng).unwrap().seal(&vec![1u8; REQUEST_LEN]).unwrap();
+        let (block, key) = RequestSealer::new(&id.public(), &mut OsRng)
+            .unwrap()
+            .seal(&vec![1u8; REQUEST_LEN])
+            .unwrap();
         for i in [0, 1, 20, 40, 5000, BLOCK_LEN - 17, BLOCK_LEN - 1] {
             let mut b = block.clone();
             b[i] ^= 0x10;
             assert!(open_request(&id, &b).is_err(), "byte {i}");
         }
         let opened = open_request(&id, &block).unwrap();
-        let mut r = opened.response_key.seal_response(&vec![2u8; RESPONSE_LEN]).unwrap();
+        let mut r = opened
+            .response_key
+            .seal_response(&vec![2u8; RESPONSE_LEN])
+            .unwrap();
         r[100] ^= 1;
         assert_eq!(key.open_response(&r), Err(SealError::Open));
     }

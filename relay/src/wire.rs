@@ -128,7 +128,12 @@ pub struct Request {
 impl Request {
     /// Builds the plaintext for `command`, signing it with `key` (bound to the
     /// sealer's `enc`). `key` must be `None` only for `Info` and unsigned sends.
-    pub fn encode(command: &Command, time_ms: u64, enc: &[u8; 32], key: Option<&SigningKey>) -> Vec<u8> {
+    pub fn encode(
+        command: &Command,
+        time_ms: u64,
+        enc: &[u8; 32],
+        key: Option<&SigningKey>,
+    ) -> Vec<u8> {
         let mut w = Writer::with_capacity(REQUEST_LEN);
         w.u8(command.code()).u64(time_ms);
         match command {
@@ -149,7 +154,11 @@ impl Request {
                 w.bytes(recipient_id).bytes(sender_auth);
             }
             Command::Send { sender_id, message } => {
-                assert_eq!(message.len(), QUEUE_MSG_LEN, "queue messages are padded by the caller");
+                assert_eq!(
+                    message.len(),
+                    QUEUE_MSG_LEN,
+                    "queue messages are padded by the caller"
+                );
                 w.bytes(sender_id).u8(key.is_some() as u8).bytes(message);
             }
             Command::Fetch {
@@ -182,7 +191,8 @@ impl Request {
             };
             w.bytes(&sig);
         }
-        w.pad_to(REQUEST_LEN).expect("every command fits a request block")
+        w.pad_to(REQUEST_LEN)
+            .expect("every command fits a request block")
     }
 
     /// Parses a request plaintext. Signatures are checked separately by
@@ -334,7 +344,10 @@ impl ErrorCode {
 
     /// Whether the same request may succeed later unchanged.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorCode::QueueFull | ErrorCode::Internal | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::QueueFull | ErrorCode::Internal | ErrorCode::Unavailable
+        )
     }
 }
 
@@ -433,7 +446,8 @@ impl Response {
                 w.u8(e.code());
             }
         }
-        w.pad_to(RESPONSE_LEN).expect("every reply fits a response block")
+        w.pad_to(RESPONSE_LEN)
+            .expect("every reply fits a response block")
     }
 
     pub fn decode(plaintext: &[u8]) -> Result<Self, WireError> {

@@ -1,0 +1,435 @@
+//! The relay's HTTP/1.1 server.
+//!
+//! Threads:
+//!
+//! - one event loop (the thread that calls [`Server::run`]) owns every socket
+//!   through `mio`: it accepts, reads requests, writes responses, enforces
+//!   timeouts and parks long-poll FETCHes. A parked FETCH costs a socket and a
+//!   few dozen bytes, never a thread, so tens of thousands can wait at once;
+//! - a pool of workers ([`ServeConfig::workers`]) opens, checks and executes
+//!   request blocks (the CPU and disk work) and hands outcomes back;
+//! - the store's writer thread, which group-commits writes;
+//! - a maintenance thread that purges expired messages periodically.
+//!
+//! Connections are small state machines (see [`State`]); the event loop never
+//! blocks and never panics on input, and every state that waits on the
+//! client has a deadline.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Token, Waker};
+
+use crate::address::{Host, RelayAddress};
+use crate::config::ServeConfig;
+use crate::error::RelayError;
+use crate::event_loop::EventLoop;
+use crate::handler::{Handler, Outcome, Policy, Wait};
+use crate::identity;
+use crate::lock::DirLock;
+use crate::log::{error, info, warning};
+use crate::page;
+use crate::store::{Store, DB_FILE};
+
+pub(crate) const LISTENER: Token = Token(0);
+pub(crate) const WAKER: Token = Token(1);
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The host to print for a listen address: the bound IP, or loopback when
+/// bound to the unspecified address (0.0.0.0 → 127.0.0.1, :: → ::1), since
+/// "0.0.0.0" cannot be connected to. Operators behind NAT or with several
+/// interfaces replace the host with their public one when sharing it.
+fn advertised_host(ip: IpAddr) -> Host {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => Host::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(a) => Host::V4(a),
+        IpAddr::V6(a) if a.is_unspecified() => Host::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => Host::V4(v4),
+            None => Host::V6(a),
+        },
+    }
+}
+
+fn make_address(
+    key: [u8; 32],
+    addr: SocketAddr,
+    access_key: Option<String>,
+) -> Result<RelayAddress, RelayError> {
+    if addr.port() == 0 {
+        return Err(RelayError::Config(
+            "the listen address has port 0; give the port the relay listens on".into(),
+        ));
+    }
+    let mut a = RelayAddress::new(advertised_host(addr.ip()), addr.port(), key);
+    a.access_key = access_key;
+    Ok(a)
+}
+
+/// The address of the relay whose data directory is `data_dir`, for
+/// `tern relay address`: reads the existing identity only, creates nothing.
+/// The host follows the same rule as [`Server::address`].
+pub fn load_address(
+    data_dir: &Path,
+    access_key: Option<String>,
+    listen: SocketAddr,
+) -> Result<RelayAddress, RelayError> {
+    let mut cfg = ServeConfig::new(listen, data_dir);
+    cfg.access_key = access_key;
+    cfg.validate()?;
+    let identity = identity::load(data_dir)?.ok_or_else(|| RelayError::NoIdentity {
+        path: identity::identity_path(data_dir),
+    })?;
+    make_address(identity.public(), listen, cfg.access_key)
+}
+
+/// Makes [`Server::run`] return: stops accepting, lets in-flight requests
+/// finish (parked FETCHes are answered at once), then closes everything.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            error!("could not wake the event loop for shutdown: {e}");
+        }
+    }
+}
+
+/// Stops the relay gracefully on the first SIGTERM or SIGINT, and at once
+/// (as if killed; the database is safe either way) on a second one.
+pub fn shutdown_on_signals(handle: ShutdownHandle) -> Result<(), RelayError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    thread::Builder::new()
+        .name("relay-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for _ in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    info!("shutting down: finishing requests in progress (signal again to stop at once)");
+                    handle.shutdown();
+                } else {
+                    warning!("stopping at once");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Work for the pool.
+pub(crate) enum Job {
+    Request {
+        token: usize,
+        serial: u32,
+        body: Vec<u8>,
+    },
+    Resume {
+        token: usize,
+        serial: u32,
+        wait: Wait,
+        last: bool,
+    },
+}
+
+/// What the other threads tell the event loop.
+pub(crate) enum LoopEvent {
+    Done {
+        token: usize,
+        serial: u32,
+        outcome: Outcome,
+    },
+    Wake(u64),
+}
+
+/// Identifies one request on one connection to the long-poll registry.
+pub(crate) fn ticket(token: usize, serial: u32) -> u64 {
+    ((token as u64) << 32) | u64::from(serial)
+}
+
+pub(crate) fn unticket(t: u64) -> (usize, u32) {
+    ((t >> 32) as usize, t as u32)
+}
+
+/// A bound relay, ready to [`run`](Server::run).
+pub struct Server {
+    cfg: ServeConfig,
+    address: RelayAddress,
+    handler: Arc<Handler>,
+    poll: Poll,
+    listener: TcpListener,
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+    events_tx: Sender<LoopEvent>,
+    events_rx: Receiver<LoopEvent>,
+    /// The body of `GET /`, rendered once.
+    page: Vec<u8>,
+    _lock: DirLock,
+}
+
+impl Server {
+    /// Opens (or creates) the identity and the store in `cfg.data_dir` and
+    /// binds the listening socket.
+    pub fn bind(cfg: ServeConfig) -> Result<Server, RelayError> {
+        cfg.validate()?;
+        identity::ensure_data_dir(&cfg.data_dir)?;
+        let lock = DirLock::acquire(&cfg.data_dir)?;
+        let identity = identity::load_or_create(&cfg.data_dir)?;
+        let store = Store::open(&cfg.data_dir.join(DB_FILE))?;
+
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut listener = TcpListener::bind(cfg.listen).map_err(|source| RelayError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let local = listener.local_addr()?;
+        let address = make_address(identity.public(), local, cfg.access_key.clone())?;
+
+        let (events_tx, events_rx) = mpsc::channel();
+        let wake_tx = events_tx.clone();
+        let wake_waker = Arc::clone(&waker);
+        let policy = Policy {
+            access_key: cfg.access_key.clone(),
+            ttl_secs: u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX),
+            max_pending: cfg.max_pending,
+            max_wait_ms: u32::try_from(cfg.max_wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        let handler = Handler::new(
+            identity,
+            store,
+            policy,
+            now_ms(),
+            Box::new(move |t| {
+                if wake_tx.send(LoopEvent::Wake(t)).is_ok() {
+                    let _ = wake_waker.wake();
+                }
+            }),
+        );
+        let page = page::render(&address, cfg.access_key.is_none()).into_bytes();
+        let mut cfg = cfg;
+        cfg.max_connections = connection_cap(cfg.max_connections);
+        Ok(Server {
+            cfg,
+            address,
+            handler: Arc::new(handler),
+            poll,
+            listener,
+            waker,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            events_tx,
+            events_rx,
+            page,
+            _lock: lock,
+        })
+    }
+
+    /// `tern://KEY[:ACCESS]@HOST:PORT` with the port actually bound. The host
+    /// is the bound IP, or loopback if bound to 0.0.0.0 / [::].
+    pub fn address(&self) -> RelayAddress {
+        self.address.clone()
+    }
+
+    /// The socket address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.cfg.listen)
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: Arc::clone(&self.shutdown),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Serves until [`ShutdownHandle::shutdown`]; returns once every
+    /// connection is finished (or `shutdown_timeout` has passed) and the
+    /// store is closed.
+    pub fn run(self) -> Result<(), RelayError> {
+        let Server {
+            cfg,
+            handler,
+            poll,
+            listener,
+            waker,
+            shutdown,
+            events_tx,
+            events_rx,
+            page,
+            _lock,
+            ..
+        } = self;
+        info!(
+            "relay listening on {} ({} for new queues)",
+            listener.local_addr()?,
+            if cfg.access_key.is_none() {
+                "open"
+            } else {
+                "access key needed"
+            }
+        );
+
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let mut workers = Vec::with_capacity(cfg.workers);
+        for i in 0..cfg.workers {
+            let rx = Arc::clone(&jobs_rx);
+            let h = Arc::clone(&handler);
+            let tx = events_tx.clone();
+            // mio allows one Waker per Poll: the workers share it.
+            let wk = Arc::clone(&waker);
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("relay-worker-{i}"))
+                    .spawn(move || worker_loop(&rx, &h, &tx, &wk))?,
+            );
+        }
+        drop(events_tx);
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let maintenance = {
+            let h = Arc::clone(&handler);
+            let every = cfg.purge_interval;
+            thread::Builder::new()
+                .name("relay-maintenance".into())
+                .spawn(move || maintenance_loop(&h, every, &stop_rx))?
+        };
+
+        let mut el = EventLoop::new(
+            cfg,
+            poll,
+            listener,
+            jobs_tx,
+            events_rx,
+            Arc::clone(&handler),
+            shutdown,
+            page,
+        );
+        let result = el.run();
+        // Workers finish what they hold (every write is committed or rolled
+        // back as a whole), then exit when the job channel closes.
+        drop(el);
+        for w in workers {
+            let _ = w.join();
+        }
+        drop(stop_tx);
+        let _ = maintenance.join();
+        // The last handle to the store: its writer drains and checkpoints.
+        drop(handler);
+        info!("relay stopped");
+        result
+    }
+}
+
+/// The open-file soft limit, where the platform tells (Linux).
+fn fd_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok())
+}
+
+/// Descriptors kept free for the database, the listener and the poller.
+const FD_RESERVE: usize = 64;
+
+/// Connections beyond the open-file limit would fail to be accepted, and
+/// could starve the database of descriptors: cap them below it.
+fn connection_cap(max_connections: usize) -> usize {
+    match fd_limit() {
+        Some(limit) if limit < max_connections.saturating_add(FD_RESERVE) => {
+            let cap = limit.saturating_sub(FD_RESERVE).max(1);
+            warning!(
+                "the open-file limit ({limit}) is too low for {max_connections} connections; \
+                 serving at most {cap}. Raise it (ulimit -n, or LimitNOFILE= in a systemd unit) \
+                 for more concurrent long polls"
+            );
+            cap
+        }
+        _ => max_connections,
+    }
+}
+
+fn worker_loop(
+    jobs: &Mutex<Receiver<Job>>,
+    handler: &Handler,
+    events: &Sender<LoopEvent>,
+    waker: &Waker,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        let (token, serial, outcome) = match job {
+            Job::Request {
+                token,
+                serial,
+                body,
+            } => {
+                let out = handler.handle(&body, now_ms(), ticket(token, serial));
+                (token, serial, out)
+            }
+            Job::Resume {
+                token,
+                serial,
+                wait,
+                last,
+            } => {
+                let out = handler.resume(wait, now_ms(), ticket(token, serial), last);
+                (token, serial, out)
+            }
+        };
+        if events
+            .send(LoopEvent::Done {
+                token,
+                serial,
+                outcome,
+            })
+            .is_err()
+        {
+            // The event loop is gone (shutdown grace expired); nothing to answer.
+            continue;
+        }
+        let _ = waker.wake();
+    }
+}
+
+fn maintenance_loop(handler: &Handler, every: Duration, stop: &Receiver<()>) {
+    loop {
+        match handler.purge(now_ms()) {
+            Ok(0) => {}
+            Ok(n) => info!("deleted {n} expired messages"),
+            Err(e) => error!("purging expired messages failed: {e}"),
+        }
+        if let Err(e) = handler.checkpoint() {
+            warning!("truncating the database log failed: {e}");
+        }
+        match stop.recv_timeout(every) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
