@@ -328,6 +328,18 @@ pub mod reference {
         out
     }
 
+    /// RFC 9458-style response sealing: key and nonce from
+    /// HKDF(salt = enc || response nonce, ikm = exported secret).
+    pub fn response_seal(secret: &[u8], enc: &[u8], response_nonce: &[u8], pt: &[u8]) -> Vec<u8> {
+        let mut salt = enc.to_vec();
+        salt.extend_from_slice(response_nonce);
+        let key = hkdf(Some(&salt), secret, b"key", 32);
+        let nonce = hkdf(Some(&salt), secret, b"nonce", 12);
+        let mut out = response_nonce.to_vec();
+        out.extend(chacha_seal(&key, &nonce, &[], pt));
+        out
+    }
+
     pub fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
         m.update(data);
@@ -1997,6 +2009,9 @@ pub struct SealCase {
     /// Export("tern/v1 relay response", 32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_key: Option<String>,
+    /// The relay's 32 random bytes that start the response block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_nonce: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<Padded>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -2094,10 +2109,14 @@ fn gen_request_seal() -> Vec<SealCase> {
             reply,
         }
         .encode();
-        let response_block = opened.response_key.seal_response(&response).unwrap();
+        let response_nonce: [u8; 32] = random(&mut rng);
+        let response_block = opened
+            .response_key
+            .seal_response_with_nonce(&response, &response_nonce)
+            .unwrap();
         let response_key = ctx.export(RESPONSE_EXPORT, 32);
         assert_eq!(
-            refc::chacha_seal(&response_key, &[0; 12], &[], &response),
+            refc::response_seal(&response_key, &enc, &response_nonce, &response),
             response_block,
             "response block"
         );
@@ -2118,6 +2137,7 @@ fn gen_request_seal() -> Vec<SealCase> {
             request: Some(Padded::of(&request)),
             block: o(&block),
             response_key: o(&response_key),
+            response_nonce: o(&response_nonce),
             response: Some(Padded::of(&response)),
             response_block: o(&response_block),
             of_case: None,
@@ -2283,6 +2303,7 @@ fn gen_request_seal() -> Vec<SealCase> {
             request: None,
             block: None,
             response_key: None,
+            response_nonce: None,
             response: None,
             response_block: None,
             of_case: Some(of),

@@ -105,6 +105,11 @@ fn valid_path(p: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/_-.~".contains(&b))
 }
 
+/// Digits and dots only: an IPv4 address or a typo of one, never a name.
+fn numeric(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
 fn parse_name(s: &str) -> Option<String> {
     let s = s.to_ascii_lowercase();
     let ok = !s.is_empty()
@@ -227,7 +232,9 @@ impl RelayAddress {
             2 => {
                 let raw = std::str::from_utf8(r.short_bytes()?).map_err(|_| AddressError::Host)?;
                 let name = parse_name(raw).ok_or(AddressError::Host)?;
-                if name != raw {
+                // Only the canonical form: what the text parser would read
+                // back as this same name (lower case, not digits and dots).
+                if name != raw || numeric(&name) {
                     return Err(AddressError::Host);
                 }
                 Host::Name(name)
@@ -246,7 +253,7 @@ impl RelayAddress {
         let key = r.array::<32>()?;
         let path = if flags & (1 << 3) != 0 {
             let p = std::str::from_utf8(r.short_bytes()?).map_err(|_| AddressError::Path)?;
-            if transport != Transport::Https || !valid_path(p) || p == "/" {
+            if transport != Transport::Https || !valid_path(p) || p.ends_with('/') {
                 return Err(AddressError::Path);
             }
             p.to_string()
@@ -342,7 +349,7 @@ impl FromStr for RelayAddress {
             };
             let host = if let Ok(ip) = h.parse::<Ipv4Addr>() {
                 Host::V4(ip)
-            } else if h.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            } else if numeric(h) {
                 // All digits and dots but not an IPv4 address: a typo, not a name.
                 return Err(AddressError::Host);
             } else {

@@ -2,8 +2,9 @@
 //!
 //! Requests follow the Oblivious HTTP pattern (RFC 9458) on HPKE (RFC 9180):
 //! each request is sealed in base mode to the relay's pinned X25519 identity key
-//! with a fresh ephemeral key, and the response is sealed with a key exported
-//! from that same HPKE context. Nothing links two requests, an observer sees
+//! with a fresh ephemeral key, and the response is sealed with a key derived
+//! from a secret exported from that same HPKE context and a random response
+//! nonce (RFC 9458 §4.4). Nothing links two requests, an observer sees
 //! fixed-size opaque blocks, and only the holder of the identity key can read a
 //! request or produce a response the client will accept.
 //!
@@ -32,8 +33,10 @@ const TAG_LEN: usize = 16;
 const ENC_LEN: usize = 32;
 /// Plaintext length of a request: block minus version, HPKE `enc` and tag.
 pub const REQUEST_LEN: usize = BLOCK_LEN - 1 - ENC_LEN - TAG_LEN;
-/// Plaintext length of a response: block minus tag.
-pub const RESPONSE_LEN: usize = BLOCK_LEN - TAG_LEN;
+/// Random bytes that start every response and enter its key.
+pub const RESPONSE_NONCE_LEN: usize = 32;
+/// Plaintext length of a response: block minus response nonce and tag.
+pub const RESPONSE_LEN: usize = BLOCK_LEN - RESPONSE_NONCE_LEN - TAG_LEN;
 /// Ciphertext overhead of a delivered message.
 pub const DELIVERY_OVERHEAD: usize = TAG_LEN;
 
@@ -95,25 +98,60 @@ fn x25519_public(sk: &<Kem as hpke::Kem>::PrivateKey) -> [u8; 32] {
     x25519_dalek::PublicKey::from(&s).to_bytes()
 }
 
-/// The key that seals (relay) or opens (client) the one response to a request.
-pub struct ResponseKey(Zeroizing<[u8; 32]>);
+/// The secret from which the response to one request is sealed (relay) or
+/// opened (client).
+///
+/// As in RFC 9458 §4.4, every response carries a fresh random nonce that is
+/// mixed into its key: should the relay ever answer the same request block
+/// twice (a replay it refuses with `Stale`, say), the two answers still use
+/// unrelated keys, so one cannot be used to read the other.
+pub struct ResponseKey {
+    secret: Zeroizing<[u8; 32]>,
+    enc: [u8; 32],
+}
 
 impl ResponseKey {
-    fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new(Key::from_slice(self.0.as_ref()))
+    fn cipher(&self, response_nonce: &[u8; RESPONSE_NONCE_LEN]) -> (ChaCha20Poly1305, Nonce) {
+        let mut salt = [0u8; 32 + RESPONSE_NONCE_LEN];
+        salt[..32].copy_from_slice(&self.enc);
+        salt[32..].copy_from_slice(response_nonce);
+        let hk = Hkdf::<Sha256>::new(Some(&salt), self.secret.as_ref());
+        let mut key = Zeroizing::new([0u8; 32]);
+        let mut nonce = [0u8; 12];
+        hk.expand(b"key", key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        hk.expand(b"nonce", &mut nonce)
+            .expect("12 bytes is a valid HKDF-SHA256 length");
+        (
+            ChaCha20Poly1305::new(Key::from_slice(key.as_ref())),
+            *Nonce::from_slice(&nonce),
+        )
     }
 
-    /// Seals a response plaintext of exactly [`RESPONSE_LEN`] bytes.
+    /// Seals a response plaintext of exactly [`RESPONSE_LEN`] bytes under a
+    /// fresh random response nonce.
     pub fn seal_response(&self, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut nonce = [0u8; RESPONSE_NONCE_LEN];
+        rand_core::OsRng.fill_bytes(&mut nonce);
+        self.seal_response_with_nonce(plaintext, &nonce)
+    }
+
+    /// [`ResponseKey::seal_response`] with a given nonce, for test vectors.
+    /// A nonce must never be used twice with the same key.
+    pub fn seal_response_with_nonce(
+        &self,
+        plaintext: &[u8],
+        response_nonce: &[u8; RESPONSE_NONCE_LEN],
+    ) -> Result<Vec<u8>, SealError> {
         if plaintext.len() != RESPONSE_LEN {
             return Err(SealError::PlaintextLength);
         }
+        let (cipher, nonce) = self.cipher(response_nonce);
         let mut buf = Vec::with_capacity(BLOCK_LEN);
+        buf.extend_from_slice(response_nonce);
         buf.extend_from_slice(plaintext);
-        // The key is used for exactly one message, so a fixed nonce is safe.
-        let tag = self
-            .cipher()
-            .encrypt_in_place_detached(&Nonce::default(), &[], &mut buf)
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce, &[], &mut buf[RESPONSE_NONCE_LEN..])
             .map_err(|_| SealError::PlaintextLength)?;
         buf.extend_from_slice(&tag);
         Ok(buf)
@@ -124,19 +162,23 @@ impl ResponseKey {
         if block.len() != BLOCK_LEN {
             return Err(SealError::Length(block.len()));
         }
-        let (ct, tag) = block.split_at(RESPONSE_LEN);
+        let (response_nonce, rest) = block.split_at(RESPONSE_NONCE_LEN);
+        let (ct, tag) = rest.split_at(RESPONSE_LEN);
+        let response_nonce: &[u8; RESPONSE_NONCE_LEN] =
+            response_nonce.try_into().expect("split at its length");
+        let (cipher, nonce) = self.cipher(response_nonce);
         let mut buf = ct.to_vec();
-        self.cipher()
-            .decrypt_in_place_detached(&Nonce::default(), &[], &mut buf, Tag::from_slice(tag))
+        cipher
+            .decrypt_in_place_detached(&nonce, &[], &mut buf, Tag::from_slice(tag))
             .map_err(|_| SealError::Open)?;
         Ok(buf)
     }
 }
 
-fn response_key<C: ExportCtx>(ctx: &C) -> ResponseKey {
-    let mut key = Zeroizing::new([0u8; 32]);
-    ctx.export_into(RESPONSE_EXPORT, key.as_mut());
-    ResponseKey(key)
+fn response_key<C: ExportCtx>(ctx: &C, enc: &[u8; 32]) -> ResponseKey {
+    let mut secret = Zeroizing::new([0u8; 32]);
+    ctx.export_into(RESPONSE_EXPORT, secret.as_mut());
+    ResponseKey { secret, enc: *enc }
 }
 
 trait ExportCtx {
@@ -199,7 +241,7 @@ impl RequestSealer {
             .seal_in_place_detached(&mut block[start..], &[TRANSPORT_VERSION])
             .map_err(|_| SealError::PlaintextLength)?;
         block.extend_from_slice(&tag.to_bytes());
-        let key = response_key(&self.ctx);
+        let key = response_key(&self.ctx, &self.enc);
         Ok((block, key))
     }
 }
@@ -238,7 +280,7 @@ pub fn open_request(identity: &RelayIdentity, block: &[u8]) -> Result<OpenedRequ
         .map_err(|_| SealError::Open)?;
     ctx.open_in_place_detached(&mut plaintext, &[TRANSPORT_VERSION], &tag)
         .map_err(|_| SealError::Open)?;
-    let response_key = response_key(&ctx);
+    let response_key = response_key(&ctx, &enc);
     Ok(OpenedRequest {
         plaintext,
         enc,
