@@ -237,6 +237,8 @@ pub fn proto_err(e: &ProtoError) -> String {
         ProtoError::UnknownType(_) => "unknown_type".into(),
         ProtoError::ChainMismatch => "chain_mismatch".into(),
         ProtoError::NotReady => "not_ready".into(),
+        ProtoError::InvitationReused => "invitation_reused".into(),
+        ProtoError::UnsupportedInvitation(_) => "unsupported_invitation".into(),
     }
 }
 
@@ -3199,6 +3201,7 @@ fn gen_envelope() -> Vec<EnvelopeCase> {
     {
         let e = sender
             .next(
+                1,
                 Kind::Text,
                 random(&mut rng),
                 t0 + 1000 * i as u64,
@@ -3405,6 +3408,7 @@ fn gen_envelope_chain() -> Vec<ChainCase> {
         let mut envs: Vec<Envelope> = (0..n)
             .map(|i| {
                 s.next(
+                    1,
                     Kind::Text,
                     random(rng),
                     1000 + i as u64,

@@ -148,7 +148,7 @@ fn queue_fixture() -> &'static QueueFixture {
         let mut a =
             Ratchet::init_initiator(&j.ratchet, &inviter.ratchet.public(), &mut rng).unwrap();
         let env = ChainSender::default()
-            .next(Kind::Hello, [1; 16], 1000, b"hello".to_vec())
+            .next(1, Kind::Hello, [1; 16], 1000, b"hello".to_vec())
             .unwrap()
             .encode()
             .unwrap();

@@ -21,7 +21,8 @@ use super::jobs::{
     flush_outbox, peer_left_old_connection, push_actions, push_actions_for, settle_old_connection,
 };
 use super::model::{
-    contact_key, history_log, seen_set, Contact, Direction, HistoryEntry, Settings, SETTINGS,
+    contact_key, deferred_log, history_log, seen_set, Contact, Deferred, Direction, HistoryEntry,
+    Settings, SETTINGS,
 };
 use super::{abort, unwrap_abort, Client, ClientError};
 use crate::net::{NetError, RelayClient};
@@ -456,8 +457,11 @@ impl Client {
         let id = q.contact_id.clone();
         self.store
             .transaction(|tx| {
-                let settings: Settings =
-                    tx.get(SETTINGS)?.unwrap_or_else(|| unreachable_settings());
+                let settings: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
+                    abort(ClientError::Invalid(
+                        "the profile has no settings: it was not fully initialised".into(),
+                    ))
+                })?;
                 let Some(mut c) = tx.get::<Contact>(&contact_key(&id))? else {
                     // Forgotten meanwhile.
                     return Ok(Vec::new());
@@ -496,6 +500,29 @@ impl Client {
                 {
                     Ok(r) => r,
                     Err(ProtoError::Duplicate) => return Ok(Vec::new()),
+                    Err(ProtoError::InvitationReused) => {
+                        return Ok(vec![Event::Warning(format!(
+                            "someone else tried to use the one-time invitation you made for {}: \
+                             it may have been copied on its way; it was refused",
+                            c.name
+                        ))])
+                    }
+                    Err(ProtoError::UnsupportedVersion(v)) => {
+                        // Kept, not dropped: a newer tern can read it later.
+                        tx.append(
+                            &deferred_log(&id),
+                            &Deferred {
+                                recipient_id: *rid,
+                                message: message.clone(),
+                                received_at_ms: now,
+                            },
+                        )?;
+                        return Ok(vec![Event::Warning(format!(
+                            "{} sent a message that needs a newer tern (protocol version {v}); \
+                             it is kept for when you upgrade",
+                            c.name
+                        ))]);
+                    }
                     Err(e) => {
                         return Ok(vec![Event::Warning(format!(
                             "dropped a message for {} that could not be accepted: {e}",
@@ -503,6 +530,7 @@ impl Client {
                         ))])
                     }
                 };
+                let was_connected = c.conn.state == ConnState::Connected;
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
                 let mut events = Vec::new();
@@ -570,12 +598,27 @@ impl Client {
                     }),
                     Incoming::RotationRequested => c.rotation_wanted = true,
                     Incoming::RotationStep => {}
-                    Incoming::PeerSwitched => {
+                    // The retired queues' deletion came as actions.
+                    Incoming::PeerSwitched => {}
+                    Incoming::PeerLeftPrevious => {
                         if which == Which::Current {
                             peer_left_old_connection(&mut c);
                         }
                     }
                     Incoming::Nothing => {}
+                }
+                if !was_connected && c.conn.state == ConnState::Connected {
+                    // Connected without a Confirm (its copy was lost or is
+                    // late): the first message of the peer proved it.
+                    flush_outbox(&mut c, now).map_err(abort)?;
+                    if !events.iter().any(|e| matches!(e, Event::Connected { .. })) {
+                        events.insert(
+                            0,
+                            Event::Connected {
+                                contact: c.name.clone(),
+                            },
+                        );
+                    }
                 }
                 settle_old_connection(&mut c, now).map_err(abort)?;
                 tx.put(&contact_key(&id), &c)?;
@@ -593,15 +636,4 @@ enum Which {
     Old,
     /// A re-key invitation we made, not yet accepted.
     Rekey,
-}
-
-fn unreachable_settings() -> Settings {
-    // `init` writes settings in the transaction that creates the store.
-    Settings {
-        profile: Default::default(),
-        relays: Vec::new(),
-        isolate: false,
-        rotate_days: 0,
-        created_ms: 0,
-    }
 }

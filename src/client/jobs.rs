@@ -125,7 +125,7 @@ pub fn settle_old_connection(contact: &mut Contact, now_ms: u64) -> Result<(), C
         .iter()
         .any(|j| j.generation() == old_gen && matches!(j, Job::Deliver { .. }));
     if !old.told_peer && !old_jobs && contact.conn.state == ConnState::Connected {
-        let action = contact.conn.announce_switched(now_ms, &mut OsRng)?;
+        let action = contact.conn.announce_retired(now_ms, &mut OsRng)?;
         push_actions(contact, vec![action], now_ms);
         if let Some(o) = contact.old.as_mut() {
             o.told_peer = true;
@@ -209,14 +209,14 @@ impl Client {
                         recipient_id: q.recipient_id,
                         sender_auth,
                     };
+                    // A failure does not hold back the jobs after it: the peer's
+                    // signed sends to this queue are refused until it is
+                    // secured (this job is retried), and reach us through
+                    // the other queues meanwhile; one relay that is down must
+                    // not stall the conversation.
                     match self.net.call(&q.relay, &cmd, Some(&q.signing_key())) {
                         Ok(_) => done_queue_jobs.push((generation, *recipient_id)),
-                        Err(e) => {
-                            // Later deliveries may depend on this queue being
-                            // secured (a handshake reply, a switch): stop here.
-                            report.errors.push(e);
-                            break;
-                        }
+                        Err(e) => report.errors.push(e),
                     }
                 }
                 Job::DeleteQueue { recipient_id, .. } => {

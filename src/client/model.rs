@@ -24,6 +24,19 @@ pub fn history_log(id: &str) -> String {
 pub fn seen_set(id: &str) -> String {
     format!("seen/{id}")
 }
+pub fn deferred_log(id: &str) -> String {
+    format!("deferred/{id}")
+}
+
+/// A message this version could not read (from a newer version), kept so
+/// that a newer tern can.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deferred {
+    #[serde(with = "b64")]
+    pub recipient_id: Id,
+    pub message: Vec<u8>,
+    pub received_at_ms: u64,
+}
 
 /// The profile and its preferences.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -229,8 +229,10 @@ pub enum Incoming {
     RotationRequested,
     /// A step of a queue rotation, nothing to show.
     RotationStep,
-    /// The peer sends nothing more to our old queues (rotation or re-key).
+    /// The peer sends nothing more to our retired queues (rotation).
     PeerSwitched,
+    /// The peer sends nothing more on the connection a re-key replaced.
+    PeerLeftPrevious,
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
         kind: u8,
@@ -363,7 +365,14 @@ impl Connection {
             profile: profile.clone(),
         };
         let mut chain_out = ChainSender::default();
-        let env = chain_out.next(Kind::Hello, random_id(rng), now_ms, hello.encode())?;
+        // Before negotiation, the lowest version: any peer reads it.
+        let env = chain_out.next(
+            MIN_PROTOCOL_VERSION,
+            Kind::Hello,
+            random_id(rng),
+            now_ms,
+            hello.encode(),
+        )?;
         let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
         let request = queue_msg::conn_request(
             &agreement.keys.joiner_identity,
@@ -460,7 +469,12 @@ impl Connection {
     ) -> Result<Action, ProtoError> {
         let ratchet = self.ratchet.as_mut().ok_or(ProtoError::NotReady)?;
         let mut chain = self.chain_out.clone();
-        let env = chain.next(kind, id, now_ms, body)?;
+        let version = if self.version == 0 {
+            MIN_PROTOCOL_VERSION
+        } else {
+            self.version
+        };
+        let env = chain.next(version, kind, id, now_ms, body)?;
         let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
         self.chain_out = chain;
         Ok(Action::Deliver {
@@ -541,9 +555,18 @@ impl Connection {
                 if self.state != ConnState::Invited
                     || !self.recv_queues.iter().any(|q| &q.recipient_id == queue)
                 {
-                    // The same request through another relay, or a second one
-                    // for a one-time invitation: either way, nothing to do.
-                    return Err(ProtoError::Duplicate);
+                    // The same request through another relay is a copy; a
+                    // different one means the one-time invitation was used
+                    // twice, which the user should hear about.
+                    let same = self.keys.is_some_and(|k| {
+                        k.joiner_identity == joiner_identity
+                            && k.joiner_ephemeral == joiner_ephemeral
+                    });
+                    return Err(if same || self.state == ConnState::Invited {
+                        ProtoError::Duplicate
+                    } else {
+                        ProtoError::InvitationReused
+                    });
                 }
                 self.accept_request(
                     &joiner_identity,
@@ -666,6 +689,14 @@ impl Connection {
         rng: &mut R,
     ) -> Result<(Incoming, Vec<Action>), ProtoError> {
         let chain = self.chain_in.check(&env).map_err(chain_err)?;
+        // The joiner sends its own messages only once connected, so any of
+        // them proves the handshake completed even if its Confirm was lost
+        // or is late: treat it as the confirmation rather than drop it.
+        if self.state == ConnState::Accepted
+            && !matches!(env.kind, Kind::Hello | Kind::HelloReply | Kind::Confirm)
+        {
+            self.state = ConnState::Connected;
+        }
         let result = match (self.state, env.kind) {
             (ConnState::Joining, Kind::HelloReply) => {
                 let reply = HelloReply::decode(&env.body)?;

@@ -177,9 +177,11 @@ pub struct ChainSender {
 }
 
 impl ChainSender {
-    /// Builds the next envelope and advances the chain.
+    /// Builds the next envelope and advances the chain. `version` is the one
+    /// negotiated with the peer (before negotiation, the lowest supported).
     pub fn next(
         &mut self,
+        version: u8,
         kind: Kind,
         id: [u8; 16],
         sent_at_ms: u64,
@@ -192,7 +194,7 @@ impl ChainSender {
             });
         }
         let env = Envelope {
-            version: PROTOCOL_VERSION,
+            version,
             kind,
             id,
             seq: self.last_seq + 1,
@@ -249,8 +251,10 @@ impl ChainReceiver {
     /// Checks `env` against the chain without changing anything.
     pub fn check(&self, env: &Envelope) -> Result<ChainStatus, ChainError> {
         let seq = env.seq;
-        let known_below = seq <= self.highest && !self.missing.contains(&seq);
-        if self.recent.contains_key(&seq) || known_below {
+        // Only what is still tracked can be called a duplicate; an older
+        // number is a late arrival (the ratchet already guarantees that no
+        // message is accepted twice).
+        if self.recent.contains_key(&seq) {
             return Err(ChainError::Duplicate);
         }
         let hash = env.chain_hash();
@@ -307,7 +311,7 @@ mod tests {
         let mut s = ChainSender::default();
         (0..n)
             .map(|i| {
-                s.next(Kind::Text, [i as u8; 16], 1000 + i as u64, vec![b'a'; i])
+                s.next(1, Kind::Text, [i as u8; 16], 1000 + i as u64, vec![b'a'; i])
                     .unwrap()
             })
             .collect()
@@ -322,11 +326,11 @@ mod tests {
         }
         let mut s = ChainSender::default();
         let big = s
-            .next(Kind::Text, [0; 16], 0, vec![0; MAX_BODY_LEN])
+            .next(1, Kind::Text, [0; 16], 0, vec![0; MAX_BODY_LEN])
             .unwrap();
         assert_eq!(big.encode().unwrap().len(), ENVELOPE_LEN);
         assert!(s
-            .next(Kind::Text, [0; 16], 0, vec![0; MAX_BODY_LEN + 1])
+            .next(1, Kind::Text, [0; 16], 0, vec![0; MAX_BODY_LEN + 1])
             .is_err());
     }
 

@@ -28,6 +28,12 @@ pub enum ProtoError {
     UnknownType(u8),
     #[error("message does not link to the conversation's history: the sender's history was altered or forked")]
     ChainMismatch,
+    #[error(
+        "a second, different request arrived for a one-time invitation: it may have been copied"
+    )]
+    InvitationReused,
+    #[error("this invitation is of a kind ({0}) that needs a newer tern")]
+    UnsupportedInvitation(u8),
     #[error("ratchet cannot send yet: no message received from the peer")]
     NotReady,
 }

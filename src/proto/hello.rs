@@ -60,11 +60,14 @@ impl Profile {
         Ok(())
     }
 
+    /// Encodes the profile. Callers [`Profile::validate`] first; fields over
+    /// the limits are cut (at a character boundary) rather than panicking.
     pub fn encode(&self, w: &mut Writer) {
-        w.short_bytes(self.name.as_bytes());
-        w.u16(self.status.len() as u16)
-            .bytes(self.status.as_bytes());
-        w.long_bytes(self.avatar.as_deref().unwrap_or(&[]));
+        w.short_bytes(clip(&self.name, MAX_NAME).as_bytes());
+        let status = clip(&self.status, MAX_STATUS);
+        w.u16(status.len() as u16).bytes(status.as_bytes());
+        let avatar = self.avatar.as_deref().unwrap_or(&[]);
+        w.long_bytes(&avatar[..avatar.len().min(MAX_AVATAR)]);
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
@@ -93,6 +96,14 @@ impl Profile {
         r.finish()?;
         Ok(p)
     }
+}
+
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn utf8(b: &[u8]) -> Result<String, ProtoError> {

@@ -270,11 +270,13 @@ impl Ratchet {
             .encrypt_in_place_detached(&nonce, &aad, &mut out[start..])
             .expect("message within AEAD limits");
         out.extend_from_slice(&tag);
-        self.cks = Some(next_ck);
-        self.ns = self
+        // Checked before anything changes: on error the state stays as it was.
+        let ns = self
             .ns
             .checked_add(1)
             .ok_or(ProtoError::TooManySkipped(u32::MAX))?;
+        self.cks = Some(next_ck);
+        self.ns = ns;
         Ok(out)
     }
 

@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 
 use super::invitation::{link_bytes, Invitation, KIND_CONTACT, LINK_PREFIX};
 use super::keys::Secret32;
-use super::{ProtoError, PROTOCOL_VERSION};
+use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 pub const KIND_REKEY: u8 = 2;
 const TAG_LABEL: &[u8] = b"tern/v1 rekey tag";
@@ -45,6 +45,8 @@ pub enum AnyInvitation {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RekeyInvitation {
+    /// The version byte it was written with (authenticated).
+    version: u8,
     pub tag: [u8; 16],
     nonce: [u8; 24],
     ciphertext: Vec<u8>,
@@ -69,8 +71,8 @@ fn cipher(connection_secret: &Secret32) -> XChaCha20Poly1305 {
     XChaCha20Poly1305::new_from_slice(key.as_ref()).expect("32-byte key")
 }
 
-fn aad(tag: &[u8; 16]) -> Vec<u8> {
-    let mut a = vec![PROTOCOL_VERSION, KIND_REKEY];
+fn aad(version: u8, tag: &[u8; 16]) -> Vec<u8> {
+    let mut a = vec![version, KIND_REKEY];
     a.extend_from_slice(tag);
     a
 }
@@ -91,11 +93,12 @@ impl RekeyInvitation {
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: &inner.encode(),
-                    aad: &aad(&tag),
+                    aad: &aad(MIN_PROTOCOL_VERSION, &tag),
                 },
             )
             .expect("invitation within AEAD limits");
         Self {
+            version: MIN_PROTOCOL_VERSION,
             tag,
             nonce,
             ciphertext,
@@ -113,7 +116,7 @@ impl RekeyInvitation {
                 XNonce::from_slice(&self.nonce),
                 Payload {
                     msg: &self.ciphertext,
-                    aad: &aad(&self.tag),
+                    aad: &aad(self.version, &self.tag),
                 },
             )
             .map_err(|_| ProtoError::Decrypt)?;
@@ -122,7 +125,7 @@ impl RekeyInvitation {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(PROTOCOL_VERSION)
+        w.u8(self.version)
             .u8(KIND_REKEY)
             .bytes(&self.tag)
             .bytes(&self.nonce)
@@ -158,11 +161,14 @@ pub fn parse_link(text: &str) -> Result<AnyInvitation, ProtoError> {
             }
             let ciphertext = r.bytes(rest)?.to_vec();
             Ok(AnyInvitation::Rekey(RekeyInvitation {
+                version,
                 tag,
                 nonce,
                 ciphertext,
             }))
         }
+        // Reserved kinds (3: device link) come from newer versions.
+        k @ 3..=15 => Err(ProtoError::UnsupportedInvitation(k)),
         _ => Err(CodecError::Invalid("invitation kind").into()),
     }
 }

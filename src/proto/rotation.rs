@@ -18,7 +18,8 @@
 //! Control bodies: `u8 type` then: QADD (1) a queue list (count byte +
 //! SendQueues); QKEY (2) the rotation tag (16) and a key list (count byte +
 //! 32-byte Ed25519 keys, one per announced queue, in order); QUSE (3) the
-//! rotation tag (16); QSWITCHED (4) and QROTATE (5, "please rotate yours")
+//! rotation tag (16); QSWITCHED (4), QRETIRED (6, after a re-key: "nothing
+//! more on the previous connection") and QROTATE (5, "please rotate yours")
 //! empty. The rotation tag is the sender id of the first announced queue:
 //! it ties answers to the announcement they answer, so a late copy from an
 //! abandoned rotation cannot be applied to a newer one.
@@ -42,6 +43,7 @@ const QKEY: u8 = 2;
 const QUSE: u8 = 3;
 const QSWITCHED: u8 = 4;
 const QROTATE: u8 = 5;
+const QRETIRED: u8 = 6;
 
 /// A rotation of our receiving queues in progress.
 #[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
@@ -53,10 +55,17 @@ pub struct Rotation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     Add(Vec<SendQueue>),
-    Keys { tag: Id, keys: Vec<[u8; 32]> },
-    Use { tag: Id },
+    Keys {
+        tag: Id,
+        keys: Vec<[u8; 32]>,
+    },
+    Use {
+        tag: Id,
+    },
     Switched,
     Rotate,
+    /// After a re-key: nothing more will be sent on the previous connection.
+    Retired,
 }
 
 impl Control {
@@ -78,6 +87,9 @@ impl Control {
             }
             Control::Switched => {
                 w.u8(QSWITCHED);
+            }
+            Control::Retired => {
+                w.u8(QRETIRED);
             }
             Control::Rotate => {
                 w.u8(QROTATE);
@@ -103,6 +115,7 @@ impl Control {
             QUSE => Control::Use { tag: r.array()? },
             QSWITCHED => Control::Switched,
             QROTATE => Control::Rotate,
+            QRETIRED => Control::Retired,
             _ => return Ok(None),
         };
         r.finish()?;
@@ -248,6 +261,7 @@ impl Connection {
                 Ok((Incoming::PeerSwitched, actions))
             }
             Control::Rotate => Ok((Incoming::RotationRequested, Vec::new())),
+            Control::Retired => Ok((Incoming::PeerLeftPrevious, Vec::new())),
         }
     }
 
@@ -258,14 +272,14 @@ impl Connection {
         self.recv_queues.retain(|q| &q.recipient_id != recipient_id);
     }
 
-    /// Tells the peer we send nothing more to its old queues (after a re-key
-    /// or a rotation); see `Control::Switched`.
-    pub fn announce_switched<R: RngCore + CryptoRng>(
+    /// After a re-key, tells the peer (on the new connection) that nothing
+    /// more will be sent on the previous one.
+    pub fn announce_retired<R: RngCore + CryptoRng>(
         &mut self,
         now_ms: u64,
         rng: &mut R,
     ) -> Result<Action, ProtoError> {
-        self.control(Control::Switched, now_ms, rng)
+        self.control(Control::Retired, now_ms, rng)
     }
 }
 
@@ -315,6 +329,7 @@ mod tests {
             Control::Use { tag: [4; 16] },
             Control::Switched,
             Control::Rotate,
+            Control::Retired,
         ] {
             assert_eq!(Control::decode(&c.encode()).unwrap(), Some(c));
         }
