@@ -20,11 +20,18 @@ fn man_pages_and_completions_are_current() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     for sub in ["man", "completions"] {
         let (want, have) = (fresh.path().join(sub), repo.join(sub));
-        assert_eq!(files(&want), files(&have), "{sub}/ lists different files: run `cargo run -- generate`");
+        assert_eq!(
+            files(&want),
+            files(&have),
+            "{sub}/ lists different files: run `cargo run -- generate`"
+        );
         for f in files(&want) {
             let a = std::fs::read(want.join(&f)).unwrap();
             let b = std::fs::read(have.join(&f)).unwrap();
-            assert!(a == b, "{sub}/{f} is stale: run `cargo run -- generate` and commit");
+            assert!(
+                a == b,
+                "{sub}/{f} is stale: run `cargo run -- generate` and commit"
+            );
         }
     }
 }
@@ -34,7 +41,14 @@ fn main_page_documents_exit_codes_and_environment() {
     let fresh = tempfile::tempdir().unwrap();
     tern::cli::generate::write_all(fresh.path()).unwrap();
     let page = std::fs::read_to_string(fresh.path().join("man/tern.1")).unwrap();
-    for needle in ["EXIT STATUS", "\\fB75\\fR", "TERN_PASSPHRASE_FILE", "TERN_HOME", ".SH FILES", "key.age"] {
+    for needle in [
+        "EXIT STATUS",
+        "\\fB75\\fR",
+        "TERN_PASSPHRASE_FILE",
+        "TERN_HOME",
+        ".SH FILES",
+        "key.age",
+    ] {
         assert!(page.contains(needle), "man/tern.1 lacks {needle}");
     }
 }

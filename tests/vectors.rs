@@ -344,8 +344,14 @@ fn request_seal_vectors() {
             let opened = open_request(&id, &block).unwrap();
             assert_eq!(opened.plaintext, request, "{cm}: opened plaintext");
             assert_eq!(opened.enc, enc, "{cm}: opened enc");
+            let response_nonce: [u8; 32] = unhex(field(&c.response_nonce, "response_nonce", cm))
+                .try_into()
+                .expect("32-byte response nonce");
             assert_eq!(
-                opened.response_key.seal_response(&response).unwrap(),
+                opened
+                    .response_key
+                    .seal_response_with_nonce(&response, &response_nonce)
+                    .unwrap(),
                 response_block,
                 "{cm}: response block"
             );
@@ -378,7 +384,7 @@ fn request_seal_vectors() {
             let rk = ctx.export(RESPONSE_EXPORT, 32);
             assert_eq!(hex(&rk), field(&c.response_key, "response_key", cm));
             assert_eq!(
-                refc::chacha_seal(&rk, &[0; 12], &[], &response),
+                refc::response_seal(&rk, &enc, &response_nonce, &response),
                 response_block
             );
             // The plaintexts are relay requests and responses.

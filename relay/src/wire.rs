@@ -17,7 +17,7 @@
 //! Response plaintext ([`RESPONSE_LEN`] bytes): `u8 kind`, `u64 relay time`,
 //! body, zero padding.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use thiserror::Error;
 
 use crate::codec::{CodecError, Reader, Writer};
