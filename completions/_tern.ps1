@@ -39,6 +39,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
             [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
+            [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
             [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
@@ -48,6 +49,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;init' {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'Your display name, shown to contacts only (never sent to relays)')
             [CompletionResult]::new('--relay', '--relay', [CompletionResultType]::ParameterName, 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT')
+            [CompletionResult]::new('--rotate-days', '--rotate-days', [CompletionResultType]::ParameterName, 'Move each connection to fresh queues about every DAYS days (0: only with `tern rotate`)')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -59,6 +61,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;invite' {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'What to call the contact [default: their own name, once they accept]')
+            [CompletionResult]::new('--rekey', '--rekey', [CompletionResultType]::ParameterName, 'Re-key an existing contact: replace the connection''s keys and queues with ones exchanged through this invitation (useless to anyone else)')
             [CompletionResult]::new('--png', '--png', [CompletionResultType]::ParameterName, 'Write the QR code to a PNG file')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
@@ -221,6 +224,15 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;relays;help;help' {
             break
         }
+        'tern;rotate' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--all', '--all', [CompletionResultType]::ParameterName, 'Every connected contact')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'tern;key' {
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
@@ -339,6 +351,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
             [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
+            [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
             [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
@@ -392,6 +405,9 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;help;relays;test' {
+            break
+        }
+        'tern;help;rotate' {
             break
         }
         'tern;help;key' {

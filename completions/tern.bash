@@ -55,6 +55,9 @@ _tern() {
             tern,relays)
                 cmd="tern__subcmd__relays"
                 ;;
+            tern,rotate)
+                cmd="tern__subcmd__rotate"
+                ;;
             tern,send)
                 cmd="tern__subcmd__send"
                 ;;
@@ -99,6 +102,9 @@ _tern() {
                 ;;
             tern__subcmd__help,relays)
                 cmd="tern__subcmd__help__subcmd__relays"
+                ;;
+            tern__subcmd__help,rotate)
+                cmd="tern__subcmd__help__subcmd__rotate"
                 ;;
             tern__subcmd__help,send)
                 cmd="tern__subcmd__help__subcmd__send"
@@ -203,7 +209,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --help --version init invite accept send recv contacts verify profile log forget relays key relay generate help"
+            opts="-h -V --home --passphrase-file --identity --help --version init invite accept send recv contacts verify profile log forget relays rotate key relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -345,7 +351,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help)
-            opts="init invite accept send recv contacts verify profile log forget relays key relay generate help"
+            opts="init invite accept send recv contacts verify profile log forget relays rotate key relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -652,6 +658,20 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__help__subcmd__rotate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__help__subcmd__send)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -681,7 +701,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__init)
-            opts="-h --name --relay --no-passphrase --isolate --home --passphrase-file --identity --help"
+            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -692,6 +712,10 @@ _tern() {
                     return 0
                     ;;
                 --relay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rotate-days)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -715,13 +739,17 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invite)
-            opts="-h --name --qr --link --png --home --passphrase-file --identity --help"
+            opts="-h --name --rekey --qr --link --png --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rekey)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1353,6 +1381,32 @@ _tern() {
         tern__subcmd__relays__subcmd__test)
             opts="-h --json --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__rotate)
+            opts="-h --all --home --passphrase-file --identity --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

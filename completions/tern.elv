@@ -36,6 +36,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand log 'Show the local history with a contact, oldest first'
             cand forget 'Delete a contact: its queues on the relays, its keys and its history'
             cand relays 'List, add, remove or test your relays'
+            cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
@@ -44,6 +45,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;init'= {
             cand --name 'Your display name, shown to contacts only (never sent to relays)'
             cand --relay 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT'
+            cand --rotate-days 'Move each connection to fresh queues about every DAYS days (0: only with `tern rotate`)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -54,6 +56,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;invite'= {
             cand --name 'What to call the contact [default: their own name, once they accept]'
+            cand --rekey 'Re-key an existing contact: replace the connection''s keys and queues with ones exchanged through this invitation (useless to anyone else)'
             cand --png 'Write the QR code to a PNG file'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
@@ -196,6 +199,14 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;relays;help;help'= {
         }
+        &'tern;rotate'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --all 'Every connected contact'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'tern;key'= {
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
@@ -299,6 +310,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand log 'Show the local history with a contact, oldest first'
             cand forget 'Delete a contact: its queues on the relays, its keys and its history'
             cand relays 'List, add, remove or test your relays'
+            cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
@@ -337,6 +349,8 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;relays;remove'= {
         }
         &'tern;help;relays;test'= {
+        }
+        &'tern;help;rotate'= {
         }
         &'tern;help;key'= {
             cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'

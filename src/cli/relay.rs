@@ -13,6 +13,9 @@ use super::output::line;
 
 /// Run a relay, or print the address users add with `tern init --relay`
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  tern relay serve --data /var/lib/tern-relay\n  tern relay address --data /var/lib/tern-relay"
+)]
 pub struct Args {
     #[command(subcommand)]
     pub action: Action,

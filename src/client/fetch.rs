@@ -165,6 +165,12 @@ fn worker(
                     return;
                 }
             }
+            // The queue is gone: deleted by a rotation or re-key that another
+            // tern process completed after this list was made.
+            Err(error) if error.code() == Some(ErrorCode::Auth) => {
+                let _ = out.send(FromWorker::Done);
+                return;
+            }
             Err(error) => {
                 let retry =
                     mode.keep_polling && error.is_transient() && !stop.load(Ordering::Relaxed);
