@@ -46,38 +46,65 @@ pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
 /// The exit code for an error, from the first cause in its chain that has one.
 pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<Exit>() {
-            return e.code;
-        }
-        if let Some(e) = cause.downcast_ref::<ClientError>() {
-            match e {
-                ClientError::UnknownContact(_) => return UNKNOWN_CONTACT,
-                ClientError::NameTaken(_) | ClientError::NoRelays => return USAGE,
-                e if e.is_transient() => return TRY_AGAIN,
-                _ => {}
-            }
-        }
-        if let Some(e) = cause.downcast_ref::<StoreError>() {
-            match e {
-                StoreError::WrongPassphrase | StoreError::WrongIdentity(_) => return LOCKED,
-                StoreError::NoProfile(_) => return NO_PROFILE,
-                _ => {}
-            }
-        }
-        if let Some(e) = cause.downcast_ref::<NetError>() {
-            if e.is_transient() || e.code() == Some(ErrorCode::QueueFull) {
-                return TRY_AGAIN;
-            }
-        }
-        if let Some(e) = cause.downcast_ref::<ProtoError>() {
-            match e {
-                ProtoError::NotAnInvitation
-                | ProtoError::UnsupportedVersion(_)
-                | ProtoError::Address(_) => return BAD_INVITATION,
-                ProtoError::TooLong { .. } => return USAGE,
-                _ => {}
-            }
+        if let Some(code) = code_of(cause) {
+            return code;
         }
     }
     FAILURE
+}
+
+fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    if let Some(e) = cause.downcast_ref::<Exit>() {
+        return Some(e.code);
+    }
+    if let Some(e) = cause.downcast_ref::<ClientError>() {
+        // Wrapped library errors are transparent: look inside them, since
+        // `source()` of a transparent wrapper skips the wrapped error.
+        return match e {
+            ClientError::UnknownContact(_) => Some(UNKNOWN_CONTACT),
+            ClientError::NameTaken(_) | ClientError::NoRelays => Some(USAGE),
+            ClientError::Store(s) => code_of(s),
+            ClientError::Proto(p) => code_of(p),
+            ClientError::Net(n) => code_of(n),
+            e if e.is_transient() => Some(TRY_AGAIN),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<StoreError>() {
+        return match e {
+            StoreError::WrongPassphrase | StoreError::WrongIdentity(_) => Some(LOCKED),
+            StoreError::NoProfile(_) => Some(NO_PROFILE),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<NetError>() {
+        return (e.is_transient() || e.code() == Some(ErrorCode::QueueFull)).then_some(TRY_AGAIN);
+    }
+    if let Some(e) = cause.downcast_ref::<ProtoError>() {
+        return match e {
+            ProtoError::NotAnInvitation
+            | ProtoError::UnsupportedVersion(_)
+            | ProtoError::UnsupportedInvitation(_)
+            | ProtoError::Address(_) => Some(BAD_INVITATION),
+            ProtoError::TooLong { .. } => Some(USAGE),
+            _ => None,
+        };
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_errors_keep_their_codes() {
+        let wrapped = anyhow::Error::from(ClientError::Store(StoreError::WrongPassphrase));
+        assert_eq!(code_for(&wrapped), LOCKED);
+        let wrapped = anyhow::Error::from(ClientError::Proto(ProtoError::NotAnInvitation));
+        assert_eq!(code_for(&wrapped), BAD_INVITATION);
+        let ctx = anyhow::Error::from(StoreError::NoProfile("x".into())).context("opening");
+        assert_eq!(code_for(&ctx), NO_PROFILE);
+        assert_eq!(code_for(&anyhow::anyhow!("other")), FAILURE);
+    }
 }

@@ -88,6 +88,7 @@ pub fn print_event(e: &Event, as_json: bool) {
             ));
         }
         Event::Warning(w) => note(&format!("warning: {w}")),
+        Event::Notice(n) => note(n),
     }
 }
 

@@ -57,6 +57,8 @@ pub enum Event {
         kind: u8,
     },
     Warning(String),
+    /// Progress worth a line on stderr (a handshake step, say).
+    Notice(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -72,6 +74,8 @@ pub struct FetchOptions {
 #[derive(Debug, Default)]
 pub struct FetchSummary {
     pub messages: usize,
+    /// Connections that completed.
+    pub connected: usize,
     /// Queues that could not be fetched.
     pub errors: Vec<NetError>,
     pub queues: usize,
@@ -230,7 +234,8 @@ impl Client {
         // A peer may have asked for a rotation in what just arrived.
         self.rotate_due(only, on_event)?;
 
-        let waiting = opts.follow || (opts.wait.is_some() && summary.messages == 0);
+        let waiting =
+            opts.follow || (opts.wait.is_some() && summary.messages == 0 && summary.connected == 0);
         if waiting && !queues.is_empty() {
             self.long_poll(opts, queues, &mut summary, on_event)?;
         }
@@ -344,7 +349,7 @@ impl Client {
         for q in queues.drain(..) {
             spawn(q, &mut started);
         }
-        let before = summary.messages;
+        let before = summary.messages + summary.connected;
         let result = loop {
             let limit = if opts.follow {
                 Some(RESCAN)
@@ -353,7 +358,7 @@ impl Client {
             };
             match self.consume_one(&rx, limit, summary, on_event) {
                 Ok(true) => {
-                    if !opts.follow && summary.messages > before {
+                    if !opts.follow && summary.messages + summary.connected > before {
                         // Collect what arrives right behind the first message.
                         let _ =
                             self.consume(&rx, Some(Duration::from_millis(300)), summary, on_event);
@@ -424,8 +429,12 @@ impl Client {
                     Ok(events) => {
                         let _ = ack.send(true);
                         for e in events {
-                            if matches!(e, Event::Message { .. }) {
-                                summary.messages += 1;
+                            match e {
+                                Event::Message { .. } => summary.messages += 1,
+                                // `--wait` also ends when a connection completes:
+                                // that is what `tern invite` tells people to wait for.
+                                Event::Connected { .. } => summary.connected += 1,
+                                _ => {}
                             }
                             on_event(e);
                         }
@@ -502,6 +511,7 @@ impl Client {
                         return Ok(Vec::new());
                     }
                 }
+                let state_before = conn.state;
                 let received = match conn.receive(rid, &message, &settings.profile, now, &mut OsRng)
                 {
                     Ok(r) => r,
@@ -540,6 +550,12 @@ impl Client {
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
                 let mut events = Vec::new();
+                if which == Which::Current && state_before == ConnState::Invited {
+                    events.push(Event::Notice(format!(
+                        "{} took up your invitation; the connection completes when they next run `tern recv`",
+                        c.name
+                    )));
+                }
                 match which {
                     Which::Current => push_actions(&mut c, received.actions, now),
                     Which::Old => {
@@ -552,7 +568,7 @@ impl Client {
                         let new = c.rekey.take().expect("checked");
                         c.replace_connection(new);
                         push_actions(&mut c, received.actions, now);
-                        events.push(Event::Warning(format!(
+                        events.push(Event::Notice(format!(
                             "{} accepted the re-key invitation: new keys and queues",
                             c.name
                         )));
