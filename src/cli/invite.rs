@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use rand::rngs::OsRng;
+use tern_relay::wire::Command;
 
 use super::exit::{fail, USAGE};
 use super::output::{line, note, stdout_is_terminal};
@@ -115,11 +116,18 @@ fn rekey(client: &mut Client, name: &str, channel: Channel) -> anyhow::Result<St
     let queues = client.create_queues()?;
     let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
     let link = RekeyInvitation::seal(&invitation, &secret, &mut OsRng).to_link();
-    client.update_contact(&id, |_, c| {
-        // An earlier re-key invitation not yet accepted is replaced; its
-        // queues expire on their relays.
-        c.rekey = Some(conn);
-        Ok(())
-    })?;
+    let replaced = client.update_contact(&id, |_, c| Ok(c.rekey.replace(conn)))?;
+    // An earlier re-key invitation not yet accepted is void now: delete its
+    // queues (best effort; nobody can use them without its keys anyway).
+    for q in replaced.iter().flat_map(|r| r.recv_queues.iter()) {
+        let delete = Command::Delete {
+            recipient_id: q.recipient_id,
+        };
+        if let Err(e) = client.net.call(&q.relay, &delete, Some(&q.signing_key())) {
+            note(&format!(
+                "warning: could not delete the queue of the earlier re-key invitation: {e}"
+            ));
+        }
+    }
     Ok(link)
 }

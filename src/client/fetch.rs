@@ -517,6 +517,10 @@ impl Client {
                     Ok(r) => r,
                     Err(ProtoError::Duplicate) => return Ok(Vec::new()),
                     Err(ProtoError::InvitationReused) => {
+                        // Once per request, not once per relay copy.
+                        if let Some(d) = c.conn.digest_of(rid, &message) {
+                            tx.mark_seen(&seen, &d)?;
+                        }
                         return Ok(vec![Event::Warning(format!(
                             "someone else tried to use the one-time invitation you made for {}: \
                              it may have been copied on its way; it was refused",
@@ -525,6 +529,9 @@ impl Client {
                     }
                     Err(ProtoError::UnsupportedVersion(v)) => {
                         // Kept, not dropped: a newer tern can read it later.
+                        if let Some(d) = conn.digest_of(rid, &message) {
+                            tx.mark_seen(&seen, &d)?;
+                        }
                         tx.append(
                             &deferred_log(&id),
                             &Deferred {
@@ -546,7 +553,7 @@ impl Client {
                         ))])
                     }
                 };
-                let was_connected = c.conn.state == ConnState::Connected;
+                let was_connected = which != Which::Current || state_before == ConnState::Connected;
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
                 let mut events = Vec::new();

@@ -287,6 +287,9 @@ pub struct Connection {
     /// When our receiving queues last moved (or were created).
     #[serde(default)]
     pub last_rotated_ms: u64,
+    /// This side made the invitation (as opposed to accepting one).
+    #[serde(default)]
+    pub inviter: bool,
 }
 
 pub(crate) fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
@@ -327,6 +330,7 @@ impl Connection {
             peer_rotation: None,
             retired_queues: Vec::new(),
             last_rotated_ms: 0,
+            inviter: true,
         };
         (conn, invitation)
     }
@@ -398,6 +402,7 @@ impl Connection {
             peer_rotation: None,
             retired_queues: Vec::new(),
             last_rotated_ms: now_ms,
+            inviter: false,
         };
         Ok((conn, request))
     }
@@ -562,7 +567,9 @@ impl Connection {
                         k.joiner_identity == joiner_identity
                             && k.joiner_ephemeral == joiner_ephemeral
                     });
-                    return Err(if same || self.state == ConnState::Invited {
+                    let on_invitation_queue =
+                        self.recv_queues.iter().any(|q| &q.recipient_id == queue);
+                    return Err(if same || !self.inviter || !on_invitation_queue {
                         ProtoError::Duplicate
                     } else {
                         ProtoError::InvitationReused

@@ -27,7 +27,7 @@ use tern_relay::address::RelayAddress;
 use tern_relay::codec::{CodecError, Reader, Writer};
 use tern_relay::wire::Id;
 
-use super::{ProtoError, PROTOCOL_VERSION};
+use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 pub const LINK_PREFIX: &str = "TERN:";
 /// Most queues (relays) one invitation may list.
@@ -88,7 +88,8 @@ pub struct Invitation {
 impl Invitation {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(PROTOCOL_VERSION)
+        // The lowest version that can express it, so older peers can read it.
+        w.u8(MIN_PROTOCOL_VERSION)
             .u8(KIND_CONTACT)
             .bytes(&self.invitation_key)
             .bytes(&self.ratchet_key);

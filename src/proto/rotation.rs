@@ -248,8 +248,6 @@ impl Connection {
                 Ok((Incoming::RotationStep, vec![Action::Switched, switched]))
             }
             // R: the peer sends only to the new queues now: retire the old.
-            // (After a re-key, the same message retires the whole previous
-            // connection, which the client holds.)
             Control::Switched => {
                 let actions = self
                     .retired_queues
