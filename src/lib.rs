@@ -13,3 +13,4 @@ pub use tern_relay as relay;
 pub mod cli;
 pub mod client;
 pub mod net;
+pub mod time;

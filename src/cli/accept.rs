@@ -16,6 +16,7 @@ use crate::client::{new_contact_id, now, random_id};
 use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
+use crate::proto::invitation::Invitation;
 use crate::proto::rekey::{parse_link, AnyInvitation, RekeyInvitation};
 
 /// Accept an invitation given as a link, on stdin, or as a picture of its QR code
@@ -79,52 +80,76 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         AnyInvitation::Contact(i) => i,
         AnyInvitation::Rekey(r) => return accept_rekey(&mut client, &r, channel),
     };
+    let (conn, request, t) = join(&client, &invitation, channel)?;
+    let id = new_contact_id();
+    let (name, provisional) = match &args.name {
+        Some(n) => (n.trim().to_string(), false),
+        None => (format!("contact-{}", &id[..6]), true),
+    };
+    let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
+    let request_id = push_request(&mut contact, request, t);
+    client.add_contact(&contact)?;
+    send_request(&mut client, &id, &request_id, "invitation accepted")?;
+    note(&format!(
+        "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
+    ));
+    Ok(())
+}
+
+/// Creates our reply queues and the connection request for `invitation`.
+fn join(
+    client: &Client,
+    invitation: &Invitation,
+    channel: Channel,
+) -> anyhow::Result<(Connection, Vec<u8>, u64)> {
     let settings = client.settings()?;
     let queues = client.create_queues()?;
     let t = now();
     let (conn, request) = Connection::accept(
-        &invitation,
+        invitation,
         queues,
         &settings.profile,
         channel,
         t,
         &mut OsRng,
     )?;
-    let id = new_contact_id();
-    let (name, provisional) = match &args.name {
-        Some(n) => (n.trim().to_string(), false),
-        None => (format!("contact-{}", &id[..6]), true),
-    };
+    Ok((conn, request, t))
+}
+
+/// Stores the job that uploads the connection request (unsigned, to every
+/// inviter queue) for the contact's current connection.
+fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
     let request_id = random_id();
-    let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
     contact.jobs.push(Job::Deliver {
         envelope_id: request_id,
+        pending: (0..contact.conn.peer_queues.len()).collect(),
         payload: request,
         signed: false,
         raw: true,
-        pending: (0..contact.conn.peer_queues.len()).collect(),
         created_ms: t,
         delivered_any: false,
-        generation: 0,
+        generation: contact.generation,
     });
-    client.add_contact(&contact)?;
-    let report = client.run_jobs(&id)?;
-    let contact = client.contact(&id)?;
-    if !reached_a_relay(&contact, &request_id) {
-        let why = report
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+    request_id
+}
+
+/// Uploads the request; exit 75 (work kept) if no relay took it.
+fn send_request(
+    client: &mut Client,
+    id: &str,
+    request_id: &[u8; 16],
+    what: &str,
+) -> anyhow::Result<()> {
+    let report = client.run_jobs(id)?;
+    if !reached_a_relay(&client.contact(id)?, request_id) {
         return Err(fail(
             TRY_AGAIN,
-            format!("invitation accepted, but the request could not be sent yet ({why}); `tern recv` retries it"),
+            format!(
+                "{what}, but the request could not be sent yet ({}); `tern recv` retries it",
+                report.describe()
+            ),
         ));
     }
-    note(&format!(
-        "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
-    ));
     Ok(())
 }
 
@@ -162,40 +187,12 @@ fn accept_rekey(client: &mut Client, r: &RekeyInvitation, channel: Channel) -> a
             format!("the re-key invitation does not open: {e}"),
         )
     })?;
-    let settings = client.settings()?;
-    let queues = client.create_queues()?;
-    let t = now();
-    let (conn, request) = Connection::accept(
-        &invitation,
-        queues,
-        &settings.profile,
-        channel,
-        t,
-        &mut OsRng,
-    )?;
-    let request_id = random_id();
-    client.update_contact(&contact.id, |_, c| {
+    let (conn, request, t) = join(client, &invitation, channel)?;
+    let request_id = client.update_contact(&contact.id, |_, c| {
         c.replace_connection(conn);
-        c.jobs.push(Job::Deliver {
-            envelope_id: request_id,
-            pending: (0..c.conn.peer_queues.len()).collect(),
-            payload: request,
-            signed: false,
-            raw: true,
-            created_ms: t,
-            delivered_any: false,
-            generation: c.generation,
-        });
-        Ok(())
+        Ok(push_request(c, request, t))
     })?;
-    client.run_jobs(&contact.id)?;
-    let contact = client.contact(&contact.id)?;
-    if !reached_a_relay(&contact, &request_id) {
-        return Err(fail(
-            TRY_AGAIN,
-            "re-key accepted, but the request could not be sent yet; `tern recv` retries it",
-        ));
-    }
+    send_request(client, &contact.id, &request_id, "re-key accepted")?;
     note(&format!(
         "re-keying {}: completes when they run `tern recv`, then run `tern recv` here",
         contact.name

@@ -62,13 +62,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if !outcome.delivered {
-        let why = outcome
-            .report
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+        let why = outcome.report.describe();
         return Err(fail(
             TRY_AGAIN,
             format!("no relay took the message ({why}); it is kept and will be retried"),

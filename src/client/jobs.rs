@@ -28,6 +28,12 @@ pub struct JobReport {
 }
 
 impl JobReport {
+    /// The errors, for a message to the user.
+    pub fn describe(&self) -> String {
+        let all: Vec<String> = self.errors.iter().map(ToString::to_string).collect();
+        all.join("; ")
+    }
+
     /// Whether every failure may go away by itself (relays down or full).
     pub fn all_transient(&self) -> bool {
         self.errors.iter().all(NetError::is_transient)

@@ -312,25 +312,9 @@ impl Connection {
             queues: recv_queues.iter().map(RecvQueue::send_queue).collect(),
         };
         let conn = Connection {
-            state: ConnState::Invited,
             invitation: Some(secrets),
-            keys: None,
-            ratchet: None,
-            connection_secret: None,
-            recv_queues,
-            peer_queues: Vec::new(),
-            chain_out: ChainSender::default(),
-            chain_in: ChainReceiver::default(),
-            version: 0,
-            our_channel: channel,
-            their_channel: None,
-            verified: false,
-            peer_profile: None,
-            rotation: None,
-            peer_rotation: None,
-            retired_queues: Vec::new(),
-            last_rotated_ms: 0,
             inviter: true,
+            ..Connection::fresh(ConnState::Invited, recv_queues, channel)
         };
         (conn, invitation)
     }
@@ -384,14 +368,28 @@ impl Connection {
             &ratchet_msg,
         );
         let conn = Connection {
-            state: ConnState::Joining,
-            invitation: None,
             keys: Some(agreement.keys),
             ratchet: Some(ratchet),
             connection_secret: Some(agreement.connection_secret.clone()),
-            recv_queues,
             peer_queues,
             chain_out,
+            last_rotated_ms: now_ms,
+            ..Connection::fresh(ConnState::Joining, recv_queues, channel)
+        };
+        Ok((conn, request))
+    }
+
+    /// A connection in `state` with nothing negotiated yet.
+    fn fresh(state: ConnState, recv_queues: Vec<RecvQueue>, channel: Channel) -> Self {
+        Connection {
+            state,
+            invitation: None,
+            keys: None,
+            ratchet: None,
+            connection_secret: None,
+            recv_queues,
+            peer_queues: Vec::new(),
+            chain_out: ChainSender::default(),
             chain_in: ChainReceiver::default(),
             version: 0,
             our_channel: channel,
@@ -401,10 +399,9 @@ impl Connection {
             rotation: None,
             peer_rotation: None,
             retired_queues: Vec::new(),
-            last_rotated_ms: now_ms,
+            last_rotated_ms: 0,
             inviter: false,
-        };
-        Ok((conn, request))
+        }
     }
 
     /// Any of our receiving queues — current, being set up by a rotation, or
