@@ -89,7 +89,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
     let request_id = push_request(&mut contact, request, t);
     client.add_contact(&contact)?;
-    send_request(&mut client, &id, &request_id, "invitation accepted")?;
+    if !send_request(&mut client, &id, &request_id, "invitation accepted")? {
+        client.remove_contact(&id)?;
+        return Err(fail(
+            BAD_INVITATION,
+            "this invitation was already used or withdrawn: ask for a new one; nothing was kept",
+        ));
+    }
     note(&format!(
         "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
     ));
@@ -133,14 +139,19 @@ fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
     request_id
 }
 
-/// Uploads the request; exit 75 (work kept) if no relay took it.
+/// Uploads the request: `Ok(true)` when a relay took it, `Ok(false)` when
+/// every queue refused it (the invitation is used up or withdrawn), exit 75
+/// (work kept) when no relay could be reached.
 fn send_request(
     client: &mut Client,
     id: &str,
     request_id: &[u8; 16],
     what: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let report = client.run_jobs(id)?;
+    if report.refused.contains(request_id) {
+        return Ok(false);
+    }
     if !reached_a_relay(&client.contact(id)?, request_id) {
         return Err(fail(
             TRY_AGAIN,
@@ -150,7 +161,7 @@ fn send_request(
             ),
         ));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// A re-key invitation from an existing contact: a new handshake whose
@@ -192,7 +203,16 @@ fn accept_rekey(client: &mut Client, r: &RekeyInvitation, channel: Channel) -> a
         c.replace_connection(conn);
         Ok(push_request(c, request, t))
     })?;
-    send_request(client, &contact.id, &request_id, "re-key accepted")?;
+    if !send_request(client, &contact.id, &request_id, "re-key accepted")? {
+        client.update_contact(&contact.id, |_, c| {
+            c.restore_old_connection();
+            Ok(())
+        })?;
+        return Err(fail(
+            BAD_INVITATION,
+            "this re-key invitation was withdrawn or already used: nothing changed; ask for a new one",
+        ));
+    }
     note(&format!(
         "re-keying {}: completes when they run `tern recv`, then run `tern recv` here",
         contact.name

@@ -66,7 +66,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 "last_activity": time(c.last_activity_ms),
                 "last_rotated": time(c.conn.last_rotated_ms),
                 "rotating": c.conn.rotating(),
-                "rekeying": c.old.is_some() || c.rekey.is_some(),
+                "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
                 "pending_jobs": c.jobs.len() + c.outbox.len(),
             }));
         } else {

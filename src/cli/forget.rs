@@ -7,8 +7,6 @@ use tern_relay::wire::Command;
 use super::exit::{fail, USAGE};
 use super::output::{note, stdin_is_terminal};
 use super::{unlock, Cli};
-use crate::client::model::{contact_key, history_log, seen_set, IndexEntry, INDEX};
-use crate::client::unwrap_abort;
 
 /// Delete a contact: its queues on the relays, its keys and its history
 #[derive(Debug, clap::Args)]
@@ -44,7 +42,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     }
     let contact = client.contact(&id)?;
     // Best effort: a relay that is down keeps the queue until its TTL.
-    for q in &contact.conn.recv_queues {
+    let old = contact.old.iter().flat_map(|o| o.conn.all_recv_queues());
+    let rekeys = contact.rekeys.iter().flat_map(|r| r.recv_queues.iter());
+    for q in contact.conn.all_recv_queues().chain(old).chain(rekeys) {
         if let Err(e) = client.net.call(
             &q.relay,
             &Command::Delete {
@@ -53,22 +53,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             Some(&q.signing_key()),
         ) {
             note(&format!(
-                "warning: could not delete a queue: {e}; it expires on the relay by itself"
+                "warning: could not delete a queue: {e}; it stays on its relay, unusable without the keys now deleted"
             ));
         }
     }
-    client
-        .store
-        .transaction(|tx| {
-            let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-            index.retain(|e| e.id != id);
-            tx.put(INDEX, &index)?;
-            tx.delete(&contact_key(&id))?;
-            tx.remove_log(&history_log(&id))?;
-            tx.clear_seen(&seen_set(&id))?;
-            Ok(())
-        })
-        .map_err(unwrap_abort)?;
+    client.remove_contact(&id)?;
     note(&format!("{} forgotten", args.contact));
     Ok(())
 }

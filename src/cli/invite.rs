@@ -9,7 +9,7 @@ use tern_relay::wire::Command;
 use super::exit::{fail, USAGE};
 use super::output::{line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
-use crate::client::model::Contact;
+use crate::client::model::{Contact, MAX_PENDING_REKEYS};
 use crate::client::{new_contact_id, now, Client};
 use crate::proto::connection::{ConnState, Connection};
 use crate::proto::hello::Channel;
@@ -116,10 +116,15 @@ fn rekey(client: &mut Client, name: &str, channel: Channel) -> anyhow::Result<St
     let queues = client.create_queues()?;
     let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
     let link = RekeyInvitation::seal(&invitation, &secret, &mut OsRng).to_link();
-    let replaced = client.update_contact(&id, |_, c| Ok(c.rekey.replace(conn)))?;
-    // An earlier re-key invitation not yet accepted is void now: delete its
-    // queues (best effort; nobody can use them without its keys anyway).
-    for q in replaced.iter().flat_map(|r| r.recv_queues.iter()) {
+    // Earlier re-key invitations stay usable (whichever the contact accepts
+    // first wins), up to a few; the oldest beyond that is void: delete its
+    // queues (best effort).
+    let dropped = client.update_contact(&id, |_, c| {
+        c.rekeys.push(conn);
+        let excess = c.rekeys.len().saturating_sub(MAX_PENDING_REKEYS);
+        Ok(c.rekeys.drain(..excess).collect::<Vec<_>>())
+    })?;
+    for q in dropped.iter().flat_map(|r| r.recv_queues.iter()) {
         let delete = Command::Delete {
             recipient_id: q.recipient_id,
         };

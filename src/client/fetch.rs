@@ -22,7 +22,7 @@ use super::jobs::{
 };
 use super::model::{
     contact_key, deferred_log, history_log, seen_set, Contact, Deferred, Direction, HistoryEntry,
-    Settings, SETTINGS,
+    Job, Settings, SETTINGS,
 };
 use super::{abort, unwrap_abort, Client, ClientError};
 use crate::net::{NetError, RelayClient};
@@ -199,7 +199,7 @@ impl Client {
                 continue;
             }
             let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
-            let rekey = c.rekey.iter().flat_map(|r| r.recv_queues.iter());
+            let rekey = c.rekeys.iter().flat_map(|r| r.recv_queues.iter());
             for q in c.conn.all_recv_queues().chain(old).chain(rekey) {
                 out.push(Arc::new(QueueRef {
                     contact_id: c.id.clone(),
@@ -491,12 +491,8 @@ impl Client {
                     .is_some_and(|o| o.conn.recv_queue(rid).is_some())
                 {
                     Which::Old
-                } else if c
-                    .rekey
-                    .as_ref()
-                    .is_some_and(|r| r.recv_queue(rid).is_some())
-                {
-                    Which::Rekey
+                } else if let Some(i) = c.rekeys.iter().position(|r| r.recv_queue(rid).is_some()) {
+                    Which::Rekey(i)
                 } else {
                     // A queue this contact no longer uses.
                     return Ok(Vec::new());
@@ -504,7 +500,7 @@ impl Client {
                 let conn = match which {
                     Which::Current => &mut c.conn,
                     Which::Old => &mut c.old.as_mut().expect("checked").conn,
-                    Which::Rekey => c.rekey.as_mut().expect("checked"),
+                    Which::Rekey(i) => &mut c.rekeys[i],
                 };
                 if let Some(d) = conn.digest_of(rid, &message) {
                     if tx.seen(&seen, &d)? {
@@ -569,10 +565,19 @@ impl Client {
                         let generation = c.old.as_ref().map_or(0, |o| o.generation);
                         push_actions_for(&mut c, generation, received.actions, now);
                     }
-                    Which::Rekey => {
-                        // The contact accepted our re-key invitation: the new
-                        // connection takes over; the old one drains.
-                        let new = c.rekey.take().expect("checked");
+                    Which::Rekey(i) => {
+                        // The contact accepted one of our re-key invitations:
+                        // its connection takes over, the old one drains, and
+                        // the other invitations are void: their queues join
+                        // the old connection's, drained and deleted with it.
+                        let new = c.rekeys.remove(i);
+                        for q in std::mem::take(&mut c.rekeys).into_iter().flat_map(|r| r.recv_queues) {
+                            c.jobs.push(Job::DeleteQueue {
+                                recipient_id: q.recipient_id,
+                                generation: c.generation,
+                            });
+                            c.conn.retired_queues.push(q);
+                        }
                         c.replace_connection(new);
                         push_actions(&mut c, received.actions, now);
                         events.push(Event::Notice(format!(
@@ -663,6 +668,6 @@ enum Which {
     Current,
     /// The one a re-key replaced, draining.
     Old,
-    /// A re-key invitation we made, not yet accepted.
-    Rekey,
+    /// A re-key invitation we made (its index), not yet accepted.
+    Rekey(usize),
 }

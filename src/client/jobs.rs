@@ -6,7 +6,7 @@
 //! Each job names the connection it belongs to by generation: after a
 //! re-key, the old connection's jobs still go out through the old queues.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::OsRng;
 use tern_relay::wire::{Command, ErrorCode, Id, Reply};
@@ -25,6 +25,9 @@ pub struct JobReport {
     /// Jobs still waiting after this run.
     pub waiting: usize,
     pub errors: Vec<NetError>,
+    /// Unsigned uploads (connection requests) that every queue refused and
+    /// none ever took: the invitation was used up or withdrawn.
+    pub refused: Vec<[u8; 16]>,
 }
 
 impl JobReport {
@@ -196,6 +199,8 @@ impl Client {
         let mut forget: Vec<(u32, Id)> = Vec::new();
         // (generation, envelope id) -> sender ids of the peer queues that took it
         let mut delivered: HashMap<(u32, [u8; 16]), Vec<Id>> = HashMap::new();
+        // (generation, envelope id) that some queue took in this run
+        let mut accepted: HashSet<(u32, [u8; 16])> = HashSet::new();
         for job in &contact.jobs {
             let generation = job.generation();
             let Some(conn) = contact.conn_for(generation) else {
@@ -245,22 +250,32 @@ impl Client {
                     signed,
                     raw,
                     pending,
+                    delivered_any,
                     ..
                 } => {
                     let outcomes = self.deliver(conn, payload, *signed, *raw, pending);
+                    let tried = outcomes.len();
                     let done = delivered.entry((generation, *envelope_id)).or_default();
+                    let mut refused = 0;
                     for (sender_id, outcome) in outcomes {
                         match outcome {
-                            Ok(()) => done.push(sender_id),
+                            Ok(()) => {
+                                done.push(sender_id);
+                                accepted.insert((generation, *envelope_id));
+                            }
                             // An unsigned upload refused: the queue already
                             // holds its one unsigned message (our earlier try,
                             // whose answer was lost) or is gone. Either way
                             // retrying cannot help.
                             Err(e) if !*signed && e.code() == Some(ErrorCode::Auth) => {
-                                done.push(sender_id)
+                                done.push(sender_id);
+                                refused += 1;
                             }
                             Err(e) => report.errors.push(e),
                         }
+                    }
+                    if tried > 0 && refused == tried && !*delivered_any {
+                        report.refused.push(*envelope_id);
                     }
                 }
             }
@@ -319,7 +334,7 @@ impl Client {
                             // meanwhile, indices now mean other queues.
                             let peers = &ids[&generation];
                             pending.retain(|&i| peers.get(i).is_none_or(|sid| !done.contains(sid)));
-                            *delivered_any |= !done.is_empty();
+                            *delivered_any |= accepted.contains(&(generation, *envelope_id));
                         }
                         !pending.is_empty() && now.saturating_sub(*created_ms) < JOB_EXPIRY_MS
                     }

@@ -225,6 +225,21 @@ impl Client {
             .map_err(unwrap_abort)
     }
 
+    /// Deletes a contact's record, index entry, history and seen-set (not
+    /// its queues on relays: see `tern forget`).
+    pub fn remove_contact(&mut self, id: &str) -> Result<(), ClientError> {
+        self.store.transaction(|tx| {
+            let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+            index.retain(|e| e.id != id);
+            tx.put(INDEX, &index)?;
+            tx.delete(&contact_key(id))?;
+            tx.remove_log(&model::history_log(id))?;
+            tx.clear_seen(&model::seen_set(id))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// A name not used by any contact: `base`, or `base-2`, `base-3`, …
     pub fn unique_name(tx: &Tx<'_>, base: &str, except_id: &str) -> Result<String, StoreError> {
         let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();

@@ -13,6 +13,8 @@ use crate::proto::hello::Profile;
 use crate::proto::keys::b64;
 
 pub const SETTINGS: &str = "settings";
+/// Re-key invitations of one contact kept open at once.
+pub const MAX_PENDING_REKEYS: usize = 3;
 pub const INDEX: &str = "contacts";
 
 pub fn contact_key(id: &str) -> String {
@@ -169,10 +171,11 @@ pub struct Contact {
     /// The connection a re-key replaced, while it drains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old: Option<OldConnection>,
-    /// Inviter side of a re-key: the new connection, until the contact
-    /// accepts the re-key invitation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rekey: Option<Connection>,
+    /// Inviter side of a re-key: the connections of re-key invitations not
+    /// yet accepted (newest last, at most [`MAX_PENDING_REKEYS`]); the first
+    /// one the contact accepts replaces the current connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rekeys: Vec<Connection>,
 }
 
 impl Contact {
@@ -196,7 +199,7 @@ impl Contact {
             rotation_wanted: false,
             generation: 0,
             old: None,
-            rekey: None,
+            rekeys: Vec::new(),
         }
     }
 
@@ -210,6 +213,17 @@ impl Contact {
                 .filter(|o| o.generation == generation)
                 .map(|o| &o.conn)
         }
+    }
+
+    /// Undoes [`Contact::replace_connection`] when the new connection's
+    /// request was refused everywhere (a withdrawn re-key invitation):
+    /// the previous connection is current again, untouched.
+    pub fn restore_old_connection(&mut self) {
+        let Some(old) = self.old.take() else { return };
+        let abandoned = self.generation;
+        self.conn = old.conn;
+        self.generation = old.generation;
+        self.jobs.retain(|j| j.generation() != abandoned);
     }
 
     /// Replaces the connection (re-key), keeping the old one to drain.

@@ -20,6 +20,12 @@ pub fn next_due(now_ms: u64, days: u32) -> u64 {
     now_ms + base + OsRng.gen_range(0..=base / 4)
 }
 
+/// A fixed value in `0..=max` drawn from a random hex id.
+fn stable_jitter(id: &str, max: u64) -> u64 {
+    let n = u64::from_str_radix(&id[..id.len().min(15)], 16).unwrap_or(0);
+    n % (max + 1)
+}
+
 impl Client {
     /// Moves contact `id`'s receiving queues to fresh ones on our current
     /// relays; with `both`, also asks the contact to move theirs.
@@ -74,7 +80,11 @@ impl Client {
                     let at = if c.next_rotation_ms > 0 {
                         c.next_rotation_ms
                     } else {
-                        c.conn.last_rotated_ms + u64::from(days) * DAY_MS
+                        // Before the first rotation: jitter from the contact's
+                        // random id, so connections made together do not
+                        // first rotate together.
+                        let base = u64::from(days) * DAY_MS;
+                        c.conn.last_rotated_ms + base + stable_jitter(&c.id, base / 4)
                     };
                     t >= at
                 };
