@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::RelayError;
+use crate::hooks::RelayHooks;
 use crate::wire::MAX_ACCESS_KEY_LEN;
 
 /// Default time a message waits for its recipient before it is dropped.
@@ -52,6 +54,10 @@ pub struct ServeConfig {
     /// How often expired messages are deleted from disk (they are never
     /// delivered once expired, whatever this is).
     pub purge_interval: Duration,
+    /// Adversarial test instrument (see [`crate::hooks`]): makes the relay
+    /// misbehave as the hooks say. `None` (the default, and always so for
+    /// `tern relay serve`) costs nothing and changes nothing.
+    pub hooks: Option<Arc<dyn RelayHooks>>,
 }
 
 // The access key is a credential: keep it out of debug output and logs.
@@ -71,6 +77,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("write_timeout", &self.write_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("purge_interval", &self.purge_interval)
+            .field("hooks", &self.hooks.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -91,6 +98,7 @@ impl ServeConfig {
             write_timeout: Duration::from_secs(20),
             shutdown_timeout: Duration::from_secs(10),
             purge_interval: Duration::from_secs(600),
+            hooks: None,
         }
     }
 

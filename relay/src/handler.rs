@@ -6,7 +6,7 @@
 //! comes back as [`Outcome::Wait`], which the server parks until
 //! [`Handler::resume`] is due: on a wake from a SEND, or at the deadline.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
@@ -14,7 +14,12 @@ use rand_core::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
+use crate::hooks::{
+    DeliverAction, DeliverView, RelayHooks, RequestView, ResponseAction, ResponseView, SendAction,
+    SendView, Upload,
+};
 use crate::log::error;
 use crate::replay::ReplayCache;
 use crate::seal::{self, RelayIdentity, ResponseKey};
@@ -54,6 +59,9 @@ pub struct Wait {
     queue: QueueRef,
     key: ResponseKey,
     deadline_ms: u64,
+    /// The queue's delivery secret, kept only when hooks are set (they may
+    /// re-seal what is delivered).
+    hook_secret: Option<Zeroizing<[u8; 32]>>,
 }
 
 impl Wait {
@@ -66,7 +74,11 @@ impl Wait {
 /// The step a command takes, before sealing.
 enum Step {
     Reply(Reply),
-    Wait { queue: QueueRef, deadline_ms: u64 },
+    Wait {
+        queue: QueueRef,
+        deadline_ms: u64,
+        hook_secret: Option<Zeroizing<[u8; 32]>>,
+    },
 }
 
 type Result<T> = std::result::Result<T, ErrorCode>;
@@ -81,6 +93,8 @@ pub struct Handler {
     /// Verified against when a queue does not exist, so that an unknown queue
     /// costs the same as a wrong signature.
     dummy_key: [u8; 32],
+    /// Adversarial test instrument; `None` outside tests (see [`crate::hooks`]).
+    hooks: Option<Arc<dyn RelayHooks>>,
 }
 
 fn sha256(id: &Id) -> [u8; 32] {
@@ -120,7 +134,15 @@ impl Handler {
             replay: Mutex::new(ReplayCache::new()),
             waiters: Waiters::new(wake),
             dummy_key,
+            hooks: None,
         }
+    }
+
+    /// Installs adversarial test hooks (see [`crate::hooks`]); `None` keeps
+    /// the relay honest.
+    pub fn with_hooks(mut self, hooks: Option<Arc<dyn RelayHooks>>) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -134,24 +156,38 @@ impl Handler {
     /// Handles one request block received at `now_ms`. `ticket` identifies
     /// the request to [`WakeFn`] should it have to wait.
     pub fn handle(&self, block: &[u8], now_ms: u64, ticket: u64) -> Outcome {
-        let Ok(opened) = seal::open_request(&self.identity, block) else {
+        let opened = seal::open_request(&self.identity, block);
+        let command = self.hooks.as_ref().and_then(|h| {
+            let plaintext = opened.as_ref().ok().map(|o| &o.plaintext[..]);
+            let command = plaintext
+                .and_then(|p| Request::decode(p).ok())
+                .map(|r| r.command.name());
+            h.on_request(&RequestView {
+                block,
+                plaintext,
+                command,
+            });
+            command
+        });
+        let Ok(opened) = opened else {
             return Outcome::Reject;
         };
         let step = match self.dispatch(&opened.plaintext, &opened.enc, now_ms, ticket) {
             Ok(s) => s,
             Err(code) => Step::Reply(Reply::Error(code)),
         };
-        self.finish(step, opened.response_key, now_ms)
+        self.finish(step, opened.response_key, now_ms, command)
     }
 
     /// Looks again for a message for a parked FETCH. With `last` (deadline
     /// reached, or the relay shutting down) it answers whatever it finds.
     pub fn resume(&self, wait: Wait, now_ms: u64, ticket: u64, last: bool) -> Outcome {
-        let step = match self.poll(wait.queue, now_ms, ticket, wait.deadline_ms, last) {
+        let secret = wait.hook_secret.as_deref();
+        let step = match self.poll(wait.queue, secret, now_ms, ticket, wait.deadline_ms, last) {
             Ok(s) => s,
             Err(code) => Step::Reply(Reply::Error(code)),
         };
-        self.finish(step, wait.key, now_ms)
+        self.finish(step, wait.key, now_ms, Some("FETCH"))
     }
 
     /// Forgets a parked FETCH whose connection went away.
@@ -174,14 +210,41 @@ impl Handler {
         self.waiters.len()
     }
 
-    fn finish(&self, step: Step, key: ResponseKey, now_ms: u64) -> Outcome {
+    fn finish(
+        &self,
+        step: Step,
+        key: ResponseKey,
+        now_ms: u64,
+        command: Option<&'static str>,
+    ) -> Outcome {
         match step {
-            Step::Wait { queue, deadline_ms } => Outcome::Wait(Wait {
+            Step::Wait {
+                queue,
+                deadline_ms,
+                hook_secret,
+            } => Outcome::Wait(Wait {
                 queue,
                 key,
                 deadline_ms,
+                hook_secret,
             }),
             Step::Reply(reply) => {
+                if let Some(h) = &self.hooks {
+                    match h.on_response(&ResponseView {
+                        command,
+                        reply: &reply,
+                    }) {
+                        ResponseAction::Pass => {}
+                        ResponseAction::Delay(d) => std::thread::sleep(d),
+                        ResponseAction::Replace(body) => return Outcome::Reply(body),
+                        ResponseAction::Reject => return Outcome::Reject,
+                        ResponseAction::Plaintext(p) => {
+                            return key
+                                .seal_response(&p)
+                                .map_or(Outcome::Reject, Outcome::Reply)
+                        }
+                    }
+                }
                 let plaintext = Response {
                     time_ms: now_ms,
                     reply,
@@ -263,7 +326,8 @@ impl Handler {
                 let q = self.recipient_queue(&signed, recipient_id)?;
                 let wait = (*wait_ms).min(self.policy.max_wait_ms);
                 let deadline_ms = now_ms.saturating_add(u64::from(wait));
-                return self.poll(q.queue, now_ms, ticket, deadline_ms, false);
+                let secret = self.hooks.as_ref().map(|_| &*q.queue_secret);
+                return self.poll(q.queue, secret, now_ms, ticket, deadline_ms, false);
             }
             Command::Ack {
                 recipient_id,
@@ -276,6 +340,9 @@ impl Handler {
                     .map_err(internal)?
                 {
                     AckOutcome::NoMessage => return Err(ErrorCode::NoMessage),
+                    AckOutcome::Next(Some(m)) if self.hooks.is_some() => {
+                        self.hooked_delivery(q.queue, &q.queue_secret, m, "ACK")?
+                    }
                     AckOutcome::Next(Some(m)) => message_reply(m)?,
                     AckOutcome::Next(None) => Reply::Empty,
                 }
@@ -380,6 +447,17 @@ impl Handler {
                 _ => return Err(ErrorCode::Auth),
             }
         };
+        if let Some(h) = &self.hooks {
+            let action = h.on_send(&SendView {
+                queue: row.queue,
+                sender_id,
+                signed: s.req.signature.is_some(),
+                message,
+            });
+            if let SendAction::Replace(uploads) = action {
+                return self.hooked_store(&row, auth, uploads, now_ms);
+            }
+        }
         let msg_id = random_id();
         // Re-encrypted for the recipient before it touches the disk: what was
         // uploaded and what is stored or delivered share no bytes.
@@ -410,6 +488,7 @@ impl Handler {
     fn poll(
         &self,
         queue: QueueRef,
+        hook_secret: Option<&[u8; 32]>,
         now_ms: u64,
         ticket: u64,
         deadline_ms: u64,
@@ -427,10 +506,110 @@ impl Handler {
             self.waiters.cancel(queue, ticket);
         }
         match found.map_err(internal)? {
-            Some(m) => Ok(Step::Reply(message_reply(m)?)),
-            None if may_wait => Ok(Step::Wait { queue, deadline_ms }),
+            Some(m) => match hook_secret {
+                Some(secret) => Ok(Step::Reply(
+                    self.hooked_delivery(queue, secret, m, "FETCH")?,
+                )),
+                None => Ok(Step::Reply(message_reply(m)?)),
+            },
+            None if may_wait => Ok(Step::Wait {
+                queue,
+                deadline_ms,
+                hook_secret: hook_secret.map(|s| Zeroizing::new(*s)),
+            }),
             None => Ok(Step::Reply(Reply::Empty)),
         }
+    }
+
+    /// A SEND as the hooks rewrote it: stores each upload like an honest
+    /// SEND would (own message id, delivery encryption, authorisation and
+    /// quota re-checked on commit) and answers OK whatever became of them.
+    fn hooked_store(
+        &self,
+        row: &QueueRow,
+        auth: SendAuth,
+        uploads: Vec<Upload>,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        for u in uploads {
+            let target = match u.to {
+                None => None,
+                Some(sid) => match self
+                    .store
+                    .queue_by_sender(&sha256(&sid))
+                    .map_err(internal)?
+                {
+                    Some(r) => Some(r),
+                    None => continue,
+                },
+            };
+            let (queue, secret, auth) = match &target {
+                None => (row.queue, &row.queue_secret, auth),
+                Some(r) => (
+                    r.queue,
+                    &r.queue_secret,
+                    r.sender_auth.map_or(SendAuth::Unsigned, SendAuth::Signed),
+                ),
+            };
+            let msg_id = random_id();
+            let outcome = self
+                .store
+                .send(NewMessage {
+                    queue,
+                    auth,
+                    msg_id,
+                    received_hour: i64::try_from(now_ms / 3_600_000).unwrap_or(i64::MAX),
+                    body: seal::delivery_seal(secret, &msg_id, &u.message),
+                    max_pending: self.policy.max_pending,
+                    expired_upto: self.expired_upto(now_ms),
+                })
+                .map_err(internal)?;
+            if outcome == SendOutcome::Stored {
+                self.waiters.notify(queue);
+            }
+        }
+        Ok(Reply::Ok)
+    }
+
+    /// A delivery as the hooks rewrote it.
+    fn hooked_delivery(
+        &self,
+        queue: QueueRef,
+        secret: &[u8; 32],
+        m: StoredMessage,
+        command: &'static str,
+    ) -> Result<Reply> {
+        let Some(h) = &self.hooks else {
+            return message_reply(m);
+        };
+        let received_at = u64::try_from(m.received_hour.saturating_mul(3600)).unwrap_or(0);
+        let opened = seal::delivery_open(secret, &m.msg_id, &m.body).ok();
+        let action = h.on_deliver(&DeliverView {
+            queue,
+            command,
+            msg_id: &m.msg_id,
+            received_at,
+            delivered: &m.body,
+            message: opened.as_deref(),
+            queue_secret: secret,
+        });
+        let (msg_id, body) = match action {
+            DeliverAction::Pass => return message_reply(m),
+            DeliverAction::Hide => return Ok(Reply::Empty),
+            DeliverAction::Replace { msg_id, message } => {
+                (msg_id, seal::delivery_seal(secret, &msg_id, &message))
+            }
+            DeliverAction::Raw { msg_id, delivered } => (msg_id, delivered),
+        };
+        if body.len() != DELIVERED_LEN {
+            error!("a hook delivered a message of the wrong length");
+            return Err(ErrorCode::Internal);
+        }
+        Ok(Reply::Message {
+            msg_id,
+            received_at,
+            body,
+        })
     }
 }
 

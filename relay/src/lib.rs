@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 mod event_loop;
 pub mod handler;
+pub mod hooks;
 pub mod http;
 mod identity;
 mod lock;

@@ -226,7 +226,8 @@ impl Server {
                     let _ = wake_waker.wake();
                 }
             }),
-        );
+        )
+        .with_hooks(cfg.hooks.clone());
         let page = page::render(&address, cfg.access_key.is_none()).into_bytes();
         let mut cfg = cfg;
         cfg.max_connections = connection_cap(cfg.max_connections);

@@ -76,6 +76,8 @@ pub struct FetchSummary {
     pub messages: usize,
     /// Connections that completed.
     pub connected: usize,
+    /// Contacts that received something since their jobs last ran.
+    touched: HashSet<String>,
     /// Queues that could not be fetched.
     pub errors: Vec<NetError>,
     pub queues: usize,
@@ -101,14 +103,36 @@ enum FromWorker {
         queue: Arc<QueueRef>,
         msg_id: Id,
         body: Vec<u8>,
-        /// `true`: stored, acknowledge it.
-        ack: Sender<bool>,
+        /// What became of it; anything but `NotStored` is acknowledged.
+        ack: Sender<Verdict>,
     },
     Failed {
         error: NetError,
     },
+    /// Something the jobs thread has to say.
+    Event(Event),
+    /// The queue's relay delivered too many unusable messages in a row.
+    Flooded {
+        queue: Arc<QueueRef>,
+    },
     Done,
 }
+
+/// What the main thread made of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Stored or acted on.
+    Used,
+    /// Dropped: a copy already seen, junk, a replay.
+    Useless,
+    /// Not stored (the store failed): must not be acknowledged.
+    NotStored,
+}
+
+/// Unusable messages in a row after which a queue is left alone for the
+/// rest of the run. Legitimate traffic never comes close: copies arrive once
+/// per queue, and handshake or rotation steps are a handful.
+const MAX_USELESS_IN_A_ROW: u32 = 64;
 
 #[derive(Clone, Copy)]
 struct Mode {
@@ -135,6 +159,7 @@ fn worker(
     };
     let mut reply = fetch(mode.wait_ms);
     let mut backoff = Duration::from_millis(500);
+    let mut useless_in_a_row = 0;
     loop {
         match reply {
             Ok(Reply::Message { msg_id, body, .. }) => {
@@ -145,7 +170,17 @@ fn worker(
                     body,
                     ack: ack_tx,
                 });
-                if sent.is_err() || ack_rx.recv() != Ok(true) {
+                match ack_rx.recv() {
+                    _ if sent.is_err() => return,
+                    Ok(Verdict::Used) => useless_in_a_row = 0,
+                    Ok(Verdict::Useless) => useless_in_a_row += 1,
+                    Ok(Verdict::NotStored) | Err(_) => return,
+                }
+                if useless_in_a_row > MAX_USELESS_IN_A_ROW {
+                    // A relay that feeds junk or replays without end must
+                    // not keep `tern recv` (or a cron job) running for ever.
+                    let _ = out.send(FromWorker::Flooded { queue: q.clone() });
+                    let _ = out.send(FromWorker::Done);
                     return;
                 }
                 reply = net.call(
@@ -222,23 +257,31 @@ impl Client {
     ) -> Result<FetchSummary, ClientError> {
         let mut summary = FetchSummary::default();
         let only = opts.contact_id.as_deref();
-        // Work left over from earlier commands (outbox, handshake steps),
-        // and queue rotations that are due.
-        self.run_all_jobs(only, on_event)?;
-        self.rotate_due(only, on_event)?;
+        let waiting = opts.follow || opts.wait.is_some();
+        if !waiting {
+            // Work left over from earlier commands (outbox, handshake
+            // steps), and queue rotations that are due. (When waiting, a
+            // thread of its own does this, so that receiving never waits
+            // for an upload to a slow relay.)
+            self.run_all_jobs(only, on_event)?;
+            self.rotate_due(only, on_event)?;
+        }
 
         let queues = self.queue_refs(only)?;
         summary.queues = queues.len();
-        self.drain(&queues, &mut summary, on_event)?;
+        if waiting {
+            // A long-poll answers at once when something is waiting, so no
+            // separate first pass: it would hold everything up for as long
+            // as the slowest relay takes to answer.
+            if !queues.is_empty() {
+                self.long_poll(opts, queues, &mut summary, on_event)?;
+            }
+        } else {
+            self.drain(&queues, &mut summary, on_event)?;
+        }
         self.run_all_jobs(only, on_event)?;
         // A peer may have asked for a rotation in what just arrived.
         self.rotate_due(only, on_event)?;
-
-        let waiting =
-            opts.follow || (opts.wait.is_some() && summary.messages == 0 && summary.connected == 0);
-        if waiting && !queues.is_empty() {
-            self.long_poll(opts, queues, &mut summary, on_event)?;
-        }
         Ok(summary)
     }
 
@@ -247,15 +290,30 @@ impl Client {
         only: Option<&str>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ClientError> {
-        let pending: Vec<String> = self
+        let ids: Vec<String> = self
             .contacts()?
             .into_iter()
             .filter(|c| only.is_none_or(|id| id == c.id))
-            .filter(|c| {
-                !c.jobs.is_empty() || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
-            })
             .map(|c| c.id)
             .collect();
+        self.run_jobs_of(&ids, on_event)
+    }
+
+    /// Flushes the outbox and runs the jobs of each of these contacts that
+    /// has any.
+    fn run_jobs_of(
+        &mut self,
+        ids: &[String],
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let mut pending = Vec::new();
+        for id in ids {
+            let Ok(c) = self.contact(id) else { continue };
+            if !c.jobs.is_empty() || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
+            {
+                pending.push(c.id);
+            }
+        }
         for id in pending {
             self.update_contact(&id, |_, c| flush_outbox(c, super::now()))?;
             let report = self.run_jobs(&id)?;
@@ -349,6 +407,44 @@ impl Client {
         for q in queues.drain(..) {
             spawn(q, &mut started);
         }
+        // Uploads and rotations run beside the receiving, on their own store
+        // handle: told which contacts just received something, and on every
+        // rescan tick for everything else.
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Vec<String>>();
+        let mut jobs_client = self.another_handle()?;
+        let (only, events_tx) = (opts.contact_id.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut emit = |e: Event| {
+                let _ = events_tx.send(FromWorker::Event(e));
+            };
+            let mut everything = true;
+            loop {
+                let result = if everything {
+                    jobs_client
+                        .run_all_jobs(only.as_deref(), &mut emit)
+                        .and_then(|()| jobs_client.rotate_due(only.as_deref(), &mut emit))
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = result {
+                    emit(Event::Warning(format!(
+                        "could not send pending work yet: {e}"
+                    )));
+                }
+                match jobs_rx.recv_timeout(RESCAN) {
+                    Ok(ids) => {
+                        everything = false;
+                        if let Err(e) = jobs_client.run_jobs_of(&ids, &mut emit) {
+                            emit(Event::Warning(format!(
+                                "could not send pending work yet: {e}"
+                            )));
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => everything = true,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
         let before = summary.messages + summary.connected;
         let result = loop {
             let limit = if opts.follow {
@@ -371,15 +467,16 @@ impl Client {
                     }
                     // Pick up contacts made meanwhile by other tern commands,
                     // and new queues from rotations.
-                    self.run_all_jobs(opts.contact_id.as_deref(), on_event)?;
-                    self.rotate_due(opts.contact_id.as_deref(), on_event)?;
                     for q in self.queue_refs(opts.contact_id.as_deref())? {
                         spawn(q, &mut started);
                     }
                 }
                 Err(e) => break Err(e),
             }
-            self.run_all_jobs(opts.contact_id.as_deref(), on_event)?;
+            let touched: Vec<String> = std::mem::take(&mut summary.touched).into_iter().collect();
+            if !touched.is_empty() {
+                let _ = jobs_tx.send(touched);
+            }
         };
         stop.store(true, Ordering::Relaxed);
         result
@@ -425,9 +522,15 @@ impl Client {
                 body,
                 ack,
             } => {
+                summary.touched.insert(queue.contact_id.clone());
                 match self.process(&queue, &msg_id, &body) {
                     Ok(events) => {
-                        let _ = ack.send(true);
+                        let useless = events.iter().all(|e| matches!(e, Event::Warning(_)));
+                        let _ = ack.send(if useless {
+                            Verdict::Useless
+                        } else {
+                            Verdict::Used
+                        });
                         for e in events {
                             match e {
                                 Event::Message { .. } => summary.messages += 1,
@@ -441,11 +544,17 @@ impl Client {
                     }
                     Err(e) => {
                         // Not stored, so not acknowledged: the relay keeps it.
-                        let _ = ack.send(false);
+                        let _ = ack.send(Verdict::NotStored);
                         return Err(e);
                     }
                 }
             }
+            FromWorker::Event(e) => on_event(e),
+            FromWorker::Flooded { queue } => on_event(Event::Warning(format!(
+                "relay {} keeps delivering messages that cannot be used (junk or replays); \
+                 stopped reading that queue for now",
+                queue.relay.label()
+            ))),
             FromWorker::Failed { error } => {
                 on_event(Event::Warning(error.to_string()));
                 summary.errors.push(error);
@@ -518,8 +627,9 @@ impl Client {
                             tx.mark_seen(&seen, &d)?;
                         }
                         return Ok(vec![Event::Warning(format!(
-                            "someone else tried to use the one-time invitation you made for {}: \
-                             it may have been copied on its way; it was refused",
+                            "refused a second request for the one-time invitation you made for {}: \
+                             someone may have copied the invitation on its way (or a relay made \
+                             the request up); compare security codes with `tern verify`",
                             c.name
                         ))])
                     }

@@ -103,6 +103,15 @@ impl Client {
         })
     }
 
+    /// Another client on the same profile (its own store handle, the same
+    /// relay connections), for a thread of its own.
+    pub fn another_handle(&self) -> Result<Client, ClientError> {
+        Ok(Client {
+            store: self.store.another_handle()?,
+            net: self.net.clone(),
+        })
+    }
+
     pub fn settings(&self) -> Result<Settings, ClientError> {
         self.store
             .read(|tx| tx.get::<Settings>(SETTINGS))?

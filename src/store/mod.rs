@@ -329,6 +329,23 @@ impl Store {
         Ok(store)
     }
 
+    /// A second handle on the same unlocked profile, with a database
+    /// connection of its own, for another thread: SQLite serialises the
+    /// writers exactly as it does for two tern processes.
+    pub fn another_handle(&self) -> Result<Store, StoreError> {
+        let conn = open_db(&self.paths)?;
+        let unlocked = Unlocked {
+            identity: self.unlocked.identity.clone(),
+            text: self.unlocked.text.clone(),
+        };
+        Ok(Store {
+            conn,
+            keys: Keys::derive(&unlocked.identity),
+            unlocked,
+            paths: Paths::new(&self.paths.home),
+        })
+    }
+
     /// The profile directory.
     pub fn home(&self) -> &Path {
         &self.paths.home
