@@ -1,0 +1,1628 @@
+//! Relay benchmarks, run by `scripts/bench` (see BENCHMARKS.md).
+//!
+//! ```text
+//! bench_relay throughput --tern PATH [--redis-server PATH] [--quick]
+//! bench_relay scale      --tern PATH [--quick]
+//! ```
+//!
+//! Every relay is a separate process (`tern relay serve --listen
+//! 127.0.0.1:0 --data TMP`), so its peak memory and CPU time can be read from
+//! `/proc/<pid>`. Clients are threads of this process speaking HTTP/1.1 with
+//! keep-alive, sealing every request with HPKE and signing it with Ed25519
+//! exactly as `tern` does. Only 127.0.0.1 is ever contacted, and every loop is
+//! bounded in count and in time.
+//!
+//! Results go to stdout as Markdown; progress goes to stderr.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use tern_relay::seal::{self, RequestSealer};
+use tern_relay::wire::{Command, Id, Reply, Request, Response, QUEUE_MSG_LEN};
+use tern_relay::RelayAddress;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+// ---------------------------------------------------------------- utilities
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench_relay: {msg}");
+}
+
+/// Sorted-sample percentile (nearest rank).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v
+}
+
+/// "median (min–max)" of per-run figures.
+fn spread(runs: &[f64], digits: usize) -> String {
+    let s = sorted(runs.to_vec());
+    if s.is_empty() {
+        return "n/a".into();
+    }
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    format!(
+        "{median:.digits$} ({:.digits$}–{:.digits$})",
+        s[0],
+        s[s.len() - 1]
+    )
+}
+
+fn median(runs: &[f64]) -> f64 {
+    let s = sorted(runs.to_vec());
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
+}
+
+/// A field of /proc/<pid>/status, in its unit (kB for memory).
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of a process (or of "self"), assuming the
+/// usual 100 clock ticks per second.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &Path, names: &[&str]) -> u64 {
+    names
+        .iter()
+        .map(|n| std::fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn kill_term(pid: u32) {
+    let _ = Process::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+/// Waits up to `limit` for a child to exit, then kills it.
+fn reap(child: &mut Child, limit: Duration) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ------------------------------------------------------------------- HTTP
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr) -> io::Result<Conn> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Conn {
+            reader: BufReader::with_capacity(20 * 1024, s),
+        })
+    }
+
+    fn write_post(&mut self, body: &[u8]) -> io::Result<()> {
+        let mut req = format!(
+            "POST /v1 HTTP/1.1\r\nHost: relay\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.reader.get_mut().write_all(&req)
+    }
+
+    fn read_response(&mut self) -> io::Result<(u16, Vec<u8>)> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| err(format!("bad status line {line:?}")))?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if self.reader.read_line(&mut h)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                if n.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().map_err(|_| err("bad content-length"))?;
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, body))
+    }
+}
+
+// ------------------------------------------------------------ tern client
+
+/// Seals `cmd` for the relay; returns the block and its response key.
+fn seal_request(
+    relay_key: &[u8; 32],
+    cmd: &Command,
+    signer: Option<&SigningKey>,
+) -> io::Result<(Vec<u8>, seal::ResponseKey)> {
+    let sealer = RequestSealer::new(relay_key, &mut OsRng).map_err(|e| err(e.to_string()))?;
+    let pt = Request::encode(cmd, now_ms(), sealer.enc(), signer);
+    sealer.seal(&pt).map_err(|e| err(e.to_string()))
+}
+
+fn open_reply(rkey: &seal::ResponseKey, status: u16, body: &[u8]) -> io::Result<Reply> {
+    if status != 200 {
+        return Err(err(format!("HTTP {status}")));
+    }
+    let pt = rkey
+        .open_response(body)
+        .map_err(|e| err(format!("response does not open: {e}")))?;
+    Ok(Response::decode(&pt)
+        .map_err(|e| err(format!("response does not decode: {e}")))?
+        .reply)
+}
+
+/// One sealed request on a keep-alive connection.
+fn call(
+    conn: &mut Conn,
+    relay_key: &[u8; 32],
+    cmd: &Command,
+    signer: Option<&SigningKey>,
+) -> io::Result<Reply> {
+    let (block, rkey) = seal_request(relay_key, cmd, signer)?;
+    conn.write_post(&block)?;
+    let (status, body) = conn.read_response()?;
+    open_reply(&rkey, status, &body)
+}
+
+/// Keys shared by many queues: the relay only sees public keys, so reusing
+/// them changes nothing on its side and saves client CPU when creating
+/// 100,000 queues.
+struct Keys {
+    recipient: SigningKey,
+    dh: StaticSecret,
+    sender: SigningKey,
+}
+
+impl Keys {
+    fn generate() -> Arc<Keys> {
+        Arc::new(Keys {
+            recipient: SigningKey::generate(&mut OsRng),
+            dh: StaticSecret::random_from_rng(OsRng),
+            sender: SigningKey::generate(&mut OsRng),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Queue {
+    recipient_id: Id,
+    sender_id: Id,
+    secret: [u8; 32],
+}
+
+fn create_queue(conn: &mut Conn, relay_key: &[u8; 32], keys: &Keys) -> io::Result<Queue> {
+    let cmd = Command::Create {
+        access_key: None,
+        recipient_auth: keys.recipient.verifying_key().to_bytes(),
+        recipient_dh: PublicKey::from(&keys.dh).to_bytes(),
+    };
+    match call(conn, relay_key, &cmd, Some(&keys.recipient))? {
+        Reply::Queue {
+            recipient_id,
+            sender_id,
+            relay_dh,
+        } => Ok(Queue {
+            recipient_id,
+            sender_id,
+            secret: *seal::queue_secret(&keys.dh, &relay_dh).map_err(|e| err(e.to_string()))?,
+        }),
+        other => Err(err(format!("CREATE answered {other:?}"))),
+    }
+}
+
+fn secure_queue(conn: &mut Conn, relay_key: &[u8; 32], keys: &Keys, q: &Queue) -> io::Result<()> {
+    let cmd = Command::Secure {
+        recipient_id: q.recipient_id,
+        sender_auth: keys.sender.verifying_key().to_bytes(),
+    };
+    match call(conn, relay_key, &cmd, Some(&keys.recipient))? {
+        Reply::Ok => Ok(()),
+        other => Err(err(format!("SECURE answered {other:?}"))),
+    }
+}
+
+/// Creates (and optionally secures) `n` queues from `threads` connections.
+fn create_queues(
+    addr: SocketAddr,
+    relay_key: [u8; 32],
+    keys: &Arc<Keys>,
+    n: usize,
+    threads: usize,
+    secure: bool,
+) -> io::Result<Vec<Queue>> {
+    let threads = threads.max(1).min(n.max(1));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let keys = Arc::clone(keys);
+            let count = n / threads + usize::from(t < n % threads);
+            thread::spawn(move || -> io::Result<Vec<Queue>> {
+                let mut conn = Conn::connect(addr)?;
+                let mut out = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let q = create_queue(&mut conn, &relay_key, &keys)?;
+                    if secure {
+                        secure_queue(&mut conn, &relay_key, &keys, &q)?;
+                    }
+                    out.push(q);
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for h in handles {
+        all.extend(h.join().map_err(|_| err("creating thread panicked"))??);
+    }
+    Ok(all)
+}
+
+/// A relay started as its own process.
+struct RelayProc {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+    key: [u8; 32],
+    data: PathBuf,
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl RelayProc {
+    fn start(tern: &Path, base: &Path, name: &str, extra: &[&str]) -> io::Result<RelayProc> {
+        let data = base.join(name);
+        let log = File::create(base.join(format!("{name}.log")))?;
+        let mut child = Process::new(tern)
+            .args(["relay", "serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        let mut stdout = BufReader::new(child.stdout.take().ok_or_else(|| err("no stdout"))?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let address: RelayAddress = line
+            .trim()
+            .parse()
+            .map_err(|e| err(format!("relay printed {line:?}: {e}")))?;
+        let addr: SocketAddr = address
+            .authority()
+            .parse()
+            .map_err(|e| err(format!("relay address {line:?}: {e}")))?;
+        Ok(RelayProc {
+            pid: child.id(),
+            child,
+            addr,
+            key: address.key,
+            data,
+            _stdout: stdout,
+        })
+    }
+
+    fn hwm_mib(&self) -> f64 {
+        proc_status(self.pid, "VmHWM").unwrap_or(0) as f64 / 1024.0
+    }
+
+    fn rss_mib(&self) -> f64 {
+        proc_status(self.pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
+    }
+
+    fn threads(&self) -> u64 {
+        proc_status(self.pid, "Threads").unwrap_or(0)
+    }
+
+    fn db_bytes(&self) -> u64 {
+        dir_bytes(&self.data, &["relay.db", "relay.db-wal", "relay.db-shm"])
+    }
+
+    /// SIGTERM (graceful: the store checkpoints on the way out), then wait.
+    fn stop(mut self) {
+        kill_term(self.pid);
+        reap(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ Redis
+
+// The payloads are only ever shown in error messages.
+#[allow(dead_code)]
+#[derive(Debug)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+/// A minimal RESP2 client: enough for PING, LPUSH and BRPOP.
+struct Redis {
+    reader: BufReader<TcpStream>,
+}
+
+impl Redis {
+    fn connect(addr: SocketAddr) -> io::Result<Redis> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Redis {
+            reader: BufReader::with_capacity(20 * 1024, s),
+        })
+    }
+
+    fn command(&mut self, args: &[&[u8]]) -> io::Result<Resp> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.reader.get_mut().write_all(&out)?;
+        self.read_value()
+    }
+
+    fn read_line(&mut self) -> io::Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+
+    fn read_value(&mut self) -> io::Result<Resp> {
+        let line = self.read_line()?;
+        let (kind, rest) = line.split_at(1.min(line.len()));
+        let num = || {
+            rest.parse::<i64>()
+                .map_err(|_| err(format!("bad RESP {line:?}")))
+        };
+        Ok(match kind {
+            "+" => Resp::Simple(rest.to_string()),
+            "-" => Resp::Error(rest.to_string()),
+            ":" => Resp::Int(num()?),
+            "$" => {
+                let n = num()?;
+                if n < 0 {
+                    Resp::Bulk(None)
+                } else {
+                    let mut buf = vec![0; n as usize + 2];
+                    self.reader.read_exact(&mut buf)?;
+                    buf.truncate(n as usize);
+                    Resp::Bulk(Some(buf))
+                }
+            }
+            "*" => {
+                let n = num()?;
+                if n < 0 {
+                    Resp::Array(None)
+                } else {
+                    let mut items = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        items.push(self.read_value()?);
+                    }
+                    Resp::Array(Some(items))
+                }
+            }
+            _ => return Err(err(format!("bad RESP line {line:?}"))),
+        })
+    }
+}
+
+/// A redis-server process with a private directory.
+struct RedisProc {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+}
+
+impl RedisProc {
+    fn start(bin: &Path, base: &Path, name: &str, fsync: &str) -> io::Result<RedisProc> {
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let child = Process::new(bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--appendonly", "yes", "--appendfsync", fsync, "--save", ""])
+            .args(["--daemonize", "no", "--protected-mode", "yes"])
+            .arg("--logfile")
+            .arg(base.join(format!("{name}.log")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}")
+            .parse()
+            .map_err(|_| err("bad address"))?;
+        let mut p = RedisProc {
+            pid: child.id(),
+            child,
+            addr,
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = Redis::connect(addr) {
+                if let Ok(Resp::Simple(s)) = c.command(&[b"PING"]) {
+                    if s == "PONG" {
+                        return Ok(p);
+                    }
+                }
+            }
+            if Instant::now() > end || matches!(p.child.try_wait(), Ok(Some(_))) {
+                let _ = p.child.kill();
+                return Err(err("redis-server did not start (see its log)"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn hwm_mib(&self) -> f64 {
+        proc_status(self.pid, "VmHWM").unwrap_or(0) as f64 / 1024.0
+    }
+
+    fn stop(mut self) {
+        kill_term(self.pid);
+        reap(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------- throughput
+
+/// One side of a queue pair.
+trait SendSide: Send {
+    /// Uploads message `seq` and returns once the server has accepted it.
+    fn send(&mut self, seq: u64) -> io::Result<()>;
+}
+
+trait RecvSide: Send {
+    /// The next message's sequence number, waiting up to `wait` for it.
+    fn recv(&mut self, wait: Duration) -> io::Result<Option<u64>>;
+    /// Acknowledges the message `recv` returned last.
+    fn ack(&mut self) -> io::Result<()>;
+}
+
+fn seq_of(m: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&m[..8]);
+    u64::from_le_bytes(b)
+}
+
+struct TernSender {
+    conn: Conn,
+    relay_key: [u8; 32],
+    keys: Arc<Keys>,
+    queue: Queue,
+    message: Vec<u8>,
+}
+
+impl SendSide for TernSender {
+    fn send(&mut self, seq: u64) -> io::Result<()> {
+        self.message[..8].copy_from_slice(&seq.to_le_bytes());
+        let cmd = Command::Send {
+            sender_id: self.queue.sender_id,
+            message: self.message.clone(),
+        };
+        match call(
+            &mut self.conn,
+            &self.relay_key,
+            &cmd,
+            Some(&self.keys.sender),
+        )? {
+            Reply::Ok => Ok(()),
+            other => Err(err(format!("SEND answered {other:?}"))),
+        }
+    }
+}
+
+struct TernRecipient {
+    conn: Conn,
+    relay_key: [u8; 32],
+    keys: Arc<Keys>,
+    queue: Queue,
+    /// A message that came with the last ACK's answer.
+    next: Option<(Id, Vec<u8>)>,
+    current: Option<Id>,
+}
+
+impl TernRecipient {
+    fn take(&mut self, msg_id: Id, body: &[u8]) -> io::Result<u64> {
+        let m = seal::delivery_open(&self.queue.secret, &msg_id, body)
+            .map_err(|_| err("delivered message does not open"))?;
+        self.current = Some(msg_id);
+        Ok(seq_of(&m))
+    }
+}
+
+impl RecvSide for TernRecipient {
+    fn recv(&mut self, wait: Duration) -> io::Result<Option<u64>> {
+        if let Some((id, body)) = self.next.take() {
+            return self.take(id, &body).map(Some);
+        }
+        let cmd = Command::Fetch {
+            recipient_id: self.queue.recipient_id,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        match call(
+            &mut self.conn,
+            &self.relay_key,
+            &cmd,
+            Some(&self.keys.recipient),
+        )? {
+            Reply::Message { msg_id, body, .. } => self.take(msg_id, &body).map(Some),
+            Reply::Empty => Ok(None),
+            other => Err(err(format!("FETCH answered {other:?}"))),
+        }
+    }
+
+    fn ack(&mut self) -> io::Result<()> {
+        let Some(msg_id) = self.current.take() else {
+            return Ok(());
+        };
+        let cmd = Command::Ack {
+            recipient_id: self.queue.recipient_id,
+            msg_id,
+        };
+        match call(
+            &mut self.conn,
+            &self.relay_key,
+            &cmd,
+            Some(&self.keys.recipient),
+        )? {
+            Reply::Message { msg_id, body, .. } => {
+                self.next = Some((msg_id, body));
+                Ok(())
+            }
+            Reply::Empty => Ok(()),
+            other => Err(err(format!("ACK answered {other:?}"))),
+        }
+    }
+}
+
+struct RedisSender {
+    conn: Redis,
+    key: Vec<u8>,
+    message: Vec<u8>,
+}
+
+impl SendSide for RedisSender {
+    fn send(&mut self, seq: u64) -> io::Result<()> {
+        self.message[..8].copy_from_slice(&seq.to_le_bytes());
+        match self.conn.command(&[b"LPUSH", &self.key, &self.message])? {
+            Resp::Int(_) => Ok(()),
+            other => Err(err(format!("LPUSH answered {other:?}"))),
+        }
+    }
+}
+
+struct RedisRecipient {
+    conn: Redis,
+    key: Vec<u8>,
+}
+
+impl RecvSide for RedisRecipient {
+    fn recv(&mut self, wait: Duration) -> io::Result<Option<u64>> {
+        let timeout = format!("{:.3}", wait.as_secs_f64().max(0.01));
+        match self
+            .conn
+            .command(&[b"BRPOP", &self.key, timeout.as_bytes()])?
+        {
+            Resp::Array(None) => Ok(None),
+            Resp::Array(Some(mut items)) if items.len() == 2 => match items.pop() {
+                Some(Resp::Bulk(Some(v))) if v.len() >= 8 => Ok(Some(seq_of(&v))),
+                other => Err(err(format!("BRPOP answered {other:?}"))),
+            },
+            other => Err(err(format!("BRPOP answered {other:?}"))),
+        }
+    }
+
+    fn ack(&mut self) -> io::Result<()> {
+        // BRPOP removed the message: that is Redis's acknowledgement.
+        Ok(())
+    }
+}
+
+/// What one pair did in one run.
+#[derive(Default)]
+struct PairResult {
+    /// Messages delivered and acknowledged before the deadline.
+    done: u64,
+    /// Send start → delivery, in ms, for those messages.
+    latencies: Vec<f64>,
+    error: Option<String>,
+}
+
+/// Runs one queue pair for `length`: a closed loop with `window` messages in
+/// flight (sent and not yet delivered). Returns the pair's counts.
+fn run_pair(
+    mut tx: Box<dyn SendSide>,
+    mut rx: Box<dyn RecvSide>,
+    window: usize,
+    start: Instant,
+    length: Duration,
+    first_seq: u64,
+) -> (PairResult, u64) {
+    let deadline = start + length;
+    let grace = deadline + Duration::from_secs(10);
+    let starts: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; window]));
+    let (credit_tx, credit_rx) = mpsc::channel::<()>();
+    let sent_total = Arc::new(Mutex::new((first_seq, false)));
+    let failed = Arc::new(AtomicBool::new(false));
+
+    let sender = {
+        let starts = Arc::clone(&starts);
+        let sent_total = Arc::clone(&sent_total);
+        let failed = Arc::clone(&failed);
+        thread::spawn(move || -> Option<String> {
+            let mut credits = window;
+            let mut seq = first_seq;
+            let mut error = None;
+            while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
+                while credits == 0 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    if credit_rx.recv_timeout(left).is_ok() {
+                        credits += 1;
+                    } else {
+                        break;
+                    }
+                }
+                if credits == 0 || Instant::now() >= deadline {
+                    break;
+                }
+                if let Ok(mut s) = starts.lock() {
+                    s[(seq as usize) % window] = Some(Instant::now());
+                }
+                if let Ok(mut t) = sent_total.lock() {
+                    t.0 = seq + 1;
+                }
+                if let Err(e) = tx.send(seq) {
+                    error = Some(format!("send: {e}"));
+                    failed.store(true, Ordering::Relaxed);
+                    break;
+                }
+                seq += 1;
+                credits -= 1;
+            }
+            if let Ok(mut t) = sent_total.lock() {
+                t.1 = true;
+            }
+            error
+        })
+    };
+
+    let mut result = PairResult::default();
+    let mut received = first_seq;
+    loop {
+        let now = Instant::now();
+        let (sent, sender_done) = sent_total.lock().map(|t| *t).unwrap_or((0, true));
+        if (sender_done && received >= sent) || now >= grace || failed.load(Ordering::Relaxed) {
+            break;
+        }
+        // Long-poll until a little past the deadline; after it, only drain.
+        let wait = if now < deadline {
+            (deadline - now + Duration::from_millis(50)).min(Duration::from_secs(5))
+        } else {
+            Duration::from_millis(500)
+        };
+        match rx.recv(wait) {
+            Ok(Some(seq)) => {
+                let at = Instant::now();
+                let began = starts.lock().ok().and_then(|s| s[(seq as usize) % window]);
+                let _ = credit_tx.send(());
+                received += 1;
+                if let Err(e) = rx.ack() {
+                    result.error = Some(format!("ack: {e}"));
+                    failed.store(true, Ordering::Relaxed);
+                    break;
+                }
+                if Instant::now() <= deadline {
+                    result.done += 1;
+                    if let Some(b) = began {
+                        result.latencies.push((at - b).as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                result.error = Some(format!("receive: {e}"));
+                failed.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    drop(credit_tx);
+    if let Ok(Some(e)) = sender.join() {
+        result.error.get_or_insert(e);
+    }
+    (result, received)
+}
+
+/// How to make the two sides of pair `i` (fresh connections every run).
+type PairFactory = dyn Fn(usize) -> io::Result<(Box<dyn SendSide>, Box<dyn RecvSide>)> + Sync;
+
+struct RunFigures {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+/// One run with `pairs` pairs; returns messages/s and latency percentiles.
+fn run_once(
+    pairs: usize,
+    make: &PairFactory,
+    seqs: &mut [u64],
+    length: Duration,
+    server_cpu: &dyn Fn() -> f64,
+) -> io::Result<RunFigures> {
+    let mut sides = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        sides.push(make(i)?);
+    }
+    let cpu0 = (server_cpu(), cpu_secs("self"));
+    let start = Instant::now() + Duration::from_millis(100);
+    let handles: Vec<_> = sides
+        .into_iter()
+        .zip(seqs.iter().copied())
+        .map(|((tx, rx), first)| {
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let wait = start.saturating_duration_since(Instant::now());
+                    thread::sleep(wait);
+                    run_pair(tx, rx, WINDOW, start, length, first)
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut done = 0u64;
+    let mut lat = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (r, next_seq) = h.join().map_err(|_| err("pair thread panicked"))?;
+        if let Some(e) = r.error {
+            return Err(err(format!("pair {i}: {e}")));
+        }
+        seqs[i] = next_seq;
+        done += r.done;
+        lat.extend(r.latencies);
+    }
+    let cpu1 = (server_cpu(), cpu_secs("self"));
+    let lat = sorted(lat);
+    let per = |d: f64| d * 1e6 / (done.max(1) as f64);
+    Ok(RunFigures {
+        rate: done as f64 / length.as_secs_f64(),
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        server_cpu: per(cpu1.0 - cpu0.0),
+        client_cpu: per(cpu1.1 - cpu0.1),
+    })
+}
+
+/// Messages in flight per pair: the sender sends message n+1 once message n
+/// has been delivered, so the recipient is (usually) parked in its long poll
+/// when a message arrives.
+const WINDOW: usize = 1;
+
+struct Plan {
+    runs: usize,
+    length: Duration,
+    warmup: Duration,
+    levels: Vec<usize>,
+}
+
+struct Row {
+    system: String,
+    pairs: usize,
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    server_cpu: Vec<f64>,
+    client_cpu: Vec<f64>,
+    peak_mib: f64,
+}
+
+fn measure(
+    system: &str,
+    pairs: usize,
+    plan: &Plan,
+    make: &PairFactory,
+    server_cpu: &dyn Fn() -> f64,
+) -> io::Result<Row> {
+    let mut seqs = vec![0u64; pairs];
+    run_once(pairs, make, &mut seqs, plan.warmup, server_cpu)?;
+    let mut row = Row {
+        system: system.to_string(),
+        pairs,
+        rate: vec![],
+        p50: vec![],
+        p99: vec![],
+        server_cpu: vec![],
+        client_cpu: vec![],
+        peak_mib: 0.0,
+    };
+    for r in 0..plan.runs {
+        let f = run_once(pairs, make, &mut seqs, plan.length, server_cpu)?;
+        progress(&format!(
+            "{system}, {pairs} pairs, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+            r + 1,
+            f.rate,
+            f.p50,
+            f.p99
+        ));
+        row.rate.push(f.rate);
+        row.p50.push(f.p50);
+        row.p99.push(f.p99);
+        row.server_cpu.push(f.server_cpu);
+        row.client_cpu.push(f.client_cpu);
+    }
+    Ok(row)
+}
+
+fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result<Row> {
+    let relay = RelayProc::start(tern, base, &format!("relay-{pairs}"), &[])?;
+    let keys = Keys::generate();
+    let queues = create_queues(relay.addr, relay.key, &keys, pairs, 8, true)?;
+    let (addr, relay_key) = (relay.addr, relay.key);
+    let mut message = vec![0u8; QUEUE_MSG_LEN];
+    OsRng.fill_bytes(&mut message);
+    let make = move |i: usize| -> io::Result<(Box<dyn SendSide>, Box<dyn RecvSide>)> {
+        let q = queues[i];
+        Ok((
+            Box::new(TernSender {
+                conn: Conn::connect(addr)?,
+                relay_key,
+                keys: Arc::clone(&keys),
+                queue: q,
+                message: message.clone(),
+            }),
+            Box::new(TernRecipient {
+                conn: Conn::connect(addr)?,
+                relay_key,
+                keys: Arc::clone(&keys),
+                queue: q,
+                next: None,
+                current: None,
+            }),
+        ))
+    };
+    let pid = relay.pid;
+    let mut row = measure("tern relay", pairs, plan, &make, &|| {
+        cpu_secs(&pid.to_string())
+    })?;
+    row.peak_mib = relay.hwm_mib();
+    relay.stop();
+    Ok(row)
+}
+
+fn redis_level(bin: &Path, base: &Path, fsync: &str, pairs: usize, plan: &Plan) -> io::Result<Row> {
+    let redis = RedisProc::start(bin, base, &format!("redis-{fsync}-{pairs}"), fsync)?;
+    let addr = redis.addr;
+    // 16 KiB values: the size of a tern request block on the wire.
+    let mut message = vec![0u8; 16 * 1024];
+    OsRng.fill_bytes(&mut message);
+    let make = move |i: usize| -> io::Result<(Box<dyn SendSide>, Box<dyn RecvSide>)> {
+        let key = format!("queue:{i}").into_bytes();
+        Ok((
+            Box::new(RedisSender {
+                conn: Redis::connect(addr)?,
+                key: key.clone(),
+                message: message.clone(),
+            }),
+            Box::new(RedisRecipient {
+                conn: Redis::connect(addr)?,
+                key,
+            }),
+        ))
+    };
+    let pid = redis.pid;
+    let mut row = measure(&format!("Redis AOF {fsync}"), pairs, plan, &make, &|| {
+        cpu_secs(&pid.to_string())
+    })?;
+    row.peak_mib = redis.hwm_mib();
+    redis.stop();
+    Ok(row)
+}
+
+fn throughput(
+    tern: &Path,
+    redis: Option<&Path>,
+    quick: bool,
+    levels: Option<Vec<usize>>,
+) -> io::Result<()> {
+    let mut plan = if quick {
+        Plan {
+            runs: 3,
+            length: Duration::from_secs(1),
+            warmup: Duration::from_millis(300),
+            levels: vec![1, 16, 256],
+        }
+    } else {
+        Plan {
+            runs: 5,
+            length: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            levels: vec![1, 16, 256],
+        }
+    };
+    if let Some(l) = levels {
+        plan.levels = l;
+    }
+    let base = tempfile::Builder::new().prefix("tern-bench-").tempdir()?;
+    let (fsync_p50, fsync_p99) = fsync_probe(base.path())?;
+    let mut rows: Vec<Row> = Vec::new();
+    for &pairs in &plan.levels {
+        progress(&format!("tern relay with {pairs} queue pairs"));
+        rows.push(tern_level(tern, base.path(), pairs, &plan)?);
+        if let Some(bin) = redis {
+            for fsync in ["everysec", "always"] {
+                progress(&format!("Redis (appendfsync {fsync}) with {pairs} pairs"));
+                rows.push(redis_level(bin, base.path(), fsync, pairs, &plan)?);
+            }
+        }
+    }
+
+    println!("### Relay: end-to-end messages (send → deliver → ack)\n");
+    println!(
+        "Disk under the temporary directory: 16 KiB write + fdatasync p50 {fsync_p50:.2} ms, \
+         p99 {fsync_p99:.2} ms (200 calls). The relay commits every SEND and ACK (synchronous=FULL, \
+         group commit); Redis with appendfsync always fsyncs its AOF before answering.\n"
+    );
+    println!(
+        "{} runs of {:.1} s per row (after a {:.1} s warm-up); figures are median (min–max) over runs. \
+         Latency is SEND start → delivery (FETCH or ACK answer) at the recipient. \
+         CPU is per delivered message, server process and client threads (this driver) apart.\n",
+        plan.runs,
+        plan.length.as_secs_f64(),
+        plan.warmup.as_secs_f64()
+    );
+    println!("| system | pairs | messages/s | p50 ms | p99 ms | server CPU µs/msg | client CPU µs/msg | server peak RSS (VmHWM) MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            r.system,
+            r.pairs,
+            spread(&r.rate, 0),
+            spread(&r.p50, 2),
+            spread(&r.p99, 2),
+            median(&r.server_cpu),
+            median(&r.client_cpu),
+            r.peak_mib
+        );
+    }
+    println!();
+    if redis.is_none() {
+        println!("Redis: skipped (redis-server not available).\n");
+        return crypto_breakdown();
+    }
+    println!("| pairs | tern/Redis (everysec) | verdict | tern/Redis (always, like-for-like durability) | verdict |");
+    println!("|---:|---:|---|---:|---|");
+    let verdict = |x: f64| {
+        if x >= 1.0 {
+            "met (aim ≥ 1× met)"
+        } else if x >= 0.5 {
+            "met (≥ 0.5×)"
+        } else {
+            "**not met**"
+        }
+    };
+    for &pairs in &plan.levels {
+        let get = |sys: &str| {
+            rows.iter()
+                .find(|r| r.pairs == pairs && r.system == sys)
+                .map(|r| median(&r.rate))
+                .unwrap_or(f64::NAN)
+        };
+        let t = get("tern relay");
+        let (e, a) = (get("Redis AOF everysec"), get("Redis AOF always"));
+        println!(
+            "| {pairs} | {:.2}× | {} | {:.2}× | {} |",
+            t / e,
+            verdict(t / e),
+            t / a,
+            verdict(t / a)
+        );
+    }
+    println!();
+    crypto_breakdown()
+}
+
+// ----------------------------------------------------------------- probes
+
+/// Nanoseconds this thread has run on a CPU (`/proc/thread-self/schedstat`),
+/// so that time spent waiting for the CPU on a busy machine is not counted.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Mean µs of CPU per call of `f` over `n` calls (after a few warm-up
+/// calls); wall-clock time where the kernel does not tell CPU time.
+fn micros(n: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 + 1 {
+        f();
+    }
+    let cpu = thread_cpu_ns();
+    let t = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    match (cpu, thread_cpu_ns()) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1e3 / n as f64,
+        _ => t.elapsed().as_secs_f64() * 1e6 / n as f64,
+    }
+}
+
+/// The relay's cryptographic work for one message, timed in this process on
+/// one core: what a SEND, a FETCH that finds the message and an ACK cost the
+/// relay before any database or network work.
+fn crypto_breakdown() -> io::Result<()> {
+    let identity = seal::RelayIdentity::generate(&mut OsRng);
+    let relay_key = identity.public();
+    let keys = Keys::generate();
+    let mut message = vec![0u8; QUEUE_MSG_LEN];
+    OsRng.fill_bytes(&mut message);
+    let cmd = Command::Send {
+        sender_id: [7; 16],
+        message: message.clone(),
+    };
+    let (block, _) = seal_request(&relay_key, &cmd, Some(&keys.sender))?;
+    let opened = seal::open_request(&identity, &block).map_err(|e| err(e.to_string()))?;
+    let req = Request::decode(&opened.plaintext).map_err(|e| err(e.to_string()))?;
+    let sender_pk = keys.sender.verifying_key().to_bytes();
+    let response = Response {
+        time_ms: now_ms(),
+        reply: Reply::Ok,
+    }
+    .encode();
+    let n = 2_000;
+    let open = micros(n, || {
+        let _ = seal::open_request(&identity, &block);
+    });
+    let decode = micros(n, || {
+        let _ = Request::decode(&opened.plaintext);
+    });
+    let verify = micros(n, || {
+        assert!(req.verify(&opened.plaintext, &opened.enc, &sender_pk));
+    });
+    let respond = micros(n, || {
+        let _ = opened.response_key.seal_response(&response);
+    });
+    let deliver = micros(n, || {
+        let _ = seal::delivery_seal(&[9; 32], &[1; 16], &message);
+    });
+    let client_seal = micros(n, || {
+        let _ = seal_request(&relay_key, &cmd, Some(&keys.sender));
+    });
+    let per_request = open + decode + verify + respond;
+    println!("### Where a relay's CPU goes: cryptography per message\n");
+    println!(
+        "Timed in one thread of the driver after the runs: µs of CPU per call (the thread's on-CPU \
+         time from /proc/thread-self/schedstat, mean of 2,000 calls). \
+         One delivered message costs the relay three requests (SEND, FETCH, ACK), each opened, \
+         decoded, signature-checked and answered with a sealed 16 KiB block, plus one delivery \
+         seal of the 16,000-byte message.\n"
+    );
+    println!("| step | µs |");
+    println!("|---|---:|");
+    println!("| open a request block (HPKE X25519 + ChaCha20-Poly1305, 16 KiB) | {open:.1} |");
+    println!("| decode the request | {decode:.1} |");
+    println!("| Ed25519 verify_strict | {verify:.1} |");
+    println!("| seal the 16 KiB response (HKDF + ChaCha20-Poly1305 + nonce from the OS) | {respond:.1} |");
+    println!("| delivery seal of the message (HKDF + ChaCha20-Poly1305) | {deliver:.1} |");
+    println!(
+        "| **relay crypto per delivered message** (3 × request + 1 delivery seal) | **{:.0}** |",
+        3.0 * per_request + deliver
+    );
+    println!("| client: seal + sign one request (for comparison) | {client_seal:.1} |");
+    println!();
+    Ok(())
+}
+
+/// 16 KiB write + fdatasync latency in `dir`: what one commit costs at least.
+fn fsync_probe(dir: &Path) -> io::Result<(f64, f64)> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let buf = vec![0x5au8; 16 * 1024];
+    let mut out = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    let out = sorted(out);
+    Ok((percentile(&out, 50.0), percentile(&out, 99.0)))
+}
+
+// ------------------------------------------------------------------ scale
+
+/// Sequential SENDs from one client, round-robin over `queues`; returns
+/// latencies in ms.
+fn send_latency(
+    relay: &RelayProc,
+    keys: &Keys,
+    queues: &[Queue],
+    n: usize,
+) -> io::Result<Vec<f64>> {
+    let mut conn = Conn::connect(relay.addr)?;
+    let mut message = vec![0u8; QUEUE_MSG_LEN];
+    OsRng.fill_bytes(&mut message);
+    let mut out = Vec::with_capacity(n);
+    let end = Instant::now() + Duration::from_secs(60);
+    for i in 0..n {
+        if Instant::now() > end {
+            break;
+        }
+        let q = &queues[i % queues.len()];
+        let cmd = Command::Send {
+            sender_id: q.sender_id,
+            message: message.clone(),
+        };
+        let t = Instant::now();
+        match call(&mut conn, &relay.key, &cmd, Some(&keys.sender))? {
+            Reply::Ok => {}
+            other => return Err(err(format!("SEND answered {other:?}"))),
+        }
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(sorted(out))
+}
+
+/// Sequential INFO requests on a fresh connection; latencies in ms.
+fn info_latency(relay: &RelayProc, n: usize) -> io::Result<Vec<f64>> {
+    let mut conn = Conn::connect(relay.addr)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        match call(&mut conn, &relay.key, &Command::Info, None)? {
+            Reply::Info(_) => {}
+            other => return Err(err(format!("INFO answered {other:?}"))),
+        }
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(sorted(out))
+}
+
+/// Empties the queues `send_latency` filled (so their pages are reused).
+fn drain(relay: &RelayProc, keys: &Keys, queues: &[Queue]) -> io::Result<()> {
+    let mut conn = Conn::connect(relay.addr)?;
+    for q in queues {
+        let mut reply = call(
+            &mut conn,
+            &relay.key,
+            &Command::Fetch {
+                recipient_id: q.recipient_id,
+                wait_ms: 0,
+            },
+            Some(&keys.recipient),
+        )?;
+        for _ in 0..10_000 {
+            let Reply::Message { msg_id, .. } = reply else {
+                break;
+            };
+            reply = call(
+                &mut conn,
+                &relay.key,
+                &Command::Ack {
+                    recipient_id: q.recipient_id,
+                    msg_id,
+                },
+                Some(&keys.recipient),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn pct(v: &[f64]) -> String {
+    format!("{:.2} / {:.2}", percentile(v, 50.0), percentile(v, 99.0))
+}
+
+struct WaiterFigures {
+    waiters: usize,
+    parked_in: f64,
+    fds: usize,
+    threads: u64,
+    rss_mib: f64,
+    info: Vec<f64>,
+    send: Vec<f64>,
+    answered: usize,
+    refused: usize,
+}
+
+/// Parks `n` long-poll FETCHes (one connection each, distinct queues), then
+/// measures the relay and serves other clients while they wait.
+fn park_waiters(
+    relay: &RelayProc,
+    keys: &Arc<Keys>,
+    queues: &[Queue],
+    secured: &[Queue],
+    n: usize,
+    wait_ms: u32,
+) -> io::Result<WaiterFigures> {
+    let n = n.min(queues.len());
+    let threads = 4;
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let mine: Vec<Queue> = queues[..n]
+                .iter()
+                .skip(t)
+                .step_by(threads)
+                .copied()
+                .collect();
+            let (addr, key, keys) = (relay.addr, relay.key, Arc::clone(keys));
+            thread::spawn(move || -> io::Result<Vec<(Conn, seal::ResponseKey)>> {
+                let mut out = Vec::with_capacity(mine.len());
+                for q in mine {
+                    let mut conn = Conn::connect(addr)?;
+                    conn.reader
+                        .get_ref()
+                        .set_read_timeout(Some(Duration::from_millis(
+                            u64::from(wait_ms) + 30_000,
+                        )))?;
+                    let cmd = Command::Fetch {
+                        recipient_id: q.recipient_id,
+                        wait_ms,
+                    };
+                    let (block, rkey) = seal_request(&key, &cmd, Some(&keys.recipient))?;
+                    conn.write_post(&block)?;
+                    out.push((conn, rkey));
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let mut waiting = Vec::with_capacity(n);
+    for h in handles {
+        waiting.extend(h.join().map_err(|_| err("waiter thread panicked"))??);
+    }
+    let parked_in = t0.elapsed().as_secs_f64();
+    // Let the relay open and park the last requests.
+    thread::sleep(Duration::from_millis(1500));
+    let fds = open_fds(relay.pid);
+    let threads_now = relay.threads();
+    let rss = relay.rss_mib();
+    let info = info_latency(relay, 200)?;
+    let send = send_latency(relay, keys, secured, 200)?;
+    // Every waiter should now get an empty answer at its deadline.
+    let mut answered = 0;
+    let mut refused = 0;
+    for (mut conn, rkey) in waiting {
+        match conn
+            .read_response()
+            .and_then(|(status, body)| open_reply(&rkey, status, &body))
+        {
+            Ok(Reply::Empty) | Ok(Reply::Message { .. }) => answered += 1,
+            _ => refused += 1,
+        }
+    }
+    Ok(WaiterFigures {
+        waiters: n,
+        parked_in,
+        fds,
+        threads: threads_now,
+        rss_mib: rss,
+        info,
+        send,
+        answered,
+        refused,
+    })
+}
+
+fn scale(tern: &Path, quick: bool) -> io::Result<()> {
+    let (small, large) = if quick {
+        (1_000, 10_000)
+    } else {
+        (1_000, 100_000)
+    };
+    let waiter_levels: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+    let fd_limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .unwrap_or_default();
+    let base = tempfile::Builder::new().prefix("tern-bench-").tempdir()?;
+    let relay = RelayProc::start(tern, base.path(), "relay-scale", &[])?;
+    let keys = Keys::generate();
+    let rss_empty = relay.rss_mib();
+    let disk_empty = relay.db_bytes();
+
+    // Queues to send to are secured (100 among the first 1,000, 100 among
+    // the last); the others are created only, as most queues on a relay
+    // are idle, and carry the long-poll waiters below.
+    progress(&format!("creating {small} queues"));
+    let mut plain = create_queues(relay.addr, relay.key, &keys, small - 100, 16, false)?;
+    let probe_small = create_queues(relay.addr, relay.key, &keys, 100, 4, true)?;
+    let rss_small = relay.rss_mib();
+    let disk_small = relay.db_bytes();
+    let lat_small = send_latency(&relay, &keys, &probe_small, 500)?;
+    drain(&relay, &keys, &probe_small)?;
+
+    progress(&format!("creating {} more queues", large - small));
+    let t = Instant::now();
+    let more = create_queues(relay.addr, relay.key, &keys, large - small - 100, 16, false)?;
+    let create_rate = more.len() as f64 / t.elapsed().as_secs_f64();
+    plain.extend(more);
+    let probe_large = create_queues(relay.addr, relay.key, &keys, 100, 4, true)?;
+    let rss_large = relay.rss_mib();
+    let disk_large = relay.db_bytes();
+    let lat_large = send_latency(&relay, &keys, &probe_large, 500)?;
+    drain(&relay, &keys, &probe_large)?;
+    let mut probes = probe_small;
+    probes.extend_from_slice(&probe_large);
+
+    let per_q = |a: f64, b: f64| (b - a) / (large - small) as f64;
+    println!("### Scale: {large} queues\n");
+    println!(
+        "One relay; {small} queues created, then grown to {large} with CREATE requests from 16 connections \
+         ({create_rate:.0} CREATE/s). SEND latency: 500 sequential 16 KiB SENDs from one keep-alive client, \
+         round-robin over 100 secured queues. Memory is the relay's VmRSS; disk is relay.db + -wal + -shm.\n"
+    );
+    println!("| queues | relay RSS MiB | disk MiB | SEND p50 / p99 ms |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| 0 | {rss_empty:.1} | {:.2} | – |",
+        disk_empty as f64 / 1048576.0
+    );
+    println!(
+        "| {small} | {rss_small:.1} | {:.2} | {} |",
+        disk_small as f64 / 1048576.0,
+        pct(&lat_small)
+    );
+    println!(
+        "| {large} | {rss_large:.1} | {:.2} | {} |",
+        disk_large as f64 / 1048576.0,
+        pct(&lat_large)
+    );
+    println!();
+    println!(
+        "Per queue ({small} → {large}): memory {:.0} bytes, disk {:.0} bytes (live files). \
+         SEND p50 at {large} queues is {:.2}× that at {small}.\n",
+        per_q(rss_small, rss_large) * 1048576.0,
+        per_q(disk_small as f64, disk_large as f64),
+        percentile(&lat_large, 50.0) / percentile(&lat_small, 50.0)
+    );
+
+    let before = (
+        open_fds(relay.pid),
+        relay.threads(),
+        relay.rss_mib(),
+        info_latency(&relay, 200)?,
+        send_latency(&relay, &keys, &probes, 200)?,
+    );
+    let mut figures = Vec::new();
+    for &n in waiter_levels {
+        progress(&format!("parking {n} long-poll FETCHes"));
+        let wait_ms = if n > 5_000 { 25_000 } else { 10_000 };
+        figures.push(park_waiters(&relay, &keys, &plain, &probes, n, wait_ms)?);
+    }
+    let info_idle = info_latency(&relay, 200)?;
+    let send_idle = send_latency(&relay, &keys, &probes, 200)?;
+    drain(&relay, &keys, &probes)?;
+
+    println!("### Scale: idle long-poll waiters\n");
+    println!(
+        "Each waiter is its own connection with a FETCH parked on its own queue (relay with {large} queues, \
+         open-file limit {fd_limit}). While they wait, another client sends 200 INFO and then 200 SEND \
+         requests one after another. \"answered\" counts waiters that got their empty answer at the \
+         deadline; \"refused\" counts any that got an error, a 503 or a closed connection.\n"
+    );
+    println!("| waiters | time to park s | relay fds | relay threads | relay RSS MiB | INFO p50 / p99 ms | SEND p50 / p99 ms | answered | refused |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| 0 (before) | – | {} | {} | {:.1} | {} | {} | – | – |",
+        before.0,
+        before.1,
+        before.2,
+        pct(&before.3),
+        pct(&before.4)
+    );
+    for f in &figures {
+        println!(
+            "| {} | {:.1} | {} | {} | {:.1} | {} | {} | {} | {} |",
+            f.waiters,
+            f.parked_in,
+            f.fds,
+            f.threads,
+            f.rss_mib,
+            pct(&f.info),
+            pct(&f.send),
+            f.answered,
+            f.refused
+        );
+    }
+    println!(
+        "| 0 (after) | – | {} | {} | {:.1} | {} | {} | – | – |",
+        open_fds(relay.pid),
+        relay.threads(),
+        relay.rss_mib(),
+        pct(&info_idle),
+        pct(&send_idle)
+    );
+    println!();
+    let peak = relay.hwm_mib();
+    let data = relay.data.clone();
+    relay.stop();
+    let disk_after = dir_bytes(&data, &["relay.db", "relay.db-wal", "relay.db-shm"]);
+    println!(
+        "Relay peak RSS over the whole scale run: {peak:.1} MiB; database after a clean stop \
+         (WAL checkpointed): {:.2} MiB for {large} queues = {:.0} bytes per queue.\n",
+        disk_after as f64 / 1048576.0,
+        disk_after as f64 / large as f64
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------- main
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut tern = None;
+    let mut redis = None;
+    let mut quick = false;
+    let mut what = None;
+    let mut levels = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--tern" => tern = it.next().map(PathBuf::from),
+            "--redis-server" => redis = it.next().map(PathBuf::from),
+            "--quick" => quick = true,
+            // Only these numbers of queue pairs (comma-separated), e.g. for profiling.
+            "--pairs" => {
+                levels = it
+                    .next()
+                    .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+            }
+            "throughput" | "scale" | "crypto" => what = Some(a.clone()),
+            other => {
+                eprintln!("bench_relay: unknown argument {other:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    if what.as_deref() == Some("crypto") {
+        tern.get_or_insert_with(PathBuf::new);
+    }
+    let (Some(tern), Some(what)) = (tern, what) else {
+        eprintln!(
+            "usage: bench_relay throughput|scale --tern PATH [--redis-server PATH] [--quick] [--pairs N,N]\n       bench_relay crypto"
+        );
+        std::process::exit(2);
+    };
+    let result = match what.as_str() {
+        "throughput" => throughput(&tern, redis.as_deref(), quick, levels),
+        "crypto" => crypto_breakdown(),
+        _ => scale(&tern, quick),
+    };
+    if let Err(e) = result {
+        eprintln!("bench_relay: {what} failed: {e}");
+        std::process::exit(1);
+    }
+}
