@@ -230,13 +230,49 @@ pub enum ChainError {
 }
 
 /// How many recent links the receiver remembers to check neighbours.
-const RECENT: usize = 512;
+const RECENT: usize = 128;
+
+/// The links as `[seq, hash, prev]` with base64url hashes: this is rewritten
+/// with the connection on every message, and JSON arrays of byte values
+/// made it several times larger (and slower) than it needs to be.
+mod recent_links {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Link(
+        u64,
+        #[serde(with = "super::b64")] [u8; 32],
+        #[serde(with = "super::b64")] [u8; 32],
+    );
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<u64, ([u8; 32], [u8; 32])>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, (h, p))| Link(*k, *h, *p))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u64, ([u8; 32], [u8; 32])>, D::Error> {
+        Ok(Vec::<Link>::deserialize(d)?
+            .into_iter()
+            .map(|Link(k, h, p)| (k, (h, p)))
+            .collect())
+    }
+}
 
 /// The receiving end of a direction.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainReceiver {
     pub highest: u64,
     /// seq → (hash, prev) of recently received envelopes.
+    #[serde(with = "recent_links")]
     recent: BTreeMap<u64, ([u8; 32], [u8; 32])>,
     /// Sequence numbers below `highest` not received yet (capped).
     missing: BTreeSet<u64>,
