@@ -51,7 +51,7 @@ fn drain(c: &mut Client, q: &Queue) -> Vec<Vec<u8>> {
 #[test]
 fn restart_delivers_every_acknowledged_message_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-        // A quota that 1.5 s of sending cannot reach: this test is about
+    // A quota that 1.5 s of sending cannot reach: this test is about
     // durability, and an optimised relay takes well over 1,000 a second.
     let relay = Relay::start(dir.path(), |cfg| {
         cfg.workers = 8;

@@ -232,13 +232,16 @@ pub enum ChainError {
 /// How many recent links the receiver remembers to check neighbours.
 const RECENT: usize = 128;
 
+/// seq → (hash, prev) of received envelopes.
+type Links = BTreeMap<u64, ([u8; 32], [u8; 32])>;
+
 /// The links as `[seq, hash, prev]` with base64url hashes: this is rewritten
 /// with the connection on every message, and JSON arrays of byte values
 /// made it several times larger (and slower) than it needs to be.
 mod recent_links {
-    use std::collections::BTreeMap;
-
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Links;
 
     #[derive(Serialize, Deserialize)]
     struct Link(
@@ -247,19 +250,14 @@ mod recent_links {
         #[serde(with = "super::b64")] [u8; 32],
     );
 
-    pub fn serialize<S: Serializer>(
-        m: &BTreeMap<u64, ([u8; 32], [u8; 32])>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(m: &Links, s: S) -> Result<S::Ok, S::Error> {
         m.iter()
             .map(|(k, (h, p))| Link(*k, *h, *p))
             .collect::<Vec<_>>()
             .serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<u64, ([u8; 32], [u8; 32])>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Links, D::Error> {
         Ok(Vec::<Link>::deserialize(d)?
             .into_iter()
             .map(|Link(k, h, p)| (k, (h, p)))
@@ -273,7 +271,7 @@ pub struct ChainReceiver {
     pub highest: u64,
     /// seq → (hash, prev) of recently received envelopes.
     #[serde(with = "recent_links")]
-    recent: BTreeMap<u64, ([u8; 32], [u8; 32])>,
+    recent: Links,
     /// Sequence numbers below `highest` not received yet (capped).
     missing: BTreeSet<u64>,
 }
