@@ -276,12 +276,18 @@ impl Client {
             if !queues.is_empty() {
                 self.long_poll(opts, queues, &mut summary, on_event)?;
             }
+            self.run_all_jobs(only, on_event)?;
+            // A peer may have asked for a rotation in what just arrived.
+            self.rotate_due(only, on_event)?;
         } else {
             self.drain(&queues, &mut summary, on_event)?;
+            // Everything else ran before the drain: only the contacts that
+            // just received something can have new work (a handshake step,
+            // a rotation the peer asked for). No need to read every record.
+            let touched: Vec<String> = std::mem::take(&mut summary.touched).into_iter().collect();
+            self.run_jobs_of(&touched, on_event)?;
+            self.rotate_due_of(&touched, on_event)?;
         }
-        self.run_all_jobs(only, on_event)?;
-        // A peer may have asked for a rotation in what just arrived.
-        self.rotate_due(only, on_event)?;
         Ok(summary)
     }
 

@@ -36,11 +36,6 @@ impl JobReport {
         let all: Vec<String> = self.errors.iter().map(ToString::to_string).collect();
         all.join("; ")
     }
-
-    /// Whether every failure may go away by itself (relays down or full).
-    pub fn all_transient(&self) -> bool {
-        self.errors.iter().all(NetError::is_transient)
-    }
 }
 
 /// Turns protocol actions of the current connection into stored jobs.

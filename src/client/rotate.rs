@@ -7,7 +7,7 @@ use rand::Rng;
 
 use super::fetch::Event;
 use super::jobs::{push_actions, JobReport};
-use super::model::Job;
+use super::model::{Contact, Job};
 use super::{now, Client, ClientError};
 use crate::proto::connection::ConnState;
 
@@ -68,12 +68,33 @@ impl Client {
         only: Option<&str>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ClientError> {
+        let contacts = match only {
+            Some(id) => vec![self.contact(id)?],
+            None => self.contacts()?,
+        };
+        self.rotate_those(contacts, on_event)
+    }
+
+    /// [`Client::rotate_due`] for just these contacts (those that received
+    /// something, say), without reading every contact record.
+    pub fn rotate_due_of(
+        &mut self,
+        ids: &[String],
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let contacts = ids.iter().filter_map(|id| self.contact(id).ok()).collect();
+        self.rotate_those(contacts, on_event)
+    }
+
+    fn rotate_those(
+        &mut self,
+        contacts: Vec<Contact>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
         let days = self.settings()?.rotate_days;
         let t = now();
-        let due: Vec<(String, String)> = self
-            .contacts()?
+        let due: Vec<(String, String)> = contacts
             .into_iter()
-            .filter(|c| only.is_none_or(|id| id == c.id))
             .filter(|c| c.conn.state == ConnState::Connected && !c.conn.rotating())
             .filter(|c| {
                 let scheduled = days > 0 && {
