@@ -41,6 +41,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
+            [CompletionResult]::new('device', 'device', [CompletionResultType]::ParameterValue, 'Link, list and remove the devices that share this profile')
             [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -278,6 +279,82 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;key;help;help' {
             break
         }
+        'tern;device' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;device;link' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'Name this device (default: its host name, or the name it has)')
+            [CompletionResult]::new('--png', '--png', [CompletionResultType]::ParameterName, 'Write the QR code to a PNG file')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--qr', '--qr', [CompletionResultType]::ParameterName, 'Show a QR code on the terminal (the default on a terminal)')
+            [CompletionResult]::new('--link', '--link', [CompletionResultType]::ParameterName, 'Print the link as text')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;join' {
+            [CompletionResult]::new('--image', '--image', [CompletionResultType]::ParameterName, 'Read the QR code from a picture (PNG or JPEG)')
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'This device''s name among your devices (default: its host name)')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--no-passphrase', '--no-passphrase', [CompletionResultType]::ParameterName, 'For a new --home: keep the profile key unencrypted on disk')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;list' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'json')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;remove' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;help' {
+            [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;device;help;link' {
+            break
+        }
+        'tern;device;help;join' {
+            break
+        }
+        'tern;device;help;list' {
+            break
+        }
+        'tern;device;help;remove' {
+            break
+        }
+        'tern;device;help;help' {
+            break
+        }
         'tern;relay' {
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
@@ -353,6 +430,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
+            [CompletionResult]::new('device', 'device', [CompletionResultType]::ParameterValue, 'Link, list and remove the devices that share this profile')
             [CompletionResult]::new('relay', 'relay', [CompletionResultType]::ParameterValue, 'Run a relay, or print the address users add with `tern init --relay`')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Write man pages and shell completions')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -419,6 +497,25 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;help;key;passwd' {
+            break
+        }
+        'tern;help;device' {
+            [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
+            break
+        }
+        'tern;help;device;link' {
+            break
+        }
+        'tern;help;device;join' {
+            break
+        }
+        'tern;help;device;list' {
+            break
+        }
+        'tern;help;device;remove' {
             break
         }
         'tern;help;relay' {

@@ -38,6 +38,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
+            cand device 'Link, list and remove the devices that share this profile'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -245,6 +246,71 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;key;help;help'= {
         }
+        &'tern;device'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand join 'On the new device: join a profile with a device link'
+            cand list 'List this profile''s devices'
+            cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;device;link'= {
+            cand --name 'Name this device (default: its host name, or the name it has)'
+            cand --png 'Write the QR code to a PNG file'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --qr 'Show a QR code on the terminal (the default on a terminal)'
+            cand --link 'Print the link as text'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;join'= {
+            cand --image 'Read the QR code from a picture (PNG or JPEG)'
+            cand --name 'This device''s name among your devices (default: its host name)'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --no-passphrase 'For a new --home: keep the profile key unencrypted on disk'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;list'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'json'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;remove'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;help'= {
+            cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand join 'On the new device: join a profile with a device link'
+            cand list 'List this profile''s devices'
+            cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;device;help;link'= {
+        }
+        &'tern;device;help;join'= {
+        }
+        &'tern;device;help;list'= {
+        }
+        &'tern;device;help;remove'= {
+        }
+        &'tern;device;help;help'= {
+        }
         &'tern;relay'= {
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
@@ -312,6 +378,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
+            cand device 'Link, list and remove the devices that share this profile'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -359,6 +426,20 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;key;export'= {
         }
         &'tern;help;key;passwd'= {
+        }
+        &'tern;help;device'= {
+            cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand join 'On the new device: join a profile with a device link'
+            cand list 'List this profile''s devices'
+            cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
+        }
+        &'tern;help;device;link'= {
+        }
+        &'tern;help;device;join'= {
+        }
+        &'tern;help;device;list'= {
+        }
+        &'tern;help;device;remove'= {
         }
         &'tern;help;relay'= {
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'

@@ -86,11 +86,21 @@ pub fn run(data: &[u8]) {
     }
 }
 
-/// `tern accept`'s parser for either kind of link (contact or re-key).
+/// `tern accept`'s parser for any kind of link (contact, re-key, device).
 fn check_any(link: &str, binary: Option<&[u8]>) {
     match parse_link(link) {
         Ok(AnyInvitation::Contact(inv)) => {
             assert_eq!(Invitation::from_link(link).as_ref(), Ok(&inv));
+            check_invitation(&inv);
+        }
+        Ok(AnyInvitation::Device(inv)) => {
+            // A device link is a contact invitation's body under kind 3: it
+            // must never parse as a contact invitation, and must round-trip.
+            assert!(Invitation::from_link(link).is_err());
+            assert_eq!(
+                parse_link(&inv.to_device_link()),
+                Ok(AnyInvitation::Device(inv.clone()))
+            );
             check_invitation(&inv);
         }
         Ok(AnyInvitation::Rekey(r)) => {

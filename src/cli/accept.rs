@@ -79,6 +79,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let invitation = match invitation {
         AnyInvitation::Contact(i) => i,
         AnyInvitation::Rekey(r) => return accept_rekey(&mut client, &r, channel),
+        AnyInvitation::Device(_) => {
+            return Err(fail(
+                BAD_INVITATION,
+                "this is a device link, for another device of your own profile: run \
+                 `tern device join` with it on the new device (nothing was changed)",
+            ))
+        }
     };
     let (conn, request, t) = join(&client, &invitation, channel)?;
     let id = new_contact_id();

@@ -51,10 +51,28 @@ fn relays(c: &Contact) -> (Vec<String>, Vec<String>) {
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
-    let mut contacts = client.contacts()?;
-    contacts.sort_by(|a, b| a.name.cmp(&b.name));
-    for c in &contacts {
-        let level = c.conn.security_level();
+    let mut all: Vec<Contact> = client
+        .contacts()?
+        .into_iter()
+        .filter(|c| !c.device)
+        .collect();
+    // One line per contact: its first connection (the one made by hand)
+    // stands for the connections with its other devices.
+    all.sort_by_key(|c| (c.name.clone(), c.introduced, c.created_ms));
+    let mut contacts: Vec<(Contact, usize)> = Vec::new();
+    for c in all {
+        match contacts.iter_mut().find(|(f, _)| f.group() == c.group()) {
+            Some((_, n)) => *n += 1,
+            None => contacts.push((c, 1)),
+        }
+    }
+    for (c, devices) in &contacts {
+        let devices = *devices;
+        let level = match c.code() {
+            Some(r) if r.verified => SecurityLevel::Verified,
+            _ if c.root_code.is_some() => SecurityLevel::Shared,
+            _ => c.conn.security_level(),
+        };
         let (ours, theirs) = relays(c);
         if args.json {
             json(&json!({
@@ -68,10 +86,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 "rotating": c.conn.rotating(),
                 "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
                 "pending_jobs": c.jobs.len() + c.outbox.len(),
+                "devices": devices,
             }));
         } else {
+            let devices = if devices > 1 {
+                format!("  {devices} devices")
+            } else {
+                String::new()
+            };
             line(&format!(
-                "{:<20} {:<10} {:<10} last {}  rotated {}  ({})",
+                "{:<20} {:<10} {:<10} last {}  rotated {}{devices}  ({})",
                 c.name,
                 state_word(c.conn.state),
                 security_word(level),

@@ -40,24 +40,25 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let contact = client.contact(&id)?;
-    // Best effort: a relay that is down keeps the queue until its TTL.
-    let old = contact.old.iter().flat_map(|o| o.conn.all_recv_queues());
-    let rekeys = contact.rekeys.iter().flat_map(|r| r.recv_queues.iter());
-    for q in contact.conn.all_recv_queues().chain(old).chain(rekeys) {
-        if let Err(e) = client.net.call(
-            &q.relay,
-            &Command::Delete {
-                recipient_id: q.recipient_id,
-            },
-            Some(&q.signing_key()),
-        ) {
-            note(&format!(
-                "warning: could not delete a queue: {e}; it stays on its relay, unusable without the keys now deleted"
-            ));
+    // Every connection of the contact: one per device of theirs.
+    for member in client.group_members(&id)? {
+        let contact = client.contact(&member)?;
+        // Best effort: a relay that is down keeps the queue until its TTL.
+        for q in contact.queue_grants() {
+            if let Err(e) = client.net.call(
+                &q.relay,
+                &Command::Delete {
+                    recipient_id: q.recipient_id,
+                },
+                Some(&ed25519_dalek::SigningKey::from_bytes(q.auth.as_bytes())),
+            ) {
+                note(&format!(
+                    "warning: could not delete a queue: {e}; it stays on its relay, unusable without the keys now deleted"
+                ));
+            }
         }
+        client.remove_contact(&member)?;
     }
-    client.remove_contact(&id)?;
     note(&format!("{} forgotten", args.contact));
     Ok(())
 }

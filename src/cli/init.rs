@@ -84,6 +84,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         isolate: args.isolate,
         rotate_days: args.rotate_days,
         created_ms: now(),
+        device_name: String::new(),
     };
     store.transaction(|tx| {
         tx.put(SETTINGS, &settings)?;

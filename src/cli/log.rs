@@ -23,9 +23,13 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
-    let entries: Vec<(u64, HistoryEntry)> = client
+    let group = client.contact(&id)?.group().to_string();
+    let mut entries: Vec<(u64, HistoryEntry)> = client
         .store
-        .read(|tx| tx.tail(&history_log(&id), args.limit))?;
+        .read(|tx| tx.tail(&history_log(&group), args.limit))?;
+    // Copies from our other devices arrive after the fact: show the
+    // conversation in the order it was written.
+    entries.sort_by_key(|(_, e)| e.sent_at_ms);
     let settings = client.settings()?;
     for (_, e) in entries {
         let who = match e.dir {

@@ -4,6 +4,7 @@
 
 pub mod accept;
 pub mod contacts;
+pub mod device;
 pub mod exit;
 pub mod forget;
 pub mod generate;
@@ -78,6 +79,7 @@ pub enum Command {
     Relays(relays::Args),
     Rotate(rotate::Args),
     Key(key::Args),
+    Device(device::Args),
     Relay(relay::Args),
     #[command(hide = true)]
     Generate(generate::Args),
@@ -114,6 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relays(a) => relays::run(&cli, a),
         Command::Rotate(a) => rotate::run(&cli, a),
         Command::Key(a) => key::run(&cli, a),
+        Command::Device(a) => device::run(&cli, a),
         Command::Relay(a) => relay::run(a),
         Command::Generate(a) => generate::run(a),
     }

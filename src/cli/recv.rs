@@ -9,6 +9,7 @@ use super::exit::{fail, TRY_AGAIN};
 use super::output::{json, line, note, time};
 use super::{unlock, Cli};
 use crate::client::fetch::{Event, FetchOptions};
+use crate::client::model::Direction;
 use crate::client::now;
 use crate::proto::envelope::ChainStatus;
 
@@ -51,6 +52,7 @@ pub fn print_event(e: &Event, as_json: bool) {
                 json(&json!({
                     "type": "message",
                     "contact": contact,
+                    "direction": entry.dir,
                     "text": entry.text,
                     "id": HEXLOWER.encode(&entry.id),
                     "sent_at": time(entry.sent_at_ms),
@@ -62,7 +64,12 @@ pub fn print_event(e: &Event, as_json: bool) {
             } else {
                 let mut lines = entry.text.lines();
                 let first = lines.next().unwrap_or("");
-                line(&format!("{}  {contact}: {first}", time(entry.sent_at_ms)));
+                // What another device of ours sent shows as ours.
+                let who = match entry.dir {
+                    Direction::In => contact.clone(),
+                    Direction::Out => format!("you → {contact}"),
+                };
+                line(&format!("{}  {who}: {first}", time(entry.sent_at_ms)));
                 for l in lines {
                     line(&format!("    {l}"));
                 }
@@ -89,6 +96,7 @@ pub fn print_event(e: &Event, as_json: bool) {
         }
         Event::Warning(w) => note(&format!("warning: {w}")),
         Event::Notice(n) => note(n),
+        Event::Pending(_) => {}
     }
 }
 

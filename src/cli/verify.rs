@@ -20,7 +20,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
     let contact = client.contact(&id)?;
-    let Some(ours) = contact.conn.security_code() else {
+    // With several devices, the contact is known by the code of the first
+    // connection; the others were introduced through it.
+    let Some(ours) = contact.code().map(|c| c.code) else {
         return Err(fail(
             USAGE,
             format!(
@@ -54,10 +56,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                     ),
                 ));
             }
-            client.update_contact(&id, |_, c| {
-                c.conn.verified = true;
-                Ok(())
-            })?;
+            for m in client.group_members(&id)? {
+                client.update_contact(&m, |_, c| {
+                    match &mut c.root_code {
+                        Some(r) => r.verified = true,
+                        None => c.conn.verified = true,
+                    }
+                    Ok(())
+                })?;
+            }
             note(&format!("codes match: {} is verified", args.contact));
             Ok(())
         }

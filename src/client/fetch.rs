@@ -21,8 +21,8 @@ use super::jobs::{
     flush_outbox, peer_left_old_connection, push_actions, push_actions_for, settle_old_connection,
 };
 use super::model::{
-    contact_key, deferred_log, history_log, seen_set, Contact, Deferred, Direction, HistoryEntry,
-    Job, Settings, SETTINGS,
+    contact_key, deferred_log, seen_set, Contact, Deferred, Direction, HistoryEntry, Job, Settings,
+    SETTINGS,
 };
 use super::{abort, unwrap_abort, Client, ClientError};
 use crate::net::{NetError, RelayClient};
@@ -59,6 +59,8 @@ pub enum Event {
     Warning(String),
     /// Progress worth a line on stderr (a handshake step, say).
     Notice(String),
+    /// Internal: this record has new work to upload (not shown).
+    Pending(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -315,7 +317,9 @@ impl Client {
         let mut pending = Vec::new();
         for id in ids {
             let Ok(c) = self.contact(id) else { continue };
-            if !c.jobs.is_empty() || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
+            if !c.jobs.is_empty()
+                || !c.device_jobs.is_empty()
+                || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
             {
                 pending.push(c.id);
             }
@@ -543,6 +547,10 @@ impl Client {
                                 // `--wait` also ends when a connection completes:
                                 // that is what `tern invite` tells people to wait for.
                                 Event::Connected { .. } => summary.connected += 1,
+                                Event::Pending(id) => {
+                                    summary.touched.insert(id);
+                                    continue;
+                                }
                                 _ => {}
                             }
                             on_event(e);
@@ -612,6 +620,7 @@ impl Client {
                     // A queue this contact no longer uses.
                     return Ok(Vec::new());
                 };
+                let queues_before = super::devices::queue_ids(&c);
                 let conn = match which {
                     Which::Current => &mut c.conn,
                     Which::Old => &mut c.old.as_mut().expect("checked").conn,
@@ -623,8 +632,13 @@ impl Client {
                     }
                 }
                 let state_before = conn.state;
-                let received = match conn.receive(rid, &message, &settings.profile, now, &mut OsRng)
-                {
+                // Our other devices know this device by its name alone.
+                let profile = if c.device {
+                    super::devices::device_profile(&settings)
+                } else {
+                    settings.profile.clone()
+                };
+                let received = match conn.receive(rid, &message, &profile, now, &mut OsRng) {
                     Ok(r) => r,
                     Err(ProtoError::Duplicate) => return Ok(Vec::new()),
                     Err(ProtoError::InvitationReused) => {
@@ -669,6 +683,8 @@ impl Client {
                 tx.mark_seen(&seen, &received.digest)?;
                 c.last_activity_ms = now;
                 let mut events = Vec::new();
+                // Other records this message made work for (device messages).
+                let mut others: Vec<String> = Vec::new();
                 if which == Which::Current && state_before == ConnState::Invited {
                     events.push(Event::Notice(format!(
                         "{} took up your invitation; the connection completes when they next run `tern recv`",
@@ -715,18 +731,29 @@ impl Client {
                             sent_at_ms: envelope.sent_at_ms,
                             received_at_ms: Some(now),
                         };
-                        tx.append(&history_log(&id), &entry)?;
+                        let group = c.group().to_string();
+                        let new = super::devices::record_history(tx, &group, &entry)?;
+                        if new && !c.device {
+                            others.extend(super::devices::copy_to_devices(
+                                tx, &id, &group, &entry, now,
+                            )?);
+                        }
                         if let ChainStatus::Gap { missing } = chain {
                             events.push(Event::Warning(format!(
                                 "{missing} earlier message(s) from {} have not arrived (yet)",
                                 c.name
                             )));
                         }
-                        events.push(Event::Message {
-                            contact: c.name.clone(),
-                            entry,
-                            chain,
-                        });
+                        if new {
+                            events.push(Event::Message {
+                                contact: c.name.clone(),
+                                entry,
+                                chain,
+                            });
+                        } else {
+                            // Another device of ours copied it here first.
+                            others.push(id.clone());
+                        }
                     }
                     Incoming::Connected { profile } => {
                         if c.provisional_name && !profile.name.trim().is_empty() {
@@ -746,6 +773,21 @@ impl Client {
                         contact: c.name.clone(),
                         kind,
                     }),
+                    Incoming::Device { body } => {
+                        // Authentic (it decrypted), so never counted as junk.
+                        others.push(id.clone());
+                        others.extend(
+                        super::devices::on_device_message(
+                            tx,
+                            &mut c,
+                            &settings,
+                            &body,
+                            now,
+                            &mut events,
+                        )
+                        .map_err(abort)?,
+                    )
+                    }
                     Incoming::RotationRequested => c.rotation_wanted = true,
                     Incoming::RotationStep => {}
                     // The retired queues' deletion came as actions.
@@ -756,6 +798,15 @@ impl Client {
                         }
                     }
                     Incoming::Nothing => {}
+                }
+                let just_connected = which == Which::Current
+                    && state_before != ConnState::Connected
+                    && c.conn.state == ConnState::Connected;
+                if just_connected {
+                    others.extend(
+                        super::devices::on_connected(tx, &mut c, &settings, now, &mut events)
+                            .map_err(abort)?,
+                    );
                 }
                 if !was_connected && c.conn.state == ConnState::Connected {
                     // Connected without a Confirm (its copy was lost or is
@@ -771,7 +822,15 @@ impl Client {
                     }
                 }
                 settle_old_connection(&mut c, now).map_err(abort)?;
+                if !just_connected {
+                    // Rotation steps and re-keys move our queues.
+                    others.extend(
+                        super::devices::announce_if_changed(tx, &mut c, &queues_before, now)
+                            .map_err(abort)?,
+                    );
+                }
                 tx.put(&contact_key(&id), &c)?;
+                events.extend(others.into_iter().map(Event::Pending));
                 Ok(events)
             })
             .map_err(unwrap_abort)

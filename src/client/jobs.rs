@@ -185,7 +185,16 @@ pub fn reached_a_relay(contact: &Contact, envelope_id: &[u8; 16]) -> bool {
 impl Client {
     /// Runs the jobs of contact `id` against the relays.
     pub fn run_jobs(&mut self, id: &str) -> Result<JobReport, ClientError> {
-        let contact = self.contact(id)?;
+        let mut contact = self.contact(id)?;
+        if !contact.device_jobs.is_empty() {
+            self.run_device_jobs(id)?;
+            contact = match self.contact(id) {
+                Ok(c) => c,
+                // A removed device's record, gone with its last job.
+                Err(ClientError::UnknownContact(_)) => return Ok(JobReport::default()),
+                Err(e) => return Err(e),
+            };
+        }
         if contact.jobs.is_empty() {
             return Ok(JobReport::default());
         }

@@ -7,6 +7,7 @@
 //! is acknowledged to its relay only *after* the transaction that stores it
 //! has committed.
 
+pub mod devices;
 pub mod fetch;
 pub mod jobs;
 pub mod model;
@@ -125,13 +126,30 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// Finds a contact's id by exact name.
+    /// Finds a contact's id by exact name (one of its connections when the
+    /// contact has several devices; see [`Client::group_members`]).
     pub fn contact_id(&self, name: &str) -> Result<String, ClientError> {
         self.index()?
             .into_iter()
-            .find(|e| e.name == name)
+            .find(|e| e.name == name && !e.device)
             .map(|e| e.id)
             .ok_or_else(|| ClientError::UnknownContact(name.to_string()))
+    }
+
+    /// The ids of every connection in the group of connection `id`: one per
+    /// device of the contact.
+    pub fn group_members(&self, id: &str) -> Result<Vec<String>, ClientError> {
+        let index = self.index()?;
+        let group = index
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.group().to_string())
+            .ok_or_else(|| ClientError::UnknownContact(id.to_string()))?;
+        Ok(index
+            .iter()
+            .filter(|e| e.group() == group)
+            .map(|e| e.id.clone())
+            .collect())
     }
 
     pub fn contact(&self, id: &str) -> Result<Contact, ClientError> {
@@ -218,41 +236,67 @@ impl Client {
     /// Adds a new contact record and its index entry. Names must be unique.
     pub fn add_contact(&mut self, contact: &Contact) -> Result<(), ClientError> {
         self.store
-            .transaction(|tx| {
-                let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-                if index.iter().any(|e| e.name == contact.name) {
-                    return Err(abort(ClientError::NameTaken(contact.name.clone())));
-                }
-                index.push(IndexEntry {
-                    id: contact.id.clone(),
-                    name: contact.name.clone(),
-                });
-                tx.put(INDEX, &index)?;
-                tx.put(&contact_key(&contact.id), contact)?;
-                Ok(())
-            })
+            .transaction(|tx| Client::add_contact_in(tx, contact))
             .map_err(unwrap_abort)
     }
 
-    /// Deletes a contact's record, index entry, history and seen-set (not
-    /// its queues on relays: see `tern forget`).
+    /// [`Client::add_contact`] inside a transaction. Connections of one
+    /// group share their name.
+    pub fn add_contact_in(tx: &Tx<'_>, contact: &Contact) -> Result<(), StoreError> {
+        let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        if index
+            .iter()
+            .any(|e| e.name == contact.name && e.group() != contact.group())
+        {
+            return Err(abort(ClientError::NameTaken(contact.name.clone())));
+        }
+        index.push(contact.index_entry());
+        tx.put(INDEX, &index)?;
+        tx.put(&contact_key(&contact.id), contact)?;
+        Ok(())
+    }
+
+    /// Removes one connection of a group (a device of the contact, or of
+    /// ours): its record, index entry and seen-set, but not the group's
+    /// history, which the other connections share.
+    pub fn remove_member_in(tx: &Tx<'_>, id: &str) -> Result<(), StoreError> {
+        let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        let group = index
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.group().to_string());
+        index.retain(|e| e.id != id);
+        let last = group
+            .as_deref()
+            .is_some_and(|g| !index.iter().any(|e| e.group() == g));
+        tx.put(INDEX, &index)?;
+        tx.delete(&contact_key(id))?;
+        tx.clear_seen(&model::seen_set(id))?;
+        if let (true, Some(g)) = (last, group) {
+            tx.remove_log(&model::history_log(&g))?;
+            tx.clear_seen(&model::group_seen(&g))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a connection's record, index entry and seen-set, and the
+    /// group's history with its last connection (not its queues on relays:
+    /// see `tern forget`).
     pub fn remove_contact(&mut self, id: &str) -> Result<(), ClientError> {
-        self.store.transaction(|tx| {
-            let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-            index.retain(|e| e.id != id);
-            tx.put(INDEX, &index)?;
-            tx.delete(&contact_key(id))?;
-            tx.remove_log(&model::history_log(id))?;
-            tx.clear_seen(&model::seen_set(id))?;
-            Ok(())
-        })?;
+        self.store
+            .transaction(|tx| Client::remove_member_in(tx, id))?;
         Ok(())
     }
 
     /// A name not used by any contact: `base`, or `base-2`, `base-3`, …
     pub fn unique_name(tx: &Tx<'_>, base: &str, except_id: &str) -> Result<String, StoreError> {
         let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-        let taken = |n: &str| index.iter().any(|e| e.name == n && e.id != except_id);
+        let group = index
+            .iter()
+            .find(|e| e.id == except_id)
+            .map(|e| e.group().to_string())
+            .unwrap_or_else(|| except_id.to_string());
+        let taken = |n: &str| index.iter().any(|e| e.name == n && e.group() != group);
         if !taken(base) {
             return Ok(base.to_string());
         }
@@ -262,11 +306,20 @@ impl Client {
             .expect("some suffix is free"))
     }
 
-    /// Renames a contact in its record and the index.
+    /// Renames a contact — every connection of its group — in the records
+    /// and the index. `contact` is the caller's copy of one of them, which
+    /// the caller saves.
     pub fn rename_in(tx: &Tx<'_>, contact: &mut Contact, name: String) -> Result<(), StoreError> {
         let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-        for e in index.iter_mut().filter(|e| e.id == contact.id) {
+        let group = contact.group().to_string();
+        for e in index.iter_mut().filter(|e| e.group() == group) {
             e.name = name.clone();
+            if e.id != contact.id {
+                if let Some(mut other) = tx.get::<Contact>(&contact_key(&e.id))? {
+                    other.name = name.clone();
+                    tx.put(&contact_key(&e.id), &other)?;
+                }
+            }
         }
         tx.put(INDEX, &index)?;
         contact.name = name;

@@ -29,6 +29,14 @@ pub fn seen_set(id: &str) -> String {
 pub fn deferred_log(id: &str) -> String {
     format!("deferred/{id}")
 }
+/// Message ids already in a group's history (copies from other devices).
+pub fn group_seen(group: &str) -> String {
+    format!("group-seen/{group}")
+}
+/// A group's name, known to a new device before it has a connection in it.
+pub fn group_name_key(group: &str) -> String {
+    format!("group-name/{group}")
+}
 
 /// A message this version could not read (from a newer version), kept so
 /// that a newer tern can.
@@ -53,6 +61,9 @@ pub struct Settings {
     #[serde(default = "default_rotate_days")]
     pub rotate_days: u32,
     pub created_ms: u64,
+    /// This device's name among the person's devices (`tern device`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device_name: String,
 }
 
 impl Settings {
@@ -71,6 +82,81 @@ fn default_rotate_days() -> u32 {
 pub struct IndexEntry {
     pub id: String,
     pub name: String,
+    /// The contact (person) the connection belongs to; empty: its own id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// A connection to another device of ours, not a contact.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub device: bool,
+}
+
+impl IndexEntry {
+    pub fn group(&self) -> &str {
+        if self.group.is_empty() {
+            &self.id
+        } else {
+            &self.group
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The security code a contact is known by, for connections that another
+/// device introduced (and so have a code nobody compared in person).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootCode {
+    pub code: String,
+    pub verified: bool,
+}
+
+/// A receiving queue of another device of ours, deletable by us once that
+/// device is removed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrantedQueue {
+    #[serde(with = "crate::proto::connection::address_text")]
+    pub relay: RelayAddress,
+    #[serde(with = "b64")]
+    pub recipient_id: Id,
+    pub auth: crate::proto::keys::Secret32,
+}
+
+/// One connection of another device of ours, as it announced it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Announced {
+    /// The contact it is with; `None`: with another device of ours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(with = "b64")]
+    pub fingerprint: [u8; 32],
+    pub queues: Vec<GrantedQueue>,
+}
+
+/// Device work that needs relays, kept until done (PROTOCOL.md §12).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DeviceJob {
+    /// Make an invitation and send it, as OFFER over this connection, for
+    /// the linking device to forward through its connection `via`.
+    Offer {
+        #[serde(with = "b64")]
+        via: [u8; 16],
+        /// The group (contact) the new connection joins, or `None` for a
+        /// connection to another device of ours named `name`.
+        group: Option<String>,
+        name: String,
+        code: Option<RootCode>,
+        introduce: bool,
+    },
+    /// Accept an invitation that came in an ADD over this connection.
+    Accept {
+        invitation: Vec<u8>,
+        name: String,
+        introduce: bool,
+    },
+    /// Delete the queues of a removed device, or of a dropped connection.
+    DeleteQueues { queues: Vec<GrantedQueue> },
 }
 
 /// Work that must reach a relay; kept in the store so a crash or an outage
@@ -176,6 +262,38 @@ pub struct Contact {
     /// one the contact accepts replaces the current connection.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rekeys: Vec<Connection>,
+    /// The contact (person) this connection belongs to: all connections
+    /// with that person's devices share it, as do all our devices. Empty:
+    /// the record's own id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// A connection to another device of ours, not a contact.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub device: bool,
+    /// Made by the user (invite/accept/link), as opposed to by devices
+    /// introducing each other: such a connection, once up, is introduced to
+    /// our other devices.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub introduced: bool,
+    /// Made by `tern device link`: once up, the new device gets the profile,
+    /// contacts and history.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sync_on_connect: bool,
+    /// For introduced connections: the code the contact is known by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_code: Option<RootCode>,
+    /// Device records: groups that device has no connection in yet; what
+    /// those contacts send is copied to it meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_groups: Vec<String>,
+    /// Device records: that device's connections, as it announced them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announced: Vec<Announced>,
+    /// Device records: removed; kept until its queues are deleted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub removed: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_jobs: Vec<DeviceJob>,
 }
 
 impl Contact {
@@ -200,7 +318,67 @@ impl Contact {
             generation: 0,
             old: None,
             rekeys: Vec::new(),
+            group: String::new(),
+            device: false,
+            introduced: false,
+            sync_on_connect: false,
+            root_code: None,
+            pending_groups: Vec::new(),
+            announced: Vec::new(),
+            removed: false,
+            device_jobs: Vec::new(),
         }
+    }
+
+    /// The group (contact) this connection belongs to.
+    pub fn group(&self) -> &str {
+        if self.group.is_empty() {
+            &self.id
+        } else {
+            &self.group
+        }
+    }
+
+    pub fn index_entry(&self) -> IndexEntry {
+        IndexEntry {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            group: self.group.clone(),
+            device: self.device,
+        }
+    }
+
+    /// The fingerprint naming this connection to both its ends (§12).
+    pub fn fingerprint(&self) -> Option<[u8; 32]> {
+        self.conn
+            .keys
+            .as_ref()
+            .map(|k| crate::proto::device::fingerprint(&k.transcript()))
+    }
+
+    /// The security code the contact is known by, and whether compared.
+    pub fn code(&self) -> Option<RootCode> {
+        match &self.root_code {
+            Some(r) => Some(r.clone()),
+            None => self.conn.security_code().map(|code| RootCode {
+                code,
+                verified: self.conn.verified,
+            }),
+        }
+    }
+
+    /// Our receiving queues of this connection, as grants for our devices.
+    pub fn queue_grants(&self) -> Vec<GrantedQueue> {
+        self.conn
+            .all_recv_queues()
+            .chain(self.old.iter().flat_map(|o| o.conn.all_recv_queues()))
+            .chain(self.rekeys.iter().flat_map(|r| r.all_recv_queues()))
+            .map(|q| GrantedQueue {
+                relay: q.relay.clone(),
+                recipient_id: q.recipient_id,
+                auth: q.auth.clone(),
+            })
+            .collect()
     }
 
     /// The connection jobs of `generation` belong to.

@@ -40,7 +40,8 @@ impl Client {
         let days = self.settings()?.rotate_days;
         let queues = self.create_queues()?;
         let t = now();
-        self.update_contact(id, |_, c| {
+        let touched = self.update_contact(id, |tx, c| {
+            let before = super::devices::queue_ids(c);
             let (actions, abandoned) = c.conn.start_rotation(queues, t, &mut OsRng)?;
             push_actions(c, actions, t);
             for q in abandoned {
@@ -56,9 +57,15 @@ impl Client {
             }
             c.rotation_wanted = false;
             c.next_rotation_ms = next_due(t, days.max(1));
-            Ok(())
+            // Our other devices must know the new queues to cut this one
+            // off if it is ever removed.
+            super::devices::announce_if_changed(tx, c, &before, t)
         })?;
-        self.run_jobs(id)
+        let report = self.run_jobs(id)?;
+        for d in touched {
+            let _ = self.run_jobs(&d);
+        }
+        Ok(report)
     }
 
     /// Rotations that are due (by the schedule, or because the peer asked).

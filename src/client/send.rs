@@ -3,9 +3,10 @@
 
 use rand::rngs::OsRng;
 
+use super::devices::{copy_to_devices, record_history};
 use super::jobs::{flush_outbox, push_actions, reached_a_relay, JobReport};
-use super::model::{history_log, Direction, HistoryEntry, Queued};
-use super::{now, random_id, Client, ClientError};
+use super::model::{contact_key, Contact, Direction, HistoryEntry, Queued};
+use super::{abort, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 
@@ -20,8 +21,10 @@ pub struct SendOutcome {
 }
 
 impl Client {
-    /// Queues a message of `kind` for contact `id` (text is also added to the
-    /// history) and tries to deliver everything pending for that contact.
+    /// Queues a message of `kind` for the contact of connection `id` — for
+    /// every device of that contact, with one message id — adds text to the
+    /// history and copies it to our other devices, then tries to deliver
+    /// everything pending.
     pub fn send(
         &mut self,
         id: &str,
@@ -37,34 +40,62 @@ impl Client {
         }
         let msg_id = random_id();
         let t = now();
-        let connected = self.update_contact(id, |tx, c| {
-            if kind == Kind::Text {
-                let entry = HistoryEntry {
-                    dir: Direction::Out,
-                    id: msg_id,
-                    text: String::from_utf8_lossy(&body).into_owned(),
-                    sent_at_ms: t,
-                    received_at_ms: None,
-                };
-                tx.append(&history_log(&c.id), &entry)?;
-            }
-            c.outbox.push(Queued {
-                kind,
-                id: msg_id,
-                body,
-            });
-            flush_outbox(c, t)?;
-            c.last_activity_ms = t;
-            Ok(c.conn.state == ConnState::Connected)
-        })?;
-        let report = self.run_jobs(id)?;
-        let contact = self.contact(id)?;
+        let members = self.group_members(id)?;
+        let (connected, devices) = self
+            .store
+            .transaction(|tx| {
+                let mut connected = false;
+                let mut group = None;
+                for m in &members {
+                    let key = contact_key(m);
+                    let Some(mut c) = tx.get::<Contact>(&key)? else {
+                        continue;
+                    };
+                    group.get_or_insert_with(|| c.group().to_string());
+                    c.outbox.push(Queued {
+                        kind,
+                        id: msg_id,
+                        body: body.clone(),
+                    });
+                    flush_outbox(&mut c, t).map_err(abort)?;
+                    c.last_activity_ms = t;
+                    connected |= c.conn.state == ConnState::Connected;
+                    tx.put(&key, &c)?;
+                }
+                let mut devices = Vec::new();
+                if let (Kind::Text, Some(group)) = (kind, group) {
+                    let entry = HistoryEntry {
+                        dir: Direction::Out,
+                        id: msg_id,
+                        text: String::from_utf8_lossy(&body).into_owned(),
+                        sent_at_ms: t,
+                        received_at_ms: None,
+                    };
+                    record_history(tx, &group, &entry)?;
+                    devices = copy_to_devices(tx, "", &group, &entry, t)?;
+                }
+                Ok((connected, devices))
+            })
+            .map_err(unwrap_abort)?;
+        let mut report = JobReport::default();
+        let mut delivered = false;
+        for m in &members {
+            let r = self.run_jobs(m)?;
+            delivered |= reached_a_relay(&self.contact(m)?, &msg_id);
+            report.waiting += r.waiting;
+            report.errors.extend(r.errors);
+            report.refused.extend(r.refused);
+        }
+        for d in devices {
+            // Copies for our other devices: best effort now, retried later.
+            let _ = self.run_jobs(&d);
+        }
         // Opportunistic: a rotation that is due rides along with sending.
         let mut notes = Vec::new();
         self.rotate_due(Some(id), &mut |e| notes.push(e))?;
         Ok(SendOutcome {
             id: msg_id,
-            delivered: connected && reached_a_relay(&contact, &msg_id),
+            delivered: connected && delivered,
             awaiting_connection: !connected,
             report,
         })
@@ -80,7 +111,7 @@ impl Client {
         let ids: Vec<String> = self
             .contacts()?
             .into_iter()
-            .filter(|c| c.conn.state == ConnState::Connected)
+            .filter(|c| c.conn.state == ConnState::Connected && !c.device)
             .map(|c| c.id)
             .collect();
         let mut reports = Vec::new();
@@ -98,6 +129,10 @@ impl Client {
                 Ok(())
             })?;
             reports.push(self.run_jobs(&id)?);
+        }
+        // Our other devices show the same profile to their contacts.
+        for id in super::devices::sync_settings(self)? {
+            let _ = self.run_jobs(&id);
         }
         Ok(reports)
     }

@@ -128,7 +128,7 @@ impl PeerQueue {
     }
 }
 
-mod address_text {
+pub mod address_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use tern_relay::address::RelayAddress;
 
@@ -233,6 +233,10 @@ pub enum Incoming {
     PeerSwitched,
     /// The peer sends nothing more on the connection a re-key replaced.
     PeerLeftPrevious,
+    /// A device message (PROTOCOL.md §12), for the client to act on.
+    Device {
+        body: Vec<u8>,
+    },
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
         kind: u8,
@@ -754,6 +758,12 @@ impl Connection {
             }
             (ConnState::Connected, Kind::Control) => self.apply_control(&env.body, now_ms, rng)?,
             (ConnState::Connected, Kind::Receipt) => (Incoming::Nothing, Vec::new()),
+            (ConnState::Connected, Kind::Device) => (
+                Incoming::Device {
+                    body: env.body.clone(),
+                },
+                Vec::new(),
+            ),
             (ConnState::Connected, Kind::Unknown(k)) => {
                 (Incoming::Unsupported { kind: k }, Vec::new())
             }

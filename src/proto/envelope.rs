@@ -44,6 +44,9 @@ pub enum Kind {
     Hello,
     HelloReply,
     Confirm,
+    /// Between the devices of one person, or from one to a contact
+    /// (PROTOCOL.md §12).
+    Device,
     /// A kind from a newer version: kept, shown as unsupported, never fatal.
     Unknown(u8),
 }
@@ -58,6 +61,7 @@ impl Kind {
             Kind::Hello => 5,
             Kind::HelloReply => 6,
             Kind::Confirm => 7,
+            Kind::Device => 8,
             Kind::Unknown(c) => c,
         }
     }
@@ -71,6 +75,7 @@ impl Kind {
             5 => Kind::Hello,
             6 => Kind::HelloReply,
             7 => Kind::Confirm,
+            8 => Kind::Device,
             other => Kind::Unknown(other),
         }
     }

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! u8   version        1
-//! u8   kind           1 = contact invitation (other values reserved)
+//! u8   kind           1 = contact invitation, 3 = device link (same body;
+//!                     2 is the re-key invitation of `rekey`)
 //! [32] invitation key I (X25519)
 //! [32] ratchet key    R (X25519)
 //! u8   queue count    1..=3
@@ -33,6 +34,10 @@ pub const LINK_PREFIX: &str = "TERN:";
 /// Most queues (relays) one invitation may list.
 pub const MAX_QUEUES: usize = 3;
 pub(crate) const KIND_CONTACT: u8 = 1;
+/// Links another device of the same person (PROTOCOL.md §12): the body of
+/// a contact invitation under another kind, so that no contact can take it
+/// for an ordinary invitation and no device for a contact's.
+pub(crate) const KIND_DEVICE: u8 = 3;
 
 /// A queue someone may send to: a relay and the queue's sender id there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,10 +92,14 @@ pub struct Invitation {
 
 impl Invitation {
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(KIND_CONTACT)
+    }
+
+    fn encode_as(&self, kind: u8) -> Vec<u8> {
         let mut w = Writer::new();
         // The lowest version that can express it, so older peers can read it.
         w.u8(MIN_PROTOCOL_VERSION)
-            .u8(KIND_CONTACT)
+            .u8(kind)
             .bytes(&self.invitation_key)
             .bytes(&self.ratchet_key);
         encode_queues(&self.queues, &mut w);
@@ -98,6 +107,10 @@ impl Invitation {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+        Self::decode_as(bytes, KIND_CONTACT)
+    }
+
+    pub(crate) fn decode_as(bytes: &[u8], kind: u8) -> Result<Self, ProtoError> {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if version == 0 {
@@ -106,7 +119,7 @@ impl Invitation {
         if version > PROTOCOL_VERSION {
             return Err(ProtoError::UnsupportedVersion(version));
         }
-        if r.u8()? != KIND_CONTACT {
+        if r.u8()? != kind {
             return Err(CodecError::Invalid("invitation kind").into());
         }
         let invitation_key = r.array()?;
@@ -122,6 +135,14 @@ impl Invitation {
 
     pub fn to_link(&self) -> String {
         format!("{LINK_PREFIX}{}", BASE32_NOPAD.encode(&self.encode()))
+    }
+
+    /// The link form of this invitation as a device link (kind 3).
+    pub fn to_device_link(&self) -> String {
+        format!(
+            "{LINK_PREFIX}{}",
+            BASE32_NOPAD.encode(&self.encode_as(KIND_DEVICE))
+        )
     }
 
     pub fn from_link(text: &str) -> Result<Self, ProtoError> {

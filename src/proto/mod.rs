@@ -5,6 +5,7 @@
 //! PROTOCOL.md for the byte layouts; each module's docs name its section.
 
 pub mod connection;
+pub mod device;
 pub mod envelope;
 pub mod error;
 pub mod handshake;

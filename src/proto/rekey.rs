@@ -28,7 +28,7 @@ use subtle::ConstantTimeEq;
 use tern_relay::codec::{CodecError, Reader, Writer};
 use zeroize::Zeroizing;
 
-use super::invitation::{link_bytes, Invitation, KIND_CONTACT, LINK_PREFIX};
+use super::invitation::{link_bytes, Invitation, KIND_CONTACT, KIND_DEVICE, LINK_PREFIX};
 use super::keys::Secret32;
 use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -36,11 +36,13 @@ pub const KIND_REKEY: u8 = 2;
 const TAG_LABEL: &[u8] = b"tern/v1 rekey tag";
 const KEY_INFO: &[u8] = b"tern/v1 rekey";
 
-/// Either kind of invitation, as found in a link or QR code.
+/// Any kind of invitation, as found in a link or QR code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnyInvitation {
     Contact(Invitation),
     Rekey(RekeyInvitation),
+    /// A device link (PROTOCOL.md §12): for `tern device join` only.
+    Device(Invitation),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,8 +169,12 @@ pub fn parse_link(text: &str) -> Result<AnyInvitation, ProtoError> {
                 ciphertext,
             }))
         }
-        // Reserved kinds (3: device link) come from newer versions.
-        k @ 3..=15 => Err(ProtoError::UnsupportedInvitation(k)),
+        KIND_DEVICE => Ok(AnyInvitation::Device(Invitation::decode_as(
+            &bytes,
+            KIND_DEVICE,
+        )?)),
+        // Reserved kinds come from newer versions.
+        k @ 4..=15 => Err(ProtoError::UnsupportedInvitation(k)),
         _ => Err(CodecError::Invalid("invitation kind").into()),
     }
 }

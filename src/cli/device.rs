@@ -1,0 +1,348 @@
+//! `tern device`: use one profile from several devices.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, USAGE};
+use super::output::{json, line, note, stdout_is_terminal, time};
+use super::{qr, unlock, Cli};
+use crate::client::devices::default_device_name;
+use crate::client::jobs::reached_a_relay;
+use crate::client::model::{IndexEntry, Settings, INDEX, SETTINGS};
+use crate::client::{now, Client};
+use crate::proto::connection::ConnState;
+use crate::proto::hello::{Channel, Profile};
+use crate::proto::rekey::{parse_link, AnyInvitation};
+use crate::store::{NewKey, Store};
+
+/// Link, list and remove the devices that share this profile
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  tern device link                          # on the laptop: show a QR code\n  tern --home ~/.tern device join --image qr.png --name server   # on the server\n  tern recv                                 # on the laptop: send the new device contacts and history\n  tern device list\n  tern device remove server\n\nEvery device gets every message and sees what the others send. Contacts\nneed do nothing: their tern connects to the new device by itself."
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// Show a one-time device link (QR code or text) for a new device
+    #[command(group(clap::ArgGroup::new("form").args(["qr", "link", "png"])))]
+    Link {
+        /// Name this device (default: its host name, or the name it has)
+        #[arg(long)]
+        name: Option<String>,
+        /// Show a QR code on the terminal (the default on a terminal)
+        #[arg(long)]
+        qr: bool,
+        /// Print the link as text
+        #[arg(long)]
+        link: bool,
+        /// Write the QR code to a PNG file
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+    },
+    /// On the new device: join a profile with a device link
+    Join {
+        /// The device link (`-` or nothing: read it from stdin)
+        #[arg(value_name = "LINK", conflicts_with = "image")]
+        link: Option<String>,
+        /// Read the QR code from a picture (PNG or JPEG)
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// This device's name among your devices (default: its host name)
+        #[arg(long)]
+        name: Option<String>,
+        /// For a new --home: keep the profile key unencrypted on disk
+        #[arg(long)]
+        no_passphrase: bool,
+    },
+    /// List this profile's devices
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cut a device off: it receives nothing new, even if lost or hostile
+    Remove {
+        /// The device's name (see `tern device list`)
+        device: String,
+    },
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    match &args.command {
+        DeviceCommand::Link {
+            name,
+            qr,
+            link,
+            png,
+        } => run_link(cli, name.as_deref(), *qr, *link, png.as_ref()),
+        DeviceCommand::Join {
+            link,
+            image,
+            name,
+            no_passphrase,
+        } => run_join(
+            cli,
+            link.as_deref(),
+            image.as_ref(),
+            name.as_deref(),
+            *no_passphrase,
+        ),
+        DeviceCommand::List { json } => run_list(cli, *json),
+        DeviceCommand::Remove { device } => run_remove(cli, device),
+    }
+}
+
+fn valid_name(name: &str) -> anyhow::Result<String> {
+    let n = name.trim().to_string();
+    let p = Profile {
+        name: n.clone(),
+        ..Profile::default()
+    };
+    p.validate()
+        .map_err(|e| fail(USAGE, format!("--name: {e}")))?;
+    Ok(n)
+}
+
+fn set_device_name(client: &mut Client, name: &str) -> anyhow::Result<()> {
+    client.store.transaction(|tx| {
+        let mut s: Settings = tx.get(SETTINGS)?.unwrap_or_else(|| unreachable!());
+        s.device_name = name.to_string();
+        tx.put(SETTINGS, &s)
+    })?;
+    Ok(())
+}
+
+fn run_link(
+    cli: &Cli,
+    name: Option<&str>,
+    qr_flag: bool,
+    link_flag: bool,
+    png: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let name = name.map(valid_name).transpose()?;
+    let mut client = unlock::open(cli)?;
+    if let Some(n) = &name {
+        client.settings()?;
+        set_device_name(&mut client, n)?;
+    }
+    let show_qr = qr_flag || (!link_flag && png.is_none() && stdout_is_terminal());
+    let channel = if show_qr {
+        Channel::Screen
+    } else {
+        Channel::Shared
+    };
+    let (link, _) = client.link_device(channel)?;
+    if let Some(path) = png {
+        qr::png(&link, path)?;
+        note(&format!("device link written to {}", path.display()));
+    }
+    if show_qr {
+        print!(
+            "{}",
+            qr::terminal(&link, std::env::var_os("NO_COLOR").is_none())?
+        );
+        note("one-time device link: scan it on the new device with `tern device join --image`, or use the link below");
+        line(&link);
+    } else if link_flag || png.is_none() {
+        line(&link);
+    }
+    note(
+        "this link gives the whole profile — contacts and history — to whoever uses it: \
+         show it only to your own device. Then run `tern recv` here to send it everything",
+    );
+    Ok(())
+}
+
+fn read_link(link: Option<&str>, image: Option<&PathBuf>) -> anyhow::Result<(String, Channel)> {
+    if let Some(path) = image {
+        return Ok((qr::decode_file(path)?, Channel::Screen));
+    }
+    match link {
+        Some("-") | None => {
+            if link.is_none() && super::output::stdin_is_terminal() {
+                return Err(fail(
+                    USAGE,
+                    "give the device link, --image FILE, or - to read stdin",
+                ));
+            }
+            let mut s = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), 64 * 1024),
+                &mut s,
+            )?;
+            Ok((s, Channel::Shared))
+        }
+        Some(l) => Ok((l.to_string(), Channel::Shared)),
+    }
+}
+
+fn run_join(
+    cli: &Cli,
+    link: Option<&str>,
+    image: Option<&PathBuf>,
+    name: Option<&str>,
+    no_passphrase: bool,
+) -> anyhow::Result<()> {
+    let (text, channel) = read_link(link, image)?;
+    let invitation = match parse_link(&text) {
+        Ok(AnyInvitation::Device(i)) => i,
+        Ok(_) => {
+            return Err(fail(
+                BAD_INVITATION,
+                "this is a contact invitation, not a device link: use `tern accept`; nothing was changed",
+            ))
+        }
+        Err(e) => {
+            return Err(fail(
+                BAD_INVITATION,
+                format!("not a usable device link: {e}"),
+            ))
+        }
+    };
+    let device_name = valid_name(&name.map_or_else(default_device_name, str::to_string))?;
+    let home = unlock::home(cli);
+    let mut client = if Store::exists(&home) {
+        let client = unlock::open(cli)?;
+        if client.index()?.iter().any(|e: &IndexEntry| !e.device) {
+            return Err(fail(
+                USAGE,
+                format!(
+                    "the profile in {} has contacts of its own: a device joins with an empty \
+                     profile; use a new --home",
+                    home.display()
+                ),
+            ));
+        }
+        client
+    } else {
+        let key = if no_passphrase {
+            NewKey::Unprotected
+        } else {
+            NewKey::Passphrase(unlock::passphrase(
+                cli,
+                "New passphrase for this device: ",
+                true,
+            )?)
+        };
+        std::fs::create_dir_all(&home)?;
+        let mut store = Store::create(&home, key)?;
+        // The linking device's relays until it sends its own list (with any
+        // access keys) moments after the handshake.
+        let relays: Vec<String> = invitation
+            .queues
+            .iter()
+            .map(|q| q.relay.to_string())
+            .collect();
+        let settings = Settings {
+            profile: Profile {
+                name: device_name.clone(),
+                ..Profile::default()
+            },
+            relays,
+            isolate: false,
+            rotate_days: 7,
+            created_ms: now(),
+            device_name: device_name.clone(),
+        };
+        store.transaction(|tx| {
+            tx.put(SETTINGS, &settings)?;
+            tx.put(INDEX, &Vec::<IndexEntry>::new())
+        })?;
+        drop(store);
+        note(&format!("profile created in {}", home.display()));
+        unlock::open(cli)?
+    };
+    set_device_name(&mut client, &device_name)?;
+    let (id, request_id) = client.join_device(&invitation, channel)?;
+    let report = client.run_jobs(&id)?;
+    if report.refused.contains(&request_id) {
+        client.remove_contact(&id)?;
+        return Err(fail(
+            BAD_INVITATION,
+            "this device link was already used or withdrawn: make a new one with `tern device link`",
+        ));
+    }
+    if !reached_a_relay(&client.contact(&id)?, &request_id) {
+        return Err(fail(
+            TRY_AGAIN,
+            format!(
+                "joined, but the request could not be sent yet ({}); `tern recv` retries it",
+                report.describe()
+            ),
+        ));
+    }
+    note(&format!(
+        "request sent as device {device_name}: run `tern recv` on the other device, then `tern recv` here \
+         to receive the profile, contacts and history"
+    ));
+    Ok(())
+}
+
+fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
+    let client = unlock::open(cli)?;
+    let settings = client.settings()?;
+    let this = crate::client::devices::device_profile(&settings).name;
+    if as_json {
+        json(&json!({"name": this, "this_device": true, "state": "connected"}));
+    } else {
+        line(&format!("{this:<20} this device"));
+    }
+    let mut devices = client.devices()?;
+    devices.sort_by(|a, b| a.name.cmp(&b.name));
+    for d in devices {
+        let state = if d.removed {
+            "removing"
+        } else {
+            match d.conn.state {
+                ConnState::Invited => "link shown",
+                ConnState::Joining | ConnState::Accepted => "linking",
+                ConnState::Connected => "connected",
+            }
+        };
+        if as_json {
+            json(&json!({
+                "name": d.name,
+                "this_device": false,
+                "state": state,
+                "last_activity": time(d.last_activity_ms),
+                "connections": d.announced.len(),
+            }));
+        } else {
+            line(&format!(
+                "{:<20} {:<10} last {}  {} connection(s) known",
+                d.name,
+                state,
+                time(d.last_activity_ms),
+                d.announced.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let id = client
+        .device_id(device)
+        .map_err(|e| fail(USAGE, e.to_string()))?;
+    let report = client.remove_device(&id)?;
+    note(&format!(
+        "{device} removed: {} contact(s) told to drop it",
+        report.contacts_told
+    ));
+    if report.queues_left > 0 {
+        return Err(fail(
+            TRY_AGAIN,
+            format!(
+                "{} of its queues could not be deleted yet (relay unreachable); \
+                 `tern recv` keeps trying",
+                report.queues_left
+            ),
+        ));
+    }
+    Ok(())
+}

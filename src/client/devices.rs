@@ -1,0 +1,1079 @@
+//! Several devices per profile (PROTOCOL.md §12).
+//!
+//! Every device has connections of its own: one with every device of every
+//! contact, and one with every other device of ours. Nothing secret is
+//! shared between devices except what the person owns anyway (profile,
+//! contacts' names, history), so removing a device cuts it off for good: its
+//! connections are dropped by the contacts and its queues deleted by us.
+//!
+//! The records of one contact's connections share a *group* id (the same on
+//! all our devices), under which the history is kept. A device joins a group
+//! by making an invitation that a device already in it forwards through its
+//! own, authenticated connection: no relay ever carries an invitation in the
+//! clear, and nobody but our own devices can introduce one.
+
+use data_encoding::HEXLOWER;
+use rand::rngs::OsRng;
+use tern_relay::wire::{Command, ErrorCode};
+
+use super::fetch::Event;
+use super::jobs::flush_outbox;
+use super::model::{
+    contact_key, group_name_key, group_seen, history_log, Announced, Contact, DeviceJob, Direction,
+    GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, INDEX, SETTINGS,
+};
+use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
+use crate::proto::connection::{ConnState, Connection};
+use crate::proto::device::{history_messages, DeviceMsg, Entry, QueueGrant};
+use crate::proto::envelope::{Kind, MAX_BODY_LEN};
+use crate::proto::hello::{Channel, Profile};
+use crate::proto::invitation::Invitation;
+use crate::store::{StoreError, Tx};
+
+/// Most connections one contact (group) may have here, and most devices of
+/// our own: a bound on what ADD messages can make us create.
+pub const MAX_DEVICES: usize = 16;
+
+/// What another device of ours is called when it has not said.
+pub const UNNAMED_DEVICE: &str = "device";
+
+/// How this device introduces itself to our other devices: its name only.
+pub fn device_profile(settings: &Settings) -> Profile {
+    Profile {
+        name: if settings.device_name.trim().is_empty() {
+            UNNAMED_DEVICE.to_string()
+        } else {
+            settings.device_name.clone()
+        },
+        ..Profile::default()
+    }
+}
+
+/// The name a device gets when none is given: the machine's host name.
+pub fn default_device_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().chars().take(64).collect::<String>())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| UNNAMED_DEVICE.to_string())
+}
+
+fn group_bytes(group: &str) -> Option<[u8; 16]> {
+    HEXLOWER
+        .decode(group.as_bytes())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+}
+
+fn id_bytes(id: &str) -> [u8; 16] {
+    group_bytes(id).unwrap_or_default()
+}
+
+/// The seen-set key of a message id (ids are random: no hashing needed).
+fn seen_digest(id: &[u8; 16]) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    d[..16].copy_from_slice(id);
+    d
+}
+
+/// Appends `entry` to the group's history unless some device already put
+/// it there; `true` if it was new.
+pub(crate) fn record_history(
+    tx: &Tx<'_>,
+    group: &str,
+    entry: &HistoryEntry,
+) -> Result<bool, StoreError> {
+    let seen = group_seen(group);
+    let d = seen_digest(&entry.id);
+    if tx.seen(&seen, &d)? {
+        return Ok(false);
+    }
+    tx.mark_seen(&seen, &d)?;
+    tx.append(&history_log(group), entry)?;
+    Ok(true)
+}
+
+/// Encrypts a device message on connection `c`, or keeps it in its outbox
+/// until the connection is up.
+fn send_on(c: &mut Contact, msg: &DeviceMsg, now: u64) -> Result<(), ClientError> {
+    c.outbox.push(Queued {
+        kind: Kind::Device,
+        id: random_id(),
+        body: msg.encode(),
+    });
+    flush_outbox(c, now)
+}
+
+/// Runs `f` on every record but `skip`, saving the ones it changed; returns
+/// their ids (their jobs need running).
+fn for_each_other(
+    tx: &Tx<'_>,
+    skip: &str,
+    mut f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
+) -> Result<Vec<String>, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let mut changed = Vec::new();
+    for e in index.iter().filter(|e| e.id != skip) {
+        let Some(mut other) = tx.get::<Contact>(&contact_key(&e.id))? else {
+            continue;
+        };
+        if f(&mut other).map_err(abort)? {
+            tx.put(&contact_key(&e.id), &other)?;
+            changed.push(e.id.clone());
+        }
+    }
+    Ok(changed)
+}
+
+fn is_live_device(c: &Contact) -> bool {
+    c.device && !c.removed && c.conn.state == ConnState::Connected
+}
+
+fn entry_of(e: &HistoryEntry) -> Entry {
+    Entry {
+        incoming: e.dir == Direction::In,
+        id: e.id,
+        sent_at_ms: e.sent_at_ms,
+        received_at_ms: e.received_at_ms.unwrap_or(0),
+        text: e.text.clone(),
+    }
+}
+
+fn history_of(e: &Entry) -> HistoryEntry {
+    HistoryEntry {
+        dir: if e.incoming {
+            Direction::In
+        } else {
+            Direction::Out
+        },
+        id: e.id,
+        text: e.text.clone(),
+        sent_at_ms: e.sent_at_ms,
+        received_at_ms: (e.received_at_ms != 0).then_some(e.received_at_ms),
+    }
+}
+
+/// Copies a message of `group` to our other devices: all of them for what
+/// we sent, only those not yet connected to the contact for what we
+/// received (the others get it from the contact). Returns the records
+/// changed.
+pub(crate) fn copy_to_devices(
+    tx: &Tx<'_>,
+    skip: &str,
+    group: &str,
+    entry: &HistoryEntry,
+    now: u64,
+) -> Result<Vec<String>, StoreError> {
+    let Some(g) = group_bytes(group) else {
+        return Ok(Vec::new());
+    };
+    let msg = DeviceMsg::Copy {
+        group: g,
+        entry: entry_of(entry),
+    };
+    for_each_other(tx, skip, |d| {
+        let wanted = is_live_device(d)
+            && (entry.dir == Direction::Out || d.pending_groups.iter().any(|p| p == group));
+        if wanted {
+            send_on(d, &msg, now)?;
+        }
+        Ok(wanted)
+    })
+}
+
+/// The announcement of connection `c` to our other devices.
+fn announcement(c: &Contact) -> Option<DeviceMsg> {
+    Some(DeviceMsg::Announce {
+        group: if c.device {
+            None
+        } else {
+            Some(group_bytes(c.group())?)
+        },
+        fingerprint: c.fingerprint()?,
+        queues: c
+            .queue_grants()
+            .into_iter()
+            .map(|q| QueueGrant {
+                relay: q.relay,
+                recipient_id: q.recipient_id,
+                auth: q.auth,
+            })
+            .collect(),
+    })
+}
+
+/// The ids of every receiving queue of connection `c`.
+pub(crate) fn queue_ids(c: &Contact) -> Vec<tern_relay::wire::Id> {
+    c.queue_grants().iter().map(|q| q.recipient_id).collect()
+}
+
+/// Announces connection `c` again to our other devices (and, for a device
+/// connection, to that device) when its receiving queues changed since
+/// `before`: rotations must not leave a removed device a queue we cannot
+/// delete. Returns the other records changed.
+pub(crate) fn announce_if_changed(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    before: &[tern_relay::wire::Id],
+    now: u64,
+) -> Result<Vec<String>, ClientError> {
+    if c.conn.state != ConnState::Connected || c.removed || queue_ids(c) == before {
+        return Ok(Vec::new());
+    }
+    let Some(a) = announcement(c) else {
+        return Ok(Vec::new());
+    };
+    if c.device {
+        send_on(c, &a, now)?;
+    }
+    for_each_other(tx, &c.id, |d| {
+        let live = is_live_device(d);
+        if live {
+            send_on(d, &a, now)?;
+        }
+        Ok(live)
+    })
+    .map_err(unwrap_abort)
+}
+
+/// A contact's GROUP message for another device of ours.
+fn group_message(
+    name: &str,
+    group: &str,
+    code: Option<RootCode>,
+    introduce: bool,
+    members: Vec<[u8; 16]>,
+) -> Option<DeviceMsg> {
+    let code = code.unwrap_or(RootCode {
+        code: String::new(),
+        verified: false,
+    });
+    Some(DeviceMsg::Group {
+        group: group_bytes(group)?,
+        name: name.to_string(),
+        code: code.code,
+        verified: code.verified,
+        introduce,
+        members,
+    })
+}
+
+/// Called when connection `c` (being processed, saved by the caller)
+/// completes its handshake. Returns other records changed.
+pub(crate) fn on_connected(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    settings: &Settings,
+    now: u64,
+    events: &mut Vec<Event>,
+) -> Result<Vec<String>, ClientError> {
+    let mut changed = Vec::new();
+    // Our other devices learn the new connection, so that any of them can
+    // cut it off if this device is removed.
+    if let Some(a) = announcement(c) {
+        changed.extend(
+            for_each_other(tx, &c.id, |d| {
+                let live = is_live_device(d);
+                if live {
+                    send_on(d, &a, now)?;
+                }
+                Ok(live)
+            })
+            .map_err(super::unwrap_abort)?,
+        );
+    }
+    if c.device {
+        // The other device learns all our connections, this one included.
+        let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        let mut others: Vec<Contact> = Vec::new();
+        for e in index.iter().filter(|e| e.id != c.id) {
+            if let Some(o) = tx.get::<Contact>(&contact_key(&e.id))? {
+                others.push(o);
+            }
+        }
+        // In the order of PROTOCOL.md §12.4: what a new device needs, then
+        // what every device needs to be able to remove us.
+        let mut msgs: Vec<DeviceMsg> = Vec::new();
+        if c.sync_on_connect {
+            c.sync_on_connect = false;
+            msgs.push(DeviceMsg::Settings {
+                profile: settings.profile.to_bytes(),
+                relays: settings.relays.clone(),
+                rotate_days: settings.rotate_days,
+            });
+            let mut groups: Vec<(String, Vec<&Contact>)> = Vec::new();
+            for o in others.iter().filter(|o| !o.device) {
+                match groups.iter_mut().find(|(g, _)| g == o.group()) {
+                    Some((_, v)) => v.push(o),
+                    None => groups.push((o.group().to_string(), vec![o])),
+                }
+            }
+            let mut contacts = 0;
+            for (group, members) in &groups {
+                let live: Vec<[u8; 16]> = members
+                    .iter()
+                    .filter(|m| m.conn.state == ConnState::Connected)
+                    .map(|m| id_bytes(&m.id))
+                    .collect();
+                let first = members[0];
+                if !live.is_empty() {
+                    let code = members.iter().find_map(|m| m.code());
+                    if let Some(m) = group_message(&first.name, group, code, false, live) {
+                        msgs.push(m);
+                        contacts += 1;
+                        if !c.pending_groups.contains(group) {
+                            c.pending_groups.push(group.clone());
+                        }
+                    }
+                }
+                let history: Vec<HistoryEntry> = tx
+                    .tail::<HistoryEntry>(&history_log(group), usize::MAX)?
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect();
+                if let Some(g) = group_bytes(group) {
+                    msgs.extend(history_messages(
+                        g,
+                        history.iter().map(entry_of).collect(),
+                        MAX_BODY_LEN,
+                    ));
+                }
+            }
+            for o in others.iter().filter(|o| is_live_device(o)) {
+                msgs.push(DeviceMsg::Sibling {
+                    device: id_bytes(&o.id),
+                    name: o.name.clone(),
+                });
+            }
+            events.push(Event::Notice(format!(
+                "device {} is linked: sending it the profile, {contacts} contact(s) and the history",
+                c.name
+            )));
+        }
+        msgs.extend(announcement(c));
+        msgs.extend(
+            others
+                .iter()
+                .filter(|o| o.conn.state == ConnState::Connected && !o.removed)
+                .filter_map(announcement),
+        );
+        for m in &msgs {
+            send_on(c, m, now)?;
+        }
+    } else if !c.introduced {
+        // A contact made here: our other devices connect to it too, through
+        // this connection.
+        let code = c.code();
+        let msg = group_message(
+            &c.name,
+            c.group(),
+            code,
+            c.conn.inviter,
+            vec![id_bytes(&c.id)],
+        );
+        if let Some(msg) = msg {
+            let group = c.group().to_string();
+            changed.extend(
+                for_each_other(tx, &c.id, |d| {
+                    let live = is_live_device(d);
+                    if live {
+                        send_on(d, &msg, now)?;
+                        if !d.pending_groups.contains(&group) {
+                            d.pending_groups.push(group.clone());
+                        }
+                    }
+                    Ok(live)
+                })
+                .map_err(super::unwrap_abort)?,
+            );
+        }
+    }
+    Ok(changed)
+}
+
+/// Drops connection `victim` (a device of a contact, or of ours, that was
+/// removed): it is deleted here and its queues on the relays by `carrier`'s
+/// next job run.
+fn drop_connection(tx: &Tx<'_>, carrier: &mut Contact, victim: &Contact) -> Result<(), StoreError> {
+    let mut queues = victim.queue_grants();
+    if victim.device {
+        queues.extend(victim.announced.iter().flat_map(|a| a.queues.clone()));
+    }
+    if !queues.is_empty() {
+        carrier.device_jobs.push(DeviceJob::DeleteQueues { queues });
+    }
+    Client::remove_member_in(tx, &victim.id)
+}
+
+/// Acts on a device message that came over connection `c` (being processed,
+/// saved by the caller). Returns other records changed.
+pub(crate) fn on_device_message(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    settings: &Settings,
+    body: &[u8],
+    now: u64,
+    events: &mut Vec<Event>,
+) -> Result<Vec<String>, ClientError> {
+    let msg = match DeviceMsg::decode(body) {
+        Ok(m) => m,
+        Err(e) => {
+            events.push(Event::Warning(format!(
+                "{} sent a device message that cannot be read ({e}); ignored",
+                c.name
+            )));
+            return Ok(Vec::new());
+        }
+    };
+    if !c.device && !msg.from_contact_allowed() {
+        events.push(Event::Warning(format!(
+            "{} sent a message meant for your own devices; ignored",
+            c.name
+        )));
+        return Ok(Vec::new());
+    }
+    let mut changed = Vec::new();
+    match msg {
+        DeviceMsg::Add {
+            name,
+            introduce,
+            invitation,
+        } => {
+            // Each ADD costs us queues on our relays: a contact (or device)
+            // must not be able to make us create them without end.
+            let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+            let group = c.group().to_string();
+            let members = index
+                .iter()
+                .filter(|e| e.device == c.device && (c.device || e.group() == group))
+                .count()
+                + c.device_jobs.len();
+            if members >= MAX_DEVICES {
+                events.push(Event::Warning(format!(
+                    "{} asked to connect more than {MAX_DEVICES} devices; ignored",
+                    c.name
+                )));
+                return Ok(changed);
+            }
+            c.device_jobs.push(DeviceJob::Accept {
+                invitation,
+                name,
+                introduce,
+            });
+        }
+        DeviceMsg::Drop { fingerprint } => {
+            let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+            let group = c.group().to_string();
+            let (own, device) = (c.id.clone(), c.device);
+            for e in index
+                .iter()
+                .filter(|e| e.id != own && e.device == device)
+                .filter(|e| device || e.group() == group)
+            {
+                let Some(victim) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                    continue;
+                };
+                if victim.fingerprint() == Some(fingerprint) {
+                    drop_connection(tx, c, &victim)?;
+                    events.push(Event::Notice(format!(
+                        "{} removed one of their devices",
+                        c.name
+                    )));
+                }
+            }
+        }
+        DeviceMsg::Removed { fingerprints } => {
+            let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+            let own = c.id.clone();
+            for e in index.iter().filter(|e| e.id != own && e.device) {
+                let Some(victim) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                    continue;
+                };
+                if victim
+                    .fingerprint()
+                    .is_some_and(|f| fingerprints.contains(&f))
+                {
+                    drop_connection(tx, c, &victim)?;
+                    events.push(Event::Notice(format!(
+                        "device {} was removed from this profile",
+                        victim.name
+                    )));
+                }
+            }
+        }
+        DeviceMsg::Settings {
+            profile,
+            relays,
+            rotate_days,
+        } => {
+            let profile = Profile::from_bytes(&profile)?;
+            let mut s = settings.clone();
+            s.profile = profile;
+            let valid: Vec<String> = relays
+                .into_iter()
+                .filter(|r| r.parse::<tern_relay::address::RelayAddress>().is_ok())
+                .collect();
+            if !valid.is_empty() {
+                s.relays = valid;
+            }
+            s.rotate_days = rotate_days;
+            tx.put(SETTINGS, &s)?;
+            events.push(Event::Notice(format!(
+                "received the profile ({}) from device {}",
+                s.profile.name, c.name
+            )));
+        }
+        DeviceMsg::Group {
+            group,
+            name,
+            code,
+            verified,
+            introduce,
+            members,
+        } => {
+            let group = HEXLOWER.encode(&group);
+            tx.put(&group_name_key(&group), &name)?;
+            let code = (!code.is_empty()).then_some(RootCode { code, verified });
+            for via in members {
+                c.device_jobs.push(DeviceJob::Offer {
+                    via,
+                    group: Some(group.clone()),
+                    name: name.clone(),
+                    code: code.clone(),
+                    introduce,
+                });
+            }
+        }
+        DeviceMsg::Sibling { device, name } => {
+            c.device_jobs.push(DeviceJob::Offer {
+                via: device,
+                group: None,
+                name,
+                code: None,
+                introduce: false,
+            });
+        }
+        DeviceMsg::Offer {
+            via,
+            introduce,
+            invitation,
+        } => {
+            let via = HEXLOWER.encode(&via);
+            let Some(mut target) = tx.get::<Contact>(&contact_key(&via))? else {
+                events.push(Event::Warning(format!(
+                    "device {} offered a connection through one that is gone; ignored",
+                    c.name
+                )));
+                return Ok(changed);
+            };
+            let add = DeviceMsg::Add {
+                name: if target.device {
+                    c.name.clone()
+                } else {
+                    String::new()
+                },
+                introduce,
+                invitation,
+            };
+            if !target.device {
+                let group = target.group().to_string();
+                if !c.pending_groups.contains(&group) {
+                    c.pending_groups.push(group);
+                }
+            }
+            if target.id == c.id {
+                send_on(c, &add, now)?;
+            } else {
+                send_on(&mut target, &add, now)?;
+                tx.put(&contact_key(&target.id), &target)?;
+                changed.push(target.id.clone());
+            }
+        }
+        DeviceMsg::History { group, entries } => {
+            let group = HEXLOWER.encode(&group);
+            for e in &entries {
+                record_history(tx, &group, &history_of(e))?;
+            }
+        }
+        DeviceMsg::Copy { group, entry } => {
+            let group = HEXLOWER.encode(&group);
+            let entry = history_of(&entry);
+            if record_history(tx, &group, &entry)? {
+                let name = group_name(tx, &group)?;
+                events.push(Event::Message {
+                    contact: name,
+                    entry,
+                    chain: crate::proto::envelope::ChainStatus::InOrder,
+                });
+            }
+        }
+        DeviceMsg::Announce {
+            group,
+            fingerprint,
+            queues,
+        } => {
+            let group = group.map(|g| HEXLOWER.encode(&g));
+            if let Some(g) = &group {
+                c.pending_groups.retain(|p| p != g);
+            }
+            c.announced.retain(|a| a.fingerprint != fingerprint);
+            c.announced.push(Announced {
+                group,
+                fingerprint,
+                queues: queues
+                    .into_iter()
+                    .map(|q| GrantedQueue {
+                        relay: q.relay,
+                        recipient_id: q.recipient_id,
+                        auth: q.auth,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(changed)
+}
+
+/// The name of a contact by group id, even before we have a connection in it.
+fn group_name(tx: &Tx<'_>, group: &str) -> Result<String, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    if let Some(e) = index.iter().find(|e| e.group() == group && !e.device) {
+        return Ok(e.name.clone());
+    }
+    Ok(tx
+        .get::<String>(&group_name_key(group))?
+        .unwrap_or_else(|| "?".to_string()))
+}
+
+/// Sends our current settings (profile, relays) to our other devices, after
+/// the profile changed; returns the records with work to upload.
+pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientError> {
+    let t = now();
+    client
+        .store
+        .transaction(|tx| {
+            let settings: Settings = tx
+                .get(SETTINGS)?
+                .ok_or_else(|| abort(ClientError::Invalid("the profile has no settings".into())))?;
+            let msg = DeviceMsg::Settings {
+                profile: settings.profile.to_bytes(),
+                relays: settings.relays.clone(),
+                rotate_days: settings.rotate_days,
+            };
+            for_each_other(tx, "", |d| {
+                let live = is_live_device(d);
+                if live {
+                    send_on(d, &msg, t)?;
+                }
+                Ok(live)
+            })
+        })
+        .map_err(unwrap_abort)
+}
+
+/// What `tern device remove` did.
+#[derive(Debug, Default)]
+pub struct RemoveReport {
+    /// Contacts told to drop the device's connections.
+    pub contacts_told: usize,
+    /// Queues of the device still to delete (a relay was unreachable).
+    pub queues_left: usize,
+}
+
+impl Client {
+    /// Our other devices (including removed ones whose queues are still
+    /// being deleted).
+    pub fn devices(&self) -> Result<Vec<Contact>, ClientError> {
+        Ok(self.contacts()?.into_iter().filter(|c| c.device).collect())
+    }
+
+    /// Finds another device of ours by name.
+    pub fn device_id(&self, name: &str) -> Result<String, ClientError> {
+        self.index()?
+            .into_iter()
+            .find(|e| e.name == name && e.device)
+            .map(|e| e.id)
+            .ok_or_else(|| {
+                ClientError::Invalid(format!("no device named {name:?}: see `tern device list`"))
+            })
+    }
+
+    /// `tern device link`: a one-time device link over new queues.
+    pub fn link_device(&mut self, channel: Channel) -> Result<(String, String), ClientError> {
+        let queues = self.create_queues()?;
+        let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
+        let id = new_contact_id();
+        let name = format!("new-device-{}", &id[..6]);
+        let mut record = Contact::new(id, name.clone(), true, conn, now());
+        record.device = true;
+        record.sync_on_connect = true;
+        self.store
+            .transaction(|tx| {
+                let mut s: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
+                    abort(ClientError::Invalid("the profile has no settings".into()))
+                })?;
+                if s.device_name.is_empty() {
+                    s.device_name = default_device_name();
+                    tx.put(SETTINGS, &s)?;
+                }
+                Client::add_contact_in(tx, &record)
+            })
+            .map_err(unwrap_abort)?;
+        Ok((invitation.to_device_link(), name))
+    }
+
+    /// `tern device join`: accepts a device link; returns the id of the
+    /// connection to the linking device and whether the request went out.
+    pub fn join_device(
+        &mut self,
+        invitation: &Invitation,
+        channel: Channel,
+    ) -> Result<(String, [u8; 16]), ClientError> {
+        let settings = self.settings()?;
+        let queues = self.create_queues()?;
+        let t = now();
+        let (conn, request) = Connection::accept(
+            invitation,
+            queues,
+            &device_profile(&settings),
+            channel,
+            t,
+            &mut OsRng,
+        )?;
+        let id = new_contact_id();
+        let mut record = Contact::new(id.clone(), format!("device-{}", &id[..6]), true, conn, t);
+        record.device = true;
+        let request_id = push_request(&mut record, request, t);
+        self.add_contact(&record)?;
+        Ok((id, request_id))
+    }
+
+    /// Runs the device jobs of record `id`.
+    pub(crate) fn run_device_jobs(&mut self, id: &str) -> Result<(), ClientError> {
+        let contact = self.contact(id)?;
+        for job in contact.device_jobs.clone() {
+            let done = match &job {
+                DeviceJob::Offer {
+                    via,
+                    group,
+                    name,
+                    code,
+                    introduce,
+                } => self.make_offer(id, *via, group.as_deref(), name, code.clone(), *introduce),
+                DeviceJob::Accept {
+                    invitation,
+                    name,
+                    introduce,
+                } => self.accept_add(id, invitation, name, *introduce),
+                DeviceJob::DeleteQueues { queues } => {
+                    let left = self.delete_granted(queues);
+                    self.update_contact(id, |_, c| {
+                        if let Some(i) = c.device_jobs.iter().position(|j| *j == job) {
+                            if left.is_empty() {
+                                c.device_jobs.remove(i);
+                            } else {
+                                c.device_jobs[i] = DeviceJob::DeleteQueues {
+                                    queues: left.clone(),
+                                };
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    Ok(false)
+                }
+            };
+            match done {
+                // Done and taken off the list by the step itself.
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    // Never retried: an invitation that cannot be used stays
+                    // unusable. Say so, drop the job.
+                    eprintln!("tern: warning: device step failed: {e}");
+                    self.update_contact(id, |_, c| {
+                        c.device_jobs.retain(|j| *j != job);
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        // A removed device's record goes once its queues are gone.
+        let c = self.contact(id)?;
+        if c.removed && c.device_jobs.is_empty() {
+            self.remove_contact(id)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes granted queues; returns those a relay could not be asked to
+    /// delete yet.
+    fn delete_granted(&self, queues: &[GrantedQueue]) -> Vec<GrantedQueue> {
+        let mut left = Vec::new();
+        for q in queues {
+            let signer = ed25519_dalek::SigningKey::from_bytes(q.auth.as_bytes());
+            match self.net.call(
+                &q.relay,
+                &Command::Delete {
+                    recipient_id: q.recipient_id,
+                },
+                Some(&signer),
+            ) {
+                Ok(_) => {}
+                // Gone already (deleted by its owner or by another device).
+                Err(e) if e.code() == Some(ErrorCode::Auth) => {}
+                Err(_) => left.push(q.clone()),
+            }
+        }
+        left
+    }
+
+    /// Makes an invitation for a contact's device or another device of
+    /// ours, and sends it to the device that asked, to forward.
+    fn make_offer(
+        &mut self,
+        carrier: &str,
+        via: [u8; 16],
+        group: Option<&str>,
+        name: &str,
+        code: Option<RootCode>,
+        introduce: bool,
+    ) -> Result<bool, ClientError> {
+        let queues = self.create_queues()?;
+        let (conn, invitation) = Connection::invite(queues, Channel::Shared, &mut OsRng);
+        let t = now();
+        let mut record = Contact::new(new_contact_id(), name.to_string(), false, conn, t);
+        record.introduced = true;
+        match group {
+            Some(g) => {
+                record.group = g.to_string();
+                record.root_code = code;
+            }
+            None => record.device = true,
+        }
+        let offer = DeviceMsg::Offer {
+            via,
+            introduce,
+            invitation: invitation.encode(),
+        };
+        self.store
+            .transaction(|tx| {
+                // A group's connections share the name it already has here.
+                let existing = tx
+                    .get::<Vec<IndexEntry>>(INDEX)?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|e| group.is_some() && Some(e.group()) == group && !e.device);
+                record.name = match existing {
+                    Some(e) => e.name,
+                    None => Client::unique_name(tx, &record.name, &record.id)?,
+                };
+                Client::add_contact_in(tx, &record)?;
+                let key = contact_key(carrier);
+                let mut c: Contact = tx
+                    .get(&key)?
+                    .ok_or_else(|| abort(ClientError::UnknownContact(carrier.into())))?;
+                send_on(&mut c, &offer, t).map_err(abort)?;
+                c.device_jobs.retain(|j| {
+                    !matches!(j, DeviceJob::Offer { via: v, group: g, .. }
+                        if *v == via && g.as_deref() == group)
+                });
+                tx.put(&key, &c)?;
+                Ok(())
+            })
+            .map_err(unwrap_abort)?;
+        self.run_jobs(carrier)?;
+        Ok(true)
+    }
+
+    /// Accepts an invitation a contact (or another device of ours) sent in
+    /// an ADD: a new connection in the same group as `carrier`.
+    fn accept_add(
+        &mut self,
+        carrier: &str,
+        invitation: &[u8],
+        name: &str,
+        introduce: bool,
+    ) -> Result<bool, ClientError> {
+        let raw = invitation;
+        let invitation = Invitation::decode(raw)?;
+        let c = self.contact(carrier)?;
+        let settings = self.settings()?;
+        let profile = if c.device {
+            device_profile(&settings)
+        } else {
+            settings.profile.clone()
+        };
+        let queues = self.create_queues()?;
+        let t = now();
+        let (conn, request) = Connection::accept(
+            &invitation,
+            queues,
+            &profile,
+            Channel::Shared,
+            t,
+            &mut OsRng,
+        )?;
+        let id = new_contact_id();
+        let mut record = Contact::new(id.clone(), c.name.clone(), false, conn, t);
+        record.introduced = true;
+        if c.device {
+            record.device = true;
+            record.name = if name.trim().is_empty() {
+                UNNAMED_DEVICE.to_string()
+            } else {
+                name.trim().to_string()
+            };
+        } else {
+            record.group = c.group().to_string();
+            record.root_code = c.code();
+        }
+        push_request(&mut record, request, t);
+        let mut touched = Vec::new();
+        self.store
+            .transaction(|tx| {
+                if record.device {
+                    let base = record.name.clone();
+                    record.name = Client::unique_name(tx, &base, &record.id)?;
+                }
+                Client::add_contact_in(tx, &record)?;
+                if introduce && !record.device {
+                    // The contact's new device must meet our other devices
+                    // too; they make the invitations, the new connection
+                    // carries them.
+                    if let Some(msg) = group_message(
+                        &record.name,
+                        record.group(),
+                        record.code(),
+                        false,
+                        vec![id_bytes(&record.id)],
+                    ) {
+                        let group = record.group().to_string();
+                        touched = for_each_other(tx, &record.id, |d| {
+                            let live = is_live_device(d);
+                            if live {
+                                send_on(d, &msg, t)?;
+                                if !d.pending_groups.contains(&group) {
+                                    d.pending_groups.push(group.clone());
+                                }
+                            }
+                            Ok(live)
+                        })?;
+                    }
+                }
+                let key = contact_key(carrier);
+                if let Some(mut c) = tx.get::<Contact>(&key)? {
+                    c.device_jobs.retain(|j| {
+                        !matches!(j, DeviceJob::Accept { invitation: i, .. } if i.as_slice() == raw)
+                    });
+                    tx.put(&key, &c)?;
+                }
+                Ok(())
+            })
+            .map_err(unwrap_abort)?;
+        self.run_jobs(&id)?;
+        for d in touched {
+            self.run_jobs(&d)?;
+        }
+        Ok(true)
+    }
+
+    /// `tern device remove`: cuts device `id` off. Contacts are told to drop
+    /// its connections, our other devices to forget it, and its queues are
+    /// deleted with the keys it granted us, so it receives nothing new even
+    /// if it never cooperates.
+    pub fn remove_device(&mut self, id: &str) -> Result<RemoveReport, ClientError> {
+        let t = now();
+        let mut report = RemoveReport::default();
+        let touched = self
+            .store
+            .transaction(|tx| {
+                let key = contact_key(id);
+                let mut r: Contact = tx
+                    .get(&key)?
+                    .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
+                let mut fingerprints: Vec<[u8; 32]> =
+                    r.announced.iter().map(|a| a.fingerprint).collect();
+                if let Some(f) = r.fingerprint() {
+                    fingerprints.push(f);
+                }
+                let announced = r.announced.clone();
+                let mut told = 0;
+                let changed = for_each_other(tx, id, |o| {
+                    if o.removed || o.conn.state != ConnState::Connected {
+                        return Ok(false);
+                    }
+                    if o.device {
+                        send_on(
+                            o,
+                            &DeviceMsg::Removed {
+                                fingerprints: fingerprints.clone(),
+                            },
+                            t,
+                        )?;
+                        return Ok(true);
+                    }
+                    let mut any = false;
+                    let group = o.group().to_string();
+                    for a in announced
+                        .iter()
+                        .filter(|a| a.group.as_deref() == Some(group.as_str()))
+                    {
+                        send_on(
+                            o,
+                            &DeviceMsg::Drop {
+                                fingerprint: a.fingerprint,
+                            },
+                            t,
+                        )?;
+                        any = true;
+                    }
+                    told += usize::from(any);
+                    Ok(any)
+                })?;
+                report.contacts_told = told;
+                let mut queues = r.queue_grants();
+                queues.extend(announced.iter().flat_map(|a| a.queues.clone()));
+                r.removed = true;
+                r.jobs.clear();
+                r.outbox.clear();
+                r.device_jobs = vec![DeviceJob::DeleteQueues { queues }];
+                tx.put(&key, &r)?;
+                Ok(changed)
+            })
+            .map_err(unwrap_abort)?;
+        // The queues first: that is what stops the device at once.
+        self.run_device_jobs(id)?;
+        report.queues_left = match self.contact(id) {
+            Ok(c) => c
+                .device_jobs
+                .iter()
+                .map(|j| match j {
+                    DeviceJob::DeleteQueues { queues } => queues.len(),
+                    _ => 0,
+                })
+                .sum(),
+            Err(_) => 0,
+        };
+        for other in touched {
+            self.run_jobs(&other)?;
+        }
+        Ok(report)
+    }
+}
+
+/// Queues a connection request (the joiner's first message) for upload.
+pub fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
+    let request_id = random_id();
+    contact.jobs.push(Job::Deliver {
+        envelope_id: request_id,
+        pending: (0..contact.conn.peer_queues.len()).collect(),
+        payload: request,
+        signed: false,
+        raw: true,
+        created_ms: t,
+        delivered_any: false,
+        generation: contact.generation,
+    });
+    request_id
+}

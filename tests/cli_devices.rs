@@ -1,0 +1,273 @@
+//! Several devices per profile, end to end on real relays with three homes:
+//! Alice's laptop, Alice's server and Bob.
+
+mod cli_common;
+
+use cli_common::*;
+use serde_json::Value;
+
+/// `recv --json` on each profile in turn, `rounds` times; every event each
+/// one printed, per profile.
+fn settle(profiles: &[&Profile], rounds: usize) -> Vec<Vec<Value>> {
+    let mut all = vec![Vec::new(); profiles.len()];
+    for _ in 0..rounds {
+        for (i, p) in profiles.iter().enumerate() {
+            all[i].extend(p.recv());
+        }
+    }
+    all
+}
+
+fn messages(events: &[Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| {
+            (
+                e["contact"].as_str().unwrap().to_string(),
+                e["direction"].as_str().unwrap().to_string(),
+                e["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn log_texts(p: &Profile, contact: &str) -> Vec<(String, String)> {
+    p.log(contact)
+        .iter()
+        .map(|e| {
+            (
+                e["direction"].as_str().unwrap().to_string(),
+                e["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn devices(p: &Profile) -> Vec<Value> {
+    json_lines(&p.ok(&["device", "list", "--json"]))
+}
+
+fn m(contact: &str, dir: &str, text: &str) -> (String, String, String) {
+    (contact.into(), dir.into(), text.into())
+}
+
+struct World {
+    _relays: Vec<Relay>,
+    laptop: Profile,
+    server: Profile,
+    bob: Profile,
+}
+
+/// Alice (laptop) and Bob connected on separate relays, one message each
+/// way; then Alice links her server and everything settles.
+fn linked_world() -> World {
+    let (r1, r2) = (Relay::start(), Relay::start());
+    let laptop = Profile::new("Alice", &[&r1]);
+    let bob = Profile::new("Bob", &[&r2]);
+    connect(&laptop, "bob", &bob, "alice");
+    laptop.send("bob", "before the link, from the laptop");
+    bob.send("alice", "before the link, from Bob");
+    assert_eq!(laptop.recv_texts(), vec!["before the link, from Bob"]);
+    bob.recv();
+
+    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
+    let link = link.trim();
+    assert!(link.starts_with("TERN:"), "{link}");
+    // A contact invitation is not a device link, and the other way round.
+    let o = bob.run(&["accept", link]);
+    assert_code(&o, 6, "accept of a device link");
+    let server = Profile::empty("Alice-server");
+    server.ok(&[
+        "device",
+        "join",
+        link,
+        "--name",
+        "server",
+        "--no-passphrase",
+    ]);
+    // Handshake with the laptop (2 rounds), profile and history, the
+    // server's invitation forwarded to Bob, Bob's handshake with the server.
+    settle(&[&laptop, &server, &bob], 5);
+    World {
+        _relays: vec![r1, r2],
+        laptop,
+        server,
+        bob,
+    }
+}
+
+#[test]
+fn a_linked_device_gets_profile_contacts_and_history_and_both_see_everything_once() {
+    let w = linked_world();
+    let (laptop, server, bob) = (&w.laptop, &w.server, &w.bob);
+
+    // The server has the profile, the contact and the history.
+    let names: Vec<Value> = devices(server).iter().map(|d| d["name"].clone()).collect();
+    assert_eq!(names, vec!["server", "laptop"], "{:?}", devices(server));
+    assert_eq!(devices(laptop)[1]["state"], "connected");
+    assert_eq!(server.contact("bob")["state"], "connected");
+    assert_eq!(
+        log_texts(server, "bob"),
+        vec![
+            ("out".into(), "before the link, from the laptop".into()),
+            ("in".into(), "before the link, from Bob".into()),
+        ]
+    );
+    // Bob sees one contact, with two devices, and the same security code.
+    let bc = bob.contacts();
+    assert_eq!(bc.len(), 1, "{bc:?}");
+    assert_eq!(bc[0]["name"], "alice");
+    assert_eq!(bc[0]["devices"], 2);
+    assert_eq!(
+        laptop.ok(&["verify", "bob"]),
+        server.ok(&["verify", "bob"]),
+        "both devices show the code Bob compares with"
+    );
+    assert_eq!(bob.ok(&["verify", "alice"]), laptop.ok(&["verify", "bob"]));
+
+    // Bob to Alice: each of her devices gets it exactly once.
+    bob.send("alice", "hello both of you");
+    assert_eq!(
+        messages(&laptop.recv()),
+        vec![m("bob", "in", "hello both of you")]
+    );
+    assert_eq!(
+        messages(&server.recv()),
+        vec![m("bob", "in", "hello both of you")]
+    );
+    laptop.recv_nothing();
+    server.recv_nothing();
+
+    // Alice from either device: Bob sees one contact; the other device sees
+    // what was sent.
+    server.send("bob", "from the server");
+    laptop.send("bob", "from the laptop");
+    // Two connections, two queues: the order between them is the relays'.
+    let mut got = messages(&bob.recv());
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            m("alice", "in", "from the laptop"),
+            m("alice", "in", "from the server")
+        ]
+    );
+    assert_eq!(
+        messages(&laptop.recv()),
+        vec![m("bob", "out", "from the server")]
+    );
+    assert_eq!(
+        messages(&server.recv()),
+        vec![m("bob", "out", "from the laptop")]
+    );
+    bob.recv_nothing();
+    laptop.recv_nothing();
+    server.recv_nothing();
+
+    let expected: Vec<(String, String)> = vec![
+        ("out".into(), "before the link, from the laptop".into()),
+        ("in".into(), "before the link, from Bob".into()),
+        ("in".into(), "hello both of you".into()),
+        ("out".into(), "from the server".into()),
+        ("out".into(), "from the laptop".into()),
+    ];
+    assert_eq!(log_texts(laptop, "bob"), expected);
+    assert_eq!(log_texts(server, "bob"), expected);
+}
+
+#[test]
+fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
+    let w = linked_world();
+    let (laptop, server, bob) = (&w.laptop, &w.server, &w.bob);
+    bob.send("alice", "still three of us");
+    assert_eq!(server.recv_texts(), vec!["still three of us"]);
+    laptop.recv();
+
+    let out = laptop.run(&["device", "remove", "server"]);
+    assert_code(&out, 0, "device remove");
+    // Bob has not run `recv` yet: his tern still sends to the server's
+    // connection, whose queues are gone.
+    bob.send("alice", "after the removal");
+    let o = server.run(&["recv", "--json"]);
+    let got = json_lines(&stdout(&o));
+    assert!(
+        messages(&got).is_empty(),
+        "the removed device must get nothing: {got:?}\n{}",
+        show(&o)
+    );
+    assert_eq!(laptop.recv_texts(), vec!["after the removal"]);
+    // Once Bob's tern hears of it, the contact has one device again, and
+    // the server cannot send as Alice any more.
+    bob.recv();
+    assert_eq!(bob.contact("alice")["devices"], 1);
+    let _ = server.run(&["send", "bob", "I was removed"]);
+    assert!(messages(&bob.recv()).is_empty());
+    assert_eq!(devices(laptop).len(), 1, "{:?}", devices(laptop));
+    // Life goes on for the others.
+    laptop.send("bob", "just the laptop now");
+    assert_eq!(bob.recv_texts(), vec!["just the laptop now"]);
+}
+
+#[test]
+fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
+    let (r1, r2) = (Relay::start(), Relay::start());
+    let laptop = Profile::new("Alice", &[&r1]);
+    let bob = Profile::new("Bob", &[&r2]);
+    connect(&laptop, "bob", &bob, "alice");
+    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
+    let server = Profile::empty("Alice-server");
+    server.ok(&[
+        "device",
+        "join",
+        link.trim(),
+        "--name",
+        "server",
+        "--no-passphrase",
+    ]);
+    // Messages while the devices are still introducing themselves.
+    bob.send("alice", "in flight 1");
+    laptop.ok(&["recv"]);
+    bob.send("alice", "in flight 2");
+    server.ok(&["recv"]);
+    laptop.send("bob", "in flight 3");
+    bob.ok(&["recv"]);
+    bob.send("alice", "in flight 4");
+    let all = settle(&[&laptop, &server, &bob], 5);
+    let server_texts: Vec<String> = messages(&all[1]).into_iter().map(|m| m.2).collect();
+    for t in ["in flight 1", "in flight 2", "in flight 3", "in flight 4"] {
+        let n = server_texts.iter().filter(|s| *s == t).count()
+            + log_texts(&server, "bob")
+                .iter()
+                .filter(|(_, s)| s == t)
+                .count();
+        assert!(n >= 1, "{t} reached the server: {server_texts:?}");
+    }
+    let server_log: Vec<String> = log_texts(&server, "bob").into_iter().map(|e| e.1).collect();
+    let mut sorted = server_log.clone();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        server_log.len(),
+        "no duplicates: {server_log:?}"
+    );
+    assert_eq!(server_log.len(), 4, "{server_log:?}");
+
+    // The server is offline a while; the others go on.
+    for i in 0..5 {
+        bob.send("alice", &format!("while away {i}"));
+    }
+    laptop.send("bob", "laptop while server away");
+    laptop.recv();
+    bob.recv();
+    let got = messages(&server.recv());
+    let mut want: Vec<(String, String, String)> = (0..5)
+        .map(|i| m("bob", "in", &format!("while away {i}")))
+        .collect();
+    want.push(m("bob", "out", "laptop while server away"));
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    want.sort();
+    assert_eq!(got_sorted, want, "{got:?}");
+    server.recv_nothing();
+}
