@@ -184,6 +184,20 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     assert_eq!(server.recv_texts(), vec!["still three of us"]);
     laptop.recv();
 
+    assert_code(
+        &laptop.run(&["device", "remove", "no-such-device"]),
+        3,
+        "device remove of an unknown device",
+    );
+    let contact_link = bob.ok(&["invite", "--link", "--name", "someone"]);
+    let stranger = Profile::empty("stranger");
+    assert_code(
+        &stranger.run(&["device", "join", contact_link.trim(), "--no-passphrase"]),
+        6,
+        "device join of a contact invitation",
+    );
+    assert!(!stranger.home.exists(), "a refused join creates nothing");
+    bob.ok(&["forget", "someone", "--yes"]);
     let out = laptop.run(&["device", "remove", "server"]);
     assert_code(&out, 0, "device remove");
     // Bob has not run `recv` yet: his tern still sends to the server's
@@ -270,4 +284,93 @@ fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
     want.sort();
     assert_eq!(got_sorted, want, "{got:?}");
     server.recv_nothing();
+}
+
+/// Links `new` to `existing` through a PNG device link scanned with
+/// `--image`, and lets the two settle with `others`.
+fn link_by_png(existing: &Profile, new: &Profile, name: &str, others: &[&Profile]) {
+    let png = existing.sandbox().join("device-link.png");
+    existing.ok(&["device", "link", "--png", png.to_str().unwrap()]);
+    new.ok(&[
+        "device",
+        "join",
+        "--image",
+        png.to_str().unwrap(),
+        "--name",
+        name,
+        "--no-passphrase",
+    ]);
+    let mut all = vec![existing, new];
+    all.extend_from_slice(others);
+    settle(&all, 5);
+}
+
+#[test]
+fn two_people_with_two_devices_each_get_one_connection_per_pair_of_devices() {
+    let (r1, r2) = (Relay::start(), Relay::start());
+    let laptop = Profile::new("Alice", &[&r1]);
+    let server = Profile::empty("Alice-server");
+    let phone = Profile::new("Bob", &[&r2]);
+    let desk = Profile::empty("Bob-desk");
+    link_by_png(&laptop, &server, "server", &[]);
+    link_by_png(&phone, &desk, "desk", &[]);
+    assert!(desk.ok(&["profile", "--json"]).contains("\"Bob\""));
+
+    // Alice's laptop invites Bob's phone; their other devices meet each
+    // other and everyone else by themselves.
+    connect(&laptop, "bob", &phone, "alice");
+    settle(&[&laptop, &server, &phone, &desk], 6);
+    for (p, contact) in [
+        (&laptop, "bob"),
+        (&server, "bob"),
+        (&phone, "alice"),
+        (&desk, "alice"),
+    ] {
+        let c = p.contacts();
+        assert_eq!(c.len(), 1, "{}: {c:?}", p.display);
+        assert_eq!(c[0]["name"], contact, "{}: {c:?}", p.display);
+        assert_eq!(
+            c[0]["devices"], 2,
+            "{}: exactly one connection per device of the contact: {c:?}",
+            p.display
+        );
+        assert_eq!(c[0]["state"], "connected", "{}: {c:?}", p.display);
+    }
+
+    // Any device to the three others, each once.
+    let people = [
+        (&laptop, "bob", "Alice"),
+        (&server, "bob", "Alice"),
+        (&phone, "alice", "Bob"),
+        (&desk, "alice", "Bob"),
+    ];
+    for (i, (sender, to, _)) in people.iter().enumerate() {
+        let text = format!("from {}", sender.display);
+        sender.send(to, &text);
+        for (j, (other, other_to, _)) in people.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let dir = if people[j].2 == people[i].2 {
+                "out"
+            } else {
+                "in"
+            };
+            assert_eq!(
+                messages(&other.recv()),
+                vec![m(other_to, dir, &text)],
+                "{} → {}",
+                sender.display,
+                other.display
+            );
+        }
+    }
+    for (p, _, _) in people {
+        p.recv_nothing();
+    }
+
+    // A new profile name reaches the other device too.
+    laptop.ok(&["profile", "--name", "Alice L."]);
+    server.recv();
+    assert!(server.ok(&["profile", "--json"]).contains("Alice L."));
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, USAGE};
+use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
 use super::output::{json, line, note, stdout_is_terminal, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
@@ -328,7 +328,7 @@ fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let id = client
         .device_id(device)
-        .map_err(|e| fail(USAGE, e.to_string()))?;
+        .map_err(|e| fail(UNKNOWN_CONTACT, e.to_string()))?;
     let report = client.remove_device(&id)?;
     note(&format!(
         "{device} removed: {} contact(s) told to drop it",

@@ -13,7 +13,7 @@ pub const OK: u8 = 0;
 pub const FAILURE: u8 = 1;
 /// Bad arguments (also what clap uses).
 pub const USAGE: u8 = 2;
-/// The contact named does not exist.
+/// The contact (or, for `tern device`, the device) named does not exist.
 pub const UNKNOWN_CONTACT: u8 = 3;
 /// `tern verify`: the security codes differ.
 pub const CODE_MISMATCH: u8 = 4;

@@ -32,7 +32,7 @@ An error not listed below.
 Usage error: bad arguments or options; nothing was changed.
 .TP
 \fB3\fR
-No contact by that name.
+No contact by that name (for \fBtern device remove\fR: no device by that name).
 .TP
 \fB4\fR
 \fBtern verify\fR: the security codes differ. Do not trust the connection.
@@ -41,7 +41,7 @@ No contact by that name.
 Wrong passphrase, or a passphrase is needed and standard input is not a terminal.
 .TP
 \fB6\fR
-Not a usable invitation: a malformed link, an image without a QR code, or a newer protocol version.
+Not a usable invitation: a malformed link, an image without a QR code, a newer protocol version, a device link given to \fBtern accept\fR or a contact invitation given to \fBtern device join\fR, or one already used.
 .TP
 \fB7\fR
 No profile in the home directory: run \fBtern init\fR.
