@@ -31,6 +31,7 @@ use rand::{CryptoRng, RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use tern::proto::device::{self, DeviceMsg, Entry, QueueGrant};
 use tern::proto::envelope::{
     ChainError, ChainReceiver, ChainSender, ChainStatus, Envelope, Kind, ENVELOPE_LEN, MAX_BODY_LEN,
 };
@@ -40,6 +41,7 @@ use tern::proto::invitation::{Invitation, SendQueue};
 use tern::proto::keys::{DhKeyPair, Secret32};
 use tern::proto::queue_msg::{self, QueueMessage, RATCHET_MSG_LEN};
 use tern::proto::ratchet::{Ratchet, RatchetInit};
+use tern::proto::rekey::{parse_link, AnyInvitation};
 use tern::proto::security_code::{codes_match, security_code};
 use tern::proto::ProtoError;
 use tern::relay::address::{AddressError, Host, RelayAddress, Transport};
@@ -4177,6 +4179,996 @@ fn gen_hello() -> Vec<HelloCase> {
 }
 
 // ---------------------------------------------------------------------------
+// device.json
+// ---------------------------------------------------------------------------
+
+/// A field a case must state for its message type.
+pub fn need<'a, T>(v: &'a Option<T>, what: &str, of: &str) -> &'a T {
+    v.as_ref().unwrap_or_else(|| panic!("{of}: missing {what}"))
+}
+
+/// One history entry of HISTORY or COPY (PROTOCOL.md §12.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryFields {
+    /// "from_contact" (direction byte 1) or "from_person" (2).
+    pub direction: String,
+    pub envelope_id: String,
+    pub sent_at_ms: u64,
+    /// 0: not known.
+    pub received_at_ms: u64,
+    pub text: String,
+}
+
+impl EntryFields {
+    pub fn of(e: &Entry) -> Self {
+        Self {
+            direction: if e.incoming {
+                "from_contact"
+            } else {
+                "from_person"
+            }
+            .into(),
+            envelope_id: hex(&e.id),
+            sent_at_ms: e.sent_at_ms,
+            received_at_ms: e.received_at_ms,
+            text: e.text.clone(),
+        }
+    }
+
+    pub fn to_entry(&self) -> Entry {
+        Entry {
+            incoming: match self.direction.as_str() {
+                "from_contact" => true,
+                "from_person" => false,
+                d => panic!("direction {d}"),
+            },
+            id: arr(&self.envelope_id),
+            sent_at_ms: self.sent_at_ms,
+            received_at_ms: self.received_at_ms,
+            text: self.text.clone(),
+        }
+    }
+}
+
+/// One receiving queue named by ANNOUNCE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFields {
+    /// The relay in canonical text form, with its access key if any (the
+    /// body carries the binary form, §3.1.2).
+    pub relay: String,
+    pub recipient_id: String,
+    pub recipient_auth_seed: String,
+}
+
+impl GrantFields {
+    pub fn of(q: &QueueGrant) -> Self {
+        Self {
+            relay: q.relay.to_string(),
+            recipient_id: hex(&q.recipient_id),
+            recipient_auth_seed: hex(q.auth.as_bytes()),
+        }
+    }
+
+    pub fn to_grant(&self) -> QueueGrant {
+        QueueGrant {
+            relay: self.relay.parse().expect("relay address"),
+            recipient_id: arr(&self.recipient_id),
+            auth: Secret32(arr(&self.recipient_auth_seed)),
+        }
+    }
+}
+
+/// A device message's fields: `type` and those of its row in PROTOCOL.md
+/// §12.3, nothing else. Byte strings in hex; an invitation (ADD, OFFER) and a
+/// profile (SETTINGS) by their own fields, the body holding their binary forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMsgFields {
+    /// ADD, DROP, SETTINGS, GROUP, SIBLING, OFFER, HISTORY, COPY, ANNOUNCE or
+    /// REMOVED.
+    #[serde(rename = "type")]
+    pub msg_type: String,
+    /// GROUP, HISTORY, COPY; ANNOUNCE of a connection with a contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// SIBLING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// OFFER.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// ADD, GROUP, SIBLING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GROUP: the security code (§8.1), empty if none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// GROUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// ADD, GROUP, OFFER.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introduce: Option<bool>,
+    /// GROUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
+    /// ADD, OFFER: a contact invitation (kind 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<InvitationFields>,
+    /// SETTINGS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileFields>,
+    /// SETTINGS: relays in text form, with their access keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relays: Option<Vec<String>>,
+    /// SETTINGS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_days: Option<u32>,
+    /// DROP, ANNOUNCE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// ANNOUNCE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<Vec<GrantFields>>,
+    /// HISTORY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<EntryFields>>,
+    /// COPY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryFields>,
+    /// REMOVED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprints: Option<Vec<String>>,
+}
+
+fn ids<const N: usize>(v: &[[u8; N]]) -> Option<Vec<String>> {
+    Some(v.iter().map(|x| hex(x)).collect())
+}
+
+impl DeviceMsgFields {
+    pub fn of(m: &DeviceMsg) -> Self {
+        let inv = |b: &[u8]| {
+            Some(InvitationFields::of(
+                &Invitation::decode(b).expect("kind 1"),
+            ))
+        };
+        let t = |name: &str| name.to_string();
+        match m {
+            DeviceMsg::Add {
+                name,
+                introduce,
+                invitation,
+            } => Self {
+                msg_type: t("ADD"),
+                name: Some(name.clone()),
+                introduce: Some(*introduce),
+                invitation: inv(invitation),
+                ..Default::default()
+            },
+            DeviceMsg::Drop { fingerprint } => Self {
+                msg_type: t("DROP"),
+                fingerprint: Some(hex(fingerprint)),
+                ..Default::default()
+            },
+            DeviceMsg::Settings {
+                profile,
+                relays,
+                rotate_days,
+            } => Self {
+                msg_type: t("SETTINGS"),
+                profile: Some(profile_fields(
+                    &Profile::from_bytes(profile).expect("a §5.5 profile"),
+                )),
+                relays: Some(relays.iter().map(ToString::to_string).collect()),
+                rotate_days: Some(*rotate_days),
+                ..Default::default()
+            },
+            DeviceMsg::Group {
+                group,
+                name,
+                code,
+                verified,
+                introduce,
+                members,
+            } => Self {
+                msg_type: t("GROUP"),
+                group: Some(hex(group)),
+                name: Some(name.clone()),
+                code: Some(code.clone()),
+                verified: Some(*verified),
+                introduce: Some(*introduce),
+                members: ids(members),
+                ..Default::default()
+            },
+            DeviceMsg::Sibling { device, name } => Self {
+                msg_type: t("SIBLING"),
+                device: Some(hex(device)),
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            DeviceMsg::Offer {
+                via,
+                introduce,
+                invitation,
+            } => Self {
+                msg_type: t("OFFER"),
+                via: Some(hex(via)),
+                introduce: Some(*introduce),
+                invitation: inv(invitation),
+                ..Default::default()
+            },
+            DeviceMsg::History { group, entries } => Self {
+                msg_type: t("HISTORY"),
+                group: Some(hex(group)),
+                entries: Some(entries.iter().map(EntryFields::of).collect()),
+                ..Default::default()
+            },
+            DeviceMsg::Copy { group, entry } => Self {
+                msg_type: t("COPY"),
+                group: Some(hex(group)),
+                entry: Some(EntryFields::of(entry)),
+                ..Default::default()
+            },
+            DeviceMsg::Announce {
+                group,
+                fingerprint,
+                queues,
+            } => Self {
+                msg_type: t("ANNOUNCE"),
+                group: group.as_ref().map(|g| hex(g)),
+                fingerprint: Some(hex(fingerprint)),
+                queues: Some(queues.iter().map(GrantFields::of).collect()),
+                ..Default::default()
+            },
+            DeviceMsg::Removed { fingerprints } => Self {
+                msg_type: t("REMOVED"),
+                fingerprints: ids(fingerprints),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn to_msg(&self) -> DeviceMsg {
+        let t = self.msg_type.as_str();
+        let s = |v: &Option<String>, what: &str| need(v, what, t).clone();
+        let b = |v: &Option<bool>, what: &str| *need(v, what, t);
+        let inv = || {
+            need(&self.invitation, "invitation", t)
+                .to_invitation()
+                .encode()
+        };
+        match t {
+            "ADD" => DeviceMsg::Add {
+                name: s(&self.name, "name"),
+                introduce: b(&self.introduce, "introduce"),
+                invitation: inv(),
+            },
+            "DROP" => DeviceMsg::Drop {
+                fingerprint: arr(&s(&self.fingerprint, "fingerprint")),
+            },
+            "SETTINGS" => DeviceMsg::Settings {
+                profile: profile_of(need(&self.profile, "profile", t)).to_bytes(),
+                relays: need(&self.relays, "relays", t)
+                    .iter()
+                    .map(|r| r.parse().expect("relay address"))
+                    .collect(),
+                rotate_days: *need(&self.rotate_days, "rotate_days", t),
+            },
+            "GROUP" => DeviceMsg::Group {
+                group: arr(&s(&self.group, "group")),
+                name: s(&self.name, "name"),
+                code: s(&self.code, "code"),
+                verified: b(&self.verified, "verified"),
+                introduce: b(&self.introduce, "introduce"),
+                members: need(&self.members, "members", t)
+                    .iter()
+                    .map(|m| arr(m))
+                    .collect(),
+            },
+            "SIBLING" => DeviceMsg::Sibling {
+                device: arr(&s(&self.device, "device")),
+                name: s(&self.name, "name"),
+            },
+            "OFFER" => DeviceMsg::Offer {
+                via: arr(&s(&self.via, "via")),
+                introduce: b(&self.introduce, "introduce"),
+                invitation: inv(),
+            },
+            "HISTORY" => DeviceMsg::History {
+                group: arr(&s(&self.group, "group")),
+                entries: need(&self.entries, "entries", t)
+                    .iter()
+                    .map(EntryFields::to_entry)
+                    .collect(),
+            },
+            "COPY" => DeviceMsg::Copy {
+                group: arr(&s(&self.group, "group")),
+                entry: need(&self.entry, "entry", t).to_entry(),
+            },
+            "ANNOUNCE" => DeviceMsg::Announce {
+                group: self.group.as_deref().map(arr),
+                fingerprint: arr(&s(&self.fingerprint, "fingerprint")),
+                queues: need(&self.queues, "queues", t)
+                    .iter()
+                    .map(GrantFields::to_grant)
+                    .collect(),
+            },
+            "REMOVED" => DeviceMsg::Removed {
+                fingerprints: need(&self.fingerprints, "fingerprints", t)
+                    .iter()
+                    .map(|f| arr(f))
+                    .collect(),
+            },
+            other => panic!("device message type {other}"),
+        }
+    }
+}
+
+/// PROTOCOL.md §12.3 built byte by byte from a case's fields, without tern's
+/// encoders: the device message bodies and the encodings nested in them
+/// (relay addresses §3.1.2, invitations §4.1, profiles §5.5). Only the text
+/// form of relay addresses is read with tern's parser (relay_address.json
+/// checks it). Counts are written as the fields give them, so an invalid case
+/// can exceed a limit on purpose.
+pub mod device_ref {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::{
+        need, unhex, AddressFields, DeviceMsgFields, EntryFields, InvitationFields, ProfileFields,
+    };
+
+    pub fn s8(out: &mut Vec<u8>, b: &[u8]) {
+        out.push(u8::try_from(b.len()).expect("s8: at most 255 bytes"));
+        out.extend_from_slice(b);
+    }
+
+    pub fn s32(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&u32::try_from(b.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(b);
+    }
+
+    fn fixed<const N: usize>(out: &mut Vec<u8>, h: &str) {
+        let b = unhex(h);
+        assert_eq!(b.len(), N, "{h}: expected {N} bytes");
+        out.extend_from_slice(&b);
+    }
+
+    fn count(out: &mut Vec<u8>, n: usize) {
+        out.push(u8::try_from(n).expect("u8 count"));
+    }
+
+    /// §3.1.2: flags (host kind, https, path, access key), host, port, key,
+    /// path, access key.
+    pub fn address(text: &str) -> Vec<u8> {
+        let a = AddressFields::of(&text.parse().expect("relay address"));
+        let (kind, host) = match a.host_kind.as_str() {
+            "ipv4" => (0u8, a.host.parse::<Ipv4Addr>().unwrap().octets().to_vec()),
+            "ipv6" => (1, a.host.parse::<Ipv6Addr>().unwrap().octets().to_vec()),
+            "name" => {
+                let mut v = Vec::new();
+                s8(&mut v, a.host.as_bytes());
+                (2, v)
+            }
+            k => panic!("host kind {k}"),
+        };
+        let flags = kind
+            | u8::from(a.transport == "https") << 2
+            | u8::from(!a.path.is_empty()) << 3
+            | u8::from(a.access_key.is_some()) << 4;
+        let mut out = vec![flags];
+        out.extend(host);
+        out.extend_from_slice(&a.port.to_be_bytes());
+        fixed::<32>(&mut out, &a.key);
+        if !a.path.is_empty() {
+            s8(&mut out, a.path.as_bytes());
+        }
+        if let Some(k) = &a.access_key {
+            s8(&mut out, k.as_bytes());
+        }
+        out
+    }
+
+    /// §4.1, version 1, with the given kind (1: contact invitation, 3: device
+    /// link).
+    pub fn invitation(i: &InvitationFields, kind: u8) -> Vec<u8> {
+        let mut out = vec![1, kind];
+        fixed::<32>(&mut out, &i.invitation_key);
+        fixed::<32>(&mut out, &i.ratchet_key);
+        count(&mut out, i.queues.len());
+        for q in &i.queues {
+            out.extend(address(&q.relay));
+            fixed::<16>(&mut out, &q.sender_id);
+        }
+        out
+    }
+
+    /// §5.5: name (u8 length), status (u16 length), avatar (u32 length).
+    pub fn profile(p: &ProfileFields) -> Vec<u8> {
+        let mut out = Vec::new();
+        s8(&mut out, p.name.as_bytes());
+        out.extend_from_slice(&u16::try_from(p.status.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(p.status.as_bytes());
+        s32(
+            &mut out,
+            &p.avatar.as_deref().map(unhex).unwrap_or_default(),
+        );
+        out
+    }
+
+    /// direction u8, envelope id [16], sent_at u64, received_at u64, text s32.
+    pub fn entry(out: &mut Vec<u8>, e: &EntryFields) {
+        out.push(match e.direction.as_str() {
+            "from_contact" => 1,
+            "from_person" => 2,
+            d => panic!("direction {d}"),
+        });
+        fixed::<16>(out, &e.envelope_id);
+        out.extend_from_slice(&e.sent_at_ms.to_be_bytes());
+        out.extend_from_slice(&e.received_at_ms.to_be_bytes());
+        s32(out, e.text.as_bytes());
+    }
+
+    pub fn type_byte(name: &str) -> u8 {
+        match name {
+            "ADD" => 0x01,
+            "DROP" => 0x02,
+            "SETTINGS" => 0x10,
+            "GROUP" => 0x11,
+            "SIBLING" => 0x12,
+            "OFFER" => 0x13,
+            "HISTORY" => 0x14,
+            "COPY" => 0x15,
+            "ANNOUNCE" => 0x16,
+            "REMOVED" => 0x17,
+            t => panic!("device message type {t}"),
+        }
+    }
+
+    /// The body of a device message (envelope kind 8), row by row of the
+    /// table in §12.3.
+    pub fn body(m: &DeviceMsgFields) -> Vec<u8> {
+        let t = m.msg_type.as_str();
+        let s = |v: &Option<String>, what: &str| need(v, what, t).clone();
+        let flag = |v: &Option<bool>, what: &str| u8::from(*need(v, what, t));
+        let mut o = vec![type_byte(t)];
+        match t {
+            "ADD" => {
+                s8(&mut o, s(&m.name, "name").as_bytes());
+                o.push(flag(&m.introduce, "introduce"));
+                s32(&mut o, &invitation(need(&m.invitation, "invitation", t), 1));
+            }
+            "DROP" => fixed::<32>(&mut o, &s(&m.fingerprint, "fingerprint")),
+            "SETTINGS" => {
+                s32(&mut o, &profile(need(&m.profile, "profile", t)));
+                let relays = need(&m.relays, "relays", t);
+                count(&mut o, relays.len());
+                for r in relays {
+                    o.extend_from_slice(&address(r));
+                }
+                o.extend_from_slice(&need(&m.rotate_days, "rotate_days", t).to_be_bytes());
+            }
+            "GROUP" => {
+                fixed::<16>(&mut o, &s(&m.group, "group"));
+                s8(&mut o, s(&m.name, "name").as_bytes());
+                s8(&mut o, s(&m.code, "code").as_bytes());
+                o.push(flag(&m.verified, "verified"));
+                o.push(flag(&m.introduce, "introduce"));
+                let members = need(&m.members, "members", t);
+                count(&mut o, members.len());
+                for id in members {
+                    fixed::<16>(&mut o, id);
+                }
+            }
+            "SIBLING" => {
+                fixed::<16>(&mut o, &s(&m.device, "device"));
+                s8(&mut o, s(&m.name, "name").as_bytes());
+            }
+            "OFFER" => {
+                fixed::<16>(&mut o, &s(&m.via, "via"));
+                o.push(flag(&m.introduce, "introduce"));
+                s32(&mut o, &invitation(need(&m.invitation, "invitation", t), 1));
+            }
+            "HISTORY" => {
+                fixed::<16>(&mut o, &s(&m.group, "group"));
+                let entries = need(&m.entries, "entries", t);
+                o.extend_from_slice(&u16::try_from(entries.len()).unwrap().to_be_bytes());
+                for e in entries {
+                    entry(&mut o, e);
+                }
+            }
+            "COPY" => {
+                fixed::<16>(&mut o, &s(&m.group, "group"));
+                entry(&mut o, need(&m.entry, "entry", t));
+            }
+            "ANNOUNCE" => {
+                match &m.group {
+                    None => o.push(0),
+                    Some(g) => {
+                        o.push(1);
+                        fixed::<16>(&mut o, g);
+                    }
+                }
+                fixed::<32>(&mut o, &s(&m.fingerprint, "fingerprint"));
+                let queues = need(&m.queues, "queues", t);
+                count(&mut o, queues.len());
+                for q in queues {
+                    o.extend(address(&q.relay));
+                    fixed::<16>(&mut o, &q.recipient_id);
+                    fixed::<32>(&mut o, &q.recipient_auth_seed);
+                }
+            }
+            "REMOVED" => {
+                let fps = need(&m.fingerprints, "fingerprints", t);
+                count(&mut o, fps.len());
+                for f in fps {
+                    fixed::<32>(&mut o, f);
+                }
+            }
+            _ => unreachable!("type_byte refused it"),
+        }
+        o
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceCase {
+    pub comment: String,
+    /// "fingerprint", "message" or "device_link".
+    pub kind: String,
+    pub result: String,
+    /// fingerprint: a connection's transcript hash (§5.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<String>,
+    /// fingerprint: SHA-256("tern/v1 device fingerprint" || transcript).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// message, valid: the fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<DeviceMsgFields>,
+    /// message: the body of the kind-8 envelope (valid: the encoding of
+    /// `message`; invalid: input to refuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// device_link: the invitation's fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<InvitationFields>,
+    /// device_link: the binary form, kind 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// device_link: how a reader of contact invitations refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_invitation_error: Option<String>,
+    /// message, invalid: the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn gen_device() -> Vec<DeviceCase> {
+    let mut rng = seeded(18);
+    let mut out = Vec::new();
+
+    // (a) Fingerprints.
+    let mut transcripts: Vec<(&str, [u8; 32])> = vec![
+        ("an all-zero transcript", [0; 32]),
+        ("an all-0xff transcript", [0xff; 32]),
+    ];
+    for _ in 0..2 {
+        transcripts.push(("a random transcript", random(&mut rng)));
+    }
+    let mut fps = Vec::new();
+    for (comment, th) in &transcripts {
+        let fp = device::fingerprint(th);
+        assert_eq!(
+            fp,
+            refc::sha256(&[b"tern/v1 device fingerprint", th]),
+            "{comment}"
+        );
+        fps.push(fp);
+        out.push(DeviceCase {
+            comment: format!("fingerprint of {comment}"),
+            kind: "fingerprint".into(),
+            result: "valid".into(),
+            transcript: Some(hex(th)),
+            fingerprint: Some(hex(&fp)),
+            ..Default::default()
+        });
+    }
+
+    // (b) One valid body of every message type.
+    let canon = |s: String| s.parse::<RelayAddress>().expect(&s).to_string();
+    let k: Vec<String> = (0..8).map(|_| key_text(&random(&mut rng))).collect();
+    let invitation = |rng: &mut StdRng, relays: &[String]| InvitationFields {
+        invitation_key: hex(&refc::x25519_public(&random(rng))),
+        ratchet_key: hex(&refc::x25519_public(&random(rng))),
+        queues: relays
+            .iter()
+            .map(|r| QueueFields {
+                relay: r.clone(),
+                sender_id: hex(&random::<16>(rng)),
+            })
+            .collect(),
+    };
+    let inv_one = invitation(
+        &mut rng,
+        &[canon(format!("tern://{}@203.0.113.9:5223", k[0]))],
+    );
+    let inv_two = invitation(
+        &mut rng,
+        &[
+            canon(format!("tern://{}@[2001:db8::7]:5223", k[1])),
+            canon(format!("tern://{}@relay.example.org:9000", k[2])),
+        ],
+    );
+    let group = hex(&random::<16>(&mut rng));
+    let members = vec![hex(&random::<16>(&mut rng)), hex(&random::<16>(&mut rng))];
+    let sibling = hex(&random::<16>(&mut rng));
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(random_vec(&mut rng, 16));
+    let entries = vec![
+        EntryFields {
+            direction: "from_contact".into(),
+            envelope_id: hex(&random::<16>(&mut rng)),
+            sent_at_ms: 1_767_225_600_000,
+            received_at_ms: 1_767_225_601_234,
+            text: "héllo ✓".into(),
+        },
+        EntryFields {
+            direction: "from_person".into(),
+            envelope_id: hex(&random::<16>(&mut rng)),
+            sent_at_ms: 1_767_225_660_000,
+            received_at_ms: 0,
+            text: "two lines\nof text".into(),
+        },
+    ];
+    let copied = EntryFields {
+        direction: "from_person".into(),
+        envelope_id: hex(&random::<16>(&mut rng)),
+        sent_at_ms: 1_767_225_720_000,
+        received_at_ms: 1_767_225_720_000,
+        text: "sent from the laptop".into(),
+    };
+    let grant = |rng: &mut StdRng, relay: String| GrantFields {
+        relay: canon(relay),
+        recipient_id: hex(&random::<16>(rng)),
+        recipient_auth_seed: hex(&random::<32>(rng)),
+    };
+    let contact_queues = vec![
+        grant(
+            &mut rng,
+            format!("tern://{}:op-Key_2024@192.0.2.10:5223", k[3]),
+        ),
+        grant(
+            &mut rng,
+            format!("tern+https://{}@[2001:db8::5]:8443/q", k[4]),
+        ),
+    ];
+    let device_queues = vec![grant(
+        &mut rng,
+        format!("tern://{}:abc@relay.example.net:7000", k[5]),
+    )];
+    let msg = |t: &str| DeviceMsgFields {
+        msg_type: t.into(),
+        ..Default::default()
+    };
+    let messages: Vec<(&str, DeviceMsgFields)> = vec![
+        (
+            "ADD to another device of the person: the new device's name, introduce = 0, a one-queue invitation",
+            DeviceMsgFields {
+                name: Some("laptop".into()),
+                introduce: Some(false),
+                invitation: Some(inv_one.clone()),
+                ..msg("ADD")
+            },
+        ),
+        (
+            "ADD to a contact: an empty name, introduce = 1, a two-queue invitation",
+            DeviceMsgFields {
+                name: Some(String::new()),
+                introduce: Some(true),
+                invitation: Some(inv_two.clone()),
+                ..msg("ADD")
+            },
+        ),
+        (
+            "DROP: the fingerprint of the third transcript above",
+            DeviceMsgFields {
+                fingerprint: Some(hex(&fps[2])),
+                ..msg("DROP")
+            },
+        ),
+        (
+            "SETTINGS: a profile with status and PNG avatar, two relays (the first with an access key), rotation every 7 days; rotate_days comes once, after the last relay",
+            DeviceMsgFields {
+                profile: Some(ProfileFields {
+                    name: "Ada Lovelace".into(),
+                    status: "analyst\nengine".into(),
+                    avatar: Some(hex(&png)),
+                }),
+                relays: Some(vec![
+                    canon(format!("tern://{}:op-Key_2024@192.0.2.10:5223", k[3])),
+                    canon(format!("tern+https://{}@relay.example.org/tern", k[6])),
+                ]),
+                rotate_days: Some(7),
+                ..msg("SETTINGS")
+            },
+        ),
+        (
+            "GROUP: a verified contact with its security code and two member connections, introduce = 1",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                name: Some("Bob".into()),
+                code: Some(refc::security_code(&transcripts[2].1)),
+                verified: Some(true),
+                introduce: Some(true),
+                members: Some(members.clone()),
+                ..msg("GROUP")
+            },
+        ),
+        (
+            "GROUP: a contact known by no code, one member, introduce = 0",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                name: Some("Zoë".into()),
+                code: Some(String::new()),
+                verified: Some(false),
+                introduce: Some(false),
+                members: Some(members[1..].to_vec()),
+                ..msg("GROUP")
+            },
+        ),
+        (
+            "SIBLING: another device of the person",
+            DeviceMsgFields {
+                device: Some(sibling.clone()),
+                name: Some("phone".into()),
+                ..msg("SIBLING")
+            },
+        ),
+        (
+            "OFFER: an invitation for the first member of the GROUP above, introduce copied (1)",
+            DeviceMsgFields {
+                via: Some(members[0].clone()),
+                introduce: Some(true),
+                invitation: Some(inv_one.clone()),
+                ..msg("OFFER")
+            },
+        ),
+        (
+            "HISTORY: two entries, oldest first: from the contact (non-ASCII text), then from the person (received_at not known)",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                entries: Some(entries.clone()),
+                ..msg("HISTORY")
+            },
+        ),
+        (
+            "COPY: a text the person sent",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                entry: Some(copied.clone()),
+                ..msg("COPY")
+            },
+        ),
+        (
+            "ANNOUNCE of a connection with a contact (group flag 1): two queues, the first on a relay with an access key, the second behind an HTTPS front",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                fingerprint: Some(hex(&fps[3])),
+                queues: Some(contact_queues.clone()),
+                ..msg("ANNOUNCE")
+            },
+        ),
+        (
+            "ANNOUNCE of a device connection (group flag 0): one queue on a named relay with an access key",
+            DeviceMsgFields {
+                fingerprint: Some(hex(&fps[1])),
+                queues: Some(device_queues.clone()),
+                ..msg("ANNOUNCE")
+            },
+        ),
+        (
+            "REMOVED: two fingerprints",
+            DeviceMsgFields {
+                fingerprints: Some(vec![hex(&fps[2]), hex(&fps[3])]),
+                ..msg("REMOVED")
+            },
+        ),
+    ];
+    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+    for (comment, m) in messages {
+        let tern_msg = m.to_msg();
+        let b = tern_msg.encode();
+        assert_eq!(
+            hex(&b),
+            hex(&device_ref::body(&m)),
+            "{comment}: tern and the reference disagree"
+        );
+        assert_eq!(DeviceMsg::decode(&b).unwrap(), tern_msg, "{comment}");
+        assert_eq!(DeviceMsgFields::of(&tern_msg), m, "{comment}");
+        bodies.push((m.msg_type.clone(), b.clone()));
+        out.push(DeviceCase {
+            comment: comment.into(),
+            kind: "message".into(),
+            result: "valid".into(),
+            message: Some(m),
+            body: Some(hex(&b)),
+            ..Default::default()
+        });
+    }
+
+    // (c) Bodies to refuse, from the valid ones above or built field by field.
+    let body = |t: &str| -> Vec<u8> {
+        bodies
+            .iter()
+            .find(|(n, _)| n == t)
+            .map(|(_, b)| b.clone())
+            .unwrap()
+    };
+    let with = |t: &str, at: usize, v: u8| {
+        let mut b = body(t);
+        b[at] = v;
+        b
+    };
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let (add, drop, group_b, sibling_b, history, copy, announce, removed) = (
+        body("ADD"),
+        body("DROP"),
+        body("GROUP"),
+        body("SIBLING"),
+        body("HISTORY"),
+        body("COPY"),
+        body("ANNOUNCE"),
+        body("REMOVED"),
+    );
+    // Offsets: ADD type 0, name length 1, name 2..8 ("laptop"), introduce 8.
+    // GROUP: type 0, group 1..17, name "Bob" 17..21, code (35 bytes) 21..57,
+    // verified 57, introduce 58, member count 59. OFFER: via 1..17, introduce
+    // 17. HISTORY: group 1..17, count 17..19, first entry's direction 19.
+    // COPY: group 1..17, direction 17, id 18..34, times 34..50, text 50...
+    // ANNOUNCE (with group): flag 1, group 2..18, fingerprint 18..50, queue
+    // count 50, first relay address's flags 51.
+    assert_eq!(add[8], 0);
+    assert_eq!((group_b[57], group_b[58], group_b[59]), (1, 1, 2));
+    assert_eq!((history[17], history[18], history[19]), (0, 2, 1));
+    assert_eq!(
+        (copy[17], announce[1], announce[50], announce[51]),
+        (2, 1, 2, 0x10)
+    );
+    let count_at = |b: &[u8], at: usize, hi: u8, lo: u8| {
+        let mut b = b.to_vec();
+        b[at] = hi;
+        b[at + 1] = lo;
+        b
+    };
+    let settings_33 = device_ref::body(&DeviceMsgFields {
+        profile: Some(ProfileFields {
+            name: "Ada".into(),
+            status: String::new(),
+            avatar: None,
+        }),
+        relays: Some(
+            (0..33)
+                .map(|i| canon(format!("tern://{}@192.0.2.{}:5223", k[7], i + 1)))
+                .collect(),
+        ),
+        rotate_days: Some(7),
+        ..msg("SETTINGS")
+    });
+    let announce_13 = device_ref::body(&DeviceMsgFields {
+        fingerprint: Some(hex(&fps[1])),
+        queues: Some(
+            (0..13u8)
+                .map(|i| GrantFields {
+                    relay: canon(format!("tern://{}@192.0.2.{}:5223", k[7], i + 1)),
+                    recipient_id: hex(&[i; 16]),
+                    recipient_auth_seed: hex(&[0x80 | i; 32]),
+                })
+                .collect(),
+        ),
+        ..msg("ANNOUNCE")
+    });
+    let invalid: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("type 0x00 is reserved", cat(&[&[0x00], &drop[1..]]), "invalid: device message type"),
+        ("type 0x03 is reserved (a DROP body under the next type)", cat(&[&[0x03], &drop[1..]]), "invalid: device message type"),
+        ("type 0x0F is reserved", vec![0x0f], "invalid: device message type"),
+        ("type 0x18 is reserved (a REMOVED body under the next type)", cat(&[&[0x18], &removed[1..]]), "invalid: device message type"),
+        ("type 0xFF is reserved", vec![0xff], "invalid: device message type"),
+        ("an empty body", vec![], "truncated"),
+        ("ADD with an introduce flag of 2", with("ADD", 8, 2), "invalid: flag"),
+        ("GROUP with a verified flag of 2", with("GROUP", 57, 2), "invalid: flag"),
+        ("GROUP with an introduce flag of 2", with("GROUP", 58, 2), "invalid: flag"),
+        ("OFFER with an introduce flag of 2", with("OFFER", 17, 2), "invalid: flag"),
+        ("ANNOUNCE with a group flag of 2", with("ANNOUNCE", 1, 2), "invalid: announce group flag"),
+        ("HISTORY whose first entry has direction 0", with("HISTORY", 19, 0), "invalid: history entry direction"),
+        ("COPY whose entry has direction 3", with("COPY", 17, 3), "invalid: history entry direction"),
+        ("DROP truncated inside its fingerprint", drop[..drop.len() - 1].to_vec(), "truncated"),
+        ("ADD truncated inside its invitation", add[..add.len() - 1].to_vec(), "truncated"),
+        ("SIBLING truncated inside its name", sibling_b[..sibling_b.len() - 1].to_vec(), "truncated"),
+        ("HISTORY truncated inside its last entry's text", history[..history.len() - 1].to_vec(), "truncated"),
+        ("REMOVED with a trailing byte", cat(&[&removed, &[0]]), "trailing"),
+        ("SIBLING with a trailing byte", cat(&[&sibling_b, &[0]]), "trailing"),
+        ("COPY with a trailing byte", cat(&[&copy, &[0]]), "trailing"),
+        ("SETTINGS listing 33 relays (at most 32), otherwise well formed", settings_33, "invalid: relay count"),
+        ("ANNOUNCE of 13 queues (at most 12), otherwise well formed", announce_13, "invalid: queue count"),
+        ("HISTORY with a count of 3 and two entries", count_at(&history, 17, 0, 3), "truncated"),
+        ("HISTORY with a count of 65535 and two entries (more than the bytes can hold: refused before reading them)", count_at(&history, 17, 0xff, 0xff), "truncated"),
+        ("GROUP with a member count of 3 and two members", with("GROUP", 59, 3), "truncated"),
+        ("REMOVED with a count of 3 and two fingerprints", with("REMOVED", 1, 3), "truncated"),
+        ("SIBLING whose name is not UTF-8", cat(&[&sibling_b[..17], &[2, 0xc3, 0x28]]), "invalid: UTF-8 text"),
+        ("ADD whose name is not UTF-8", cat(&[&[0x01, 6], b"lapto\xff", &add[8..]]), "invalid: UTF-8 text"),
+        ("COPY whose text is not UTF-8", cat(&[&copy[..50], &[0, 0, 0, 2, 0xff, 0xfe]]), "invalid: UTF-8 text"),
+        ("ANNOUNCE whose first relay address has a reserved flag bit", with("ANNOUNCE", 51, 0x30), "address"),
+    ];
+    for (comment, b, err) in invalid {
+        expect_err(DeviceMsg::decode(&b), proto_err, err, comment);
+        out.push(DeviceCase {
+            comment: comment.into(),
+            kind: "message".into(),
+            result: "invalid".into(),
+            body: Some(hex(&b)),
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+
+    // (d) A device link: a contact invitation's body under kind 3.
+    let fields = invitation(
+        &mut rng,
+        &[
+            canon(format!("tern://{}@198.51.100.1", k[7])),
+            canon(format!("tern+https://{}@front.example.net/tern", k[6])),
+        ],
+    );
+    let inv = fields.to_invitation();
+    let binary = device_ref::invitation(&fields, 3);
+    let link = inv.to_device_link();
+    assert_eq!(link, format!("TERN:{}", BASE32_NOPAD.encode(&binary)));
+    let mut as_contact = inv.encode();
+    assert_eq!(as_contact, device_ref::invitation(&fields, 1));
+    as_contact[1] = 3;
+    assert_eq!(as_contact, binary, "kind 3 is kind 1 but for the kind byte");
+    assert_eq!(
+        parse_link(&link).unwrap(),
+        AnyInvitation::Device(inv.clone())
+    );
+    assert_eq!(
+        parse_link(&inv.to_link()).unwrap(),
+        AnyInvitation::Contact(inv.clone())
+    );
+    let refused = "invalid: invitation kind";
+    expect_err(
+        Invitation::from_link(&link),
+        proto_err,
+        refused,
+        "device link as contact link",
+    );
+    expect_err(
+        Invitation::decode(&binary),
+        proto_err,
+        refused,
+        "device link as contact invitation",
+    );
+    out.push(DeviceCase {
+        comment:
+            "a device link with two queues: read as a device link, refused as a contact invitation"
+                .into(),
+        kind: "device_link".into(),
+        result: "valid".into(),
+        invitation: Some(fields),
+        binary: Some(hex(&binary)),
+        link: Some(link),
+        contact_invitation_error: Some(refused.into()),
+        ..Default::default()
+    });
+    out
+}
+
+// ---------------------------------------------------------------------------
 // Driver
 // ---------------------------------------------------------------------------
 
@@ -4202,6 +5194,7 @@ pub fn generate() -> Vec<(&'static str, String)> {
         ("queue_layer.json", json(&gen_queue_layer())),
         ("delivery.json", json(&gen_delivery())),
         ("hello.json", json(&gen_hello())),
+        ("device.json", json(&gen_device())),
     ]
 }
 

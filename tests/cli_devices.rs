@@ -198,6 +198,7 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     );
     assert!(!stranger.home.exists(), "a refused join creates nothing");
     bob.ok(&["forget", "someone", "--yes"]);
+    let rotated_before = laptop.contact("bob")["last_rotated"].clone();
     let out = laptop.run(&["device", "remove", "server"]);
     assert_code(&out, 0, "device remove");
     // Bob has not run `recv` yet: his tern still sends to the server's
@@ -221,6 +222,14 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     // Life goes on for the others.
     laptop.send("bob", "just the laptop now");
     assert_eq!(bob.recv_texts(), vec!["just the laptop now"]);
+    // The server had been granted the auth keys of the laptop's queues: the
+    // laptop moves to queues it never saw.
+    settle(&[laptop, bob], 3);
+    let after = laptop.contact("bob");
+    assert_ne!(after["last_rotated"], rotated_before, "{after}");
+    assert_eq!(after["rotating"], false, "{after}");
+    bob.send("alice", "on the new queues");
+    assert_eq!(laptop.recv_texts(), vec!["on the new queues"]);
 }
 
 #[test]

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 
 use gen_vectors::reference as refc;
 use gen_vectors::*;
+use tern::proto::device::{self, DeviceMsg};
 use tern::proto::envelope::{ChainReceiver, Envelope};
 use tern::proto::handshake::{joiner_agree, Agreement, InviterSecrets};
 use tern::proto::hello::{Channel, Hello, HelloReply};
@@ -30,13 +31,14 @@ use tern::proto::invitation::Invitation;
 use tern::proto::keys::{DhKeyPair, Secret32};
 use tern::proto::queue_msg::{self, QueueMessage};
 use tern::proto::ratchet::{Ratchet, RatchetInit};
+use tern::proto::rekey::{parse_link, AnyInvitation};
 use tern::proto::security_code::{codes_match, security_code};
 use tern::relay::address::RelayAddress;
 use tern::relay::seal::{self, open_request, RelayIdentity, RequestSealer};
 use tern::relay::wire::{Command, Request, Response};
 
 /// Files checked by a test below; `every_file_is_checked` keeps this honest.
-const CHECKED: [&str; 13] = [
+const CHECKED: [&str; 14] = [
     "relay_address.json",
     "invitation.json",
     "relay_requests.json",
@@ -50,6 +52,7 @@ const CHECKED: [&str; 13] = [
     "queue_layer.json",
     "delivery.json",
     "hello.json",
+    "device.json",
 ];
 
 fn load<T: DeserializeOwned>(name: &str) -> Vec<T> {
@@ -1142,6 +1145,109 @@ fn hello_vectors() {
     assert!(ok >= 3 && bad >= 15, "{ok} valid, {bad} invalid");
 }
 
+/// One case of device.json, checked from its stored values alone.
+fn check_device_case(c: &DeviceCase) {
+    let cm = &c.comment;
+    match (c.kind.as_str(), valid(&c.result)) {
+        ("fingerprint", true) => {
+            let th: [u8; 32] = arr(field(&c.transcript, "transcript", cm));
+            let fp = field(&c.fingerprint, "fingerprint", cm);
+            assert_eq!(hex(&device::fingerprint(&th)), fp, "{cm}");
+            let reference = refc::sha256(&[b"tern/v1 device fingerprint", &th]);
+            assert_eq!(hex(&reference), fp, "{cm}: reference");
+        }
+        ("message", true) => {
+            let fields = c.message.as_ref().expect("message");
+            let body = unhex(field(&c.body, "body", cm));
+            let msg = fields.to_msg();
+            assert_eq!(hex(&msg.encode()), hex(&body), "{cm}: encode");
+            assert_eq!(
+                hex(&device_ref::body(fields)),
+                hex(&body),
+                "{cm}: reference"
+            );
+            let back = DeviceMsg::decode(&body).unwrap_or_else(|e| panic!("{cm}: {e}"));
+            assert_eq!(back, msg, "{cm}: decode");
+            assert_eq!(&DeviceMsgFields::of(&back), fields, "{cm}: decoded fields");
+            assert_eq!(body[0], device_ref::type_byte(&fields.msg_type), "{cm}");
+            assert_eq!(
+                back.from_contact_allowed(),
+                matches!(fields.msg_type.as_str(), "ADD" | "DROP"),
+                "{cm}: only ADD and DROP may come from a contact"
+            );
+        }
+        ("message", false) => {
+            let err = field(&c.error, "error", cm);
+            assert!(c.message.is_none(), "{cm}: an invalid case has only a body");
+            match DeviceMsg::decode(&unhex(field(&c.body, "body", cm))) {
+                Ok(m) => panic!("{cm}: decoded as {m:?}"),
+                Err(e) => assert_eq!(proto_err(&e), err, "{cm}"),
+            }
+        }
+        ("device_link", true) => {
+            let fields = c.invitation.as_ref().expect("invitation");
+            let inv = fields.to_invitation();
+            let bin = unhex(field(&c.binary, "binary", cm));
+            let link = field(&c.link, "link", cm);
+            let refused = field(&c.contact_invitation_error, "contact_invitation_error", cm);
+            assert_eq!(bin[1], 3, "{cm}: kind 3");
+            assert_eq!(device_ref::invitation(fields, 3), bin, "{cm}: reference");
+            assert_eq!(inv.to_device_link(), link, "{cm}: link");
+            assert_eq!(
+                link,
+                format!("TERN:{}", data_encoding::BASE32_NOPAD.encode(&bin)),
+                "{cm}: the link is TERN: and the base32 of the binary form"
+            );
+            let mut as_contact = inv.encode();
+            as_contact[1] = 3;
+            assert_eq!(as_contact, bin, "{cm}: a contact invitation's body");
+            assert_eq!(
+                parse_link(link).unwrap(),
+                AnyInvitation::Device(inv.clone()),
+                "{cm}: parse_link"
+            );
+            assert_eq!(
+                parse_link(&inv.to_link()).unwrap(),
+                AnyInvitation::Contact(inv.clone()),
+                "{cm}: the same invitation as kind 1"
+            );
+            for got in [Invitation::from_link(link), Invitation::decode(&bin)] {
+                match got {
+                    Ok(i) => panic!("{cm}: read as a contact invitation {i:?}"),
+                    Err(e) => assert_eq!(proto_err(&e), refused, "{cm}"),
+                }
+            }
+        }
+        (k, v) => panic!("{cm}: kind {k}, valid {v}"),
+    }
+}
+
+#[test]
+fn device_vectors() {
+    let cases: Vec<DeviceCase> = load("device.json");
+    let mut seen = std::collections::BTreeMap::<(String, bool), usize>::new();
+    let mut types = BTreeSet::new();
+    for c in &cases {
+        check_device_case(c);
+        *seen.entry((c.kind.clone(), valid(&c.result))).or_default() += 1;
+        if let Some(m) = &c.message {
+            types.insert(m.msg_type.clone());
+        }
+    }
+    let n = |k: &str, v: bool| seen.get(&(k.to_string(), v)).copied().unwrap_or(0);
+    assert!(n("fingerprint", true) >= 3, "{seen:?}");
+    assert!(
+        n("message", true) >= 10 && n("message", false) >= 15,
+        "{seen:?}"
+    );
+    assert!(n("device_link", true) >= 1, "{seen:?}");
+    assert_eq!(
+        types.len(),
+        10,
+        "one valid body of every message type: {types:?}"
+    );
+}
+
 /// The vectors must not pass against anything: a changed byte in a stored
 /// ratchet message or sealed block is caught by the per-case checks.
 #[test]
@@ -1175,4 +1281,22 @@ fn checks_can_fail() {
         Request::encode(&cmd.to_command(), c.time_ms.unwrap(), &enc, Some(&key)),
         c.plaintext.bytes()
     );
+
+    // A device message whose fields no longer match its body, and a body
+    // that decodes after all, are caught too.
+    let cases: Vec<DeviceCase> = load("device.json");
+    let mut c = cases
+        .iter()
+        .find(|c| c.message.as_ref().is_some_and(|m| m.msg_type == "SETTINGS"))
+        .unwrap()
+        .clone();
+    *c.message.as_mut().unwrap().rotate_days.as_mut().unwrap() += 1;
+    assert!(std::panic::catch_unwind(|| check_device_case(&c)).is_err());
+    let mut c = cases
+        .iter()
+        .find(|c| c.result == "invalid")
+        .unwrap()
+        .clone();
+    c.body = Some(hex(&[device::DROP; 33]));
+    assert!(std::panic::catch_unwind(|| check_device_case(&c)).is_err());
 }

@@ -299,7 +299,7 @@ pub(crate) fn on_connected(
             c.sync_on_connect = false;
             msgs.push(DeviceMsg::Settings {
                 profile: settings.profile.to_bytes(),
-                relays: settings.relays.clone(),
+                relays: settings.relay_addresses(),
                 rotate_days: settings.rotate_days,
             });
             let mut groups: Vec<(String, Vec<&Contact>)> = Vec::new();
@@ -495,6 +495,14 @@ pub(crate) fn on_device_message(
                     .is_some_and(|f| fingerprints.contains(&f))
                 {
                     drop_connection(tx, c, &victim)?;
+                    // It was granted our queues' auth keys: all our
+                    // connections move to queues it never saw.
+                    c.rotation_wanted = true;
+                    changed.extend(for_each_other(tx, &c.id, |o| {
+                        let live = o.conn.state == ConnState::Connected && !o.removed;
+                        o.rotation_wanted |= live;
+                        Ok(live)
+                    })?);
                     events.push(Event::Notice(format!(
                         "device {} was removed from this profile",
                         victim.name
@@ -510,12 +518,8 @@ pub(crate) fn on_device_message(
             let profile = Profile::from_bytes(&profile)?;
             let mut s = settings.clone();
             s.profile = profile;
-            let valid: Vec<String> = relays
-                .into_iter()
-                .filter(|r| r.parse::<tern_relay::address::RelayAddress>().is_ok())
-                .collect();
-            if !valid.is_empty() {
-                s.relays = valid;
+            if !relays.is_empty() {
+                s.relays = relays.iter().map(ToString::to_string).collect();
             }
             s.rotate_days = rotate_days;
             tx.put(SETTINGS, &s)?;
@@ -658,7 +662,7 @@ pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientEr
                 .ok_or_else(|| abort(ClientError::Invalid("the profile has no settings".into())))?;
             let msg = DeviceMsg::Settings {
                 profile: settings.profile.to_bytes(),
-                relays: settings.relays.clone(),
+                relays: settings.relay_addresses(),
                 rotate_days: settings.rotate_days,
             };
             for_each_other(tx, "", |d| {
@@ -1003,6 +1007,10 @@ impl Client {
                     if o.removed || o.conn.state != ConnState::Connected {
                         return Ok(false);
                     }
+                    // The removed device was granted the auth keys of this
+                    // connection's queues (ANNOUNCE): move to queues it
+                    // never saw.
+                    o.rotation_wanted = true;
                     if o.device {
                         send_on(
                             o,
@@ -1058,6 +1066,11 @@ impl Client {
         for other in touched {
             self.run_jobs(&other)?;
         }
+        self.rotate_due(None, &mut |e| {
+            if let Event::Warning(w) = e {
+                eprintln!("tern: warning: {w}");
+            }
+        })?;
         Ok(report)
     }
 }

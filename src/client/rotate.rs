@@ -102,7 +102,7 @@ impl Client {
         let t = now();
         let due: Vec<(String, String)> = contacts
             .into_iter()
-            .filter(|c| c.conn.state == ConnState::Connected && !c.conn.rotating())
+            .filter(|c| c.conn.state == ConnState::Connected && !c.conn.rotating() && !c.removed)
             .filter(|c| {
                 let scheduled = days > 0 && {
                     let at = if c.next_rotation_ms > 0 {

@@ -134,7 +134,7 @@ pub enum DeviceMsg {
     /// their access keys, and the rotation period in days.
     Settings {
         profile: Vec<u8>,
-        relays: Vec<String>,
+        relays: Vec<RelayAddress>,
         rotate_days: u32,
     },
     /// To another device of ours: a contact to connect to, one invitation
@@ -201,10 +201,12 @@ impl DeviceMsg {
                 rotate_days,
             } => {
                 w.u8(SETTINGS).long_bytes(profile);
-                let relays: Vec<&String> = relays.iter().take(MAX_RELAYS).collect();
+                let relays = &relays[..relays.len().min(MAX_RELAYS)];
                 w.u8(relays.len() as u8);
+                // The binary form (§3.1.2), access key included: the text
+                // form of a long address would not fit a short string.
                 for r in relays {
-                    w.short_bytes(clip(r, 255).as_bytes());
+                    r.encode(&mut w);
                 }
                 w.u32(*rotate_days);
             }
@@ -301,7 +303,9 @@ impl DeviceMsg {
                     return Err(CodecError::Invalid("relay count").into());
                 }
                 let relays = (0..n)
-                    .map(|_| utf8(r.short_bytes()?))
+                    .map(|_| {
+                        RelayAddress::decode(&mut r).map_err(|e| ProtoError::Address(e.to_string()))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 DeviceMsg::Settings {
                     profile,
@@ -478,7 +482,11 @@ mod tests {
             },
             DeviceMsg::Settings {
                 profile: vec![9; 10],
-                relays: vec!["tern://abc@127.0.0.1:1".into()],
+                relays: vec![
+                    "tern://AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE:k@127.0.0.1:1"
+                        .parse()
+                        .unwrap(),
+                ],
                 rotate_days: 7,
             },
             DeviceMsg::Group {
