@@ -20,7 +20,8 @@ use super::fetch::Event;
 use super::jobs::flush_outbox;
 use super::model::{
     contact_key, group_name_key, group_seen, history_log, Announced, Contact, DeviceJob, Direction,
-    GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, INDEX, SETTINGS,
+    GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, DEVICES, INDEX,
+    SETTINGS,
 };
 use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::{ConnState, Connection};
@@ -126,6 +127,28 @@ fn for_each_other(
     Ok(changed)
 }
 
+/// [`for_each_other`] over our device connections only, found through the
+/// short device list rather than the whole contact index: this runs for
+/// every message received, and must not cost more with more contacts.
+fn for_each_device(
+    tx: &Tx<'_>,
+    skip: &str,
+    mut f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
+) -> Result<Vec<String>, StoreError> {
+    let ids = tx.get::<Vec<String>>(DEVICES)?.unwrap_or_default();
+    let mut changed = Vec::new();
+    for id in ids.iter().filter(|id| *id != skip) {
+        let Some(mut d) = tx.get::<Contact>(&contact_key(id))? else {
+            continue;
+        };
+        if f(&mut d).map_err(abort)? {
+            tx.put(&contact_key(id), &d)?;
+            changed.push(id.clone());
+        }
+    }
+    Ok(changed)
+}
+
 fn is_live_device(c: &Contact) -> bool {
     c.device && !c.removed && c.conn.state == ConnState::Connected
 }
@@ -172,7 +195,7 @@ pub(crate) fn copy_to_devices(
         group: g,
         entry: entry_of(entry),
     };
-    for_each_other(tx, skip, |d| {
+    for_each_device(tx, skip, |d| {
         let wanted = is_live_device(d)
             && (entry.dir == Direction::Out || d.pending_groups.iter().any(|p| p == group));
         if wanted {
@@ -227,7 +250,7 @@ pub(crate) fn announce_if_changed(
     if c.device {
         send_on(c, &a, now)?;
     }
-    for_each_other(tx, &c.id, |d| {
+    for_each_device(tx, &c.id, |d| {
         let live = is_live_device(d);
         if live {
             send_on(d, &a, now)?;
@@ -273,7 +296,7 @@ pub(crate) fn on_connected(
     // cut it off if this device is removed.
     if let Some(a) = announcement(c) {
         changed.extend(
-            for_each_other(tx, &c.id, |d| {
+            for_each_device(tx, &c.id, |d| {
                 let live = is_live_device(d);
                 if live {
                     send_on(d, &a, now)?;
@@ -375,7 +398,7 @@ pub(crate) fn on_connected(
         if let Some(msg) = msg {
             let group = c.group().to_string();
             changed.extend(
-                for_each_other(tx, &c.id, |d| {
+                for_each_device(tx, &c.id, |d| {
                     let live = is_live_device(d);
                     if live {
                         send_on(d, &msg, now)?;
@@ -665,7 +688,7 @@ pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientEr
                 relays: settings.relay_addresses(),
                 rotate_days: settings.rotate_days,
             };
-            for_each_other(tx, "", |d| {
+            for_each_device(tx, "", |d| {
                 let live = is_live_device(d);
                 if live {
                     send_on(d, &msg, t)?;
@@ -953,7 +976,7 @@ impl Client {
                         vec![id_bytes(&record.id)],
                     ) {
                         let group = record.group().to_string();
-                        touched = for_each_other(tx, &record.id, |d| {
+                        touched = for_each_device(tx, &record.id, |d| {
                             let live = is_live_device(d);
                             if live {
                                 send_on(d, &msg, t)?;

@@ -252,6 +252,11 @@ impl Client {
         }
         index.push(contact.index_entry());
         tx.put(INDEX, &index)?;
+        if contact.device {
+            let mut devices = tx.get::<Vec<String>>(model::DEVICES)?.unwrap_or_default();
+            devices.push(contact.id.clone());
+            tx.put(model::DEVICES, &devices)?;
+        }
         tx.put(&contact_key(&contact.id), contact)?;
         Ok(())
     }
@@ -270,6 +275,12 @@ impl Client {
             .as_deref()
             .is_some_and(|g| !index.iter().any(|e| e.group() == g));
         tx.put(INDEX, &index)?;
+        if let Some(mut devices) = tx.get::<Vec<String>>(model::DEVICES)? {
+            if devices.iter().any(|d| d == id) {
+                devices.retain(|d| d != id);
+                tx.put(model::DEVICES, &devices)?;
+            }
+        }
         tx.delete(&contact_key(id))?;
         tx.clear_seen(&model::seen_set(id))?;
         if let (true, Some(g)) = (last, group) {

@@ -16,6 +16,8 @@ pub const SETTINGS: &str = "settings";
 /// Re-key invitations of one contact kept open at once.
 pub const MAX_PENDING_REKEYS: usize = 3;
 pub const INDEX: &str = "contacts";
+/// The ids of our connections with our other devices (a subset of the index).
+pub const DEVICES: &str = "devices";
 
 pub fn contact_key(id: &str) -> String {
     format!("contact/{id}")
