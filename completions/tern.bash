@@ -453,7 +453,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__join)
-            opts="-h --image --name --no-passphrase --home --passphrase-file --identity --help"
+            opts="-h --image --name --no-passphrase --relay --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -464,6 +464,10 @@ _tern() {
                     return 0
                     ;;
                 --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --relay)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

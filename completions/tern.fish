@@ -191,6 +191,7 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l image -d 'Read the QR code from a picture (PNG or JPEG)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l name -d 'This device\'s name among your devices (default: its host name)' -r
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l relay -d 'A relay for this device\'s first queues (repeat), when the linking device\'s relays need an access key (tern://KEY:ACCESS@HOST:PORT); the profile\'s relay list replaces it once linked' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F

@@ -234,12 +234,14 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
 
 #[test]
 fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
-    let (r1, r2) = (Relay::start(), Relay::start());
+    let (r1, r2, r3) = (Relay::start(), Relay::start(), Relay::start());
     let laptop = Profile::new("Alice", &[&r1]);
     let bob = Profile::new("Bob", &[&r2]);
     connect(&laptop, "bob", &bob, "alice");
     let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
     let server = Profile::empty("Alice-server");
+    // Its first queues on a relay of its own (as when the profile's relays
+    // need an access key); the profile's relay list replaces it.
     server.ok(&[
         "device",
         "join",
@@ -247,6 +249,8 @@ fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
         "--name",
         "server",
         "--no-passphrase",
+        "--relay",
+        &r3.addr,
     ]);
     // Messages while the devices are still introducing themselves.
     bob.send("alice", "in flight 1");
@@ -293,6 +297,10 @@ fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
     want.sort();
     assert_eq!(got_sorted, want, "{got:?}");
     server.recv_nothing();
+    // The server now lists the profile's relays.
+    let relays = json_lines(&server.ok(&["relays", "--json"]));
+    assert_eq!(relays.len(), 1, "{relays:?}");
+    assert_eq!(relays[0]["address"], r1.addr.as_str(), "{relays:?}");
 }
 
 /// Links `new` to `existing` through a PNG device link scanned with

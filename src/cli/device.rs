@@ -58,6 +58,11 @@ pub enum DeviceCommand {
         /// For a new --home: keep the profile key unencrypted on disk
         #[arg(long)]
         no_passphrase: bool,
+        /// A relay for this device's first queues (repeat), when the linking
+        /// device's relays need an access key (tern://KEY:ACCESS@HOST:PORT);
+        /// the profile's relay list replaces it once linked
+        #[arg(long = "relay", value_name = "ADDR")]
+        relays: Vec<String>,
     },
     /// List this profile's devices
     List {
@@ -84,12 +89,14 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             image,
             name,
             no_passphrase,
+            relays,
         } => run_join(
             cli,
             link.as_deref(),
             image.as_ref(),
             name.as_deref(),
             *no_passphrase,
+            relays,
         ),
         DeviceCommand::List { json } => run_list(cli, *json),
         DeviceCommand::Remove { device } => run_remove(cli, device),
@@ -108,11 +115,13 @@ fn valid_name(name: &str) -> anyhow::Result<String> {
 }
 
 fn set_device_name(client: &mut Client, name: &str) -> anyhow::Result<()> {
-    client.store.transaction(|tx| {
-        let mut s: Settings = tx.get(SETTINGS)?.unwrap_or_else(|| unreachable!());
-        s.device_name = name.to_string();
-        tx.put(SETTINGS, &s)
-    })?;
+    update_settings(client, |s| s.device_name = name.to_string())
+}
+
+fn update_settings(client: &mut Client, f: impl FnOnce(&mut Settings)) -> anyhow::Result<()> {
+    let mut s = client.settings()?;
+    f(&mut s);
+    client.store.transaction(|tx| tx.put(SETTINGS, &s))?;
     Ok(())
 }
 
@@ -126,7 +135,6 @@ fn run_link(
     let name = name.map(valid_name).transpose()?;
     let mut client = unlock::open(cli)?;
     if let Some(n) = &name {
-        client.settings()?;
         set_device_name(&mut client, n)?;
     }
     let show_qr = qr_flag || (!link_flag && png.is_none() && stdout_is_terminal());
@@ -186,7 +194,15 @@ fn run_join(
     image: Option<&PathBuf>,
     name: Option<&str>,
     no_passphrase: bool,
+    relays: &[String],
 ) -> anyhow::Result<()> {
+    let mut given = Vec::new();
+    for r in relays {
+        let a: tern_relay::address::RelayAddress = r
+            .parse()
+            .map_err(|e| fail(USAGE, format!("--relay {r}: {e}")))?;
+        given.push(a.to_string());
+    }
     let (text, channel) = read_link(link, image)?;
     let invitation = match parse_link(&text) {
         Ok(AnyInvitation::Device(i)) => i,
@@ -232,11 +248,15 @@ fn run_join(
         let mut store = Store::create(&home, key)?;
         // The linking device's relays until it sends its own list (with any
         // access keys) moments after the handshake.
-        let relays: Vec<String> = invitation
-            .queues
-            .iter()
-            .map(|q| q.relay.to_string())
-            .collect();
+        let relays: Vec<String> = if given.is_empty() {
+            invitation
+                .queues
+                .iter()
+                .map(|q| q.relay.to_string())
+                .collect()
+        } else {
+            given.clone()
+        };
         let settings = Settings {
             profile: Profile {
                 name: device_name.clone(),
@@ -257,6 +277,9 @@ fn run_join(
         unlock::open(cli)?
     };
     set_device_name(&mut client, &device_name)?;
+    if !given.is_empty() {
+        update_settings(&mut client, |s| s.relays = given.clone())?;
+    }
     let (id, request_id) = client.join_device(&invitation, channel)?;
     let report = client.run_jobs(&id)?;
     if report.refused.contains(&request_id) {
