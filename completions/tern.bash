@@ -453,7 +453,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__join)
-            opts="-h --image --name --no-passphrase --relay --home --passphrase-file --identity --help"
+            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -468,6 +468,10 @@ _tern() {
                     return 0
                     ;;
                 --relay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -491,7 +495,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__link)
-            opts="-h --name --qr --link --png --home --passphrase-file --identity --help"
+            opts="-h --name --qr --link --png --wait --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -502,6 +506,10 @@ _tern() {
                     return 0
                     ;;
                 --png)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

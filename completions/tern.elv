@@ -261,6 +261,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;device;link'= {
             cand --name 'Name this device (default: its host name, or the name it has)'
             cand --png 'Write the QR code to a PNG file'
+            cand --wait 'Then wait up to SECS for the new device to join and answer (instead of running `tern recv` by hand)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -273,6 +274,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --image 'Read the QR code from a picture (PNG or JPEG)'
             cand --name 'This device''s name among your devices (default: its host name)'
             cand --relay 'A relay for this device''s first queues (repeat), when the linking device''s relays need an access key (tern://KEY:ACCESS@HOST:PORT); the profile''s relay list replaces it once linked'
+            cand --wait 'Then wait up to SECS for the profile, contacts and history (instead of running `tern recv` by hand)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'

@@ -183,6 +183,7 @@ complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_su
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l name -d 'Name this device (default: its host name, or the name it has)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l png -d 'Write the QR code to a PNG file' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l wait -d 'Then wait up to SECS for the new device to join and answer (instead of running `tern recv` by hand)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
@@ -192,6 +193,7 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l image -d 'Read the QR code from a picture (PNG or JPEG)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l name -d 'This device\'s name among your devices (default: its host name)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l relay -d 'A relay for this device\'s first queues (repeat), when the linking device\'s relays need an access key (tern://KEY:ACCESS@HOST:PORT); the profile\'s relay list replaces it once linked' -r
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l wait -d 'Then wait up to SECS for the profile, contacts and history (instead of running `tern recv` by hand)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F

@@ -391,3 +391,57 @@ fn two_people_with_two_devices_each_get_one_connection_per_pair_of_devices() {
     server.recv();
     assert!(server.ok(&["profile", "--json"]).contains("Alice L."));
 }
+
+#[test]
+fn link_and_join_can_wait_for_each_other_instead_of_recv_by_hand() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let (r1, r2) = (Relay::start(), Relay::start());
+    let laptop = Profile::new("Alice", &[&r1]);
+    let bob = Profile::new("Bob", &[&r2]);
+    connect(&laptop, "bob", &bob, "alice");
+    bob.send("alice", "history before the link");
+    laptop.recv();
+
+    let mut link_cmd = laptop.cmd(&["device", "link", "--link", "--wait", "60"]);
+    link_cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut linking = link_cmd.spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(linking.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let server = Profile::empty("Alice-server");
+    server.ok(&[
+        "device",
+        "join",
+        first.trim(),
+        "--name",
+        "server",
+        "--no-passphrase",
+        "--wait",
+        "60",
+    ]);
+    let status = wait_guarded(&mut linking, Duration::from_secs(60), "device link --wait");
+    assert!(status.success(), "device link --wait exits 0 once linked");
+    // Both sides are done: the server has the contact and the history.
+    assert_eq!(
+        log_texts(&server, "bob"),
+        vec![("in".to_string(), "history before the link".to_string())]
+    );
+    // Bob's tern meets the server: request, reply, confirmation.
+    bob.recv();
+    server.recv();
+    bob.recv();
+    bob.send("alice", "to both, with no recv by hand in between");
+    assert_eq!(
+        server.recv_texts(),
+        vec!["to both, with no recv by hand in between"]
+    );
+    assert_eq!(
+        laptop.recv_texts(),
+        vec!["to both, with no recv by hand in between"]
+    );
+    assert_eq!(server.contact("bob")["state"], "connected");
+}

@@ -1,6 +1,7 @@
 //! `tern device`: use one profile from several devices.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -8,8 +9,9 @@ use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
 use super::output::{json, line, note, stdout_is_terminal, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
+use crate::client::fetch::{Event, FetchOptions};
 use crate::client::jobs::reached_a_relay;
-use crate::client::model::{IndexEntry, Settings, INDEX, SETTINGS};
+use crate::client::model::{Contact, IndexEntry, Settings, INDEX, SETTINGS};
 use crate::client::{now, Client};
 use crate::proto::connection::ConnState;
 use crate::proto::hello::{Channel, Profile};
@@ -43,6 +45,10 @@ pub enum DeviceCommand {
         /// Write the QR code to a PNG file
         #[arg(long, value_name = "FILE")]
         png: Option<PathBuf>,
+        /// Then wait up to SECS for the new device to join and answer
+        /// (instead of running `tern recv` by hand)
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
     },
     /// On the new device: join a profile with a device link
     Join {
@@ -63,6 +69,10 @@ pub enum DeviceCommand {
         /// the profile's relay list replaces it once linked
         #[arg(long = "relay", value_name = "ADDR")]
         relays: Vec<String>,
+        /// Then wait up to SECS for the profile, contacts and history
+        /// (instead of running `tern recv` by hand)
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
     },
     /// List this profile's devices
     List {
@@ -83,13 +93,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             qr,
             link,
             png,
-        } => run_link(cli, name.as_deref(), *qr, *link, png.as_ref()),
+            wait,
+        } => run_link(cli, name.as_deref(), *qr, *link, png.as_ref(), *wait),
         DeviceCommand::Join {
             link,
             image,
             name,
             no_passphrase,
             relays,
+            wait,
         } => run_join(
             cli,
             link.as_deref(),
@@ -97,6 +109,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             name.as_deref(),
             *no_passphrase,
             relays,
+            *wait,
         ),
         DeviceCommand::List { json } => run_list(cli, *json),
         DeviceCommand::Remove { device } => run_remove(cli, device),
@@ -131,6 +144,7 @@ fn run_link(
     qr_flag: bool,
     link_flag: bool,
     png: Option<&PathBuf>,
+    wait: Option<u64>,
 ) -> anyhow::Result<()> {
     let name = name.map(valid_name).transpose()?;
     let mut client = unlock::open(cli)?;
@@ -143,7 +157,7 @@ fn run_link(
     } else {
         Channel::Shared
     };
-    let (link, _) = client.link_device(channel)?;
+    let (link, id) = client.link_device(channel)?;
     if let Some(path) = png {
         qr::png(&link, path)?;
         note(&format!("device link written to {}", path.display()));
@@ -160,9 +174,60 @@ fn run_link(
     }
     note(
         "this link gives the whole profile — contacts and history — to whoever uses it: \
-         show it only to your own device. Then run `tern recv` here to send it everything",
+         show it only to your own device",
     );
+    let Some(secs) = wait else {
+        note("then run `tern recv` here to send it everything");
+        return Ok(());
+    };
+    // Linked once the new device has the profile and has sent back its
+    // invitations for every contact and device (forwarded from here).
+    let done = |c: &Contact| {
+        c.conn.state == ConnState::Connected
+            && !c.sync_on_connect
+            && c.awaiting_offers == 0
+            && c.jobs.is_empty()
+    };
+    if !wait_for(&mut client, &id, secs, done)? {
+        return Err(fail(
+            TRY_AGAIN,
+            "the new device has not finished joining yet: run `tern recv` here to go on",
+        ));
+    }
+    note("the new device is linked; contacts' tern meets it when they next run `tern recv`");
     Ok(())
+}
+
+/// Receives on connection `id` (only) until `done` holds or `secs` pass;
+/// `false` on time-out.
+fn wait_for(
+    client: &mut Client,
+    id: &str,
+    secs: u64,
+    done: impl Fn(&Contact) -> bool,
+) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let opts = FetchOptions {
+        contact_id: Some(id.to_string()),
+        ..FetchOptions::default()
+    };
+    loop {
+        client.fetch(&opts, &mut |e| match e {
+            Event::Notice(n) => note(&n),
+            Event::Warning(w) => note(&format!("warning: {w}")),
+            Event::Connected { contact } => note(&format!("connected with device {contact}")),
+            _ => {}
+        })?;
+        if done(&client.contact(id)?) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        // Loopback or not, a relay answers a FETCH in milliseconds: polling
+        // the one connection twice a second is cheap and needs no thread.
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn read_link(link: Option<&str>, image: Option<&PathBuf>) -> anyhow::Result<(String, Channel)> {
@@ -195,6 +260,7 @@ fn run_join(
     name: Option<&str>,
     no_passphrase: bool,
     relays: &[String],
+    wait: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut given = Vec::new();
     for r in relays {
@@ -298,9 +364,31 @@ fn run_join(
             ),
         ));
     }
+    let Some(secs) = wait else {
+        note(&format!(
+            "request sent as device {device_name}: run `tern recv` on the other device, then `tern recv` here \
+             to receive the profile, contacts and history"
+        ));
+        return Ok(());
+    };
+    // The linking device's own announcement comes last in what it sends
+    // (PROTOCOL.md §12.4): once it is here and our invitations are out,
+    // this side is done.
+    let done = |c: &Contact| {
+        c.conn.state == ConnState::Connected
+            && !c.announced.is_empty()
+            && c.device_jobs.is_empty()
+            && c.jobs.is_empty()
+    };
+    if !wait_for(&mut client, &id, secs, done)? {
+        return Err(fail(
+            TRY_AGAIN,
+            "the other device has not answered yet: run `tern recv` (there, then here) to go on",
+        ));
+    }
     note(&format!(
-        "request sent as device {device_name}: run `tern recv` on the other device, then `tern recv` here \
-         to receive the profile, contacts and history"
+        "linked as device {device_name}: profile, contacts and history received; each contact's tern \
+         connects to this device when they next run `tern recv`"
     ));
     Ok(())
 }

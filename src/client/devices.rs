@@ -342,7 +342,9 @@ pub(crate) fn on_connected(
                 let first = members[0];
                 if !live.is_empty() {
                     let code = members.iter().find_map(|m| m.code());
+                    let owed = live.len() as u32;
                     if let Some(m) = group_message(&first.name, group, code, false, live) {
+                        c.awaiting_offers += owed;
                         msgs.push(m);
                         contacts += 1;
                         if !c.pending_groups.contains(group) {
@@ -364,6 +366,7 @@ pub(crate) fn on_connected(
                 }
             }
             for o in others.iter().filter(|o| is_live_device(o)) {
+                c.awaiting_offers += 1;
                 msgs.push(DeviceMsg::Sibling {
                     device: id_bytes(&o.id),
                     name: o.name.clone(),
@@ -586,6 +589,7 @@ pub(crate) fn on_device_message(
             introduce,
             invitation,
         } => {
+            c.awaiting_offers = c.awaiting_offers.saturating_sub(1);
             let via = HEXLOWER.encode(&via);
             let Some(mut target) = tx.get::<Contact>(&contact_key(&via))? else {
                 events.push(Event::Warning(format!(
@@ -726,7 +730,8 @@ impl Client {
             })
     }
 
-    /// `tern device link`: a one-time device link over new queues.
+    /// `tern device link`: a one-time device link over new queues; returns
+    /// the link and the id of the connection it will become.
     pub fn link_device(&mut self, channel: Channel) -> Result<(String, String), ClientError> {
         let queues = self.create_queues()?;
         let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
@@ -747,7 +752,7 @@ impl Client {
                 Client::add_contact_in(tx, &record)
             })
             .map_err(unwrap_abort)?;
-        Ok((invitation.to_device_link(), name))
+        Ok((invitation.to_device_link(), record.id.clone()))
     }
 
     /// `tern device join`: accepts a device link; returns the id of the

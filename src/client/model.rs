@@ -296,6 +296,14 @@ pub struct Contact {
     pub removed: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_jobs: Vec<DeviceJob>,
+    /// Device records made by `tern device link`: invitations (OFFERs) the
+    /// new device still owes us, one per GROUP member and SIBLING sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub awaiting_offers: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Contact {
@@ -329,6 +337,7 @@ impl Contact {
             announced: Vec::new(),
             removed: false,
             device_jobs: Vec::new(),
+            awaiting_offers: 0,
         }
     }
 
