@@ -64,9 +64,17 @@ pub fn png(text: &str, path: &Path) -> anyhow::Result<()> {
         .module_dimensions(8, 8)
         .quiet_zone(true)
         .build();
+    // Written beside and renamed into place, so that whoever waits for the
+    // file (a script, a scanner watching a folder) never reads half of it.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "invitation.png".into());
+    let tmp = path.with_file_name(format!(".{name}.partial"));
     image
-        .save_with_format(path, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", path.display()))
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Decodes the first QR code found in an image file.

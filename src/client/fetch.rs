@@ -686,10 +686,16 @@ impl Client {
                 // Other records this message made work for (device messages).
                 let mut others: Vec<String> = Vec::new();
                 if which == Which::Current && state_before == ConnState::Invited {
-                    events.push(Event::Notice(format!(
-                        "{} took up your invitation; the connection completes when they next run `tern recv`",
-                        c.name
-                    )));
+                    if c.device {
+                        events.push(Event::Notice(
+                            "a new device took up your device link".to_string(),
+                        ));
+                    } else if !c.introduced {
+                        events.push(Event::Notice(format!(
+                            "{} took up your invitation; the connection completes when they next run `tern recv`",
+                            c.name
+                        )));
+                    }
                 }
                 match which {
                     Which::Current => push_actions(&mut c, received.actions, now),
