@@ -222,14 +222,20 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     // Life goes on for the others.
     laptop.send("bob", "just the laptop now");
     assert_eq!(bob.recv_texts(), vec!["just the laptop now"]);
-    // The server had been granted the auth keys of the laptop's queues: the
-    // laptop moves to queues it never saw.
-    settle(&[laptop, bob], 3);
-    let after = laptop.contact("bob");
-    assert_ne!(after["last_rotated"], rotated_before, "{after}");
-    assert_eq!(after["rotating"], false, "{after}");
-    bob.send("alice", "on the new queues");
-    assert_eq!(laptop.recv_texts(), vec!["on the new queues"]);
+    // The server, younger, was never given the keys of the laptop's queues
+    // (only those of their own device connection), so the laptop need not
+    // move; and it could not remove the laptop, its elder, in return.
+    assert_eq!(laptop.contact("bob")["last_rotated"], rotated_before);
+    let server_view = devices(server);
+    assert_eq!(server_view[1]["name"], "laptop");
+    assert_eq!(server_view[1]["connections"], 1, "{server_view:?}");
+    assert_code(
+        &server.run(&["device", "remove", "laptop"]),
+        2,
+        "a device cannot remove its elder",
+    );
+    bob.send("alice", "still reaching the laptop");
+    assert_eq!(laptop.recv_texts(), vec!["still reaching the laptop"]);
 }
 
 #[test]

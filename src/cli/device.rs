@@ -12,7 +12,7 @@ use crate::client::devices::default_device_name;
 use crate::client::fetch::{Event, FetchOptions};
 use crate::client::jobs::reached_a_relay;
 use crate::client::model::{Contact, IndexEntry, Settings, INDEX, SETTINGS};
-use crate::client::{now, Client};
+use crate::client::{now, Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::hello::{Channel, Profile};
 use crate::proto::rekey::{parse_link, AnyInvitation};
@@ -440,7 +440,10 @@ fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
     let id = client
         .device_id(device)
         .map_err(|e| fail(UNKNOWN_CONTACT, e.to_string()))?;
-    let report = client.remove_device(&id)?;
+    let report = client.remove_device(&id).map_err(|e| match e {
+        ClientError::Invalid(why) => fail(USAGE, why),
+        other => other.into(),
+    })?;
     note(&format!(
         "{device} removed: {} contact(s) told to drop it",
         report.contacts_told

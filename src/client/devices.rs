@@ -35,6 +35,9 @@ use crate::store::{StoreError, Tx};
 /// our own: a bound on what ADD messages can make us create.
 pub const MAX_DEVICES: usize = 16;
 
+/// How long a process may hold a device job before another may take it up.
+const CLAIM_MS: u64 = 120_000;
+
 /// What another device of ours is called when it has not said.
 pub const UNNAMED_DEVICE: &str = "device";
 
@@ -251,7 +254,7 @@ pub(crate) fn announce_if_changed(
         send_on(c, &a, now)?;
     }
     for_each_device(tx, &c.id, |d| {
-        let live = is_live_device(d);
+        let live = is_live_device(d) && d.elder;
         if live {
             send_on(d, &a, now)?;
         }
@@ -292,12 +295,13 @@ pub(crate) fn on_connected(
     events: &mut Vec<Event>,
 ) -> Result<Vec<String>, ClientError> {
     let mut changed = Vec::new();
-    // Our other devices learn the new connection, so that any of them can
-    // cut it off if this device is removed.
+    // Our elder devices learn the new connection, so that they can cut it
+    // off if this device is removed. Younger ones never hold our queue
+    // keys: they could use them against us (PROTOCOL.md §12.6).
     if let Some(a) = announcement(c) {
         changed.extend(
             for_each_device(tx, &c.id, |d| {
-                let live = is_live_device(d);
+                let live = is_live_device(d) && d.elder;
                 if live {
                     send_on(d, &a, now)?;
                 }
@@ -377,13 +381,18 @@ pub(crate) fn on_connected(
                 c.name
             )));
         }
+        // The device at the other end learns this connection's own queues
+        // (always last: a new device waits for it); an elder device also
+        // learns all our other connections.
+        if c.elder {
+            msgs.extend(
+                others
+                    .iter()
+                    .filter(|o| o.conn.state == ConnState::Connected && !o.removed)
+                    .filter_map(announcement),
+            );
+        }
         msgs.extend(announcement(c));
-        msgs.extend(
-            others
-                .iter()
-                .filter(|o| o.conn.state == ConnState::Connected && !o.removed)
-                .filter_map(announcement),
-        );
         for m in &msgs {
             send_on(c, m, now)?;
         }
@@ -418,6 +427,21 @@ pub(crate) fn on_connected(
     Ok(changed)
 }
 
+/// Whether a DROP or REMOVED that came over connection `sender` may drop
+/// connection `victim` (PROTOCOL.md §12.6). Authority follows age, so that a
+/// device removed by an elder one cannot answer by removing it:
+/// * with a contact's devices, only a connection introduced by ADD can be
+///   dropped, by the connection made by hand or an older introduced one;
+/// * among our devices, only an elder device can drop, and not an elder
+///   connection older than its own.
+fn may_drop(sender: &Contact, victim: &Contact) -> bool {
+    if sender.device {
+        sender.elder && (!victim.elder || sender.created_ms < victim.created_ms)
+    } else {
+        victim.introduced && (!sender.introduced || sender.created_ms < victim.created_ms)
+    }
+}
+
 /// Drops connection `victim` (a device of a contact, or of ours, that was
 /// removed): it is deleted here and its queues on the relays by `carrier`'s
 /// next job run.
@@ -427,7 +451,7 @@ fn drop_connection(tx: &Tx<'_>, carrier: &mut Contact, victim: &Contact) -> Resu
         queues.extend(victim.announced.iter().flat_map(|a| a.queues.clone()));
     }
     if !queues.is_empty() {
-        carrier.device_jobs.push(DeviceJob::DeleteQueues { queues });
+        carrier.push_device_job(DeviceJob::DeleteQueues { queues });
     }
     Client::remove_member_in(tx, &victim.id)
 }
@@ -482,7 +506,7 @@ pub(crate) fn on_device_message(
                 )));
                 return Ok(changed);
             }
-            c.device_jobs.push(DeviceJob::Accept {
+            c.push_device_job(DeviceJob::Accept {
                 invitation,
                 name,
                 introduce,
@@ -500,7 +524,17 @@ pub(crate) fn on_device_message(
                 let Some(victim) = tx.get::<Contact>(&contact_key(&e.id))? else {
                     continue;
                 };
-                if victim.fingerprint() == Some(fingerprint) {
+                if victim.fingerprint() != Some(fingerprint) {
+                    continue;
+                }
+                if !may_drop(c, &victim) {
+                    events.push(Event::Warning(format!(
+                        "{} asked to drop a connection it has no say over; ignored",
+                        c.name
+                    )));
+                    continue;
+                }
+                {
                     drop_connection(tx, c, &victim)?;
                     events.push(Event::Notice(format!(
                         "{} removed one of their devices",
@@ -519,16 +553,19 @@ pub(crate) fn on_device_message(
                 if victim
                     .fingerprint()
                     .is_some_and(|f| fingerprints.contains(&f))
+                    && may_drop(c, &victim)
                 {
                     drop_connection(tx, c, &victim)?;
-                    // It was granted our queues' auth keys: all our
-                    // connections move to queues it never saw.
-                    c.rotation_wanted = true;
-                    changed.extend(for_each_other(tx, &c.id, |o| {
-                        let live = o.conn.state == ConnState::Connected && !o.removed;
-                        o.rotation_wanted |= live;
-                        Ok(live)
-                    })?);
+                    if victim.elder {
+                        // We announced our queues to it (it was elder):
+                        // move to queues it never saw.
+                        c.rotation_wanted = true;
+                        changed.extend(for_each_other(tx, &c.id, |o| {
+                            let live = o.conn.state == ConnState::Connected && !o.removed;
+                            o.rotation_wanted |= live;
+                            Ok(live)
+                        })?);
+                    }
                     events.push(Event::Notice(format!(
                         "device {} was removed from this profile",
                         victim.name
@@ -566,7 +603,7 @@ pub(crate) fn on_device_message(
             tx.put(&group_name_key(&group), &name)?;
             let code = (!code.is_empty()).then_some(RootCode { code, verified });
             for via in members {
-                c.device_jobs.push(DeviceJob::Offer {
+                c.push_device_job(DeviceJob::Offer {
                     via,
                     group: Some(group.clone()),
                     name: name.clone(),
@@ -576,7 +613,7 @@ pub(crate) fn on_device_message(
             }
         }
         DeviceMsg::Sibling { device, name } => {
-            c.device_jobs.push(DeviceJob::Offer {
+            c.push_device_job(DeviceJob::Offer {
                 via: device,
                 group: None,
                 name,
@@ -776,64 +813,108 @@ impl Client {
         let id = new_contact_id();
         let mut record = Contact::new(id.clone(), format!("device-{}", &id[..6]), true, conn, t);
         record.device = true;
+        // The device that made the link was there first.
+        record.elder = true;
         let request_id = push_request(&mut record, request, t);
         self.add_contact(&record)?;
         Ok((id, request_id))
     }
 
-    /// Runs the device jobs of record `id`.
+    /// Runs the device jobs of record `id`, one at a time, each claimed in
+    /// a transaction first: another tern process on the same profile skips
+    /// what this one is doing, and a step that re-enters (a job run that
+    /// runs jobs) finds only what is left.
     pub(crate) fn run_device_jobs(&mut self, id: &str) -> Result<(), ClientError> {
-        let contact = self.contact(id)?;
-        for job in contact.device_jobs.clone() {
-            let done = match &job {
+        loop {
+            let t = now();
+            let claimed = self.update_contact(id, |_, c| {
+                let Some(task) = c
+                    .device_jobs
+                    .iter_mut()
+                    .find(|task| task.claimed_until_ms <= t)
+                else {
+                    return Ok(None);
+                };
+                task.claimed_until_ms = t + CLAIM_MS;
+                Ok(Some(task.clone()))
+            });
+            let task = match claimed {
+                Ok(Some(task)) => task,
+                Ok(None) => break,
+                // A removed device's record, gone with its last job.
+                Err(ClientError::UnknownContact(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let result = match &task.job {
                 DeviceJob::Offer {
                     via,
                     group,
                     name,
                     code,
                     introduce,
-                } => self.make_offer(id, *via, group.as_deref(), name, code.clone(), *introduce),
+                } => self.make_offer(
+                    id,
+                    task.id,
+                    *via,
+                    group.as_deref(),
+                    name,
+                    code.clone(),
+                    *introduce,
+                ),
                 DeviceJob::Accept {
                     invitation,
                     name,
                     introduce,
-                } => self.accept_add(id, invitation, name, *introduce),
+                } => self.accept_add(id, task.id, invitation, name, *introduce),
                 DeviceJob::DeleteQueues { queues } => {
                     let left = self.delete_granted(queues);
                     self.update_contact(id, |_, c| {
-                        if let Some(i) = c.device_jobs.iter().position(|j| *j == job) {
+                        if let Some(i) = c.device_jobs.iter().position(|j| j.id == task.id) {
                             if left.is_empty() {
                                 c.device_jobs.remove(i);
                             } else {
-                                c.device_jobs[i] = DeviceJob::DeleteQueues {
+                                c.device_jobs[i].job = DeviceJob::DeleteQueues {
                                     queues: left.clone(),
                                 };
+                                c.device_jobs[i].claimed_until_ms = 0;
                             }
                         }
                         Ok(())
                     })?;
-                    Ok(false)
+                    if !left.is_empty() {
+                        // Retried by the next command, not in this loop.
+                        break;
+                    }
+                    Ok(())
                 }
             };
-            match done {
-                // Done and taken off the list by the step itself.
-                Ok(_) => {}
-                Err(e) if e.is_transient() => return Err(e),
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    self.update_contact(id, |_, c| {
+                        for j in c.device_jobs.iter_mut().filter(|j| j.id == task.id) {
+                            j.claimed_until_ms = 0;
+                        }
+                        Ok(())
+                    })?;
+                    return Err(e);
+                }
                 Err(e) => {
                     // Never retried: an invitation that cannot be used stays
                     // unusable. Say so, drop the job.
                     eprintln!("tern: warning: device step failed: {e}");
                     self.update_contact(id, |_, c| {
-                        c.device_jobs.retain(|j| *j != job);
+                        c.device_jobs.retain(|j| j.id != task.id);
                         Ok(())
                     })?;
                 }
             }
         }
         // A removed device's record goes once its queues are gone.
-        let c = self.contact(id)?;
-        if c.removed && c.device_jobs.is_empty() {
-            self.remove_contact(id)?;
+        if let Ok(c) = self.contact(id) {
+            if c.removed && c.device_jobs.is_empty() {
+                self.remove_contact(id)?;
+            }
         }
         Ok(())
     }
@@ -862,15 +943,17 @@ impl Client {
 
     /// Makes an invitation for a contact's device or another device of
     /// ours, and sends it to the device that asked, to forward.
+    #[allow(clippy::too_many_arguments)]
     fn make_offer(
         &mut self,
         carrier: &str,
+        task: [u8; 16],
         via: [u8; 16],
         group: Option<&str>,
         name: &str,
         code: Option<RootCode>,
         introduce: bool,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<(), ClientError> {
         let queues = self.create_queues()?;
         let (conn, invitation) = Connection::invite(queues, Channel::Shared, &mut OsRng);
         let t = now();
@@ -881,7 +964,12 @@ impl Client {
                 record.group = g.to_string();
                 record.root_code = code;
             }
-            None => record.device = true,
+            None => {
+                // A device we are introduced to while being linked was
+                // linked before us.
+                record.device = true;
+                record.elder = true;
+            }
         }
         let offer = DeviceMsg::Offer {
             via,
@@ -900,22 +988,24 @@ impl Client {
                     Some(e) => e.name,
                     None => Client::unique_name(tx, &record.name, &record.id)?,
                 };
-                Client::add_contact_in(tx, &record)?;
                 let key = contact_key(carrier);
                 let mut c: Contact = tx
                     .get(&key)?
                     .ok_or_else(|| abort(ClientError::UnknownContact(carrier.into())))?;
+                if !c.device_jobs.iter().any(|j| j.id == task) {
+                    // Done meanwhile by a process whose claim had expired.
+                    return Ok(());
+                }
+                Client::add_contact_in(tx, &record)?;
                 send_on(&mut c, &offer, t).map_err(abort)?;
-                c.device_jobs.retain(|j| {
-                    !matches!(j, DeviceJob::Offer { via: v, group: g, .. }
-                        if *v == via && g.as_deref() == group)
-                });
+                c.device_jobs.retain(|j| j.id != task);
                 tx.put(&key, &c)?;
                 Ok(())
             })
             .map_err(unwrap_abort)?;
-        self.run_jobs(carrier)?;
-        Ok(true)
+        // The OFFER goes out with the carrier's other jobs, which the caller
+        // (run_jobs) runs next.
+        Ok(())
     }
 
     /// Accepts an invitation a contact (or another device of ours) sent in
@@ -923,12 +1013,12 @@ impl Client {
     fn accept_add(
         &mut self,
         carrier: &str,
+        task: [u8; 16],
         invitation: &[u8],
         name: &str,
         introduce: bool,
-    ) -> Result<bool, ClientError> {
-        let raw = invitation;
-        let invitation = Invitation::decode(raw)?;
+    ) -> Result<(), ClientError> {
+        let invitation = Invitation::decode(invitation)?;
         let c = self.contact(carrier)?;
         let settings = self.settings()?;
         let profile = if c.device {
@@ -962,8 +1052,19 @@ impl Client {
         }
         push_request(&mut record, request, t);
         let mut touched = Vec::new();
-        self.store
+        let done = self
+            .store
             .transaction(|tx| {
+                let key = contact_key(carrier);
+                let Some(mut c) = tx.get::<Contact>(&key)? else {
+                    return Ok(false);
+                };
+                if !c.device_jobs.iter().any(|j| j.id == task) {
+                    // Done meanwhile by a process whose claim had expired.
+                    return Ok(false);
+                }
+                c.device_jobs.retain(|j| j.id != task);
+                tx.put(&key, &c)?;
                 if record.device {
                     let base = record.name.clone();
                     record.name = Client::unique_name(tx, &base, &record.id)?;
@@ -993,21 +1094,16 @@ impl Client {
                         })?;
                     }
                 }
-                let key = contact_key(carrier);
-                if let Some(mut c) = tx.get::<Contact>(&key)? {
-                    c.device_jobs.retain(|j| {
-                        !matches!(j, DeviceJob::Accept { invitation: i, .. } if i.as_slice() == raw)
-                    });
-                    tx.put(&key, &c)?;
-                }
-                Ok(())
+                Ok(true)
             })
             .map_err(unwrap_abort)?;
-        self.run_jobs(&id)?;
-        for d in touched {
-            self.run_jobs(&d)?;
+        if done {
+            self.run_jobs(&id)?;
+            for d in touched {
+                self.run_jobs(&d)?;
+            }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// `tern device remove`: cuts device `id` off. Contacts are told to drop
@@ -1024,6 +1120,14 @@ impl Client {
                 let mut r: Contact = tx
                     .get(&key)?
                     .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
+                if r.elder {
+                    return Err(abort(ClientError::Invalid(format!(
+                        "{} was linked before this device, so this device cannot remove it \
+                         (it could do the same to this one): remove it from the device that \
+                         linked this one, or from the first device",
+                        r.name
+                    ))));
+                }
                 let mut fingerprints: Vec<[u8; 32]> =
                     r.announced.iter().map(|a| a.fingerprint).collect();
                 if let Some(f) = r.fingerprint() {
@@ -1035,10 +1139,6 @@ impl Client {
                     if o.removed || o.conn.state != ConnState::Connected {
                         return Ok(false);
                     }
-                    // The removed device was granted the auth keys of this
-                    // connection's queues (ANNOUNCE): move to queues it
-                    // never saw.
-                    o.rotation_wanted = true;
                     if o.device {
                         send_on(
                             o,
@@ -1073,7 +1173,8 @@ impl Client {
                 r.removed = true;
                 r.jobs.clear();
                 r.outbox.clear();
-                r.device_jobs = vec![DeviceJob::DeleteQueues { queues }];
+                r.device_jobs.clear();
+                r.push_device_job(DeviceJob::DeleteQueues { queues });
                 tx.put(&key, &r)?;
                 Ok(changed)
             })
@@ -1084,7 +1185,7 @@ impl Client {
             Ok(c) => c
                 .device_jobs
                 .iter()
-                .map(|j| match j {
+                .map(|t| match &t.job {
                     DeviceJob::DeleteQueues { queues } => queues.len(),
                     _ => 0,
                 })
@@ -1094,11 +1195,6 @@ impl Client {
         for other in touched {
             self.run_jobs(&other)?;
         }
-        self.rotate_due(None, &mut |e| {
-            if let Event::Warning(w) = e {
-                eprintln!("tern: warning: {w}");
-            }
-        })?;
         Ok(report)
     }
 }

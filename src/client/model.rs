@@ -136,6 +136,19 @@ pub struct Announced {
     pub queues: Vec<GrantedQueue>,
 }
 
+/// A [`DeviceJob`] with what lets two tern processes on one profile never
+/// both carry it out (each would make its own connection).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceTask {
+    #[serde(with = "b64")]
+    pub id: [u8; 16],
+    /// A process is carrying it out until then (ms); 0: nobody. A process
+    /// killed meanwhile leaves it to be taken up again once this passes.
+    #[serde(default)]
+    pub claimed_until_ms: u64,
+    pub job: DeviceJob,
+}
+
 /// Device work that needs relays, kept until done (PROTOCOL.md §12).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum DeviceJob {
@@ -295,7 +308,11 @@ pub struct Contact {
     #[serde(default, skip_serializing_if = "is_false")]
     pub removed: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub device_jobs: Vec<DeviceJob>,
+    pub device_jobs: Vec<DeviceTask>,
+    /// Device records: that device was linked before this one. Only elder
+    /// devices learn our queue keys (ANNOUNCE) and may remove us.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub elder: bool,
     /// Device records made by `tern device link`: invitations (OFFERs) the
     /// new device still owes us, one per GROUP member and SIBLING sent.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -337,8 +354,20 @@ impl Contact {
             announced: Vec::new(),
             removed: false,
             device_jobs: Vec::new(),
+            elder: false,
             awaiting_offers: 0,
         }
+    }
+
+    /// Adds device work, to run after the current transaction.
+    pub fn push_device_job(&mut self, job: DeviceJob) {
+        let mut id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+        self.device_jobs.push(DeviceTask {
+            id,
+            claimed_until_ms: 0,
+            job,
+        });
     }
 
     /// The group (contact) this connection belongs to.
