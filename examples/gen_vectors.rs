@@ -4309,6 +4309,9 @@ pub struct DeviceMsgFields {
     /// DROP, ANNOUNCE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// ADDED: SHA-256("tern/v1 device added" || the ADD's invitation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     /// ANNOUNCE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<Vec<GrantFields>>,
@@ -4350,6 +4353,11 @@ impl DeviceMsgFields {
             DeviceMsg::Drop { fingerprint } => Self {
                 msg_type: t("DROP"),
                 fingerprint: Some(hex(fingerprint)),
+                ..Default::default()
+            },
+            DeviceMsg::Added { tag } => Self {
+                msg_type: t("ADDED"),
+                tag: Some(hex(tag)),
                 ..Default::default()
             },
             DeviceMsg::Settings {
@@ -4444,6 +4452,9 @@ impl DeviceMsgFields {
                 name: s(&self.name, "name"),
                 introduce: b(&self.introduce, "introduce"),
                 invitation: inv(),
+            },
+            "ADDED" => DeviceMsg::Added {
+                tag: arr(&s(&self.tag, "tag")),
             },
             "DROP" => DeviceMsg::Drop {
                 fingerprint: arr(&s(&self.fingerprint, "fingerprint")),
@@ -4614,6 +4625,7 @@ pub mod device_ref {
         match name {
             "ADD" => 0x01,
             "DROP" => 0x02,
+            "ADDED" => 0x03,
             "SETTINGS" => 0x10,
             "GROUP" => 0x11,
             "SIBLING" => 0x12,
@@ -4640,6 +4652,7 @@ pub mod device_ref {
                 s32(&mut o, &invitation(need(&m.invitation, "invitation", t), 1));
             }
             "DROP" => fixed::<32>(&mut o, &s(&m.fingerprint, "fingerprint")),
+            "ADDED" => fixed::<32>(&mut o, &s(&m.tag, "tag")),
             "SETTINGS" => {
                 s32(&mut o, &profile(need(&m.profile, "profile", t)));
                 let relays = need(&m.relays, "relays", t);
@@ -4875,6 +4888,16 @@ fn gen_device() -> Vec<DeviceCase> {
             },
         ),
         (
+            "ADDED: the tag of the two-queue invitation of the ADD to a contact above, SHA-256(\"tern/v1 device added\" || invitation)",
+            DeviceMsgFields {
+                tag: Some(hex(&refc::sha256(&[
+                    b"tern/v1 device added",
+                    &device_ref::invitation(&inv_two, 1),
+                ]))),
+                ..msg("ADDED")
+            },
+        ),
+        (
             "DROP: the fingerprint of the third transcript above",
             DeviceMsgFields {
                 fingerprint: Some(hex(&fps[2])),
@@ -5074,7 +5097,7 @@ fn gen_device() -> Vec<DeviceCase> {
     });
     let invalid: Vec<(&str, Vec<u8>, &str)> = vec![
         ("type 0x00 is reserved", cat(&[&[0x00], &drop[1..]]), "invalid: device message type"),
-        ("type 0x03 is reserved (a DROP body under the next type)", cat(&[&[0x03], &drop[1..]]), "invalid: device message type"),
+        ("type 0x04 is reserved (a DROP body under a reserved type)", cat(&[&[0x04], &drop[1..]]), "invalid: device message type"),
         ("type 0x0F is reserved", vec![0x0f], "invalid: device message type"),
         ("type 0x18 is reserved (a REMOVED body under the next type)", cat(&[&[0x18], &removed[1..]]), "invalid: device message type"),
         ("type 0xFF is reserved", vec![0xff], "invalid: device message type"),

@@ -1172,8 +1172,8 @@ fn check_device_case(c: &DeviceCase) {
             assert_eq!(body[0], device_ref::type_byte(&fields.msg_type), "{cm}");
             assert_eq!(
                 back.from_contact_allowed(),
-                matches!(fields.msg_type.as_str(), "ADD" | "DROP"),
-                "{cm}: only ADD and DROP may come from a contact"
+                matches!(fields.msg_type.as_str(), "ADD" | "DROP" | "ADDED"),
+                "{cm}: only ADD, DROP and ADDED may come from a contact"
             );
         }
         ("message", false) => {
@@ -1243,7 +1243,7 @@ fn device_vectors() {
     assert!(n("device_link", true) >= 1, "{seen:?}");
     assert_eq!(
         types.len(),
-        10,
+        11,
         "one valid body of every message type: {types:?}"
     );
 }

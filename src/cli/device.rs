@@ -11,7 +11,7 @@ use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
 use crate::client::fetch::{Event, FetchOptions};
 use crate::client::jobs::reached_a_relay;
-use crate::client::model::{Contact, IndexEntry, Settings, INDEX, SETTINGS};
+use crate::client::model::{Contact, IndexEntry, Job, Settings, INDEX, SETTINGS};
 use crate::client::{now, Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::hello::{Channel, Profile};
@@ -346,7 +346,33 @@ fn run_join(
     if !given.is_empty() {
         update_settings(&mut client, |s| s.relays = given.clone())?;
     }
-    let (id, request_id) = client.join_device(&invitation, channel)?;
+    // The same link joined before by a tern that was interrupted: go on
+    // with that connection instead of making a second one, whose request
+    // would leave the first stuck.
+    let wanted: Vec<[u8; 16]> = invitation.queues.iter().map(|q| q.sender_id).collect();
+    let earlier = client.devices()?.into_iter().find(|d| {
+        d.conn.state == ConnState::Joining
+            && d.conn
+                .peer_queues
+                .iter()
+                .map(|q| q.sender_id)
+                .eq(wanted.iter().copied())
+    });
+    let (id, request_id) = match earlier {
+        Some(d) => {
+            let request = d.jobs.iter().find_map(|j| match j {
+                Job::Deliver {
+                    envelope_id,
+                    raw: true,
+                    ..
+                } => Some(*envelope_id),
+                _ => None,
+            });
+            // No request left to send: it went out the first time.
+            (d.id, request.unwrap_or_default())
+        }
+        None => client.join_device(&invitation, channel)?,
+    };
     let report = client.run_jobs(&id)?;
     if report.refused.contains(&request_id) {
         client.remove_contact(&id)?;

@@ -19,13 +19,13 @@ use tern_relay::wire::{Command, ErrorCode};
 use super::fetch::Event;
 use super::jobs::flush_outbox;
 use super::model::{
-    contact_key, group_name_key, group_seen, history_log, Announced, Contact, DeviceJob, Direction,
-    GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, DEVICES, INDEX,
-    SETTINGS,
+    contact_key, group_name_key, group_seen, history_log, AddWatch, Announced, Contact, DeviceJob,
+    Direction, GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, DEVICES,
+    INDEX, SETTINGS,
 };
 use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::{ConnState, Connection};
-use crate::proto::device::{history_messages, DeviceMsg, Entry, QueueGrant};
+use crate::proto::device::{added_tag, history_messages, DeviceMsg, Entry, QueueGrant};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 use crate::proto::hello::{Channel, Profile};
 use crate::proto::invitation::Invitation;
@@ -180,15 +180,20 @@ fn history_of(e: &Entry) -> HistoryEntry {
     }
 }
 
+/// How long an answered ADD is remembered: messages the contact sent
+/// before answering can still arrive late (out of order) meanwhile.
+pub(crate) const WATCH_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Copies a message of `group` to our other devices: all of them for what
-/// we sent, only those not yet connected to the contact for what we
-/// received (the others get it from the contact). Returns the records
-/// changed.
+/// we sent (`from` is `None`); for what connection `from` received at chain
+/// position `seq`, only the devices the contact did not send it to itself
+/// (PROTOCOL.md §12.5). Returns the records changed.
 pub(crate) fn copy_to_devices(
     tx: &Tx<'_>,
     skip: &str,
     group: &str,
     entry: &HistoryEntry,
+    from: Option<(&Contact, u64)>,
     now: u64,
 ) -> Result<Vec<String>, StoreError> {
     let Some(g) = group_bytes(group) else {
@@ -199,8 +204,16 @@ pub(crate) fn copy_to_devices(
         entry: entry_of(entry),
     };
     for_each_device(tx, skip, |d| {
-        let wanted = is_live_device(d)
-            && (entry.dir == Direction::Out || d.pending_groups.iter().any(|p| p == group));
+        let missed = match from {
+            None => true,
+            Some((p, seq)) => match p.add_watch.iter().find(|w| w.device == d.id) {
+                // The contact was asked to connect to that device: it sent
+                // there itself everything after its ADDED.
+                Some(w) => w.boundary.is_none_or(|b| seq < b),
+                None => d.pending_groups.iter().any(|g| g == group),
+            },
+        };
+        let wanted = is_live_device(d) && missed;
         if wanted {
             send_on(d, &msg, now)?;
         }
@@ -463,6 +476,7 @@ pub(crate) fn on_device_message(
     c: &mut Contact,
     settings: &Settings,
     body: &[u8],
+    seq: u64,
     now: u64,
     events: &mut Vec<Event>,
 ) -> Result<Vec<String>, ClientError> {
@@ -485,6 +499,12 @@ pub(crate) fn on_device_message(
     }
     let mut changed = Vec::new();
     match msg {
+        DeviceMsg::Added { tag } => {
+            if let Some(w) = c.add_watch.iter_mut().find(|w| w.tag == tag) {
+                w.boundary.get_or_insert(seq);
+                w.since_ms = now;
+            }
+        }
         DeviceMsg::Add {
             name,
             introduce,
@@ -648,6 +668,14 @@ pub(crate) fn on_device_message(
                 let group = target.group().to_string();
                 if !c.pending_groups.contains(&group) {
                     c.pending_groups.push(group);
+                }
+                if let DeviceMsg::Add { invitation, .. } = &add {
+                    target.add_watch.push(AddWatch {
+                        tag: added_tag(invitation),
+                        device: c.id.clone(),
+                        boundary: None,
+                        since_ms: now,
+                    });
                 }
             }
             if target.id == c.id {
@@ -1018,6 +1046,7 @@ impl Client {
         name: &str,
         introduce: bool,
     ) -> Result<(), ClientError> {
+        let tag = added_tag(invitation);
         let invitation = Invitation::decode(invitation)?;
         let c = self.contact(carrier)?;
         let settings = self.settings()?;
@@ -1064,6 +1093,11 @@ impl Client {
                     return Ok(false);
                 }
                 c.device_jobs.retain(|j| j.id != task);
+                if !c.device {
+                    // From here on the person's new device gets what we send
+                    // from us directly: tell the device that forwarded it.
+                    send_on(&mut c, &DeviceMsg::Added { tag }, t).map_err(abort)?;
+                }
                 tx.put(&key, &c)?;
                 if record.device {
                     let base = record.name.clone();

@@ -740,8 +740,19 @@ impl Client {
                         let group = c.group().to_string();
                         let new = super::devices::record_history(tx, &group, &entry)?;
                         if new && !c.device {
+                            // Answered ADDs are remembered a week: late
+                            // messages sent before the answer may still come.
+                            c.add_watch.retain(|w| {
+                                w.boundary.is_none()
+                                    || now.saturating_sub(w.since_ms) < super::devices::WATCH_KEEP_MS
+                            });
                             others.extend(super::devices::copy_to_devices(
-                                tx, &id, &group, &entry, now,
+                                tx,
+                                &id,
+                                &group,
+                                &entry,
+                                Some((&c, envelope.seq)),
+                                now,
                             )?);
                         }
                         if let ChainStatus::Gap { missing } = chain {
@@ -779,7 +790,7 @@ impl Client {
                         contact: c.name.clone(),
                         kind,
                     }),
-                    Incoming::Device { body } => {
+                    Incoming::Device { body, seq } => {
                         // Authentic (it decrypted), so never counted as junk.
                         others.push(id.clone());
                         others.extend(
@@ -788,6 +799,7 @@ impl Client {
                             &mut c,
                             &settings,
                             &body,
+                            seq,
                             now,
                             &mut events,
                         )

@@ -136,6 +136,21 @@ pub struct Announced {
     pub queues: Vec<GrantedQueue>,
 }
 
+/// An ADD we forwarded to a contact for another device of ours: until the
+/// contact answers ADDED, what it sends us is copied to that device; after,
+/// only what it sent before (by its chain position).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddWatch {
+    #[serde(with = "b64")]
+    pub tag: [u8; 32],
+    /// Our connection with that device.
+    pub device: String,
+    /// The chain position of the contact's ADDED, once it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boundary: Option<u64>,
+    pub since_ms: u64,
+}
+
 /// A [`DeviceJob`] with what lets two tern processes on one profile never
 /// both carry it out (each would make its own connection).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -309,6 +324,10 @@ pub struct Contact {
     pub removed: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_jobs: Vec<DeviceTask>,
+    /// Connections with a contact's device: ADDs forwarded for our other
+    /// devices, to know which messages of the contact those devices miss.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_watch: Vec<AddWatch>,
     /// Device records: that device was linked before this one. Only elder
     /// devices learn our queue keys (ANNOUNCE) and may remove us.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -355,6 +374,7 @@ impl Contact {
             removed: false,
             device_jobs: Vec::new(),
             elder: false,
+            add_watch: Vec::new(),
             awaiting_offers: 0,
         }
     }

@@ -72,7 +72,7 @@ impl Client {
                         received_at_ms: None,
                     };
                     record_history(tx, &group, &entry)?;
-                    devices = copy_to_devices(tx, "", &group, &entry, t)?;
+                    devices = copy_to_devices(tx, "", &group, &entry, None, t)?;
                 }
                 Ok((connected, devices))
             })

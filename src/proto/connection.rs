@@ -236,6 +236,8 @@ pub enum Incoming {
     /// A device message (PROTOCOL.md §12), for the client to act on.
     Device {
         body: Vec<u8>,
+        /// Its place in the sender's chain (§7.5).
+        seq: u64,
     },
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
@@ -761,6 +763,7 @@ impl Connection {
             (ConnState::Connected, Kind::Device) => (
                 Incoming::Device {
                     body: env.body.clone(),
+                    seq: env.seq,
                 },
                 Vec::new(),
             ),

@@ -29,6 +29,7 @@ use super::ProtoError;
 
 pub const ADD: u8 = 0x01;
 pub const DROP: u8 = 0x02;
+pub const ADDED: u8 = 0x03;
 pub const SETTINGS: u8 = 0x10;
 pub const GROUP: u8 = 0x11;
 pub const SIBLING: u8 = 0x12;
@@ -39,6 +40,7 @@ pub const ANNOUNCE: u8 = 0x16;
 pub const REMOVED: u8 = 0x17;
 
 const FINGERPRINT_LABEL: &[u8] = b"tern/v1 device fingerprint";
+const ADDED_LABEL: &[u8] = b"tern/v1 device added";
 /// Most relays a profile may list (and an announcement may name).
 pub const MAX_RELAYS: usize = 32;
 /// Most queues one announcement names: current, new and retired ones.
@@ -54,6 +56,16 @@ pub fn fingerprint(transcript: &[u8; 32]) -> [u8; 32] {
     Sha256::new()
         .chain_update(FINGERPRINT_LABEL)
         .chain_update(transcript)
+        .finalize()
+        .into()
+}
+
+/// Names an ADD's invitation in the ADDED that answers it:
+/// `SHA-256("tern/v1 device added" || invitation)`.
+pub fn added_tag(invitation: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(ADDED_LABEL)
+        .chain_update(invitation)
         .finalize()
         .into()
 }
@@ -130,6 +142,11 @@ pub enum DeviceMsg {
     },
     /// To a contact or a device: forget the connection with this fingerprint.
     Drop { fingerprint: [u8; 32] },
+    /// From a contact, on the connection an ADD came on: accepted (`tag` is
+    /// [`added_tag`] of its invitation). Everything the contact sent on this
+    /// connection before it went to this connection only; everything after
+    /// also to the new device.
+    Added { tag: [u8; 32] },
     /// To a new device: the profile (PROTOCOL.md §5.5 form), the relays with
     /// their access keys, and the rotation period in days.
     Settings {
@@ -194,6 +211,9 @@ impl DeviceMsg {
             }
             DeviceMsg::Drop { fingerprint } => {
                 w.u8(DROP).bytes(fingerprint);
+            }
+            DeviceMsg::Added { tag } => {
+                w.u8(ADDED).bytes(tag);
             }
             DeviceMsg::Settings {
                 profile,
@@ -296,6 +316,7 @@ impl DeviceMsg {
             DROP => DeviceMsg::Drop {
                 fingerprint: r.array()?,
             },
+            ADDED => DeviceMsg::Added { tag: r.array()? },
             SETTINGS => {
                 let profile = r.long_bytes()?.to_vec();
                 let n = r.u8()? as usize;
@@ -395,10 +416,14 @@ impl DeviceMsg {
         Ok(msg)
     }
 
-    /// Which family the message belongs to: contacts may only send `ADD`
-    /// and `DROP`; everything else comes from the person's own devices.
+    /// Which family the message belongs to: contacts may only send `ADD`,
+    /// `DROP` and `ADDED`; everything else comes from the person's own
+    /// devices.
     pub fn from_contact_allowed(&self) -> bool {
-        matches!(self, DeviceMsg::Add { .. } | DeviceMsg::Drop { .. })
+        matches!(
+            self,
+            DeviceMsg::Add { .. } | DeviceMsg::Drop { .. } | DeviceMsg::Added { .. }
+        )
     }
 }
 
@@ -480,6 +505,7 @@ mod tests {
             DeviceMsg::Drop {
                 fingerprint: [3; 32],
             },
+            DeviceMsg::Added { tag: [4; 32] },
             DeviceMsg::Settings {
                 profile: vec![9; 10],
                 relays: vec![
@@ -548,7 +574,7 @@ mod tests {
 
     #[test]
     fn unknown_types_and_flags_are_refused() {
-        assert!(DeviceMsg::decode(&[0x03]).is_err());
+        assert!(DeviceMsg::decode(&[0x04]).is_err());
         assert!(DeviceMsg::decode(&[0xFF]).is_err());
         let mut b = DeviceMsg::Offer {
             via: [1; 16],
@@ -601,7 +627,7 @@ mod tests {
     #[test]
     fn only_add_and_drop_may_come_from_contacts() {
         let allowed: Vec<bool> = all().iter().map(DeviceMsg::from_contact_allowed).collect();
-        assert_eq!(&allowed[..2], &[true, true]);
-        assert!(allowed[2..].iter().all(|a| !a));
+        assert_eq!(&allowed[..3], &[true, true, true]);
+        assert!(allowed[3..].iter().all(|a| !a));
     }
 }
