@@ -35,8 +35,22 @@ use crate::store::{StoreError, Tx};
 /// our own: a bound on what ADD messages can make us create.
 pub const MAX_DEVICES: usize = 16;
 
-/// How long a process may hold a device job before another may take it up.
+/// How long a process may hold a device job before another may take it up
+/// (sooner if it is seen to be gone, [`process_alive`]).
 const CLAIM_MS: u64 = 120_000;
+
+/// Whether process `pid` still runs. Where that cannot be told, yes: the
+/// claim then lasts its whole time.
+fn process_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    if cfg!(target_os = "linux") {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
 
 /// What another device of ours is called when it has not said.
 pub const UNNAMED_DEVICE: &str = "device";
@@ -855,15 +869,16 @@ impl Client {
     pub(crate) fn run_device_jobs(&mut self, id: &str) -> Result<(), ClientError> {
         loop {
             let t = now();
+            let me = std::process::id();
             let claimed = self.update_contact(id, |_, c| {
-                let Some(task) = c
-                    .device_jobs
-                    .iter_mut()
-                    .find(|task| task.claimed_until_ms <= t)
-                else {
+                let Some(task) = c.device_jobs.iter_mut().find(|task| {
+                    task.claimed_until_ms <= t
+                        || (task.claimed_by != me && !process_alive(task.claimed_by))
+                }) else {
                     return Ok(None);
                 };
                 task.claimed_until_ms = t + CLAIM_MS;
+                task.claimed_by = me;
                 Ok(Some(task.clone()))
             });
             let task = match claimed {

@@ -161,6 +161,10 @@ pub struct DeviceTask {
     /// killed meanwhile leaves it to be taken up again once this passes.
     #[serde(default)]
     pub claimed_until_ms: u64,
+    /// The process holding the claim: once it is gone (killed), the claim
+    /// is void at once rather than at `claimed_until_ms`.
+    #[serde(default)]
+    pub claimed_by: u32,
     pub job: DeviceJob,
 }
 
@@ -386,6 +390,7 @@ impl Contact {
         self.device_jobs.push(DeviceTask {
             id,
             claimed_until_ms: 0,
+            claimed_by: 0,
             job,
         });
     }
