@@ -358,6 +358,7 @@ fn run_join(
                 .map(|q| q.sender_id)
                 .eq(wanted.iter().copied())
     });
+    let resumed = earlier.is_some();
     let (id, request_id) = match earlier {
         Some(d) => {
             let request = d.jobs.iter().find_map(|j| match j {
@@ -374,7 +375,15 @@ fn run_join(
         None => client.join_device(&invitation, channel)?,
     };
     let report = client.run_jobs(&id)?;
-    if report.refused.contains(&request_id) {
+    if resumed && report.refused.contains(&request_id) {
+        // Refused because our first try's copy used the queue's one slot
+        // (most likely), or because another device took the link: only the
+        // linking device can tell. Keep the connection; recv finishes it.
+        note(
+            "this link was answered before (by an earlier, interrupted try, or by someone else): \
+             run `tern recv` to finish; if nothing comes, make a new link",
+        );
+    } else if report.refused.contains(&request_id) {
         client.remove_contact(&id)?;
         return Err(fail(
             BAD_INVITATION,

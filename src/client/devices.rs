@@ -119,6 +119,7 @@ fn send_on(c: &mut Contact, msg: &DeviceMsg, now: u64) -> Result<(), ClientError
         kind: Kind::Device,
         id: random_id(),
         body: msg.encode(),
+        created_ms: now,
     });
     flush_outbox(c, now)
 }
@@ -780,6 +781,37 @@ pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientEr
             })
         })
         .map_err(unwrap_abort)
+}
+
+/// A second, different request for a device link we made (connection `c`):
+/// the link was copied on its way, and one of the two devices is not ours.
+/// Before anything was sent, the link is cancelled for both; after, the
+/// user is told to look at the device list (PROTOCOL.md §12.2).
+pub(crate) fn device_link_copied(tx: &Tx<'_>, c: &mut Contact) -> Result<Vec<Event>, ClientError> {
+    if !c.sync_on_connect {
+        return Ok(vec![Event::Warning(format!(
+            "a second device answered the device link that linked {}: the link was copied on \
+             its way. If {} is not your device, remove it now (`tern device remove`)",
+            c.name, c.name
+        ))]);
+    }
+    let queues = c.queue_grants();
+    c.removed = true;
+    c.sync_on_connect = false;
+    c.jobs.clear();
+    c.outbox.clear();
+    c.device_jobs.clear();
+    c.push_device_job(DeviceJob::DeleteQueues { queues });
+    tx.put(&contact_key(&c.id), &*c)?;
+    Ok(vec![
+        Event::Warning(
+            "two devices answered your device link: it was copied on its way. Nothing was sent \
+             to either and the link is cancelled; make a new one (`tern device link`) and show \
+             it only to your own device"
+                .to_string(),
+        ),
+        Event::Pending(c.id.clone()),
+    ])
 }
 
 /// What `tern device remove` did.

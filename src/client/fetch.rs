@@ -646,6 +646,10 @@ impl Client {
                         if let Some(d) = c.conn.digest_of(rid, &message) {
                             tx.mark_seen(&seen, &d)?;
                         }
+                        if c.device {
+                            return super::devices::device_link_copied(tx, &mut c)
+                                .map_err(abort);
+                        }
                         return Ok(vec![Event::Warning(format!(
                             "refused a second request for the one-time invitation you made for {}: \
                              someone may have copied the invitation on its way (or a relay made \

@@ -108,9 +108,14 @@ pub fn flush_outbox(contact: &mut Contact, now_ms: u64) -> Result<(), ClientErro
     }
     let queued: Vec<Queued> = std::mem::take(&mut contact.outbox);
     for q in queued {
+        let sent_at = if q.created_ms > 0 {
+            q.created_ms
+        } else {
+            now_ms
+        };
         let action = contact
             .conn
-            .encrypt(q.kind, q.id, q.body, now_ms, &mut OsRng)?;
+            .encrypt(q.kind, q.id, q.body, sent_at, &mut OsRng)?;
         push_actions(contact, vec![action], now_ms);
     }
     Ok(())

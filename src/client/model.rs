@@ -262,6 +262,10 @@ pub struct Queued {
     #[serde(with = "b64")]
     pub id: [u8; 16],
     pub body: Vec<u8>,
+    /// When it was written: its sent time, however late it goes out (all
+    /// devices of the contact must show one time). 0: at sending.
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -56,6 +56,7 @@ impl Client {
                         kind,
                         id: msg_id,
                         body: body.clone(),
+                        created_ms: t,
                     });
                     flush_outbox(&mut c, t).map_err(abort)?;
                     c.last_activity_ms = t;
