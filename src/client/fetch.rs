@@ -30,6 +30,7 @@ use crate::proto::connection::{ConnState, Incoming};
 use crate::proto::envelope::ChainStatus;
 use crate::proto::keys::Secret32;
 use crate::proto::ProtoError;
+use crate::store::{StoreError, Tx};
 
 /// Longest single long-poll asked of a relay; relays cap it too.
 const POLL_SLICE_MS: u32 = 25_000;
@@ -129,6 +130,20 @@ enum Verdict {
     NotStored,
 }
 
+/// A delivered message waiting to be stored, and its worker waiting to hear
+/// whether to acknowledge it.
+struct Delivered {
+    queue: Arc<QueueRef>,
+    msg_id: Id,
+    body: Vec<u8>,
+    ack: Sender<Verdict>,
+}
+
+/// Most delivered messages stored in one transaction: enough to share one
+/// commit among every worker's message, few enough that no message waits
+/// long for the others.
+const MAX_BATCH: usize = 64;
+
 /// Unusable messages in a row after which a queue is left alone for the
 /// rest of the run. Legitimate traffic never comes close: copies arrive once
 /// per queue, and handshake or rotation steps are a handful.
@@ -170,6 +185,11 @@ fn worker(
                     body,
                     ack: ack_tx,
                 });
+                // The ACK waits for the main thread's commit; meanwhile, on
+                // the other core, set up the HPKE context it will be sealed
+                // with, so that the commit-then-ACK chain of a long queue
+                // does not also wait for two X25519 operations per message.
+                let prepared = sent.as_ref().ok().and_then(|_| net.prepare(&q.relay));
                 match ack_rx.recv() {
                     _ if sent.is_err() => return,
                     Ok(Verdict::Used) => useless_in_a_row = 0,
@@ -183,13 +203,14 @@ fn worker(
                     let _ = out.send(FromWorker::Done);
                     return;
                 }
-                reply = net.call(
+                reply = net.call_prepared(
                     &q.relay,
                     &Command::Ack {
                         recipient_id: q.recipient_id,
                         msg_id,
                     },
                     Some(&q.signer),
+                    prepared,
                 );
                 if matches!(&reply, Err(e) if e.code() == Some(ErrorCode::NoMessage)) {
                     // Acknowledged meanwhile by another tern process.
@@ -521,40 +542,124 @@ impl Client {
                 Err(_) => return Ok(false),
             },
         };
-        match msg {
-            FromWorker::Delivery {
-                queue,
-                msg_id,
-                body,
-                ack,
-            } => {
-                summary.touched.insert(queue.contact_id.clone());
-                match self.process(&queue, &msg_id, &body) {
-                    Ok(events) => {
-                        let useless = events.iter().all(|e| matches!(e, Event::Warning(_)));
-                        let _ = ack.send(if useless {
-                            Verdict::Useless
-                        } else {
-                            Verdict::Used
-                        });
-                        for e in events {
-                            match e {
-                                Event::Message { .. } => summary.messages += 1,
-                                // `--wait` also ends when a connection completes:
-                                // that is what `tern invite` tells people to wait for.
-                                Event::Connected { .. } => summary.connected += 1,
-                                _ => {}
-                            }
-                            on_event(e);
+        let FromWorker::Delivery { .. } = msg else {
+            self.handle_other(msg, summary, on_event);
+            return Ok(true);
+        };
+        // Whatever else has already been delivered (other queues' workers
+        // kept fetching while the last batch was stored) goes into the same
+        // transaction: one commit, one fsync, for all of them.
+        let mut batch = Vec::new();
+        let mut others = Vec::new();
+        let mut next = Some(msg);
+        while let Some(m) = next.take() {
+            match m {
+                FromWorker::Delivery {
+                    queue,
+                    msg_id,
+                    body,
+                    ack,
+                } => batch.push(Delivered {
+                    queue,
+                    msg_id,
+                    body,
+                    ack,
+                }),
+                other => others.push(other),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = self.store_batch(batch, summary, on_event);
+        for m in others {
+            self.handle_other(m, summary, on_event);
+        }
+        result.map(|()| true)
+    }
+
+    /// Stores a batch of delivered messages in one transaction, each in a
+    /// savepoint of its own, then tells each worker whether to acknowledge
+    /// its message and reports what arrived. A message whose storing failed
+    /// changes nothing and is not acknowledged; the others are committed and
+    /// acknowledged as usual, and the first failure is returned afterwards.
+    fn store_batch(
+        &mut self,
+        batch: Vec<Delivered>,
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let now = super::now();
+        // Decrypting needs no store: done before taking the write lock.
+        let opened: Vec<Option<Vec<u8>>> = batch
+            .iter()
+            .map(|d| delivery_open(d.queue.queue_secret.as_bytes(), &d.msg_id, &d.body).ok())
+            .collect();
+        let committed = self.store.transaction(|tx| {
+            Ok(batch
+                .iter()
+                .zip(&opened)
+                .map(|(d, message)| match message {
+                    Some(m) => tx.savepoint(|tx| process(tx, &d.queue, m, now)),
+                    None => Ok(vec![Event::Warning(format!(
+                        "relay {} delivered a message that does not decrypt; dropped",
+                        d.queue.relay.label()
+                    ))]),
+                })
+                .collect::<Vec<_>>())
+        });
+        let outcomes = match committed {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing was stored, so nothing is acknowledged: the relays
+                // keep every message of the batch.
+                for d in &batch {
+                    let _ = d.ack.send(Verdict::NotStored);
+                }
+                return Err(unwrap_abort(e));
+            }
+        };
+        let mut first_error = None;
+        for (d, outcome) in batch.iter().zip(outcomes) {
+            summary.touched.insert(d.queue.contact_id.clone());
+            match outcome {
+                Ok(events) => {
+                    let useless = events.iter().all(|e| matches!(e, Event::Warning(_)));
+                    let _ = d.ack.send(if useless {
+                        Verdict::Useless
+                    } else {
+                        Verdict::Used
+                    });
+                    for e in events {
+                        match e {
+                            Event::Message { .. } => summary.messages += 1,
+                            // `--wait` also ends when a connection completes:
+                            // that is what `tern invite` tells people to wait for.
+                            Event::Connected { .. } => summary.connected += 1,
+                            _ => {}
                         }
-                    }
-                    Err(e) => {
-                        // Not stored, so not acknowledged: the relay keeps it.
-                        let _ = ack.send(Verdict::NotStored);
-                        return Err(e);
+                        on_event(e);
                     }
                 }
+                Err(e) => {
+                    // Not stored, so not acknowledged: the relay keeps it.
+                    let _ = d.ack.send(Verdict::NotStored);
+                    first_error.get_or_insert(unwrap_abort(e));
+                }
             }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn handle_other(
+        &mut self,
+        msg: FromWorker,
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) {
+        match msg {
+            // Handled by `store_batch`.
+            FromWorker::Delivery { .. } => {}
             FromWorker::Event(e) => on_event(e),
             FromWorker::Flooded { queue } => on_event(Event::Warning(format!(
                 "relay {} keeps delivering messages that cannot be used (junk or replays); \
@@ -567,215 +672,202 @@ impl Client {
             }
             FromWorker::Done => {}
         }
-        Ok(true)
     }
+}
 
-    /// Stores one delivered message; `Ok` means it may be acknowledged.
-    fn process(
-        &mut self,
-        q: &QueueRef,
-        msg_id: &Id,
-        body: &[u8],
-    ) -> Result<Vec<Event>, ClientError> {
-        let Ok(message) = delivery_open(q.queue_secret.as_bytes(), msg_id, body) else {
-            return Ok(vec![Event::Warning(format!(
-                "relay {} delivered a message that does not decrypt; dropped",
-                q.relay.label()
-            ))]);
-        };
-        let now = super::now();
-        let id = q.contact_id.clone();
-        self.store
-            .transaction(|tx| {
-                let settings: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
-                    abort(ClientError::Invalid(
-                        "the profile has no settings: it was not fully initialised".into(),
-                    ))
-                })?;
-                let Some(mut c) = tx.get::<Contact>(&contact_key(&id))? else {
-                    // Forgotten meanwhile.
-                    return Ok(Vec::new());
-                };
-                let seen = seen_set(&id);
-                let rid = &q.recipient_id;
-                let which = if c.conn.recv_queue(rid).is_some() {
-                    Which::Current
-                } else if c
-                    .old
-                    .as_ref()
-                    .is_some_and(|o| o.conn.recv_queue(rid).is_some())
-                {
-                    Which::Old
-                } else if let Some(i) = c.rekeys.iter().position(|r| r.recv_queue(rid).is_some()) {
-                    Which::Rekey(i)
-                } else {
-                    // A queue this contact no longer uses.
-                    return Ok(Vec::new());
-                };
-                let conn = match which {
-                    Which::Current => &mut c.conn,
-                    Which::Old => &mut c.old.as_mut().expect("checked").conn,
-                    Which::Rekey(i) => &mut c.rekeys[i],
-                };
-                if let Some(d) = conn.digest_of(rid, &message) {
-                    if tx.seen(&seen, &d)? {
-                        return Ok(Vec::new());
-                    }
-                }
-                let state_before = conn.state;
-                let received = match conn.receive(rid, &message, &settings.profile, now, &mut OsRng)
-                {
-                    Ok(r) => r,
-                    Err(ProtoError::Duplicate) => return Ok(Vec::new()),
-                    Err(ProtoError::InvitationReused) => {
-                        // Once per request, not once per relay copy.
-                        if let Some(d) = c.conn.digest_of(rid, &message) {
-                            tx.mark_seen(&seen, &d)?;
-                        }
-                        return Ok(vec![Event::Warning(format!(
-                            "refused a second request for the one-time invitation you made for {}: \
-                             someone may have copied the invitation on its way (or a relay made \
-                             the request up); compare security codes with `tern verify`",
-                            c.name
-                        ))])
-                    }
-                    Err(ProtoError::UnsupportedVersion(v)) => {
-                        // Kept, not dropped: a newer tern can read it later.
-                        if let Some(d) = conn.digest_of(rid, &message) {
-                            tx.mark_seen(&seen, &d)?;
-                        }
-                        tx.append(
-                            &deferred_log(&id),
-                            &Deferred {
-                                recipient_id: *rid,
-                                message: message.clone(),
-                                received_at_ms: now,
-                            },
-                        )?;
-                        return Ok(vec![Event::Warning(format!(
-                            "{} sent a message that needs a newer tern (protocol version {v}); \
-                             it is kept for when you upgrade",
-                            c.name
-                        ))]);
-                    }
-                    Err(e) => {
-                        return Ok(vec![Event::Warning(format!(
-                            "dropped a message for {} that could not be accepted: {e}",
-                            c.name
-                        ))])
-                    }
-                };
-                let was_connected = which != Which::Current || state_before == ConnState::Connected;
-                tx.mark_seen(&seen, &received.digest)?;
-                c.last_activity_ms = now;
-                let mut events = Vec::new();
-                if which == Which::Current && state_before == ConnState::Invited {
-                    events.push(Event::Notice(format!(
-                        "{} took up your invitation; the connection completes when they next run `tern recv`",
-                        c.name
-                    )));
-                }
-                match which {
-                    Which::Current => push_actions(&mut c, received.actions, now),
-                    Which::Old => {
-                        let generation = c.old.as_ref().map_or(0, |o| o.generation);
-                        push_actions_for(&mut c, generation, received.actions, now);
-                    }
-                    Which::Rekey(i) => {
-                        // The contact accepted one of our re-key invitations:
-                        // its connection takes over, the old one drains, and
-                        // the other invitations are void: their queues join
-                        // the old connection's, drained and deleted with it.
-                        let new = c.rekeys.remove(i);
-                        for q in std::mem::take(&mut c.rekeys).into_iter().flat_map(|r| r.recv_queues) {
-                            c.jobs.push(Job::DeleteQueue {
-                                recipient_id: q.recipient_id,
-                                generation: c.generation,
-                            });
-                            c.conn.retired_queues.push(q);
-                        }
-                        c.replace_connection(new);
-                        push_actions(&mut c, received.actions, now);
-                        events.push(Event::Notice(format!(
-                            "{} accepted the re-key invitation: new keys and queues",
-                            c.name
-                        )));
-                    }
-                }
-                match received.incoming {
-                    Incoming::Text {
-                        envelope,
-                        text,
-                        chain,
-                    } => {
-                        let entry = HistoryEntry {
-                            dir: Direction::In,
-                            id: envelope.id,
-                            text,
-                            sent_at_ms: envelope.sent_at_ms,
-                            received_at_ms: Some(now),
-                        };
-                        tx.append(&history_log(&id), &entry)?;
-                        if let ChainStatus::Gap { missing } = chain {
-                            events.push(Event::Warning(format!(
-                                "{missing} earlier message(s) from {} have not arrived (yet)",
-                                c.name
-                            )));
-                        }
-                        events.push(Event::Message {
-                            contact: c.name.clone(),
-                            entry,
-                            chain,
-                        });
-                    }
-                    Incoming::Connected { profile } => {
-                        if c.provisional_name && !profile.name.trim().is_empty() {
-                            let name = Client::unique_name(tx, profile.name.trim(), &c.id)?;
-                            Client::rename_in(tx, &mut c, name)?;
-                            c.provisional_name = false;
-                        }
-                        flush_outbox(&mut c, now).map_err(abort)?;
-                        events.push(Event::Connected {
-                            contact: c.name.clone(),
-                        });
-                    }
-                    Incoming::ProfileUpdated { .. } => events.push(Event::ProfileUpdated {
-                        contact: c.name.clone(),
-                    }),
-                    Incoming::Unsupported { kind } => events.push(Event::Unsupported {
-                        contact: c.name.clone(),
-                        kind,
-                    }),
-                    Incoming::RotationRequested => c.rotation_wanted = true,
-                    Incoming::RotationStep => {}
-                    // The retired queues' deletion came as actions.
-                    Incoming::PeerSwitched => {}
-                    Incoming::PeerLeftPrevious => {
-                        if which == Which::Current {
-                            peer_left_old_connection(&mut c);
-                        }
-                    }
-                    Incoming::Nothing => {}
-                }
-                if !was_connected && c.conn.state == ConnState::Connected {
-                    // Connected without a Confirm (its copy was lost or is
-                    // late): the first message of the peer proved it.
-                    flush_outbox(&mut c, now).map_err(abort)?;
-                    if !events.iter().any(|e| matches!(e, Event::Connected { .. })) {
-                        events.insert(
-                            0,
-                            Event::Connected {
-                                contact: c.name.clone(),
-                            },
-                        );
-                    }
-                }
-                settle_old_connection(&mut c, now).map_err(abort)?;
-                tx.put(&contact_key(&id), &c)?;
-                Ok(events)
-            })
-            .map_err(unwrap_abort)
+/// Stores one delivered (and decrypted) message inside `tx`; `Ok` means it
+/// may be acknowledged once `tx` has committed. Runs in a savepoint of its
+/// own: an `Err` leaves no trace of it.
+fn process(tx: &Tx<'_>, q: &QueueRef, message: &[u8], now: u64) -> Result<Vec<Event>, StoreError> {
+    let id = q.contact_id.clone();
+    let settings: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
+        abort(ClientError::Invalid(
+            "the profile has no settings: it was not fully initialised".into(),
+        ))
+    })?;
+    let Some(mut c) = tx.get::<Contact>(&contact_key(&id))? else {
+        // Forgotten meanwhile.
+        return Ok(Vec::new());
+    };
+    let seen = seen_set(&id);
+    let rid = &q.recipient_id;
+    let which = if c.conn.recv_queue(rid).is_some() {
+        Which::Current
+    } else if c
+        .old
+        .as_ref()
+        .is_some_and(|o| o.conn.recv_queue(rid).is_some())
+    {
+        Which::Old
+    } else if let Some(i) = c.rekeys.iter().position(|r| r.recv_queue(rid).is_some()) {
+        Which::Rekey(i)
+    } else {
+        // A queue this contact no longer uses.
+        return Ok(Vec::new());
+    };
+    let conn = match which {
+        Which::Current => &mut c.conn,
+        Which::Old => &mut c.old.as_mut().expect("checked").conn,
+        Which::Rekey(i) => &mut c.rekeys[i],
+    };
+    if let Some(d) = conn.digest_of(rid, message) {
+        if tx.seen(&seen, &d)? {
+            return Ok(Vec::new());
+        }
     }
+    let state_before = conn.state;
+    let received = match conn.receive(rid, message, &settings.profile, now, &mut OsRng) {
+        Ok(r) => r,
+        Err(ProtoError::Duplicate) => return Ok(Vec::new()),
+        Err(ProtoError::InvitationReused) => {
+            // Once per request, not once per relay copy.
+            if let Some(d) = c.conn.digest_of(rid, message) {
+                tx.mark_seen(&seen, &d)?;
+            }
+            return Ok(vec![Event::Warning(format!(
+                "refused a second request for the one-time invitation you made for {}: \
+                 someone may have copied the invitation on its way (or a relay made \
+                 the request up); compare security codes with `tern verify`",
+                c.name
+            ))]);
+        }
+        Err(ProtoError::UnsupportedVersion(v)) => {
+            // Kept, not dropped: a newer tern can read it later.
+            if let Some(d) = conn.digest_of(rid, message) {
+                tx.mark_seen(&seen, &d)?;
+            }
+            tx.append(
+                &deferred_log(&id),
+                &Deferred {
+                    recipient_id: *rid,
+                    message: message.to_vec(),
+                    received_at_ms: now,
+                },
+            )?;
+            return Ok(vec![Event::Warning(format!(
+                "{} sent a message that needs a newer tern (protocol version {v}); \
+                 it is kept for when you upgrade",
+                c.name
+            ))]);
+        }
+        Err(e) => {
+            return Ok(vec![Event::Warning(format!(
+                "dropped a message for {} that could not be accepted: {e}",
+                c.name
+            ))])
+        }
+    };
+    let was_connected = which != Which::Current || state_before == ConnState::Connected;
+    tx.mark_seen(&seen, &received.digest)?;
+    c.last_activity_ms = now;
+    let mut events = Vec::new();
+    if which == Which::Current && state_before == ConnState::Invited {
+        events.push(Event::Notice(format!(
+            "{} took up your invitation; the connection completes when they next run `tern recv`",
+            c.name
+        )));
+    }
+    match which {
+        Which::Current => push_actions(&mut c, received.actions, now),
+        Which::Old => {
+            let generation = c.old.as_ref().map_or(0, |o| o.generation);
+            push_actions_for(&mut c, generation, received.actions, now);
+        }
+        Which::Rekey(i) => {
+            // The contact accepted one of our re-key invitations:
+            // its connection takes over, the old one drains, and
+            // the other invitations are void: their queues join
+            // the old connection's, drained and deleted with it.
+            let new = c.rekeys.remove(i);
+            for q in std::mem::take(&mut c.rekeys)
+                .into_iter()
+                .flat_map(|r| r.recv_queues)
+            {
+                c.jobs.push(Job::DeleteQueue {
+                    recipient_id: q.recipient_id,
+                    generation: c.generation,
+                });
+                c.conn.retired_queues.push(q);
+            }
+            c.replace_connection(new);
+            push_actions(&mut c, received.actions, now);
+            events.push(Event::Notice(format!(
+                "{} accepted the re-key invitation: new keys and queues",
+                c.name
+            )));
+        }
+    }
+    match received.incoming {
+        Incoming::Text {
+            envelope,
+            text,
+            chain,
+        } => {
+            let entry = HistoryEntry {
+                dir: Direction::In,
+                id: envelope.id,
+                text,
+                sent_at_ms: envelope.sent_at_ms,
+                received_at_ms: Some(now),
+            };
+            tx.append(&history_log(&id), &entry)?;
+            if let ChainStatus::Gap { missing } = chain {
+                events.push(Event::Warning(format!(
+                    "{missing} earlier message(s) from {} have not arrived (yet)",
+                    c.name
+                )));
+            }
+            events.push(Event::Message {
+                contact: c.name.clone(),
+                entry,
+                chain,
+            });
+        }
+        Incoming::Connected { profile } => {
+            if c.provisional_name && !profile.name.trim().is_empty() {
+                let name = Client::unique_name(tx, profile.name.trim(), &c.id)?;
+                Client::rename_in(tx, &mut c, name)?;
+                c.provisional_name = false;
+            }
+            flush_outbox(&mut c, now).map_err(abort)?;
+            events.push(Event::Connected {
+                contact: c.name.clone(),
+            });
+        }
+        Incoming::ProfileUpdated { .. } => events.push(Event::ProfileUpdated {
+            contact: c.name.clone(),
+        }),
+        Incoming::Unsupported { kind } => events.push(Event::Unsupported {
+            contact: c.name.clone(),
+            kind,
+        }),
+        Incoming::RotationRequested => c.rotation_wanted = true,
+        Incoming::RotationStep => {}
+        // The retired queues' deletion came as actions.
+        Incoming::PeerSwitched => {}
+        Incoming::PeerLeftPrevious => {
+            if which == Which::Current {
+                peer_left_old_connection(&mut c);
+            }
+        }
+        Incoming::Nothing => {}
+    }
+    if !was_connected && c.conn.state == ConnState::Connected {
+        // Connected without a Confirm (its copy was lost or is
+        // late): the first message of the peer proved it.
+        flush_outbox(&mut c, now).map_err(abort)?;
+        if !events.iter().any(|e| matches!(e, Event::Connected { .. })) {
+            events.insert(
+                0,
+                Event::Connected {
+                    contact: c.name.clone(),
+                },
+            );
+        }
+    }
+    settle_old_connection(&mut c, now).map_err(abort)?;
+    tx.put(&contact_key(&id), &c)?;
+    Ok(events)
 }
 
 /// Which of a contact's connections a queue belongs to.
