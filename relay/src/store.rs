@@ -436,6 +436,48 @@ impl Store {
         })
     }
 
+    /// Deletes message `msg_id` and every message queued before it, live or
+    /// expired, and returns the next live one. Messages queued later keep
+    /// their place: the FIFO position (`seq`) only grows while a queue holds
+    /// messages, so nothing can slip in before `msg_id` after it was read.
+    pub fn ack_up_to(
+        &self,
+        queue: QueueRef,
+        msg_id: Id,
+        expired_upto: i64,
+    ) -> Result<AckOutcome, StoreError> {
+        self.write_lazy(move |c| {
+            let Some(seq) = seq_of(c, queue, &msg_id)? else {
+                return Ok(AckOutcome::NoMessage);
+            };
+            c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
+                .execute(params![queue, seq])?;
+            Ok(AckOutcome::Next(oldest(c, queue, expired_upto)?))
+        })
+    }
+
+    /// The oldest live message queued after message `after`; `None` in the
+    /// outer option if `after` is not in the queue (acknowledged meanwhile).
+    pub fn message_after(
+        &self,
+        queue: QueueRef,
+        after: Id,
+        expired_upto: i64,
+    ) -> Result<Option<Option<StoredMessage>>, StoreError> {
+        self.read(|c| {
+            let Some(seq) = seq_of(c, queue, &after)? else {
+                return Ok(None);
+            };
+            c.prepare_cached(
+                "SELECT msg_id, received_hour, body FROM messages
+                 WHERE queue_id = ?1 AND seq > ?2 AND received_hour > ?3 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![queue, seq, expired_upto], stored_message)
+            .optional()
+            .map(Some)
+        })
+    }
+
     /// Removes a queue and everything in it.
     pub fn delete_queue(&self, queue: QueueRef) -> Result<(), StoreError> {
         self.write(move |c| {
@@ -488,6 +530,14 @@ fn queue_where(
         .optional()
 }
 
+fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        msg_id: r.get(0)?,
+        received_hour: r.get(1)?,
+        body: r.get(2)?,
+    })
+}
+
 fn oldest(
     c: &Connection,
     queue: QueueRef,
@@ -497,14 +547,15 @@ fn oldest(
         "SELECT msg_id, received_hour, body FROM messages
          WHERE queue_id = ?1 AND received_hour > ?2 ORDER BY seq LIMIT 1",
     )?
-    .query_row(params![queue, expired_upto], |r| {
-        Ok(StoredMessage {
-            msg_id: r.get(0)?,
-            received_hour: r.get(1)?,
-            body: r.get(2)?,
-        })
-    })
+    .query_row(params![queue, expired_upto], stored_message)
     .optional()
+}
+
+/// The FIFO position of message `msg_id` in `queue`, if it is there.
+fn seq_of(c: &Connection, queue: QueueRef, msg_id: &Id) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT seq FROM messages WHERE queue_id = ?1 AND msg_id = ?2")?
+        .query_row(params![queue, msg_id], |r| r.get(0))
+        .optional()
 }
 
 /// Whether a write must be on disk before its caller hears of it.
@@ -715,6 +766,42 @@ mod tests {
             AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [2; 16]),
             _ => panic!("expected the next message"),
         }
+        // Reading ahead, then acknowledging the run read.
+        assert_eq!(
+            store
+                .message_after(q, [2; 16], 0)
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .msg_id,
+            [3; 16]
+        );
+        assert!(store
+            .message_after(q, [3; 16], 0)
+            .unwrap()
+            .unwrap()
+            .is_none());
+        assert!(store.message_after(q, [1; 16], 0).unwrap().is_none());
+        assert!(matches!(
+            store.ack_up_to(q, [1; 16], 0).unwrap(),
+            AckOutcome::NoMessage
+        ));
+        assert_eq!(
+            store
+                .send(msg(q, 4, SendAuth::Signed([5; 32]), 10))
+                .unwrap(),
+            SendOutcome::Stored
+        );
+        match store.ack_up_to(q, [3; 16], 0).unwrap() {
+            AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [4; 16]),
+            _ => panic!("expected the message queued after the run"),
+        }
+        assert_eq!(
+            store
+                .send(msg(q, 5, SendAuth::Signed([5; 32]), 10))
+                .unwrap(),
+            SendOutcome::Stored
+        );
         // Expired messages are neither delivered nor counted.
         assert!(store.oldest_message(q, 10).unwrap().is_none());
         assert_eq!(store.purge_expired(10).unwrap(), 2);
