@@ -192,49 +192,55 @@ fn worker(
                 // Whatever stops the reading (nothing more yet, an error
                 // the next request will meet again) ends the run there.
                 let first = msg_id;
-                let mut after = msg_id;
-                let mut read = 1;
                 let mut run = vec![(msg_id, body)];
-                let mut verdicts = Vec::new();
-                let mut reading = can_peek;
-                loop {
-                    reading = reading && read < READ_AHEAD && !stop.load(Ordering::Relaxed);
-                    if !reading {
-                        let batch = run
-                            .drain(..)
-                            .map(|(msg_id, body)| {
-                                let (ack, verdict) = mpsc::channel();
-                                verdicts.push((msg_id, verdict));
-                                Delivered {
-                                    queue: q.clone(),
-                                    msg_id,
-                                    body,
-                                    ack,
+                if can_peek {
+                    std::thread::scope(|s| {
+                        // Each PEEK waits for the relay; meanwhile a helper
+                        // on the other core sets up the next one's HPKE
+                        // context. It stops when `contexts` is dropped.
+                        let (ready, contexts) = mpsc::sync_channel(1);
+                        let relay = &q.relay;
+                        s.spawn(move || {
+                            while let Some(p) = net.prepare(relay) {
+                                if ready.send(p).is_err() {
+                                    break;
                                 }
-                            })
-                            .collect();
-                        if out.send(FromWorker::Delivery(batch)).is_err() {
-                            return;
+                            }
+                        });
+                        while run.len() < READ_AHEAD && !stop.load(Ordering::Relaxed) {
+                            let peek = Command::Peek {
+                                recipient_id: q.recipient_id,
+                                after: run[run.len() - 1].0,
+                            };
+                            let prepared = contexts.recv().ok();
+                            match net.call_prepared(&q.relay, &peek, Some(&q.signer), prepared) {
+                                Ok(Reply::Message { msg_id, body, .. }) => run.push((msg_id, body)),
+                                // A relay that predates PEEK: one message at a time.
+                                Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
+                                    can_peek = false;
+                                    break;
+                                }
+                                _ => break,
+                            }
                         }
-                        break;
-                    }
-                    let peek = Command::Peek {
-                        recipient_id: q.recipient_id,
-                        after,
-                    };
-                    match net.call(&q.relay, &peek, Some(&q.signer)) {
-                        Ok(Reply::Message { msg_id, body, .. }) => {
-                            after = msg_id;
-                            read += 1;
-                            run.push((msg_id, body));
+                    });
+                }
+                let mut verdicts = Vec::with_capacity(run.len());
+                let batch = run
+                    .into_iter()
+                    .map(|(msg_id, body)| {
+                        let (ack, verdict) = mpsc::channel();
+                        verdicts.push((msg_id, verdict));
+                        Delivered {
+                            queue: q.clone(),
+                            msg_id,
+                            body,
+                            ack,
                         }
-                        // A relay that predates PEEK: one message at a time.
-                        Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
-                            can_peek = false;
-                            reading = false;
-                        }
-                        _ => reading = false,
-                    }
+                    })
+                    .collect();
+                if out.send(FromWorker::Delivery(batch)).is_err() {
+                    return;
                 }
                 // The ACK waits for the main thread's commit; meanwhile, on
                 // the other core, set up the HPKE context it will be sealed
