@@ -187,8 +187,9 @@ fn worker(
                 // Read ahead, so that the run is stored in one commit and
                 // acknowledged in one request instead of one of each per
                 // message. (Handing it over in chunks, to store one while
-                // reading the next, measured slower on two cores: more
-                // commits, and the three threads compete for the cores.)
+                // reading the next, measured no faster on two cores: the
+                // same wall time with chunks of 8, 16 or 32, and more CPU
+                // for the extra commits.)
                 // Whatever stops the reading (nothing more yet, an error
                 // the next request will meet again) ends the run there.
                 let first = msg_id;
