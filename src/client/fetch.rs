@@ -11,7 +11,7 @@
 //! costs one commit and one acknowledgement per run, not per message.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -144,6 +144,30 @@ struct Delivered {
 /// each, a run costs at most 1 MiB of memory.
 const READ_AHEAD: usize = 64;
 
+/// Messages read ahead with PEEK and not yet acknowledged, across all the
+/// workers of this process: 8 MiB at most, however many queues a `recv
+/// --follow` watches and however long their backlogs.
+static READ_AHEAD_BUDGET: AtomicUsize = AtomicUsize::new(512);
+
+/// Places taken from [`READ_AHEAD_BUDGET`], given back when dropped.
+struct ReadAhead(usize);
+
+impl ReadAhead {
+    fn take_one(&mut self) -> bool {
+        let taken = READ_AHEAD_BUDGET
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        self.0 += usize::from(taken);
+        taken
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        READ_AHEAD_BUDGET.fetch_add(self.0, Ordering::AcqRel);
+    }
+}
+
 /// Beyond this many messages in a batch, no more runs are added to it, so
 /// that no message waits long for the others' commit.
 const MAX_BATCH: usize = 64;
@@ -194,6 +218,8 @@ fn worker(
                 // the next request will meet again) ends the run there.
                 let first = msg_id;
                 let mut run = vec![(msg_id, body)];
+                // Held until the run is acknowledged (or abandoned).
+                let mut held = ReadAhead(0);
                 if can_peek {
                     std::thread::scope(|s| {
                         // Each PEEK waits for the relay; meanwhile a helper
@@ -208,7 +234,10 @@ fn worker(
                                 }
                             }
                         });
-                        while run.len() < READ_AHEAD && !stop.load(Ordering::Relaxed) {
+                        while run.len() < READ_AHEAD
+                            && !stop.load(Ordering::Relaxed)
+                            && held.take_one()
+                        {
                             let peek = Command::Peek {
                                 recipient_id: q.recipient_id,
                                 after: run[run.len() - 1].0,
