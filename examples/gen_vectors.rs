@@ -1277,7 +1277,7 @@ fn gen_invitation() -> Vec<InvitationCase> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CommandFields {
-    /// INFO, CREATE, SECURE, SEND, FETCH, ACK or DELETE.
+    /// INFO, CREATE, SECURE, SEND, FETCH, ACK, DELETE, PEEK or ACK_UPTO.
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key: Option<String>,
@@ -1297,6 +1297,9 @@ pub struct CommandFields {
     pub wait_ms: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_id: Option<String>,
+    /// PEEK: the message the answer must come after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 fn o(b: &[u8]) -> Option<String> {
@@ -1360,6 +1363,24 @@ impl CommandFields {
                 recipient_id: o(recipient_id),
                 ..Default::default()
             },
+            Command::Peek {
+                recipient_id,
+                after,
+            } => Self {
+                name,
+                recipient_id: o(recipient_id),
+                after: o(after),
+                ..Default::default()
+            },
+            Command::AckUpTo {
+                recipient_id,
+                msg_id,
+            } => Self {
+                name,
+                recipient_id: o(recipient_id),
+                msg_id: o(msg_id),
+                ..Default::default()
+            },
         }
     }
 
@@ -1391,6 +1412,14 @@ impl CommandFields {
             },
             "DELETE" => Command::Delete {
                 recipient_id: h16(&self.recipient_id),
+            },
+            "PEEK" => Command::Peek {
+                recipient_id: h16(&self.recipient_id),
+                after: h16(&self.after),
+            },
+            "ACK_UPTO" => Command::AckUpTo {
+                recipient_id: h16(&self.recipient_id),
+                msg_id: h16(&self.msg_id),
             },
             n => panic!("command {n}"),
         }
@@ -1448,6 +1477,7 @@ pub fn signature_offset(c: &Command) -> Option<usize> {
         Command::Fetch { .. } => 16 + 4,
         Command::Ack { .. } => 16 + 16,
         Command::Delete { .. } => 16,
+        Command::Peek { .. } | Command::AckUpTo { .. } => 16 + 16,
     };
     Some(1 + 8 + body)
 }
@@ -1545,6 +1575,22 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             "DELETE",
             Command::Delete {
                 recipient_id: random(&mut rng),
+            },
+            true,
+        ),
+        (
+            "PEEK",
+            Command::Peek {
+                recipient_id: random(&mut rng),
+                after: random(&mut rng),
+            },
+            true,
+        ),
+        (
+            "ACK_UPTO",
+            Command::AckUpTo {
+                recipient_id: random(&mut rng),
+                msg_id: random(&mut rng),
             },
             true,
         ),
@@ -1680,8 +1726,8 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             "unknown_command",
         ),
         (
-            "command 0x08 does not exist",
-            with(&info, 0, 0x08),
+            "command 0x0a does not exist",
+            with(&info, 0, 0x0a),
             "unknown_command",
         ),
         (

@@ -601,3 +601,46 @@ fn swapped_queues_never_show_a_message_from_the_wrong_contact() {
         assert!(t.starts_with("from carol"), "Carol's history holds {t:?}");
     }
 }
+
+/// A relay that predates PEEK and ACK_UPTO answers both `BadRequest`, as it
+/// does any unknown command: `recv` goes back to FETCH and ACK one message
+/// at a time for that queue, gets everything, and never sends it ACK_UPTO.
+#[test]
+fn a_relay_without_peek_is_read_one_message_at_a_time() {
+    use tern_relay::hooks::ResponseAction;
+    use tern_relay::wire::{ErrorCode, Reply, Response};
+
+    let ra = EvilRelay::start();
+    let old = EvilRelay::start();
+    let (a, b) = pair(&[&ra.addr], &[&old.addr]);
+    old.evil
+        .record_requests
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    old.evil.on_response(|r| match r.command {
+        Some("PEEK") | Some("ACK_UPTO") => ResponseAction::Plaintext(
+            Response {
+                time_ms: now_ms(),
+                reply: Reply::Error(ErrorCode::BadRequest),
+            }
+            .encode(),
+        ),
+        _ => ResponseAction::Pass,
+    });
+    let sent: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    for m in &sent {
+        a.send("bob", m);
+    }
+    assert_eq!(b.recv_texts(), sent);
+    let commands: Vec<&str> = old
+        .evil
+        .requests()
+        .iter()
+        .filter_map(|r| r.command)
+        .collect();
+    let count = |name: &str| commands.iter().filter(|c| **c == name).count();
+    assert!(count("PEEK") >= 1, "recv tried PEEK: {commands:?}");
+    assert_eq!(count("ACK_UPTO"), 0, "{commands:?}");
+    assert!(count("ACK") >= sent.len(), "{commands:?}");
+    // Nothing is left behind: a second recv finds nothing new.
+    assert!(b.recv_texts().is_empty());
+}

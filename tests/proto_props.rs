@@ -545,6 +545,16 @@ fn command() -> impl Strategy<Value = Command> {
             msg_id
         }),
         any::<[u8; 16]>().prop_map(|recipient_id| Command::Delete { recipient_id }),
+        (any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(recipient_id, after)| Command::Peek {
+            recipient_id,
+            after
+        }),
+        (any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(recipient_id, msg_id)| {
+            Command::AckUpTo {
+                recipient_id,
+                msg_id,
+            }
+        }),
     ]
 }
 

@@ -352,6 +352,42 @@ impl Handler {
                 self.store.delete_queue(q.queue).map_err(internal)?;
                 Reply::Ok
             }
+            Command::Peek {
+                recipient_id,
+                after,
+            } => {
+                let q = self.recipient_queue(&signed, recipient_id)?;
+                match self
+                    .store
+                    .message_after(q.queue, *after, self.expired_upto(now_ms))
+                    .map_err(internal)?
+                {
+                    None => return Err(ErrorCode::NoMessage),
+                    Some(Some(m)) if self.hooks.is_some() => {
+                        self.hooked_delivery(q.queue, &q.queue_secret, m, "PEEK")?
+                    }
+                    Some(Some(m)) => message_reply(m)?,
+                    Some(None) => Reply::Empty,
+                }
+            }
+            Command::AckUpTo {
+                recipient_id,
+                msg_id,
+            } => {
+                let q = self.recipient_queue(&signed, recipient_id)?;
+                match self
+                    .store
+                    .ack_up_to(q.queue, *msg_id, self.expired_upto(now_ms))
+                    .map_err(internal)?
+                {
+                    AckOutcome::NoMessage => return Err(ErrorCode::NoMessage),
+                    AckOutcome::Next(Some(m)) if self.hooks.is_some() => {
+                        self.hooked_delivery(q.queue, &q.queue_secret, m, "ACK_UPTO")?
+                    }
+                    AckOutcome::Next(Some(m)) => message_reply(m)?,
+                    AckOutcome::Next(None) => Reply::Empty,
+                }
+            }
         };
         Ok(Step::Reply(reply))
     }

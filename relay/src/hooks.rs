@@ -103,7 +103,7 @@ pub enum SendAction {
 /// A message about to be delivered in a FETCH or ACK reply.
 pub struct DeliverView<'a> {
     pub queue: QueueRef,
-    /// `"FETCH"` or `"ACK"`.
+    /// `"FETCH"`, `"ACK"`, `"PEEK"` or `"ACK_UPTO"`.
     pub command: &'static str,
     pub msg_id: &'a Id,
     /// Seconds since the Unix epoch, rounded down to the hour.

@@ -27,6 +27,15 @@
 //! disk. Each operation runs inside its own SAVEPOINT, so one failing
 //! operation does not take the batch down with it. Reads use a pool of
 //! separate connections, which WAL lets run alongside the writer.
+//!
+//! A batch made only of acknowledgements (and expiry purges) commits without
+//! an fsync (`synchronous=NORMAL` for that transaction): losing such a
+//! deletion to a power cut only means the message is delivered again, which
+//! recipients deduplicate, and the next durable commit (any SEND, CREATE,
+//! SECURE or DELETE) fsyncs the write-ahead log up to and including it. A
+//! process crash loses nothing either way. This takes an fsync off every
+//! step of a recipient draining its queue, where each message waits for the
+//! ACK of the one before.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -268,10 +277,30 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
+        self.write_with(Durability::Durable, f)
+    }
+
+    /// [`Store::write`] for operations whose loss in a power cut is harmless
+    /// (see the module docs): their batch skips the fsync unless another
+    /// operation in it needs one.
+    fn write_lazy<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        self.write_with(Durability::Lazy, f)
+    }
+
+    fn write_with<R, F>(&self, durability: Durability, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
         let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
         let (reply, result) = mpsc::sync_channel(1);
         let job = Box::new(Op {
             f: Some(f),
+            durability,
             result: None,
             reply,
         });
@@ -396,7 +425,7 @@ impl Store {
         msg_id: Id,
         expired_upto: i64,
     ) -> Result<AckOutcome, StoreError> {
-        self.write(move |c| {
+        self.write_lazy(move |c| {
             let n = c
                 .prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND msg_id = ?2")?
                 .execute(params![queue, msg_id])?;
@@ -404,6 +433,48 @@ impl Store {
                 return Ok(AckOutcome::NoMessage);
             }
             Ok(AckOutcome::Next(oldest(c, queue, expired_upto)?))
+        })
+    }
+
+    /// Deletes message `msg_id` and every message queued before it, live or
+    /// expired, and returns the next live one. Messages queued later keep
+    /// their place: the FIFO position (`seq`) only grows while a queue holds
+    /// messages, so nothing can slip in before `msg_id` after it was read.
+    pub fn ack_up_to(
+        &self,
+        queue: QueueRef,
+        msg_id: Id,
+        expired_upto: i64,
+    ) -> Result<AckOutcome, StoreError> {
+        self.write_lazy(move |c| {
+            let Some(seq) = seq_of(c, queue, &msg_id)? else {
+                return Ok(AckOutcome::NoMessage);
+            };
+            c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
+                .execute(params![queue, seq])?;
+            Ok(AckOutcome::Next(oldest(c, queue, expired_upto)?))
+        })
+    }
+
+    /// The oldest live message queued after message `after`; `None` in the
+    /// outer option if `after` is not in the queue (acknowledged meanwhile).
+    pub fn message_after(
+        &self,
+        queue: QueueRef,
+        after: Id,
+        expired_upto: i64,
+    ) -> Result<Option<Option<StoredMessage>>, StoreError> {
+        self.read(|c| {
+            let Some(seq) = seq_of(c, queue, &after)? else {
+                return Ok(None);
+            };
+            c.prepare_cached(
+                "SELECT msg_id, received_hour, body FROM messages
+                 WHERE queue_id = ?1 AND seq > ?2 AND received_hour > ?3 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![queue, seq, expired_upto], stored_message)
+            .optional()
+            .map(Some)
         })
     }
 
@@ -420,7 +491,7 @@ impl Store {
 
     /// Deletes every expired message; returns how many.
     pub fn purge_expired(&self, expired_upto: i64) -> Result<usize, StoreError> {
-        self.write(move |c| {
+        self.write_lazy(move |c| {
             c.prepare_cached("DELETE FROM messages WHERE received_hour <= ?1")?
                 .execute([expired_upto])
         })
@@ -459,6 +530,14 @@ fn queue_where(
         .optional()
 }
 
+fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        msg_id: r.get(0)?,
+        received_hour: r.get(1)?,
+        body: r.get(2)?,
+    })
+}
+
 fn oldest(
     c: &Connection,
     queue: QueueRef,
@@ -468,24 +547,36 @@ fn oldest(
         "SELECT msg_id, received_hour, body FROM messages
          WHERE queue_id = ?1 AND received_hour > ?2 ORDER BY seq LIMIT 1",
     )?
-    .query_row(params![queue, expired_upto], |r| {
-        Ok(StoredMessage {
-            msg_id: r.get(0)?,
-            received_hour: r.get(1)?,
-            body: r.get(2)?,
-        })
-    })
+    .query_row(params![queue, expired_upto], stored_message)
     .optional()
+}
+
+/// The FIFO position of message `msg_id` in `queue`, if it is there.
+fn seq_of(c: &Connection, queue: QueueRef, msg_id: &Id) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT seq FROM messages WHERE queue_id = ?1 AND msg_id = ?2")?
+        .query_row(params![queue, msg_id], |r| r.get(0))
+        .optional()
+}
+
+/// Whether a write must be on disk before its caller hears of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Committed with an fsync.
+    Durable,
+    /// Committed without one if nothing else in the batch needs it.
+    Lazy,
 }
 
 /// One queued write: runs inside the batch transaction, answers after COMMIT.
 trait WriteJob: Send {
+    fn durability(&self) -> Durability;
     fn run(&mut self, conn: &Connection);
     fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 }
 
 struct Op<R, F> {
     f: Option<F>,
+    durability: Durability,
     result: Option<rusqlite::Result<R>>,
     reply: SyncSender<Result<R, StoreError>>,
 }
@@ -495,6 +586,10 @@ where
     R: Send,
     F: FnOnce(&Connection) -> rusqlite::Result<R> + Send,
 {
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
     fn run(&mut self, conn: &Connection) {
         let Some(f) = self.f.take() else { return };
         if let Err(e) = conn.execute_batch("SAVEPOINT op") {
@@ -525,6 +620,8 @@ where
 }
 
 fn writer_loop(conn: Connection, jobs: Receiver<Box<dyn WriteJob>>) {
+    // `Store::open` left the connection at synchronous=FULL.
+    let mut current = Durability::Durable;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -533,7 +630,13 @@ fn writer_loop(conn: Connection, jobs: Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
-        let commit = run_batch(&conn, &mut batch);
+        let wanted = if batch.iter().any(|j| j.durability() == Durability::Durable) {
+            Durability::Durable
+        } else {
+            Durability::Lazy
+        };
+        let commit =
+            set_sync(&conn, &mut current, wanted).and_then(|()| run_batch(&conn, &mut batch));
         if let Err(e) = &commit {
             error!(
                 "a database transaction failed, {} requests answered with an internal error: {e}",
@@ -546,6 +649,25 @@ fn writer_loop(conn: Connection, jobs: Receiver<Box<dyn WriteJob>>) {
     }
     // Leave a compact database behind on a clean shutdown.
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+}
+
+/// Switches the connection's `synchronous` setting between transactions
+/// (SQLite does not allow it inside one). If switching fails, the batch is
+/// refused rather than committed with less durability than it asked for.
+fn set_sync(
+    conn: &Connection,
+    current: &mut Durability,
+    wanted: Durability,
+) -> Result<(), StoreError> {
+    if *current != wanted {
+        let level = match wanted {
+            Durability::Durable => "FULL",
+            Durability::Lazy => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", level)?;
+        *current = wanted;
+    }
+    Ok(())
 }
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
@@ -644,6 +766,42 @@ mod tests {
             AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [2; 16]),
             _ => panic!("expected the next message"),
         }
+        // Reading ahead, then acknowledging the run read.
+        assert_eq!(
+            store
+                .message_after(q, [2; 16], 0)
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .msg_id,
+            [3; 16]
+        );
+        assert!(store
+            .message_after(q, [3; 16], 0)
+            .unwrap()
+            .unwrap()
+            .is_none());
+        assert!(store.message_after(q, [1; 16], 0).unwrap().is_none());
+        assert!(matches!(
+            store.ack_up_to(q, [1; 16], 0).unwrap(),
+            AckOutcome::NoMessage
+        ));
+        assert_eq!(
+            store
+                .send(msg(q, 4, SendAuth::Signed([5; 32]), 10))
+                .unwrap(),
+            SendOutcome::Stored
+        );
+        match store.ack_up_to(q, [3; 16], 0).unwrap() {
+            AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [4; 16]),
+            _ => panic!("expected the message queued after the run"),
+        }
+        assert_eq!(
+            store
+                .send(msg(q, 5, SendAuth::Signed([5; 32]), 10))
+                .unwrap(),
+            SendOutcome::Stored
+        );
         // Expired messages are neither delivered nor counted.
         assert!(store.oldest_message(q, 10).unwrap().is_none());
         assert_eq!(store.purge_expired(10).unwrap(), 2);

@@ -74,6 +74,14 @@ pub enum Command {
     Ack { recipient_id: Id, msg_id: Id },
     /// Delete the queue and everything in it.
     Delete { recipient_id: Id },
+    /// The oldest pending message that comes after `after` in the queue,
+    /// without waiting and without deleting anything: lets a recipient read
+    /// ahead and store several messages in one commit.
+    Peek { recipient_id: Id, after: Id },
+    /// Delete message `msg_id` and every message before it in the queue,
+    /// and return the next one, if any: acknowledges a run of messages read
+    /// with FETCH and PEEK in one request.
+    AckUpTo { recipient_id: Id, msg_id: Id },
 }
 
 // Message bodies and keys are not for debug output.
@@ -93,6 +101,8 @@ impl Command {
             Command::Fetch { .. } => 0x05,
             Command::Ack { .. } => 0x06,
             Command::Delete { .. } => 0x07,
+            Command::Peek { .. } => 0x08,
+            Command::AckUpTo { .. } => 0x09,
         }
     }
 
@@ -105,6 +115,8 @@ impl Command {
             Command::Fetch { .. } => "FETCH",
             Command::Ack { .. } => "ACK",
             Command::Delete { .. } => "DELETE",
+            Command::Peek { .. } => "PEEK",
+            Command::AckUpTo { .. } => "ACK_UPTO",
         }
     }
 
@@ -170,6 +182,14 @@ impl Request {
             Command::Ack {
                 recipient_id,
                 msg_id,
+            }
+            | Command::AckUpTo {
+                recipient_id,
+                msg_id,
+            }
+            | Command::Peek {
+                recipient_id,
+                after: msg_id,
             } => {
                 w.bytes(recipient_id).bytes(msg_id);
             }
@@ -248,6 +268,14 @@ impl Request {
             },
             0x07 => Command::Delete {
                 recipient_id: r.array()?,
+            },
+            0x08 => Command::Peek {
+                recipient_id: r.array()?,
+                after: r.array()?,
+            },
+            0x09 => Command::AckUpTo {
+                recipient_id: r.array()?,
+                msg_id: r.array()?,
             },
             other => return Err(WireError::UnknownCommand(other)),
         };
@@ -528,6 +556,14 @@ mod tests {
             },
             Command::Delete {
                 recipient_id: [10; 16],
+            },
+            Command::Peek {
+                recipient_id: [11; 16],
+                after: [12; 16],
+            },
+            Command::AckUpTo {
+                recipient_id: [13; 16],
+                msg_id: [14; 16],
             },
         ]
     }

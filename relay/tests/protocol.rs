@@ -81,6 +81,53 @@ fn create_secure_send_fetch_ack_delete() {
 }
 
 #[test]
+fn peek_reads_ahead_and_ack_upto_acknowledges_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |_| {});
+    let mut c = relay.client();
+    let q = create_queue(&mut c, None);
+    assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
+    let sent: Vec<Vec<u8>> = (0..4).map(|_| message()).collect();
+    for m in &sent[..3] {
+        assert_eq!(c.request(&q.send(m), Some(&q.sender_key)), Reply::Ok);
+    }
+    let peek = |after| Command::Peek {
+        recipient_id: q.recipient_id,
+        after,
+    };
+    let up_to = |msg_id| Command::AckUpTo {
+        recipient_id: q.recipient_id,
+        msg_id,
+    };
+    // FETCH, then PEEK after each message read: the queue in order, intact.
+    let (id1, m1) = q.open(&c.request(&q.fetch(0), Some(&q.recipient_key)));
+    let (id2, m2) = q.open(&c.request(&peek(id1), Some(&q.recipient_key)));
+    let (id3, m3) = q.open(&c.request(&peek(id2), Some(&q.recipient_key)));
+    assert_eq!([m1, m2, m3], [&sent[0][..], &sent[1][..], &sent[2][..]]);
+    assert_eq!(c.request(&peek(id3), Some(&q.recipient_key)), Reply::Empty);
+    assert_eq!(
+        q.open(&c.request(&q.fetch(0), Some(&q.recipient_key))).0,
+        id1
+    );
+    // A message queued after the run is read is not acknowledged with it.
+    assert_eq!(c.request(&q.send(&sent[3]), Some(&q.sender_key)), Reply::Ok);
+    let next = c.request(&up_to(id2), Some(&q.recipient_key));
+    assert_eq!(q.open(&next).0, id3);
+    let (id4, m4) = q.open(&c.request(&up_to(id3), Some(&q.recipient_key)));
+    assert_eq!(m4, sent[3]);
+    // Gone: the ids acknowledged are not in the queue any more.
+    for cmd in [peek(id1), up_to(id2)] {
+        assert_eq!(
+            c.request(&cmd, Some(&q.recipient_key)),
+            Reply::Error(ErrorCode::NoMessage)
+        );
+    }
+    assert_eq!(c.request(&up_to(id4), Some(&q.recipient_key)), Reply::Empty);
+    assert_eq!(c.request(&q.fetch(0), Some(&q.recipient_key)), Reply::Empty);
+    relay.stop();
+}
+
+#[test]
 fn unsigned_sends_are_limited_to_one_before_securing() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
@@ -150,6 +197,14 @@ fn wrong_key_and_unknown_queue_look_the_same() {
             Command::Send {
                 sender_id: sid,
                 message: message(),
+            },
+            Command::Peek {
+                recipient_id: rid,
+                after: [0; 16],
+            },
+            Command::AckUpTo {
+                recipient_id: rid,
+                msg_id: [0; 16],
             },
         ]
     };

@@ -748,6 +748,26 @@ impl ReadTx<'_> {
 }
 
 impl Tx<'_> {
+    /// Run `f` inside a savepoint of this transaction: if it returns `Err`,
+    /// everything it wrote is undone and the transaction goes on as if `f`
+    /// had never run, so one failed step of a batch does not take the
+    /// others with it. Savepoints nest.
+    pub fn savepoint<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.read.conn;
+        conn.execute_batch("SAVEPOINT tern_step")?;
+        let out = f(self);
+        // On a failure to end the savepoint the caller gets that error and,
+        // returning it, rolls the whole transaction back.
+        match &out {
+            Ok(_) => conn.execute_batch("RELEASE tern_step")?,
+            Err(_) => conn.execute_batch("ROLLBACK TO tern_step; RELEASE tern_step")?,
+        }
+        out
+    }
+
     /// Store `value` under `key`, replacing any previous value.
     pub fn put<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let r = &self.read;

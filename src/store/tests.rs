@@ -899,3 +899,40 @@ fn age_cli_interop() {
     .unwrap();
     assert_eq!(dec.stdout, b"hello");
 }
+
+#[test]
+fn a_failed_savepoint_undoes_only_its_own_writes() {
+    let (_dir, home) = new_home();
+    let mut store = Store::create(&home, NewKey::Unprotected).unwrap();
+    let note = |n: &str| Contact {
+        name: n.into(),
+        note: String::new(),
+    };
+    let outcomes = store
+        .transaction(|tx| {
+            tx.put("contact/a", &note("a"))?;
+            let failed = tx.savepoint(|tx| {
+                tx.put("contact/b", &note("b"))?;
+                tx.append("history/b", &note("b"))?;
+                tx.mark_seen("seen/b", &[1; 32])?;
+                tx.put("contact/a", &note("overwritten"))?;
+                Err::<(), _>(StoreError::Corrupt("refused on purpose".into()))
+            });
+            let kept = tx.savepoint(|tx| tx.put("contact/c", &note("c")));
+            // The failed step's writes are gone within the transaction too.
+            assert!(tx.get::<Contact>("contact/b")?.is_none());
+            Ok((failed.is_err(), kept.is_ok()))
+        })
+        .unwrap();
+    assert_eq!(outcomes, (true, true));
+    store
+        .read(|r| {
+            assert_eq!(r.get::<Contact>("contact/a")?, Some(note("a")));
+            assert_eq!(r.get::<Contact>("contact/b")?, None);
+            assert_eq!(r.get::<Contact>("contact/c")?, Some(note("c")));
+            assert!(r.tail::<Contact>("history/b", 10)?.is_empty());
+            assert!(!r.seen("seen/b", &[1; 32])?);
+            Ok(())
+        })
+        .unwrap();
+}
