@@ -9,10 +9,10 @@ use rand::rngs::OsRng;
 use super::exit::{fail, BAD_INVITATION, TRY_AGAIN};
 use super::output::{note, stdin_is_terminal};
 use super::{qr, unlock, Cli};
-use crate::client::jobs::reached_a_relay;
-use crate::client::model::{Contact, Job};
+use crate::client::jobs::{push_request, reached_a_relay};
+use crate::client::model::Contact;
 use crate::client::Client;
-use crate::client::{new_contact_id, now, random_id};
+use crate::client::{new_contact_id, now};
 use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
@@ -127,23 +127,6 @@ fn join(
         &mut OsRng,
     )?;
     Ok((conn, request, t))
-}
-
-/// Stores the job that uploads the connection request (unsigned, to every
-/// inviter queue) for the contact's current connection.
-fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
-    let request_id = random_id();
-    contact.jobs.push(Job::Deliver {
-        envelope_id: request_id,
-        pending: (0..contact.conn.peer_queues.len()).collect(),
-        payload: request,
-        signed: false,
-        raw: true,
-        created_ms: t,
-        delivered_any: false,
-        generation: contact.generation,
-    });
-    request_id
 }
 
 /// Uploads the request: `Ok(true)` when a relay took it, `Ok(false)` when

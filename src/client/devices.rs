@@ -17,11 +17,11 @@ use rand::rngs::OsRng;
 use tern_relay::wire::{Command, ErrorCode};
 
 use super::fetch::Event;
-use super::jobs::flush_outbox;
+use super::jobs::{flush_outbox, push_request};
 use super::model::{
     contact_key, group_name_key, group_seen, history_log, AddWatch, Announced, Contact, DeviceJob,
-    Direction, GrantedQueue, HistoryEntry, IndexEntry, Job, Queued, RootCode, Settings, DEVICES,
-    INDEX, SETTINGS,
+    Direction, GrantedQueue, HistoryEntry, IndexEntry, Queued, RootCode, Settings, DEVICES, INDEX,
+    SETTINGS,
 };
 use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::{ConnState, Connection};
@@ -1278,20 +1278,4 @@ impl Client {
         }
         Ok(report)
     }
-}
-
-/// Queues a connection request (the joiner's first message) for upload.
-pub fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
-    let request_id = random_id();
-    contact.jobs.push(Job::Deliver {
-        envelope_id: request_id,
-        pending: (0..contact.conn.peer_queues.len()).collect(),
-        payload: request,
-        signed: false,
-        raw: true,
-        created_ms: t,
-        delivered_any: false,
-        generation: contact.generation,
-    });
-    request_id
 }

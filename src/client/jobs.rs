@@ -418,3 +418,21 @@ impl Client {
         })
     }
 }
+
+/// Stores the job that uploads a connection request (the joiner's first
+/// message: unsigned, to every inviter queue) for the contact's current
+/// connection; returns its id.
+pub fn push_request(contact: &mut Contact, request: Vec<u8>, t: u64) -> [u8; 16] {
+    let request_id = super::random_id();
+    contact.jobs.push(Job::Deliver {
+        envelope_id: request_id,
+        pending: (0..contact.conn.peer_queues.len()).collect(),
+        payload: request,
+        signed: false,
+        raw: true,
+        created_ms: t,
+        delivered_any: false,
+        generation: contact.generation,
+    });
+    request_id
+}
