@@ -24,8 +24,8 @@ use crate::log::error;
 use crate::replay::ReplayCache;
 use crate::seal::{self, RelayIdentity, ResponseKey};
 use crate::store::{
-    expired_upto, AckOutcome, NewMessage, NewQueue, QueueRef, QueueRow, SecureOutcome, SendAuth,
-    SendOutcome, Store, StoreError, StoredMessage,
+    expired_upto, NewMessage, NewQueue, QueueRef, QueueRow, SecureOutcome, SendAuth, SendOutcome,
+    Store, StoreError, StoredMessage,
 };
 use crate::waiters::{Waiters, WakeFn};
 use crate::wire::{Command, ErrorCode, Id, RelayInfo, Reply, Request, Response, DELIVERED_LEN};
@@ -334,18 +334,11 @@ impl Handler {
                 msg_id,
             } => {
                 let q = self.recipient_queue(&signed, recipient_id)?;
-                match self
+                let outcome = self
                     .store
                     .ack(q.queue, *msg_id, self.expired_upto(now_ms))
-                    .map_err(internal)?
-                {
-                    AckOutcome::NoMessage => return Err(ErrorCode::NoMessage),
-                    AckOutcome::Next(Some(m)) if self.hooks.is_some() => {
-                        self.hooked_delivery(q.queue, &q.queue_secret, m, "ACK")?
-                    }
-                    AckOutcome::Next(Some(m)) => message_reply(m)?,
-                    AckOutcome::Next(None) => Reply::Empty,
-                }
+                    .map_err(internal)?;
+                self.next_message(&q, outcome.next(), "ACK")?
             }
             Command::Delete { recipient_id } => {
                 let q = self.recipient_queue(&signed, recipient_id)?;
@@ -357,36 +350,22 @@ impl Handler {
                 after,
             } => {
                 let q = self.recipient_queue(&signed, recipient_id)?;
-                match self
+                let next = self
                     .store
                     .message_after(q.queue, *after, self.expired_upto(now_ms))
-                    .map_err(internal)?
-                {
-                    None => return Err(ErrorCode::NoMessage),
-                    Some(Some(m)) if self.hooks.is_some() => {
-                        self.hooked_delivery(q.queue, &q.queue_secret, m, "PEEK")?
-                    }
-                    Some(Some(m)) => message_reply(m)?,
-                    Some(None) => Reply::Empty,
-                }
+                    .map_err(internal)?;
+                self.next_message(&q, next, "PEEK")?
             }
             Command::AckUpTo {
                 recipient_id,
                 msg_id,
             } => {
                 let q = self.recipient_queue(&signed, recipient_id)?;
-                match self
+                let outcome = self
                     .store
                     .ack_up_to(q.queue, *msg_id, self.expired_upto(now_ms))
-                    .map_err(internal)?
-                {
-                    AckOutcome::NoMessage => return Err(ErrorCode::NoMessage),
-                    AckOutcome::Next(Some(m)) if self.hooks.is_some() => {
-                        self.hooked_delivery(q.queue, &q.queue_secret, m, "ACK_UPTO")?
-                    }
-                    AckOutcome::Next(Some(m)) => message_reply(m)?,
-                    AckOutcome::Next(None) => Reply::Empty,
-                }
+                    .map_err(internal)?;
+                self.next_message(&q, outcome.next(), "ACK_UPTO")?
             }
         };
         Ok(Step::Reply(reply))
@@ -607,7 +586,23 @@ impl Handler {
         Ok(Reply::Ok)
     }
 
-    /// A delivery as the hooks rewrote it.
+    /// The answer of a command that hands over the next message: `next` is
+    /// `None` when the message named does not exist, `Some(None)` when the
+    /// queue has nothing after it.
+    fn next_message(
+        &self,
+        q: &QueueRow,
+        next: Option<Option<StoredMessage>>,
+        command: &'static str,
+    ) -> Result<Reply> {
+        match next {
+            None => Err(ErrorCode::NoMessage),
+            Some(Some(m)) => self.hooked_delivery(q.queue, &q.queue_secret, m, command),
+            Some(None) => Ok(Reply::Empty),
+        }
+    }
+
+    /// A delivery as the hooks rewrote it (as stored when there are none).
     fn hooked_delivery(
         &self,
         queue: QueueRef,

@@ -168,6 +168,16 @@ pub enum AckOutcome {
     Next(Option<StoredMessage>),
 }
 
+impl AckOutcome {
+    /// `None` for [`AckOutcome::NoMessage`], else the next message if any.
+    pub fn next(self) -> Option<Option<StoredMessage>> {
+        match self {
+            AckOutcome::NoMessage => None,
+            AckOutcome::Next(m) => Some(m),
+        }
+    }
+}
+
 /// The last `received_hour` that is expired at `now_secs`: a message is live
 /// while `received_hour * 3600 + ttl_secs > now_secs`.
 pub fn expired_upto(now_secs: u64, ttl_secs: u64) -> i64 {
