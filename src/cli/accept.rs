@@ -37,7 +37,17 @@ pub struct Args {
 }
 
 fn read_invitation(args: &Args) -> anyhow::Result<(AnyInvitation, Channel)> {
-    if let Some(path) = &args.image {
+    read_any_invitation(args.link.as_deref(), args.image.as_ref())
+}
+
+/// An invitation of any kind from `--image FILE`, a link, or stdin (`-` or
+/// no link, never from a terminal), with the channel it came through.
+/// Shared with `tern device join`.
+pub fn read_any_invitation(
+    link: Option<&str>,
+    image: Option<&PathBuf>,
+) -> anyhow::Result<(AnyInvitation, Channel)> {
+    if let Some(path) = image {
         let text = qr::decode_file(path)?;
         let inv = parse_link(&text).map_err(|e| {
             fail(
@@ -51,9 +61,9 @@ fn read_invitation(args: &Args) -> anyhow::Result<(AnyInvitation, Channel)> {
         // A picture of a QR code usually comes from a screen shown in person.
         return Ok((inv, Channel::Screen));
     }
-    let text = match args.link.as_deref() {
+    let text = match link {
         Some("-") | None => {
-            if args.link.is_none() && stdin_is_terminal() {
+            if link.is_none() && stdin_is_terminal() {
                 return Err(fail(
                     super::exit::USAGE,
                     "give the invitation link, --image FILE, or - to read stdin",

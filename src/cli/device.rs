@@ -15,7 +15,7 @@ use crate::client::model::{Contact, IndexEntry, Job, Settings, INDEX, SETTINGS};
 use crate::client::{now, Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::hello::{Channel, Profile};
-use crate::proto::rekey::{parse_link, AnyInvitation};
+use crate::proto::rekey::AnyInvitation;
 use crate::store::{NewKey, Store};
 
 /// Link, list and remove the devices that share this profile
@@ -230,29 +230,6 @@ fn wait_for(
     }
 }
 
-fn read_link(link: Option<&str>, image: Option<&PathBuf>) -> anyhow::Result<(String, Channel)> {
-    if let Some(path) = image {
-        return Ok((qr::decode_file(path)?, Channel::Screen));
-    }
-    match link {
-        Some("-") | None => {
-            if link.is_none() && super::output::stdin_is_terminal() {
-                return Err(fail(
-                    USAGE,
-                    "give the device link, --image FILE, or - to read stdin",
-                ));
-            }
-            let mut s = String::new();
-            std::io::Read::read_to_string(
-                &mut std::io::Read::take(std::io::stdin(), 64 * 1024),
-                &mut s,
-            )?;
-            Ok((s, Channel::Shared))
-        }
-        Some(l) => Ok((l.to_string(), Channel::Shared)),
-    }
-}
-
 fn run_join(
     cli: &Cli,
     link: Option<&str>,
@@ -269,21 +246,12 @@ fn run_join(
             .map_err(|e| fail(USAGE, format!("--relay {r}: {e}")))?;
         given.push(a.to_string());
     }
-    let (text, channel) = read_link(link, image)?;
-    let invitation = match parse_link(&text) {
-        Ok(AnyInvitation::Device(i)) => i,
-        Ok(_) => {
-            return Err(fail(
-                BAD_INVITATION,
-                "this is a contact invitation, not a device link: use `tern accept`; nothing was changed",
-            ))
-        }
-        Err(e) => {
-            return Err(fail(
-                BAD_INVITATION,
-                format!("not a usable device link: {e}"),
-            ))
-        }
+    let (invitation, channel) = super::accept::read_any_invitation(link, image)?;
+    let AnyInvitation::Device(invitation) = invitation else {
+        return Err(fail(
+            BAD_INVITATION,
+            "this is a contact invitation, not a device link: use `tern accept`; nothing was changed",
+        ));
     };
     let device_name = valid_name(&name.map_or_else(default_device_name, str::to_string))?;
     let home = unlock::home(cli);

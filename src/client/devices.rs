@@ -124,25 +124,35 @@ fn send_on(c: &mut Contact, msg: &DeviceMsg, now: u64) -> Result<(), ClientError
     flush_outbox(c, now)
 }
 
-/// Runs `f` on every record but `skip`, saving the ones it changed; returns
-/// their ids (their jobs need running).
-fn for_each_other(
+/// Runs `f` on each record of `ids` but `skip`, saving the ones it changed;
+/// returns their ids (their jobs need running).
+fn for_each_of(
     tx: &Tx<'_>,
+    ids: impl IntoIterator<Item = String>,
     skip: &str,
     mut f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
 ) -> Result<Vec<String>, StoreError> {
-    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
     let mut changed = Vec::new();
-    for e in index.iter().filter(|e| e.id != skip) {
-        let Some(mut other) = tx.get::<Contact>(&contact_key(&e.id))? else {
+    for id in ids.into_iter().filter(|id| id != skip) {
+        let Some(mut other) = tx.get::<Contact>(&contact_key(&id))? else {
             continue;
         };
         if f(&mut other).map_err(abort)? {
-            tx.put(&contact_key(&e.id), &other)?;
-            changed.push(e.id.clone());
+            tx.put(&contact_key(&id), &other)?;
+            changed.push(id);
         }
     }
     Ok(changed)
+}
+
+/// [`for_each_of`] every record but `skip`.
+fn for_each_other(
+    tx: &Tx<'_>,
+    skip: &str,
+    f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
+) -> Result<Vec<String>, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    for_each_of(tx, index.into_iter().map(|e| e.id), skip, f)
 }
 
 /// [`for_each_other`] over our device connections only, found through the
@@ -151,20 +161,51 @@ fn for_each_other(
 fn for_each_device(
     tx: &Tx<'_>,
     skip: &str,
-    mut f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
+    f: impl FnMut(&mut Contact) -> Result<bool, ClientError>,
 ) -> Result<Vec<String>, StoreError> {
     let ids = tx.get::<Vec<String>>(DEVICES)?.unwrap_or_default();
-    let mut changed = Vec::new();
-    for id in ids.iter().filter(|id| *id != skip) {
-        let Some(mut d) = tx.get::<Contact>(&contact_key(id))? else {
-            continue;
-        };
-        if f(&mut d).map_err(abort)? {
-            tx.put(&contact_key(id), &d)?;
-            changed.push(id.clone());
+    for_each_of(tx, ids, skip, f)
+}
+
+/// Sends `msg` to each live device of ours (but `skip`) that `to` selects.
+fn send_to_devices(
+    tx: &Tx<'_>,
+    skip: &str,
+    msg: &DeviceMsg,
+    now: u64,
+    mut to: impl FnMut(&mut Contact) -> bool,
+) -> Result<Vec<String>, StoreError> {
+    for_each_device(tx, skip, |d| {
+        let wanted = is_live_device(d) && to(d);
+        if wanted {
+            send_on(d, msg, now)?;
         }
-    }
-    Ok(changed)
+        Ok(wanted)
+    })
+}
+
+/// Asks our other devices to connect to the contact of connection `c`
+/// through it (GROUP with `c` as the one member); until they have, what
+/// the contact sends is copied to them.
+fn introduce_to_devices(
+    tx: &Tx<'_>,
+    c: &Contact,
+    introduce: bool,
+    now: u64,
+) -> Result<Vec<String>, StoreError> {
+    let Some(msg) = group_message(
+        &c.name,
+        c.group(),
+        c.code(),
+        introduce,
+        vec![id_bytes(&c.id)],
+    ) else {
+        return Ok(Vec::new());
+    };
+    send_to_devices(tx, &c.id, &msg, now, |d| {
+        d.await_group(c.group());
+        true
+    })
 }
 
 fn is_live_device(c: &Contact) -> bool {
@@ -218,21 +259,14 @@ pub(crate) fn copy_to_devices(
         group: g,
         entry: entry_of(entry),
     };
-    for_each_device(tx, skip, |d| {
-        let missed = match from {
-            None => true,
-            Some((p, seq)) => match p.add_watch.iter().find(|w| w.device == d.id) {
-                // The contact was asked to connect to that device: it sent
-                // there itself everything after its ADDED.
-                Some(w) => w.boundary.is_none_or(|b| seq < b),
-                None => d.pending_groups.iter().any(|g| g == group),
-            },
-        };
-        let wanted = is_live_device(d) && missed;
-        if wanted {
-            send_on(d, &msg, now)?;
-        }
-        Ok(wanted)
+    send_to_devices(tx, skip, &msg, now, |d| match from {
+        None => true,
+        Some((p, seq)) => match p.add_watch.iter().find(|w| w.device == d.id) {
+            // The contact was asked to connect to that device: it sent
+            // there itself everything after its ADDED.
+            Some(w) => w.boundary.is_none_or(|b| seq < b),
+            None => d.pending_groups.iter().any(|g| g == group),
+        },
     })
 }
 
@@ -259,7 +293,7 @@ fn announcement(c: &Contact) -> Option<DeviceMsg> {
 
 /// The ids of every receiving queue of connection `c`.
 pub(crate) fn queue_ids(c: &Contact) -> Vec<tern_relay::wire::Id> {
-    c.queue_grants().iter().map(|q| q.recipient_id).collect()
+    c.all_recv_queues().map(|q| q.recipient_id).collect()
 }
 
 /// Announces connection `c` again to our other devices (and, for a device
@@ -281,14 +315,7 @@ pub(crate) fn announce_if_changed(
     if c.device {
         send_on(c, &a, now)?;
     }
-    for_each_device(tx, &c.id, |d| {
-        let live = is_live_device(d) && d.elder;
-        if live {
-            send_on(d, &a, now)?;
-        }
-        Ok(live)
-    })
-    .map_err(unwrap_abort)
+    send_to_devices(tx, &c.id, &a, now, |d| d.elder).map_err(unwrap_abort)
 }
 
 /// A contact's GROUP message for another device of ours.
@@ -327,16 +354,7 @@ pub(crate) fn on_connected(
     // off if this device is removed. Younger ones never hold our queue
     // keys: they could use them against us (PROTOCOL.md §12.6).
     if let Some(a) = announcement(c) {
-        changed.extend(
-            for_each_device(tx, &c.id, |d| {
-                let live = is_live_device(d) && d.elder;
-                if live {
-                    send_on(d, &a, now)?;
-                }
-                Ok(live)
-            })
-            .map_err(super::unwrap_abort)?,
-        );
+        changed.extend(send_to_devices(tx, &c.id, &a, now, |d| d.elder).map_err(unwrap_abort)?);
     }
     if c.device {
         // The other device learns all our connections, this one included.
@@ -379,9 +397,7 @@ pub(crate) fn on_connected(
                         c.awaiting_offers += owed;
                         msgs.push(m);
                         contacts += 1;
-                        if !c.pending_groups.contains(group) {
-                            c.pending_groups.push(group.clone());
-                        }
+                        c.await_group(group);
                     }
                 }
                 let history: Vec<HistoryEntry> = tx
@@ -426,31 +442,8 @@ pub(crate) fn on_connected(
         }
     } else if !c.introduced {
         // A contact made here: our other devices connect to it too, through
-        // this connection.
-        let code = c.code();
-        let msg = group_message(
-            &c.name,
-            c.group(),
-            code,
-            c.conn.inviter,
-            vec![id_bytes(&c.id)],
-        );
-        if let Some(msg) = msg {
-            let group = c.group().to_string();
-            changed.extend(
-                for_each_device(tx, &c.id, |d| {
-                    let live = is_live_device(d);
-                    if live {
-                        send_on(d, &msg, now)?;
-                        if !d.pending_groups.contains(&group) {
-                            d.pending_groups.push(group.clone());
-                        }
-                    }
-                    Ok(live)
-                })
-                .map_err(super::unwrap_abort)?,
-            );
-        }
+        // this connection (introduce: §12.4).
+        changed.extend(introduce_to_devices(tx, c, c.conn.inviter, now).map_err(unwrap_abort)?);
     }
     Ok(changed)
 }
@@ -680,10 +673,7 @@ pub(crate) fn on_device_message(
                 invitation,
             };
             if !target.device {
-                let group = target.group().to_string();
-                if !c.pending_groups.contains(&group) {
-                    c.pending_groups.push(group);
-                }
+                c.await_group(target.group());
                 if let DeviceMsg::Add { invitation, .. } = &add {
                     target.add_watch.push(AddWatch {
                         tag: added_tag(invitation),
@@ -772,13 +762,7 @@ pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientEr
                 relays: settings.relay_addresses(),
                 rotate_days: settings.rotate_days,
             };
-            for_each_device(tx, "", |d| {
-                let live = is_live_device(d);
-                if live {
-                    send_on(d, &msg, t)?;
-                }
-                Ok(live)
-            })
+            send_to_devices(tx, "", &msg, t, |_| true)
         })
         .map_err(unwrap_abort)
 }
@@ -1155,25 +1139,7 @@ impl Client {
                     // The contact's new device must meet our other devices
                     // too; they make the invitations, the new connection
                     // carries them.
-                    if let Some(msg) = group_message(
-                        &record.name,
-                        record.group(),
-                        record.code(),
-                        false,
-                        vec![id_bytes(&record.id)],
-                    ) {
-                        let group = record.group().to_string();
-                        touched = for_each_device(tx, &record.id, |d| {
-                            let live = is_live_device(d);
-                            if live {
-                                send_on(d, &msg, t)?;
-                                if !d.pending_groups.contains(&group) {
-                                    d.pending_groups.push(group.clone());
-                                }
-                            }
-                            Ok(live)
-                        })?;
-                    }
+                    touched = introduce_to_devices(tx, &record, false, t)?;
                 }
                 Ok(true)
             })

@@ -436,12 +436,26 @@ impl Contact {
         }
     }
 
-    /// Our receiving queues of this connection, as grants for our devices.
-    pub fn queue_grants(&self) -> Vec<GrantedQueue> {
+    /// Every receiving queue of this contact record: the connection's, the
+    /// one a re-key replaced, and those of open re-key invitations.
+    pub fn all_recv_queues(&self) -> impl Iterator<Item = &crate::proto::connection::RecvQueue> {
         self.conn
             .all_recv_queues()
             .chain(self.old.iter().flat_map(|o| o.conn.all_recv_queues()))
             .chain(self.rekeys.iter().flat_map(|r| r.all_recv_queues()))
+    }
+
+    /// Device records: until that device has its own connection with the
+    /// contact of `group`, what the contact sends is copied to it.
+    pub fn await_group(&mut self, group: &str) {
+        if !self.pending_groups.iter().any(|g| g == group) {
+            self.pending_groups.push(group.to_string());
+        }
+    }
+
+    /// Our receiving queues of this connection, as grants for our devices.
+    pub fn queue_grants(&self) -> Vec<GrantedQueue> {
+        self.all_recv_queues()
             .map(|q| GrantedQueue {
                 relay: q.relay.clone(),
                 recipient_id: q.recipient_id,
