@@ -360,6 +360,7 @@ fn fill_history(p: &Profile, contact: &str, target: u64) -> Result<u64> {
                     ),
                     sent_at_ms: t0 + i * 60_000,
                     received_at_ms: (i % 2 == 1).then_some(t0 + i * 60_000 + 500),
+                    device: None,
                 };
                 tx.append(&log, &entry)?;
             }

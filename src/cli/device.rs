@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
-use super::output::{json, line, note, stdout_is_terminal, time};
+use super::exit::{fail, BAD_INVITATION, FAILURE, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
+use super::output::{json, line, note, stdin_is_terminal, stdout_is_terminal, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
 use crate::client::fetch::{Event, FetchOptions};
@@ -21,7 +21,7 @@ use crate::store::{NewKey, Store};
 /// Link, list and remove the devices that share this profile
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern device link                          # on the laptop: show a QR code\n  tern --home ~/.tern device join --image qr.png --name server   # on the server\n  tern recv                                 # on the laptop: send the new device contacts and history\n  tern device list\n  tern device remove server\n\nEvery device gets every message and sees what the others send. Contacts\nneed do nothing: their tern connects to the new device by itself."
+    after_help = "Examples:\n  tern device link --wait 300               # on the laptop: show a QR code and wait\n  tern --home ~/.tern device join --image qr.png --name server --wait 300   # on the server\n  tern device confirm                       # on the laptop, if `link` was not waiting\n  tern device list\n  tern device remove server\n\nA device link is good for one device, for 10 minutes (--expires). The new\ndevice gets the profile, contacts and history only while `tern device link`\nruns, or once you run `tern device confirm`: never from a `tern recv` alone.\nEvery device gets every message and sees what the others send. Contacts\nneed do nothing: their tern connects to the new device by itself."
 )]
 pub struct Args {
     #[command(subcommand)]
@@ -45,10 +45,32 @@ pub enum DeviceCommand {
         /// Write the QR code to a PNG file
         #[arg(long, value_name = "FILE")]
         png: Option<PathBuf>,
-        /// Then wait up to SECS for the new device to join and answer
-        /// (instead of running `tern recv` by hand)
+        /// Then wait up to SECS for the new device to join and link it (without
+        /// this, confirm the new device afterwards with `tern device confirm`);
+        /// a link nobody answered meanwhile is withdrawn
         #[arg(long, value_name = "SECS")]
         wait: Option<u64>,
+        /// How long the link stays usable (30s, 10m, 1h; at most 24h)
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        expires: String,
+    },
+    /// Link the device that answered a device link shown without --wait
+    Confirm {
+        /// The link, as `tern device list` names it (needed if several wait)
+        #[arg(value_name = "LINK")]
+        link: Option<String>,
+        /// Do not ask (needed when stdin is not a terminal)
+        #[arg(long)]
+        yes: bool,
+        /// Then wait up to SECS for the new device to finish joining
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Withdraw a device link nobody should use any more
+    Revoke {
+        /// The link, as `tern device list` names it
+        #[arg(value_name = "LINK")]
+        link: String,
     },
     /// On the new device: join a profile with a device link
     Join {
@@ -94,7 +116,18 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             link,
             png,
             wait,
-        } => run_link(cli, name.as_deref(), *qr, *link, png.as_ref(), *wait),
+            expires,
+        } => run_link(
+            cli,
+            name.as_deref(),
+            (*qr, *link, png.as_ref()),
+            *wait,
+            expires,
+        ),
+        DeviceCommand::Confirm { link, yes, wait } => {
+            run_confirm(cli, link.as_deref(), *yes, *wait)
+        }
+        DeviceCommand::Revoke { link } => run_revoke(cli, link),
         DeviceCommand::Join {
             link,
             image,
@@ -138,16 +171,48 @@ fn update_settings(client: &mut Client, f: impl FnOnce(&mut Settings)) -> anyhow
     Ok(())
 }
 
+/// An `--expires` value: a duration such as `30s`, `10m` or `2h`, more
+/// than nothing and at most `max`.
+pub fn parse_expiry(text: &str, max: Duration) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| fail(USAGE, format!("--expires {text}: {e} (say 30s, 10m, 2h, 7d)")))?;
+    if d.is_zero() || d > max {
+        return Err(fail(
+            USAGE,
+            format!(
+                "--expires {text}: between 1s and {}",
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// The longest a device link may stay usable.
+const MAX_LINK_LIFE: Duration = Duration::from_secs(24 * 3600);
+
+/// Linked once the new device has the profile and has sent back its
+/// invitations for every contact and device (forwarded from here).
+fn link_done(c: &Contact) -> bool {
+    c.conn.state == ConnState::Connected
+        && !c.sync_on_connect
+        && c.awaiting_offers == 0
+        && c.jobs.is_empty()
+}
+
 fn run_link(
     cli: &Cli,
     name: Option<&str>,
-    qr_flag: bool,
-    link_flag: bool,
-    png: Option<&PathBuf>,
+    (qr_flag, link_flag, png): (bool, bool, Option<&PathBuf>),
     wait: Option<u64>,
+    expires: &str,
 ) -> anyhow::Result<()> {
     let name = name.map(valid_name).transpose()?;
+    let life = parse_expiry(expires, MAX_LINK_LIFE)?;
     let mut client = unlock::open(cli)?;
+    if let Some(e) = client.removed_error()? {
+        return Err(e.into());
+    }
     if let Some(n) = &name {
         set_device_name(&mut client, n)?;
     }
@@ -157,7 +222,8 @@ fn run_link(
     } else {
         Channel::Shared
     };
-    let (link, id) = client.link_device(channel)?;
+    let expires_ms = now() + life.as_millis() as u64;
+    let (link, id) = client.link_device(channel, expires_ms)?;
     if let Some(path) = png {
         qr::png(&link, path)?;
         note(&format!("device link written to {}", path.display()));
@@ -172,29 +238,186 @@ fn run_link(
     } else if link_flag || png.is_none() {
         line(&link);
     }
-    note(
-        "this link gives the whole profile — contacts and history — to whoever uses it: \
-         show it only to your own device",
-    );
+    let link_name = client.contact(&id)?.name;
+    note(&format!(
+        "this link ({link_name}) gives the whole profile — contacts and history — to whoever \
+         uses it: show it only to your own device; it expires at {}",
+        time(expires_ms)
+    ));
     let Some(secs) = wait else {
-        note("then run `tern recv` here to send it everything");
+        note(
+            "once the new device has joined, run `tern device confirm` here to link it \
+             (a `tern recv` alone never does)",
+        );
         return Ok(());
     };
-    // Linked once the new device has the profile and has sent back its
-    // invitations for every contact and device (forwarded from here).
-    let done = |c: &Contact| {
-        c.conn.state == ConnState::Connected
-            && !c.sync_on_connect
-            && c.awaiting_offers == 0
-            && c.jobs.is_empty()
+    // This command is the user watching: it may complete the link.
+    client.linking = Some(id.clone());
+    let secs = secs.min(life.as_secs().max(1));
+    if wait_for(&mut client, &id, secs, link_done)? {
+        note("the new device is linked; contacts' tern meets it when they next run `tern recv`");
+        return Ok(());
+    }
+    match client.contact(&id) {
+        Ok(c) if c.conn.state == ConnState::Invited && !c.removed => {
+            // Nobody answered while we waited: nobody may later.
+            client.revoke_invitation(&id)?;
+            Err(fail(
+                FAILURE,
+                format!(
+                    "no device answered within {secs} s: the link is withdrawn; make a new one"
+                ),
+            ))
+        }
+        Ok(c) if !c.removed => Err(fail(
+            TRY_AGAIN,
+            "the new device has not finished joining yet: run `tern device confirm` here to go on",
+        )),
+        _ => Err(fail(
+            FAILURE,
+            "the link was withdrawn (see the warnings above); make a new one",
+        )),
+    }
+}
+
+/// The pending device link named `name`, or the only one.
+fn pending_link(client: &Client, name: Option<&str>) -> anyhow::Result<Contact> {
+    let pending: Vec<Contact> = client
+        .devices()?
+        .into_iter()
+        .filter(Contact::is_pending_link)
+        .collect();
+    match name {
+        Some(n) => pending.into_iter().find(|c| c.name == n).ok_or_else(|| {
+            fail(
+                UNKNOWN_CONTACT,
+                format!("no device link named {n:?} is waiting: see `tern device list`"),
+            )
+        }),
+        None => match pending.len() {
+            0 => Err(fail(
+                USAGE,
+                "no device link is waiting: make one with `tern device link`",
+            )),
+            1 => Ok(pending.into_iter().next().expect("one")),
+            _ => Err(fail(
+                USAGE,
+                format!(
+                    "{} device links are waiting: name one ({})",
+                    pending.len(),
+                    pending
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        },
+    }
+}
+
+fn run_confirm(cli: &Cli, name: Option<&str>, yes: bool, wait: Option<u64>) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let link = pending_link(&client, name)?;
+    // What has arrived for it (kept, not answered: nothing is confirmed yet).
+    let opts = FetchOptions {
+        contact_id: Some(link.id.clone()),
+        ..FetchOptions::default()
     };
-    if !wait_for(&mut client, &id, secs, done)? {
+    client.fetch(&opts, &mut |e| match e {
+        Event::Warning(w) => note(&format!("warning: {w}")),
+        Event::Notice(_) | Event::Pending(_) => {}
+        _ => {}
+    })?;
+    let Ok(link) = client.contact(&link.id) else {
+        return Err(fail(
+            FAILURE,
+            "the link was withdrawn (see the warnings above); make a new one",
+        ));
+    };
+    if link.removed {
+        return Err(fail(
+            FAILURE,
+            "the link was withdrawn (see the warnings above); make a new one",
+        ));
+    }
+    let answered = !link.held.is_empty() || link.conn.state != ConnState::Invited;
+    if !answered {
         return Err(fail(
             TRY_AGAIN,
-            "the new device has not finished joining yet: run `tern recv` here to go on",
+            format!(
+                "no device has answered link {} yet: run `tern device join` on the new \
+                 device first (the link expires at {})",
+                link.name,
+                time(link.expires_ms)
+            ),
+        ));
+    }
+    let who = link
+        .held
+        .first()
+        .map(|h| h.name.clone())
+        .or_else(|| link.conn.peer_profile.as_ref().map(|p| p.name.clone()))
+        .unwrap_or_default();
+    if !yes {
+        if !stdin_is_terminal() {
+            return Err(fail(
+                USAGE,
+                format!(
+                    "a device calling itself {who:?} answered link {}: pass --yes to give it \
+                     the profile, contacts and history; nothing was changed",
+                    link.name
+                ),
+            ));
+        }
+        eprint!(
+            "A device calling itself {who:?} answered link {}. Is it yours, and should it get \
+             the whole profile, contacts and history? [y/N] ",
+            link.name
+        );
+        let _ = std::io::Write::flush(&mut std::io::stderr());
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(fail(
+                USAGE,
+                format!(
+                    "not confirmed; nothing was sent (withdraw the link with `tern device \
+                     revoke {}`)",
+                    link.name
+                ),
+            ));
+        }
+    }
+    client
+        .confirm_link(&link.id)
+        .map_err(|e| match e {
+            ClientError::Invalid(why) => fail(FAILURE, why),
+            other => other.into(),
+        })?;
+    let Some(secs) = wait else {
+        note(&format!(
+            "confirmed {who:?}: it gets the profile as you both run `tern recv` (or use --wait)"
+        ));
+        return Ok(());
+    };
+    if !wait_for(&mut client, &link.id, secs, link_done)? {
+        return Err(fail(
+            TRY_AGAIN,
+            "the new device has not finished joining yet: run `tern recv` (there, then here) to go on",
         ));
     }
     note("the new device is linked; contacts' tern meets it when they next run `tern recv`");
+    Ok(())
+}
+
+fn run_revoke(cli: &Cli, name: &str) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let link = pending_link(&client, Some(name))?;
+    client.revoke_invitation(&link.id)?;
+    note(&format!(
+        "device link {name} withdrawn: nobody can use it any more"
+    ));
     Ok(())
 }
 
@@ -301,6 +524,8 @@ fn run_join(
             rotate_days: 7,
             created_ms: now(),
             device_name: device_name.clone(),
+            profile_changed_on: None,
+            removed: None,
         };
         store.transaction(|tx| {
             tx.put(SETTINGS, &settings)?;
@@ -400,7 +625,20 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
     let settings = client.settings()?;
     let this = crate::client::devices::device_profile(&settings).name;
-    if as_json {
+    if let Some(r) = &settings.removed {
+        if as_json {
+            json(&json!({
+                "name": this, "this_device": true, "state": "removed",
+                "removed_by": r.by, "removed_at": time(r.at_ms),
+            }));
+        } else {
+            line(&format!(
+                "{this:<20} this device: removed from the profile by {} at {}",
+                r.by,
+                time(r.at_ms)
+            ));
+        }
+    } else if as_json {
         json(&json!({"name": this, "this_device": true, "state": "connected"}));
     } else {
         line(&format!("{this:<20} this device"));
@@ -410,13 +648,26 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
     for d in devices {
         let state = if d.removed {
             "removing"
+        } else if d.is_pending_link() && !d.link_confirmed {
+            if d.held.is_empty() && d.conn.state == ConnState::Invited {
+                "link shown"
+            } else {
+                "answered"
+            }
         } else {
             match d.conn.state {
                 ConnState::Invited => "link shown",
                 ConnState::Joining | ConnState::Accepted => "linking",
+                ConnState::Connected if d.sync_on_connect => "linking",
                 ConnState::Connected => "connected",
             }
         };
+        let answered_by = d.held.first().map(|h| h.name.clone());
+        let introduced_by = d
+            .introduced_by
+            .as_ref()
+            .and_then(|i| client.contact(i).ok())
+            .map(|i| i.name);
         if as_json {
             json(&json!({
                 "name": d.name,
@@ -424,7 +675,25 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
                 "state": state,
                 "last_activity": time(d.last_activity_ms),
                 "connections": d.announced.len(),
+                "pending_link": d.is_pending_link(),
+                "expires": (d.is_pending_link() && d.expires_ms != 0).then(|| time(d.expires_ms)),
+                "answered_by": answered_by,
+                "introduced_by": introduced_by,
             }));
+        } else if d.is_pending_link() && state != "linking" {
+            let what = match &answered_by {
+                Some(n) => format!(
+                    "answered by a device calling itself {n:?}: `tern device confirm` links it"
+                ),
+                None => "nobody has answered yet".to_string(),
+            };
+            line(&format!(
+                "{:<20} {:<10} expires {}  {what}; `tern device revoke {}` withdraws it",
+                d.name,
+                state,
+                time(d.expires_ms),
+                d.name
+            ));
         } else {
             line(&format!(
                 "{:<20} {:<10} last {}  {} connection(s) known",
@@ -443,6 +712,14 @@ fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
     let id = client
         .device_id(device)
         .map_err(|e| fail(UNKNOWN_CONTACT, e.to_string()))?;
+    if client.contact(&id)?.is_pending_link() {
+        // Not linked yet: removing it is withdrawing the link.
+        client.revoke_invitation(&id)?;
+        note(&format!(
+            "device link {device} withdrawn: nobody can use it any more"
+        ));
+        return Ok(());
+    }
     let report = client.remove_device(&id).map_err(|e| match e {
         ClientError::Invalid(why) => fail(USAGE, why),
         other => other.into(),
@@ -451,6 +728,17 @@ fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
         "{device} removed: {} contact(s) told to drop it",
         report.contacts_told
     ));
+    for d in &report.devices_removed {
+        note(&format!(
+            "device {d} removed with it: it was linked (or introduced) by {device}"
+        ));
+    }
+    if !report.contacts_dropped.is_empty() {
+        note(&format!(
+            "dropped with it, as they rested on its word alone (met through {device}, not              verified here): {}; invite them again from here if you want them",
+            report.contacts_dropped.join(", ")
+        ));
+    }
     if report.queues_left > 0 {
         return Err(fail(
             TRY_AGAIN,

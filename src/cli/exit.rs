@@ -23,6 +23,9 @@ pub const LOCKED: u8 = 5;
 pub const BAD_INVITATION: u8 = 6;
 /// No profile in the home directory: run `tern init`.
 pub const NO_PROFILE: u8 = 7;
+/// Permanently gone: this device was removed from the profile (it can
+/// neither send nor receive any more).
+pub const GONE: u8 = 8;
 /// Temporary failure: relays unreachable or full. Work is kept and retried
 /// by the next `tern send` or `tern recv` (EX_TEMPFAIL).
 pub const TRY_AGAIN: u8 = 75;
@@ -63,6 +66,7 @@ fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
         return match e {
             ClientError::UnknownContact(_) => Some(UNKNOWN_CONTACT),
             ClientError::NameTaken(_) | ClientError::NoRelays => Some(USAGE),
+            ClientError::DeviceRemoved { .. } => Some(GONE),
             ClientError::Store(s) => code_of(s),
             ClientError::Proto(p) => code_of(p),
             ClientError::Net(n) => code_of(n),

@@ -2,13 +2,11 @@
 
 use std::io::{BufRead, Write};
 
-use tern_relay::wire::Command;
-
 use super::exit::{fail, USAGE};
 use super::output::{note, stdin_is_terminal};
 use super::{unlock, Cli};
 
-/// Delete a contact: its queues on the relays, its keys and its history
+/// Delete a contact on all your devices: its queues, keys and history
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Example:\n  tern forget bob --yes")]
 pub struct Args {
@@ -40,24 +38,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    // Every connection of the contact: one per device of theirs.
-    for member in client.group_members(&id)? {
-        let contact = client.contact(&member)?;
-        // Best effort: a relay that is down keeps the queue until its TTL.
-        for q in contact.queue_grants() {
-            if let Err(e) = client.net.call(
-                &q.relay,
-                &Command::Delete {
-                    recipient_id: q.recipient_id,
-                },
-                Some(&ed25519_dalek::SigningKey::from_bytes(q.auth.as_bytes())),
-            ) {
-                note(&format!(
-                    "warning: could not delete a queue: {e}; it stays on its relay, unusable without the keys now deleted"
-                ));
-            }
-        }
-        client.remove_contact(&member)?;
+    // Every connection of the contact (one per device of theirs), here and
+    // on our other devices.
+    for relay in client.forget_contact(&id)? {
+        note(&format!(
+            "warning: could not delete a queue on {relay}; it stays on its relay, unusable \
+             without the keys now deleted"
+        ));
     }
     note(&format!("{} forgotten", args.contact));
     Ok(())

@@ -85,6 +85,8 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         rotate_days: args.rotate_days,
         created_ms: now(),
         device_name: String::new(),
+        profile_changed_on: None,
+        removed: None,
     };
     store.transaction(|tx| {
         tx.put(SETTINGS, &settings)?;

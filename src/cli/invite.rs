@@ -38,9 +38,18 @@ pub struct Args {
     /// Write the QR code to a PNG file
     #[arg(long, value_name = "FILE")]
     pub png: Option<PathBuf>,
+    /// Withdraw the invitation if nobody used it within DURATION (30m, 2h,
+    /// 7d); see `tern invitations`
+    #[arg(long, value_name = "DURATION", conflicts_with = "rekey")]
+    pub expires: Option<String>,
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let expires = args
+        .expires
+        .as_deref()
+        .map(|e| super::device::parse_expiry(e, std::time::Duration::from_secs(365 * 24 * 3600)))
+        .transpose()?;
     let mut client = unlock::open(cli)?;
     let show_qr = args.qr || (!args.link && args.png.is_none() && stdout_is_terminal());
     // Only a code shown on a screen can have been scanned in person.
@@ -51,7 +60,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     let (link, name) = match &args.rekey {
         Some(contact) => (rekey(&mut client, contact, channel)?, contact.clone()),
-        None => new_contact(&mut client, args.name.as_deref(), channel)?,
+        None => new_contact(
+            &mut client,
+            args.name.as_deref(),
+            channel,
+            expires.map_or(0, |d| now() + d.as_millis() as u64),
+        )?,
     };
     if let Some(path) = &args.png {
         qr::png(&link, path)?;
@@ -80,6 +94,7 @@ fn new_contact(
     client: &mut Client,
     name: Option<&str>,
     channel: Channel,
+    expires_ms: u64,
 ) -> anyhow::Result<(String, String)> {
     let id = new_contact_id();
     let (name, provisional) = match name {
@@ -91,7 +106,9 @@ fn new_contact(
     }
     let queues = client.create_queues()?;
     let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
-    client.add_contact(&Contact::new(id, name.clone(), provisional, conn, now()))?;
+    let mut contact = Contact::new(id, name.clone(), provisional, conn, now());
+    contact.expires_ms = expires_ms;
+    client.add_contact(&contact)?;
     Ok((invitation.to_link(), name))
 }
 

@@ -32,19 +32,25 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     entries.sort_by_key(|(_, e)| e.sent_at_ms);
     let settings = client.settings()?;
     for (_, e) in entries {
-        let who = match e.dir {
+        let name = match e.dir {
             Direction::In => args.contact.as_str(),
             Direction::Out => settings.profile.name.as_str(),
+        };
+        // A copy from another device of ours says so.
+        let who = match &e.device {
+            Some(d) => format!("{name} (via {d})"),
+            None => name.to_string(),
         };
         if args.json {
             json(&json!({
                 "contact": args.contact,
                 "direction": e.dir,
-                "from": who,
+                "from": name,
                 "text": e.text,
                 "id": HEXLOWER.encode(&e.id),
                 "sent_at": time(e.sent_at_ms),
                 "received_at": e.received_at_ms.map(time),
+                "device": e.device,
             }));
         } else {
             line(&format!(

@@ -9,6 +9,7 @@ pub mod exit;
 pub mod forget;
 pub mod generate;
 pub mod init;
+pub mod invitations;
 pub mod invite;
 pub mod key;
 pub mod log;
@@ -68,6 +69,7 @@ pub struct Cli {
 pub enum Command {
     Init(init::Args),
     Invite(invite::Args),
+    Invitations(invitations::Args),
     Accept(accept::Args),
     Send(send::Args),
     Recv(recv::Args),
@@ -105,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init(a) => init::run(&cli, a),
         Command::Invite(a) => invite::run(&cli, a),
+        Command::Invitations(a) => invitations::run(&cli, a),
         Command::Accept(a) => accept::run(&cli, a),
         Command::Send(a) => send::run(&cli, a),
         Command::Recv(a) => recv::run(&cli, a),

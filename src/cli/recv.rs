@@ -60,14 +60,18 @@ pub fn print_event(e: &Event, as_json: bool) {
                     "sent_at_ms": entry.sent_at_ms,
                     "received_at_ms": entry.received_at_ms,
                     "order": chain_word(*chain),
+                    "device": entry.device,
                 }));
             } else {
                 let mut lines = entry.text.lines();
                 let first = lines.next().unwrap_or("");
                 // What another device of ours sent shows as ours.
-                let who = match entry.dir {
-                    Direction::In => contact.clone(),
-                    Direction::Out => format!("you → {contact}"),
+                // A copy says which of our devices it came from.
+                let who = match (entry.dir, &entry.device) {
+                    (Direction::In, None) => contact.clone(),
+                    (Direction::In, Some(d)) => format!("{contact} (via your device {d})"),
+                    (Direction::Out, None) => format!("you → {contact}"),
+                    (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
                 };
                 line(&format!("{}  {who}: {first}", time(entry.sent_at_ms)));
                 for l in lines {

@@ -19,10 +19,17 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
-    let contact = client.contact(&id)?;
-    // With several devices, the contact is known by the code of the first
-    // connection; the others were introduced through it.
-    let Some(ours) = contact.code().map(|c| c.code) else {
+    // Each connection of the contact (one per device of theirs) has its
+    // own code, the same at both of its ends; this device knows only its
+    // own (PROTOCOL.md §12.7).
+    let mut codes: Vec<(String, String)> = Vec::new();
+    for m in client.group_members(&id)? {
+        let c = client.contact(&m)?;
+        if let Some(code) = c.code().map(|c| c.code) {
+            codes.push((m, code));
+        }
+    }
+    let Some((_, ours)) = codes.first().cloned() else {
         return Err(fail(
             USAGE,
             format!(
@@ -42,11 +49,25 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                     )?
                 );
             }
-            line(&ours);
+            for (_, code) in &codes {
+                line(code);
+            }
+            if codes.len() > 1 {
+                note(&format!(
+                    "one code per device of {} connected with this device: the code their \
+                     device shows must be one of these",
+                    args.contact
+                ));
+            }
             Ok(())
         }
         Some(theirs) => {
-            if !codes_match(&ours, theirs) {
+            let matching: Vec<&String> = codes
+                .iter()
+                .filter(|(_, code)| codes_match(code, theirs))
+                .map(|(m, _)| m)
+                .collect();
+            if matching.is_empty() {
                 return Err(fail(
                     CODE_MISMATCH,
                     format!(
@@ -56,12 +77,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                     ),
                 ));
             }
-            for m in client.group_members(&id)? {
-                client.update_contact(&m, |_, c| {
-                    match &mut c.root_code {
-                        Some(r) => r.verified = true,
-                        None => c.conn.verified = true,
-                    }
+            for m in matching {
+                client.update_contact(m, |_, c| {
+                    c.conn.verified = true;
                     Ok(())
                 })?;
             }

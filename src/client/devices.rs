@@ -19,12 +19,12 @@ use tern_relay::wire::{Command, ErrorCode};
 use super::fetch::Event;
 use super::jobs::{flush_outbox, push_request};
 use super::model::{
-    contact_key, group_name_key, group_seen, history_log, AddWatch, Announced, Contact, DeviceJob,
-    Direction, GrantedQueue, HistoryEntry, IndexEntry, Queued, RootCode, Settings, DEVICES, INDEX,
-    SETTINGS,
+    contact_key, group_info_key, group_name_key, group_seen, history_log, AddWatch, Announced,
+    Contact, DeviceJob, Direction, GrantedQueue, GroupInfo, HeldRequest, HistoryEntry, IndexEntry,
+    Queued, Removal, RootCode, Settings, DEVICES, INDEX, SETTINGS,
 };
 use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
-use crate::proto::connection::{ConnState, Connection};
+use crate::proto::connection::{ConnState, Connection, SecurityLevel};
 use crate::proto::device::{added_tag, history_messages, DeviceMsg, Entry, QueueGrant};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 use crate::proto::hello::{Channel, Profile};
@@ -193,23 +193,20 @@ fn introduce_to_devices(
     introduce: bool,
     now: u64,
 ) -> Result<Vec<String>, StoreError> {
-    let Some(msg) = group_message(
-        &c.name,
-        c.group(),
-        c.code(),
-        introduce,
-        vec![id_bytes(&c.id)],
-    ) else {
+    let Some(msg) = group_message(&c.name, c.group(), introduce, vec![id_bytes(&c.id)]) else {
         return Ok(Vec::new());
     };
     send_to_devices(tx, &c.id, &msg, now, |d| {
         d.await_group(c.group());
+        d.offer_slots.push(c.id.clone());
         true
     })
 }
 
+/// A device of ours that gets what we send and receive: connected, and (if
+/// we linked it) sent the link once the user confirmed it.
 fn is_live_device(c: &Contact) -> bool {
-    c.device && !c.removed && c.conn.state == ConnState::Connected
+    c.device && !c.removed && !c.sync_on_connect && c.conn.state == ConnState::Connected
 }
 
 fn entry_of(e: &HistoryEntry) -> Entry {
@@ -233,6 +230,7 @@ fn history_of(e: &Entry) -> HistoryEntry {
         text: e.text.clone(),
         sent_at_ms: e.sent_at_ms,
         received_at_ms: (e.received_at_ms != 0).then_some(e.received_at_ms),
+        device: None,
     }
 }
 
@@ -322,22 +320,93 @@ pub(crate) fn announce_if_changed(
 fn group_message(
     name: &str,
     group: &str,
-    code: Option<RootCode>,
     introduce: bool,
     members: Vec<[u8; 16]>,
 ) -> Option<DeviceMsg> {
-    let code = code.unwrap_or(RootCode {
-        code: String::new(),
-        verified: false,
-    });
     Some(DeviceMsg::Group {
         group: group_bytes(group)?,
         name: name.to_string(),
-        code: code.code,
-        verified: code.verified,
         introduce,
         members,
     })
+}
+
+/// The device connection a record's word rests on: `None` if it was made
+/// here, added by the contact over such a connection, or verified here.
+fn rests_on(c: &Contact) -> Option<&str> {
+    if c.conn.verified {
+        None
+    } else {
+        c.introduced_by.as_deref()
+    }
+}
+
+/// Who may add to group `group` here (PROTOCOL.md §12.4): `None` if the
+/// group is unknown here; `Some(None)` if it rests on this device alone
+/// (made here, or verified here); `Some(Some(d))` if it was introduced by
+/// our device connection `d`.
+fn group_owner(tx: &Tx<'_>, group: &str) -> Result<Option<Option<String>>, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let mut known = false;
+    let mut owner: Option<String> = None;
+    for e in index.iter().filter(|e| !e.device && e.group() == group) {
+        let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? else {
+            continue;
+        };
+        known = true;
+        match rests_on(&m) {
+            None => return Ok(Some(None)),
+            Some(d) => {
+                owner.get_or_insert_with(|| d.to_string());
+            }
+        }
+    }
+    if known {
+        return Ok(Some(owner));
+    }
+    Ok(tx
+        .get::<GroupInfo>(&group_info_key(group))?
+        .map(|g| Some(g.introduced_by)))
+}
+
+/// Whether device connection `d` may change group `group` here: an elder
+/// may (it could remove this device anyway), and so may the device that
+/// introduced the group; a younger device may not touch a contact that
+/// does not rest on its word.
+fn may_change_group(d: &Contact, owner: &Option<String>) -> bool {
+    d.elder || owner.as_deref() == Some(d.id.as_str())
+}
+
+/// Deletes every connection of `group` here, its history and what we knew
+/// of it; returns the receiving queues to delete on the relays.
+fn forget_group_in(tx: &Tx<'_>, group: &str) -> Result<Vec<GrantedQueue>, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let mut queues = Vec::new();
+    for e in index.iter().filter(|e| !e.device && e.group() == group) {
+        if let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? {
+            queues.extend(m.queue_grants());
+        }
+        Client::remove_member_in(tx, &e.id)?;
+    }
+    tx.delete(&group_info_key(group))?;
+    tx.delete(&group_name_key(group))?;
+    tx.remove_log(&history_log(group))?;
+    tx.clear_seen(&group_seen(group))?;
+    Ok(queues)
+}
+
+/// Voids an invitation or device link that nobody may use any more
+/// (expired, revoked, copied): nothing more is sent on it, its queues are
+/// deleted by its next job run, and the record goes with them.
+pub(crate) fn withdraw(c: &mut Contact) {
+    let queues = c.queue_grants();
+    c.removed = true;
+    c.sync_on_connect = false;
+    c.held.clear();
+    c.jobs.clear();
+    c.outbox.clear();
+    c.device_jobs.clear();
+    c.push_device_job(DeviceJob::DeleteQueues { queues });
 }
 
 /// Called when connection `c` (being processed, saved by the caller)
@@ -357,95 +426,120 @@ pub(crate) fn on_connected(
         changed.extend(send_to_devices(tx, &c.id, &a, now, |d| d.elder).map_err(unwrap_abort)?);
     }
     if c.device {
-        // The other device learns all our connections, this one included.
-        let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
-        let mut others: Vec<Contact> = Vec::new();
-        for e in index.iter().filter(|e| e.id != c.id) {
-            if let Some(o) = tx.get::<Contact>(&contact_key(&e.id))? {
-                others.push(o);
-            }
-        }
-        // In the order of PROTOCOL.md §12.4: what a new device needs, then
-        // what every device needs to be able to remove us.
-        let mut msgs: Vec<DeviceMsg> = Vec::new();
-        if c.sync_on_connect {
-            c.sync_on_connect = false;
-            msgs.push(DeviceMsg::Settings {
-                profile: settings.profile.to_bytes(),
-                relays: settings.relay_addresses(),
-                rotate_days: settings.rotate_days,
-            });
-            let mut groups: Vec<(String, Vec<&Contact>)> = Vec::new();
-            for o in others.iter().filter(|o| !o.device) {
-                match groups.iter_mut().find(|(g, _)| g == o.group()) {
-                    Some((_, v)) => v.push(o),
-                    None => groups.push((o.group().to_string(), vec![o])),
-                }
-            }
-            let mut contacts = 0;
-            for (group, members) in &groups {
-                let live: Vec<[u8; 16]> = members
-                    .iter()
-                    .filter(|m| m.conn.state == ConnState::Connected)
-                    .map(|m| id_bytes(&m.id))
-                    .collect();
-                let first = members[0];
-                if !live.is_empty() {
-                    let code = members.iter().find_map(|m| m.code());
-                    let owed = live.len() as u32;
-                    if let Some(m) = group_message(&first.name, group, code, false, live) {
-                        c.awaiting_offers += owed;
-                        msgs.push(m);
-                        contacts += 1;
-                        c.await_group(group);
-                    }
-                }
-                let history: Vec<HistoryEntry> = tx
-                    .tail::<HistoryEntry>(&history_log(group), usize::MAX)?
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .collect();
-                if let Some(g) = group_bytes(group) {
-                    msgs.extend(history_messages(
-                        g,
-                        history.iter().map(entry_of).collect(),
-                        MAX_BODY_LEN,
-                    ));
-                }
-            }
-            for o in others.iter().filter(|o| is_live_device(o)) {
-                c.awaiting_offers += 1;
-                msgs.push(DeviceMsg::Sibling {
-                    device: id_bytes(&o.id),
-                    name: o.name.clone(),
-                });
-            }
-            events.push(Event::Notice(format!(
-                "device {} is linked: sending it the profile, {contacts} contact(s) and the history",
-                c.name
-            )));
-        }
-        // The device at the other end learns this connection's own queues
-        // (always last: a new device waits for it); an elder device also
-        // learns all our other connections.
-        if c.elder {
-            msgs.extend(
-                others
-                    .iter()
-                    .filter(|o| o.conn.state == ConnState::Connected && !o.removed)
-                    .filter_map(announcement),
-            );
-        }
-        msgs.extend(announcement(c));
-        for m in &msgs {
-            send_on(c, m, now)?;
-        }
+        device_connected(tx, c, settings, now, events)?;
     } else if !c.introduced {
         // A contact made here: our other devices connect to it too, through
         // this connection (introduce: §12.4).
         changed.extend(introduce_to_devices(tx, c, c.conn.inviter, now).map_err(unwrap_abort)?);
     }
     Ok(changed)
+}
+
+/// What a device connection `c` that just completed is sent: for a device
+/// we linked, the link (only once the user confirmed that device); the
+/// connection's own queues always, last.
+pub(crate) fn device_connected(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    settings: &Settings,
+    now: u64,
+    events: &mut Vec<Event>,
+) -> Result<(), ClientError> {
+    if c.sync_on_connect && !c.link_confirmed {
+        // Answered and connected while nobody watched (a cron job's recv):
+        // the profile leaves this device only once the user says so.
+        events.push(Event::Notice(format!(
+            "the device that answered your device link {} is connected, but gets nothing \
+             until you confirm it: `tern device confirm`",
+            c.name
+        )));
+        return Ok(());
+    }
+    // The other device learns all our connections, this one included.
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let mut others: Vec<Contact> = Vec::new();
+    for e in index.iter().filter(|e| e.id != c.id) {
+        if let Some(o) = tx.get::<Contact>(&contact_key(&e.id))? {
+            others.push(o);
+        }
+    }
+    // In the order of PROTOCOL.md §12.4: what a new device needs, then
+    // what every device needs to be able to remove us.
+    let mut msgs: Vec<DeviceMsg> = Vec::new();
+    if c.sync_on_connect {
+        c.sync_on_connect = false;
+        msgs.push(DeviceMsg::Settings {
+            profile: settings.profile.to_bytes(),
+            relays: settings.relay_addresses(),
+            rotate_days: settings.rotate_days,
+        });
+        let mut groups: Vec<(String, Vec<&Contact>)> = Vec::new();
+        for o in others.iter().filter(|o| !o.device && !o.removed) {
+            match groups.iter_mut().find(|(g, _)| g == o.group()) {
+                Some((_, v)) => v.push(o),
+                None => groups.push((o.group().to_string(), vec![o])),
+            }
+        }
+        let mut contacts = 0;
+        for (group, members) in &groups {
+            let live: Vec<&Contact> = members
+                .iter()
+                .copied()
+                .filter(|m| m.conn.state == ConnState::Connected)
+                .collect();
+            let first = members[0];
+            if !live.is_empty() {
+                let ids = live.iter().map(|m| id_bytes(&m.id)).collect();
+                if let Some(m) = group_message(&first.name, group, false, ids) {
+                    c.awaiting_offers += live.len() as u32;
+                    c.offer_slots.extend(live.iter().map(|m| m.id.clone()));
+                    msgs.push(m);
+                    contacts += 1;
+                    c.await_group(group);
+                }
+            }
+            let history: Vec<HistoryEntry> = tx
+                .tail::<HistoryEntry>(&history_log(group), usize::MAX)?
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect();
+            if let Some(g) = group_bytes(group) {
+                msgs.extend(history_messages(
+                    g,
+                    history.iter().map(entry_of).collect(),
+                    MAX_BODY_LEN,
+                ));
+            }
+        }
+        for o in others.iter().filter(|o| is_live_device(o)) {
+            c.awaiting_offers += 1;
+            c.offer_slots.push(o.id.clone());
+            msgs.push(DeviceMsg::Sibling {
+                device: id_bytes(&o.id),
+                name: o.name.clone(),
+            });
+        }
+        events.push(Event::Notice(format!(
+            "device {} is linked: sending it the profile, {contacts} contact(s) and the history",
+            c.name
+        )));
+    }
+    // The device at the other end learns this connection's own queues
+    // (always last: a new device waits for it); an elder device also
+    // learns all our other connections.
+    if c.elder {
+        msgs.extend(
+            others
+                .iter()
+                .filter(|o| o.conn.state == ConnState::Connected && !o.removed)
+                .filter_map(announcement),
+        );
+    }
+    msgs.extend(announcement(c));
+    for m in &msgs {
+        send_on(c, m, now)?;
+    }
+    Ok(())
 }
 
 /// Whether a DROP or REMOVED that came over connection `sender` may drop
@@ -464,21 +558,52 @@ fn may_drop(sender: &Contact, victim: &Contact) -> bool {
 }
 
 /// Drops connection `victim` (a device of a contact, or of ours, that was
-/// removed): it is deleted here and its queues on the relays by `carrier`'s
+/// removed) and every connection a contact added through it (ADD on it):
+/// they are deleted here and their queues on the relays by `carrier`'s
 /// next job run.
 fn drop_connection(tx: &Tx<'_>, carrier: &mut Contact, victim: &Contact) -> Result<(), StoreError> {
-    let mut queues = victim.queue_grants();
-    if victim.device {
-        queues.extend(victim.announced.iter().flat_map(|a| a.queues.clone()));
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let mut gone = vec![victim.clone()];
+    let mut i = 0;
+    while i < gone.len() && gone.len() <= index.len() {
+        let id = gone[i].id.clone();
+        for e in &index {
+            if gone.iter().any(|g| g.id == e.id) {
+                continue;
+            }
+            if let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? {
+                if m.added_via.as_deref() == Some(id.as_str()) && !m.conn.verified {
+                    gone.push(m);
+                }
+            }
+        }
+        i += 1;
+    }
+    let mut queues = Vec::new();
+    for v in &gone {
+        queues.extend(v.queue_grants());
+        if v.device {
+            queues.extend(v.announced.iter().flat_map(|a| a.queues.clone()));
+        }
     }
     if !queues.is_empty() {
         carrier.push_device_job(DeviceJob::DeleteQueues { queues });
     }
-    Client::remove_member_in(tx, &victim.id)
+    for v in &gone {
+        Client::remove_member_in(tx, &v.id)?;
+    }
+    Ok(())
 }
 
 /// Acts on a device message that came over connection `c` (being processed,
 /// saved by the caller). Returns other records changed.
+///
+/// Each message may change only what its sender has a say over (PROTOCOL.md
+/// §12.3): a contact only its own devices' connections; the device that
+/// linked this one the profile, contacts and history while linking; any
+/// other device of ours what it introduced here, and what it itself sent
+/// or received. Security codes and "verified" never come from another
+/// device.
 pub(crate) fn on_device_message(
     tx: &Tx<'_>,
     c: &mut Contact,
@@ -506,6 +631,17 @@ pub(crate) fn on_device_message(
         return Ok(Vec::new());
     }
     let mut changed = Vec::new();
+    // What only the device that linked this one may send, and only while
+    // it is linking: the profile with the relays, the contacts' history and
+    // our other devices.
+    let linking = c.linked_us && c.linking;
+    let refuse = |events: &mut Vec<Event>, what: &str| {
+        events.push(Event::Warning(format!(
+            "device {} sent {what}, which it has no say over; ignored (if this keeps \
+             happening, that device may be hostile: `tern device remove`)",
+            c.name
+        )));
+    };
     match msg {
         DeviceMsg::Added { tag } => {
             if let Some(w) = c.add_watch.iter_mut().find(|w| w.tag == tag) {
@@ -562,16 +698,24 @@ pub(crate) fn on_device_message(
                     )));
                     continue;
                 }
-                {
-                    drop_connection(tx, c, &victim)?;
-                    events.push(Event::Notice(format!(
-                        "{} removed one of their devices",
-                        c.name
-                    )));
-                }
+                drop_connection(tx, c, &victim)?;
+                events.push(Event::Notice(format!(
+                    "{} removed one of their devices",
+                    c.name
+                )));
             }
         }
         DeviceMsg::Removed { fingerprints } => {
+            if c.fingerprint().is_some_and(|f| fingerprints.contains(&f)) {
+                // Naming the connection it came on: this device is the one
+                // removed. Only an elder may say so.
+                if !c.elder {
+                    refuse(events, "a removal of this device");
+                    return Ok(changed);
+                }
+                changed.extend(removed_here(tx, c, now, events)?);
+                return Ok(changed);
+            }
             let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
             let own = c.id.clone();
             for e in index.iter().filter(|e| e.id != own && e.device) {
@@ -606,6 +750,10 @@ pub(crate) fn on_device_message(
             relays,
             rotate_days,
         } => {
+            if !linking {
+                refuse(events, "settings (relays, profile) outside of linking this device");
+                return Ok(changed);
+            }
             let profile = Profile::from_bytes(&profile)?;
             let mut s = settings.clone();
             s.profile = profile;
@@ -619,28 +767,73 @@ pub(crate) fn on_device_message(
                 s.profile.name, c.name
             )));
         }
+        DeviceMsg::Profile { profile } => {
+            let profile = Profile::from_bytes(&profile)?;
+            if profile.validate().is_err() {
+                refuse(events, "a profile that is not valid");
+                return Ok(changed);
+            }
+            let mut s: Settings = tx.get(SETTINGS)?.unwrap_or_else(|| settings.clone());
+            if s.profile != profile {
+                s.profile = profile;
+                s.profile_changed_on = Some(c.name.clone());
+                tx.put(SETTINGS, &s)?;
+                events.push(Event::Notice(format!(
+                    "profile changed on device {}: now {:?}",
+                    c.name, s.profile.name
+                )));
+            }
+        }
         DeviceMsg::Group {
             group,
             name,
-            code,
-            verified,
             introduce,
             members,
         } => {
             let group = HEXLOWER.encode(&group);
-            tx.put(&group_name_key(&group), &name)?;
-            let code = (!code.is_empty()).then_some(RootCode { code, verified });
-            for via in members {
+            match group_owner(tx, &group)? {
+                Some(owner) => {
+                    // More connections for a contact we have: only from the
+                    // device it rests on, or an elder.
+                    if !may_change_group(c, &owner) {
+                        let known = group_name(tx, &group)?;
+                        refuse(events, &format!("a new connection for {known}"));
+                        return Ok(changed);
+                    }
+                }
+                None => {
+                    tx.put(
+                        &group_info_key(&group),
+                        &GroupInfo {
+                            name: name.clone(),
+                            introduced_by: c.id.clone(),
+                        },
+                    )?;
+                    tx.put(&group_name_key(&group), &name)?;
+                    if !linking {
+                        events.push(Event::Notice(format!(
+                            "your device {} connected with a new contact, {name:?}: this device \
+                             meets them too (introduced by {}, not verified here)",
+                            c.name, c.name
+                        )));
+                    }
+                }
+            }
+            for via in members.into_iter().take(MAX_DEVICES) {
                 c.push_device_job(DeviceJob::Offer {
                     via,
                     group: Some(group.clone()),
                     name: name.clone(),
-                    code: code.clone(),
+                    code: None,
                     introduce,
                 });
             }
         }
         DeviceMsg::Sibling { device, name } => {
+            if !linking {
+                refuse(events, "another device to connect to outside of linking this device");
+                return Ok(changed);
+            }
             c.push_device_job(DeviceJob::Offer {
                 via: device,
                 group: None,
@@ -654,8 +847,15 @@ pub(crate) fn on_device_message(
             introduce,
             invitation,
         } => {
-            c.awaiting_offers = c.awaiting_offers.saturating_sub(1);
             let via = HEXLOWER.encode(&via);
+            // Only through a connection we named to that device, once: it
+            // must not make us introduce whatever it likes to our contacts.
+            let Some(slot) = c.offer_slots.iter().position(|s| *s == via) else {
+                refuse(events, "an invitation to forward through a connection it was never given");
+                return Ok(changed);
+            };
+            c.offer_slots.remove(slot);
+            c.awaiting_offers = c.awaiting_offers.saturating_sub(1);
             let Some(mut target) = tx.get::<Contact>(&contact_key(&via))? else {
                 events.push(Event::Warning(format!(
                     "device {} offered a connection through one that is gone; ignored",
@@ -692,14 +892,37 @@ pub(crate) fn on_device_message(
             }
         }
         DeviceMsg::History { group, entries } => {
+            if !linking {
+                refuse(events, "history outside of linking this device");
+                return Ok(changed);
+            }
             let group = HEXLOWER.encode(&group);
             for e in &entries {
-                record_history(tx, &group, &history_of(e))?;
+                let mut entry = history_of(e);
+                entry.device = Some(c.name.clone());
+                record_history(tx, &group, &entry)?;
             }
         }
         DeviceMsg::Copy { group, entry } => {
             let group = HEXLOWER.encode(&group);
-            let entry = history_of(&entry);
+            // What that device itself sent or received: with a contact we
+            // know, and that it is in (or joining) as far as we can tell.
+            let allowed = match group_owner(tx, &group)? {
+                None => false,
+                Some(owner) => {
+                    may_change_group(c, &owner)
+                        || c.pending_groups.iter().any(|g| *g == group)
+                        || c.announced
+                            .iter()
+                            .any(|a| a.group.as_deref() == Some(group.as_str()))
+                }
+            };
+            if !allowed {
+                refuse(events, "a copy of a message with a contact it has no connection with");
+                return Ok(changed);
+            }
+            let mut entry = history_of(&entry);
+            entry.device = Some(c.name.clone());
             if record_history(tx, &group, &entry)? {
                 let name = group_name(tx, &group)?;
                 events.push(Event::Message {
@@ -717,6 +940,11 @@ pub(crate) fn on_device_message(
             let group = group.map(|g| HEXLOWER.encode(&g));
             if let Some(g) = &group {
                 c.pending_groups.retain(|p| p != g);
+            } else if linking && c.fingerprint() == Some(fingerprint) {
+                // The linking device's own announcement comes last (§12.4):
+                // the link is complete, and with it that device's say over
+                // our settings and history.
+                c.linking = false;
             }
             c.announced.retain(|a| a.fingerprint != fingerprint);
             c.announced.push(Announced {
@@ -732,7 +960,64 @@ pub(crate) fn on_device_message(
                     .collect(),
             });
         }
+        DeviceMsg::Forget { group } => {
+            let group = HEXLOWER.encode(&group);
+            let Some(owner) = group_owner(tx, &group)? else {
+                return Ok(changed);
+            };
+            let name = group_name(tx, &group)?;
+            if may_change_group(c, &owner) {
+                let queues = forget_group_in(tx, &group)?;
+                if !queues.is_empty() {
+                    c.push_device_job(DeviceJob::DeleteQueues { queues });
+                }
+                events.push(Event::Notice(format!(
+                    "{name} was forgotten on device {}: forgotten here too",
+                    c.name
+                )));
+            } else {
+                events.push(Event::Notice(format!(
+                    "device {} forgot {name}; this device keeps them (that device was linked \
+                     after this one): `tern forget {name}` to forget them here too",
+                    c.name
+                )));
+            }
+        }
     }
+    Ok(changed)
+}
+
+/// Another device (our elder, over connection `c`) removed this one from
+/// the profile: from now on it sends nothing, and it forgets its devices,
+/// deleting its own queues of those connections.
+fn removed_here(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    now: u64,
+    events: &mut Vec<Event>,
+) -> Result<Vec<String>, ClientError> {
+    let mut s: Settings = tx
+        .get(SETTINGS)?
+        .ok_or_else(|| ClientError::Invalid("the profile has no settings".into()))?;
+    s.removed = Some(Removal {
+        by: c.name.clone(),
+        at_ms: now,
+    });
+    tx.put(SETTINGS, &s)?;
+    withdraw(c);
+    let changed = for_each_device(tx, &c.id, |d| {
+        if d.removed {
+            return Ok(false);
+        }
+        withdraw(d);
+        Ok(true)
+    })?;
+    events.push(Event::Warning(format!(
+        "this device was removed from the profile by device {}: it receives nothing new \
+         and cannot send any more",
+        c.name
+    )));
+    events.push(Event::Pending(c.id.clone()));
     Ok(changed)
 }
 
@@ -747,8 +1032,9 @@ fn group_name(tx: &Tx<'_>, group: &str) -> Result<String, StoreError> {
         .unwrap_or_else(|| "?".to_string()))
 }
 
-/// Sends our current settings (profile, relays) to our other devices, after
-/// the profile changed; returns the records with work to upload.
+/// Sends our profile to our other devices after the user changed it here
+/// (PROFILE: relays and preferences stay per device once linked); returns
+/// the records with work to upload.
 pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientError> {
     let t = now();
     client
@@ -757,10 +1043,8 @@ pub(crate) fn sync_settings(client: &mut Client) -> Result<Vec<String>, ClientEr
             let settings: Settings = tx
                 .get(SETTINGS)?
                 .ok_or_else(|| abort(ClientError::Invalid("the profile has no settings".into())))?;
-            let msg = DeviceMsg::Settings {
+            let msg = DeviceMsg::Profile {
                 profile: settings.profile.to_bytes(),
-                relays: settings.relay_addresses(),
-                rotate_days: settings.rotate_days,
             };
             send_to_devices(tx, "", &msg, t, |_| true)
         })
@@ -779,13 +1063,7 @@ pub(crate) fn device_link_copied(tx: &Tx<'_>, c: &mut Contact) -> Result<Vec<Eve
             c.name, c.name
         ))]);
     }
-    let queues = c.queue_grants();
-    c.removed = true;
-    c.sync_on_connect = false;
-    c.jobs.clear();
-    c.outbox.clear();
-    c.device_jobs.clear();
-    c.push_device_job(DeviceJob::DeleteQueues { queues });
+    withdraw(c);
     tx.put(&contact_key(&c.id), &*c)?;
     Ok(vec![
         Event::Warning(
@@ -798,6 +1076,152 @@ pub(crate) fn device_link_copied(tx: &Tx<'_>, c: &mut Contact) -> Result<Vec<Eve
     ])
 }
 
+/// A request for device link `c` that came while no linking command ran
+/// (a cron job's `tern recv`): checked, then kept for `tern device
+/// confirm`, unanswered. A second, different one means the link was
+/// copied: cancelled for both.
+pub(crate) fn hold_request(
+    tx: &Tx<'_>,
+    c: &mut Contact,
+    recipient_id: &tern_relay::wire::Id,
+    message: &[u8],
+    profile: &Profile,
+    now: u64,
+) -> Result<Vec<Event>, ClientError> {
+    let mut probe = c.conn.clone();
+    let received = match probe.receive(recipient_id, message, profile, now, &mut OsRng) {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(vec![Event::Warning(format!(
+                "dropped a request for your device link {} that could not be accepted: {e}",
+                c.name
+            ))])
+        }
+    };
+    if c.held.iter().any(|h| h.digest == received.digest) {
+        // The same request through another of the link's relays.
+        return Ok(Vec::new());
+    }
+    if !c.held.is_empty() {
+        return device_link_copied(tx, c);
+    }
+    let name = probe
+        .peer_profile
+        .map(|p| p.name)
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| UNNAMED_DEVICE.to_string());
+    c.held.push(HeldRequest {
+        recipient_id: *recipient_id,
+        message: message.to_vec(),
+        digest: received.digest,
+        name: name.clone(),
+        received_ms: now,
+    });
+    tx.put(&contact_key(&c.id), &*c)?;
+    Ok(vec![Event::Notice(format!(
+        "a device calling itself {name:?} answered your device link {}: it gets nothing until \
+         you confirm it here with `tern device confirm` (or withdraw the link: `tern device \
+         revoke {}`)",
+        c.name, c.name
+    ))])
+}
+
+/// The news that connection `c`, made by devices introducing each other,
+/// is up: a contact (or this profile) has one more device.
+pub(crate) fn gained_device(tx: &Tx<'_>, c: &Contact) -> Result<String, StoreError> {
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let through = match &c.introduced_by {
+        Some(d) => match tx.get::<Contact>(&contact_key(d))? {
+            Some(dev) => format!("introduced by your device {}", dev.name),
+            None => "introduced by a device that is gone".to_string(),
+        },
+        None => "added by them over an existing connection".to_string(),
+    };
+    Ok(if c.device {
+        let n = index.iter().filter(|e| e.device).count() + 1;
+        format!(
+            "device {} joined this profile ({n} devices now; {through})",
+            c.name
+        )
+    } else {
+        let n = index
+            .iter()
+            .filter(|e| !e.device && e.group() == c.group())
+            .count();
+        format!(
+            "{} has a new device ({n} connected with you now; {through})",
+            c.name
+        )
+    })
+}
+
+/// How far a connection's keys are known to be the contact's, from this
+/// device's own knowledge only (PROTOCOL.md §12.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Introduced by another device of ours (its name) and not verified
+    /// here: it rests on that device's word.
+    Introduced(String),
+    Level(SecurityLevel),
+}
+
+impl Trust {
+    fn rank(&self) -> u8 {
+        match self {
+            Trust::Introduced(_) => 0,
+            Trust::Level(SecurityLevel::Shared) => 1,
+            Trust::Level(SecurityLevel::InPerson) => 2,
+            Trust::Level(SecurityLevel::Verified) => 3,
+        }
+    }
+}
+
+/// The trust of connection `c`, among `all` our records: verified here, or
+/// resting on one of our devices, or that of the connection a contact
+/// added it through, or its own level.
+pub fn connection_trust(all: &[Contact], c: &Contact) -> Trust {
+    let mut c = c;
+    for _ in 0..=all.len() {
+        if c.conn.verified {
+            return Trust::Level(SecurityLevel::Verified);
+        }
+        if let Some(d) = &c.introduced_by {
+            let name = all
+                .iter()
+                .find(|o| &o.id == d)
+                .map_or_else(|| "a removed device".to_string(), |o| o.name.clone());
+            return Trust::Introduced(name);
+        }
+        match c
+            .added_via
+            .as_ref()
+            .and_then(|v| all.iter().find(|o| &o.id == v))
+        {
+            Some(carrier) => c = carrier,
+            None => break,
+        }
+    }
+    Trust::Level(c.conn.security_level())
+}
+
+/// A contact's trust: that of its weakest connection, since what we send
+/// goes to every one of them.
+pub fn group_trust(all: &[Contact], members: &[&Contact]) -> Trust {
+    let connected: Vec<&&Contact> = members
+        .iter()
+        .filter(|m| m.conn.state == ConnState::Connected)
+        .collect();
+    let pick: Vec<&Contact> = if connected.is_empty() {
+        members.iter().take(1).copied().collect()
+    } else {
+        connected.into_iter().copied().collect()
+    };
+    pick.into_iter()
+        .map(|m| connection_trust(all, m))
+        .min_by_key(Trust::rank)
+        .unwrap_or(Trust::Level(SecurityLevel::Shared))
+}
+
 /// What `tern device remove` did.
 #[derive(Debug, Default)]
 pub struct RemoveReport {
@@ -805,6 +1229,11 @@ pub struct RemoveReport {
     pub contacts_told: usize,
     /// Queues of the device still to delete (a relay was unreachable).
     pub queues_left: usize,
+    /// Contacts whose connections here rested on the device's word alone,
+    /// dropped with it.
+    pub contacts_dropped: Vec<String>,
+    /// Devices it linked (or introduced), removed with it.
+    pub devices_removed: Vec<String>,
 }
 
 impl Client {
@@ -825,9 +1254,14 @@ impl Client {
             })
     }
 
-    /// `tern device link`: a one-time device link over new queues; returns
-    /// the link and the id of the connection it will become.
-    pub fn link_device(&mut self, channel: Channel) -> Result<(String, String), ClientError> {
+    /// `tern device link`: a one-time device link over new queues, void
+    /// after `expires_ms`; returns the link and the id of the connection it
+    /// will become.
+    pub fn link_device(
+        &mut self,
+        channel: Channel,
+        expires_ms: u64,
+    ) -> Result<(String, String), ClientError> {
         let queues = self.create_queues()?;
         let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
         let id = new_contact_id();
@@ -835,6 +1269,7 @@ impl Client {
         let mut record = Contact::new(id, name.clone(), true, conn, now());
         record.device = true;
         record.sync_on_connect = true;
+        record.expires_ms = expires_ms;
         self.store
             .transaction(|tx| {
                 let mut s: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
@@ -871,8 +1306,11 @@ impl Client {
         let id = new_contact_id();
         let mut record = Contact::new(id.clone(), format!("device-{}", &id[..6]), true, conn, t);
         record.device = true;
-        // The device that made the link was there first.
+        // The device that made the link was there first, and has a say over
+        // our settings and history until it has sent the link.
         record.elder = true;
+        record.linked_us = true;
+        record.linking = true;
         let request_id = push_request(&mut record, request, t);
         self.add_contact(&record)?;
         Ok((id, request_id))
@@ -969,9 +1407,15 @@ impl Client {
                 }
             }
         }
-        // A removed device's record goes once its queues are gone.
+        self.forget_if_removed(id)
+    }
+
+    /// A removed (or withdrawn) record goes once its queues are gone and
+    /// what it still had to send (the news of a removal) went out.
+    pub(crate) fn forget_if_removed(&mut self, id: &str) -> Result<(), ClientError> {
         if let Ok(c) = self.contact(id) {
-            if c.removed && c.device_jobs.is_empty() {
+            if c.removed && c.device_jobs.is_empty() && c.jobs.is_empty() && c.outbox.is_empty()
+            {
                 self.remove_contact(id)?;
             }
         }
@@ -1018,10 +1462,12 @@ impl Client {
         let t = now();
         let mut record = Contact::new(new_contact_id(), name.to_string(), false, conn, t);
         record.introduced = true;
+        // It rests on the word of the device that asked for it.
+        record.introduced_by = Some(carrier.to_string());
+        let _ = code;
         match group {
             Some(g) => {
                 record.group = g.to_string();
-                record.root_code = code;
             }
             None => {
                 // A device we are introduced to while being linked was
@@ -1100,15 +1546,20 @@ impl Client {
         let mut record = Contact::new(id.clone(), c.name.clone(), false, conn, t);
         record.introduced = true;
         if c.device {
+            // A device another device of ours introduces rests on its word.
             record.device = true;
+            record.introduced_by = Some(c.id.clone());
             record.name = if name.trim().is_empty() {
                 UNNAMED_DEVICE.to_string()
             } else {
                 name.trim().to_string()
             };
         } else {
+            // The contact's own device, added over connection `c`: it
+            // rests on what `c` rests on.
             record.group = c.group().to_string();
-            record.root_code = c.code();
+            record.added_via = Some(c.id.clone());
+            record.introduced_by = rests_on(&c).map(str::to_string);
         }
         push_request(&mut record, request, t);
         let mut touched = Vec::new();
@@ -1156,18 +1607,53 @@ impl Client {
     /// `tern device remove`: cuts device `id` off. Contacts are told to drop
     /// its connections, our other devices to forget it, and its queues are
     /// deleted with the keys it granted us, so it receives nothing new even
-    /// if it never cooperates.
+    /// if it never cooperates; the device itself is told (so that it knows).
+    /// Everything that rests on its word alone goes with it: the devices it
+    /// linked, and the connections with contacts it introduced here and
+    /// that were not verified here.
     pub fn remove_device(&mut self, id: &str) -> Result<RemoveReport, ClientError> {
+        let mut report = RemoveReport::default();
+        let mut todo = vec![id.to_string()];
+        let mut first = true;
+        while let Some(next) = todo.pop() {
+            let (r, dependents) = match self.remove_one_device(&next, first) {
+                Ok(r) => r,
+                // A dependent already gone, or one this device may not remove.
+                Err(e) if !first => {
+                    eprintln!("tern: warning: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !first {
+                report.devices_removed.push(r.0);
+            }
+            first = false;
+            report.contacts_told += r.1.contacts_told;
+            report.queues_left += r.1.queues_left;
+            report.contacts_dropped.extend(r.1.contacts_dropped);
+            todo.extend(dependents);
+        }
+        Ok(report)
+    }
+
+    /// Removes one device; returns its name, what was done, and the devices
+    /// that rest on it (to remove next).
+    fn remove_one_device(
+        &mut self,
+        id: &str,
+        refuse_elder: bool,
+    ) -> Result<((String, RemoveReport), Vec<String>), ClientError> {
         let t = now();
         let mut report = RemoveReport::default();
-        let touched = self
+        let (name, touched, dependents) = self
             .store
             .transaction(|tx| {
                 let key = contact_key(id);
                 let mut r: Contact = tx
                     .get(&key)?
                     .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
-                if r.elder {
+                if r.elder && refuse_elder {
                     return Err(abort(ClientError::Invalid(format!(
                         "{} was linked before this device, so this device cannot remove it \
                          (it could do the same to this one): remove it from the device that \
@@ -1175,14 +1661,21 @@ impl Client {
                         r.name
                     ))));
                 }
+                if r.removed {
+                    return Err(abort(ClientError::Invalid(format!(
+                        "{} is being removed already",
+                        r.name
+                    ))));
+                }
                 let mut fingerprints: Vec<[u8; 32]> =
                     r.announced.iter().map(|a| a.fingerprint).collect();
-                if let Some(f) = r.fingerprint() {
+                let own = r.fingerprint();
+                if let Some(f) = own {
                     fingerprints.push(f);
                 }
                 let announced = r.announced.clone();
                 let mut told = 0;
-                let changed = for_each_other(tx, id, |o| {
+                let mut changed = for_each_other(tx, id, |o| {
                     if o.removed || o.conn.state != ConnState::Connected {
                         return Ok(false);
                     }
@@ -1215,19 +1708,60 @@ impl Client {
                     Ok(any)
                 })?;
                 report.contacts_told = told;
+                // What rests on its word alone goes with it.
+                let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
                 let mut queues = r.queue_grants();
-                queues.extend(announced.iter().flat_map(|a| a.queues.clone()));
+                let mut dependents = Vec::new();
+                for e in index.iter().filter(|e| e.id != id) {
+                    let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                        continue;
+                    };
+                    if rests_on(&m) != Some(id) {
+                        continue;
+                    }
+                    if m.device {
+                        dependents.push(m.id.clone());
+                    } else {
+                        queues.extend(m.queue_grants());
+                        if !report.contacts_dropped.contains(&m.name) {
+                            report.contacts_dropped.push(m.name.clone());
+                        }
+                        Client::remove_member_in(tx, &m.id)?;
+                        changed.retain(|c| c != &m.id);
+                    }
+                }
+                // Its queues, but the one of our connection with it: that
+                // carries the news of its removal, and it deletes it.
+                queues.extend(
+                    announced
+                        .iter()
+                        .filter(|a| !(a.group.is_none() && Some(a.fingerprint) == own))
+                        .flat_map(|a| a.queues.clone()),
+                );
                 r.removed = true;
                 r.jobs.clear();
                 r.outbox.clear();
                 r.device_jobs.clear();
+                r.held.clear();
+                r.sync_on_connect = false;
+                if let (Some(f), ConnState::Connected) = (own, r.conn.state) {
+                    send_on(
+                        &mut r,
+                        &DeviceMsg::Removed {
+                            fingerprints: vec![f],
+                        },
+                        t,
+                    )
+                    .map_err(abort)?;
+                }
                 r.push_device_job(DeviceJob::DeleteQueues { queues });
                 tx.put(&key, &r)?;
-                Ok(changed)
+                Ok((r.name.clone(), changed, dependents))
             })
             .map_err(unwrap_abort)?;
-        // The queues first: that is what stops the device at once.
-        self.run_device_jobs(id)?;
+        // The queues first: that is what stops the device at once; then the
+        // news of the removal, to the device itself.
+        self.run_jobs(id)?;
         report.queues_left = match self.contact(id) {
             Ok(c) => c
                 .device_jobs
@@ -1242,6 +1776,147 @@ impl Client {
         for other in touched {
             self.run_jobs(&other)?;
         }
-        Ok(report)
+        Ok(((name, report), dependents))
+    }
+
+    /// Withdraws device link or invitation `id` (`tern device revoke`,
+    /// `tern invitations revoke`): nobody can use it from now on.
+    pub fn revoke_invitation(&mut self, id: &str) -> Result<(), ClientError> {
+        self.update_contact(id, |_, c| {
+            let pending = c.is_pending_link()
+                || (!c.device && c.conn.state == ConnState::Invited && !c.removed);
+            if !pending {
+                return Err(ClientError::Invalid(format!(
+                    "{} is not a pending invitation or device link",
+                    c.name
+                )));
+            }
+            withdraw(c);
+            Ok(())
+        })?;
+        self.run_jobs(id)?;
+        Ok(())
+    }
+
+    /// Withdraws every invitation and device link whose time is up; tells
+    /// `on_event` of each.
+    pub(crate) fn withdraw_expired(
+        &mut self,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let t = now();
+        let expired: Vec<Contact> = self
+            .contacts()?
+            .into_iter()
+            .filter(|c| c.expired(t))
+            .collect();
+        for c in expired {
+            self.update_contact(&c.id, |_, c| {
+                withdraw(c);
+                Ok(())
+            })?;
+            on_event(Event::Notice(format!(
+                "{} {} expired unused: withdrawn",
+                if c.device {
+                    "device link"
+                } else {
+                    "the invitation for"
+                },
+                c.name
+            )));
+            self.run_jobs(&c.id)?;
+        }
+        Ok(())
+    }
+
+    /// `tern device confirm`: the user accepts the device that answered
+    /// link `id`. Its kept request is answered now; once connected it gets
+    /// the link (by whichever process sees that). Returns the device's name.
+    pub fn confirm_link(&mut self, id: &str) -> Result<String, ClientError> {
+        let c = self.contact(id)?;
+        if !c.is_pending_link() {
+            return Err(ClientError::Invalid(format!(
+                "{} is not a device link waiting for confirmation",
+                c.name
+            )));
+        }
+        if c.expired(now()) {
+            self.revoke_invitation(id)?;
+            return Err(ClientError::Invalid(format!(
+                "device link {} expired before it was confirmed: withdrawn; make a new one",
+                c.name
+            )));
+        }
+        self.linking = Some(id.to_string());
+        let name = c
+            .held
+            .first()
+            .map(|h| h.name.clone())
+            .or_else(|| c.conn.peer_profile.as_ref().map(|p| p.name.clone()))
+            .unwrap_or_else(|| UNNAMED_DEVICE.to_string());
+        if let Some(h) = c.held.first().cloned() {
+            let Some(q) = c.conn.recv_queue(&h.recipient_id).cloned() else {
+                return Err(ClientError::Invalid("the link's queue is gone".into()));
+            };
+            let events = self
+                .store
+                .transaction(|tx| {
+                    super::fetch::process_held(tx, id, &q, &h.message, now(), Some(id))
+                })
+                .map_err(unwrap_abort)?;
+            for e in events {
+                if let Event::Warning(w) = e {
+                    eprintln!("tern: warning: {w}");
+                }
+            }
+        } else {
+            let settings = self.settings()?;
+            let mut events = Vec::new();
+            self.store
+                .transaction(|tx| {
+                    let mut c: Contact = tx
+                        .get(&contact_key(id))?
+                        .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
+                    c.link_confirmed = true;
+                    if c.conn.state == ConnState::Connected {
+                        device_connected(tx, &mut c, &settings, now(), &mut events)
+                            .map_err(abort)?;
+                    }
+                    tx.put(&contact_key(id), &c)
+                })
+                .map_err(unwrap_abort)?;
+        }
+        self.run_jobs(id)?;
+        Ok(name)
+    }
+
+    /// `tern forget` for the whole profile: deletes the contact of
+    /// connection `id` here (queues, keys, history) and tells our other
+    /// devices to do the same (they do as far as this device has a say
+    /// there, PROTOCOL.md §12.3). Returns queue deletions that failed.
+    pub fn forget_contact(&mut self, id: &str) -> Result<Vec<String>, ClientError> {
+        let group = self.contact(id)?.group().to_string();
+        let t = now();
+        let (queues, touched) = self
+            .store
+            .transaction(|tx| {
+                let queues = forget_group_in(tx, &group)?;
+                let touched = match group_bytes(&group) {
+                    Some(g) => {
+                        send_to_devices(tx, "", &DeviceMsg::Forget { group: g }, t, |_| true)?
+                    }
+                    None => Vec::new(),
+                };
+                Ok((queues, touched))
+            })
+            .map_err(unwrap_abort)?;
+        let mut failed = Vec::new();
+        for q in self.delete_granted(&queues) {
+            failed.push(q.relay.label());
+        }
+        for d in touched {
+            let _ = self.run_jobs(&d);
+        }
+        Ok(failed)
     }
 }

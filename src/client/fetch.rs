@@ -393,6 +393,13 @@ impl Client {
         let mut summary = FetchSummary::default();
         let only = opts.contact_id.as_deref();
         let waiting = opts.follow || opts.wait.is_some();
+        if let Some(e) = self.removed_error()? {
+            // Nothing new can come; finish deleting what it still holds.
+            self.run_all_jobs(only, on_event)?;
+            return Err(e);
+        }
+        // Invitations and device links past their time are void.
+        self.withdraw_expired(on_event)?;
         if !waiting {
             // Work left over from earlier commands (outbox, handshake
             // steps), and queue rotations that are due. (When waiting, a
@@ -423,7 +430,21 @@ impl Client {
             self.run_jobs_of(&touched, on_event)?;
             self.rotate_due_of(&touched, on_event)?;
         }
+        if let Some(e) = self.removed_error()? {
+            return Err(e);
+        }
         Ok(summary)
+    }
+
+    /// The permanent error of a device that was removed from the profile.
+    pub(crate) fn removed_error(&self) -> Result<Option<ClientError>, ClientError> {
+        Ok(self
+            .settings()?
+            .removed
+            .map(|r| ClientError::DeviceRemoved {
+                by: r.by,
+                at: crate::time::rfc3339(r.at_ms),
+            }))
     }
 
     fn run_all_jobs(
@@ -701,12 +722,13 @@ impl Client {
             .iter()
             .map(|d| delivery_open(d.queue.queue_secret.as_bytes(), &d.msg_id, &d.body).ok())
             .collect();
+        let linking = self.linking.clone();
         let committed = self.store.transaction(|tx| {
             Ok(batch
                 .iter()
                 .zip(&opened)
                 .map(|(d, message)| match message {
-                    Some(m) => tx.savepoint(|tx| process(tx, &d.queue, m, now)),
+                    Some(m) => tx.savepoint(|tx| process(tx, &d.queue, m, now, linking.as_deref())),
                     None => Ok(vec![Event::Warning(format!(
                         "relay {} delivered a message that does not decrypt; dropped",
                         d.queue.relay.label()
@@ -785,10 +807,37 @@ impl Client {
     }
 }
 
+/// Processes a device link request kept by [`super::devices::hold_request`]
+/// (for `tern device confirm`), as if it had just arrived on `queue`.
+pub(crate) fn process_held(
+    tx: &Tx<'_>,
+    contact_id: &str,
+    queue: &crate::proto::connection::RecvQueue,
+    message: &[u8],
+    now: u64,
+    linking: Option<&str>,
+) -> Result<Vec<Event>, StoreError> {
+    let q = QueueRef {
+        contact_id: contact_id.to_string(),
+        relay: queue.relay.clone(),
+        recipient_id: queue.recipient_id,
+        signer: queue.signing_key(),
+        queue_secret: queue.queue_secret.clone(),
+    };
+    process(tx, &q, message, now, linking)
+}
+
 /// Stores one delivered (and decrypted) message inside `tx`; `Ok` means it
 /// may be acknowledged once `tx` has committed. Runs in a savepoint of its
-/// own: an `Err` leaves no trace of it.
-fn process(tx: &Tx<'_>, q: &QueueRef, message: &[u8], now: u64) -> Result<Vec<Event>, StoreError> {
+/// own: an `Err` leaves no trace of it. `linking` is the device link this
+/// process may complete (see [`Client::linking`]).
+fn process(
+    tx: &Tx<'_>,
+    q: &QueueRef,
+    message: &[u8],
+    now: u64,
+    linking: Option<&str>,
+) -> Result<Vec<Event>, StoreError> {
     let id = q.contact_id.clone();
     let settings: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
         abort(ClientError::Invalid(
@@ -832,6 +881,45 @@ fn process(tx: &Tx<'_>, q: &QueueRef, message: &[u8], now: u64) -> Result<Vec<Ev
         super::devices::device_profile(&settings)
     } else {
         settings.profile.clone()
+    };
+    if which == Which::Current && state_before == ConnState::Invited {
+        if c.expired(now) {
+            // A late answer to an invitation or link whose time is up.
+            super::devices::withdraw(&mut c);
+            tx.put(&contact_key(&id), &c)?;
+            return Ok(vec![
+                Event::Warning(format!(
+                    "refused an answer to {} {}: it had expired; it is withdrawn now",
+                    if c.device {
+                        "device link"
+                    } else {
+                        "the invitation for"
+                    },
+                    c.name
+                )),
+                Event::Pending(id),
+            ]);
+        }
+        if c.is_pending_link() && !c.removed {
+            if linking != Some(id.as_str()) {
+                // No linking command runs (a cron job's recv): keep it for
+                // the user to confirm.
+                return super::devices::hold_request(tx, &mut c, rid, message, &profile, now)
+                    .map_err(abort);
+            }
+            if let (Some(h), Some(d)) = (c.held.first(), c.conn.digest_of(rid, message)) {
+                if h.digest != d {
+                    return super::devices::device_link_copied(tx, &mut c).map_err(abort);
+                }
+            }
+            c.held.clear();
+            c.link_confirmed = true;
+        }
+    }
+    let conn = match which {
+        Which::Current => &mut c.conn,
+        Which::Old => &mut c.old.as_mut().expect("checked").conn,
+        Which::Rekey(i) => &mut c.rekeys[i],
     };
     let received = match conn.receive(rid, message, &profile, now, &mut OsRng) {
         Ok(r) => r,
@@ -937,6 +1025,7 @@ fn process(tx: &Tx<'_>, q: &QueueRef, message: &[u8], now: u64) -> Result<Vec<Ev
                 text,
                 sent_at_ms: envelope.sent_at_ms,
                 received_at_ms: Some(now),
+                device: None,
             };
             let group = c.group().to_string();
             let new = super::devices::record_history(tx, &group, &entry)?;
@@ -980,6 +1069,9 @@ fn process(tx: &Tx<'_>, q: &QueueRef, message: &[u8], now: u64) -> Result<Vec<Ev
                 c.provisional_name = false;
             }
             flush_outbox(&mut c, now).map_err(abort)?;
+            if c.introduced && which == Which::Current {
+                events.push(Event::Notice(super::devices::gained_device(tx, &c)?));
+            }
             events.push(Event::Connected {
                 contact: c.name.clone(),
             });

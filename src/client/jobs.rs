@@ -353,6 +353,8 @@ impl Client {
             Ok(c.jobs.len())
         })?;
         report.waiting = waiting;
+        // A removed device's record, once the news of its removal went out.
+        self.forget_if_removed(id)?;
         Ok(report)
     }
 

@@ -50,6 +50,12 @@ pub enum ClientError {
     AllRelaysFailed(String),
     #[error("{0}")]
     Invalid(String),
+    /// Permanent: this device is no longer part of the profile.
+    #[error(
+        "this device was removed from the profile by device {by} ({at}): it receives \
+         nothing new and cannot send; its history stays readable with `tern log`"
+    )]
+    DeviceRemoved { by: String, at: String },
 }
 
 impl ClientError {
@@ -89,6 +95,11 @@ pub fn random_id() -> [u8; 16] {
 pub struct Client {
     pub store: Store,
     pub net: std::sync::Arc<RelayClient>,
+    /// The device link this process may complete: set by `tern device
+    /// link` while it runs and by `tern device confirm`. Any other process
+    /// (a cron job's `tern recv`) only keeps a request for a device link,
+    /// for the user to confirm (PROTOCOL.md §12.2).
+    pub linking: Option<String>,
 }
 
 impl Client {
@@ -101,6 +112,7 @@ impl Client {
         Ok(Self {
             store,
             net: std::sync::Arc::new(RelayClient::new(isolate)),
+            linking: None,
         })
     }
 
@@ -110,6 +122,7 @@ impl Client {
         Ok(Client {
             store: self.store.another_handle()?,
             net: self.net.clone(),
+            linking: self.linking.clone(),
         })
     }
 

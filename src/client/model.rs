@@ -39,6 +39,27 @@ pub fn group_seen(group: &str) -> String {
 pub fn group_name_key(group: &str) -> String {
     format!("group-name/{group}")
 }
+/// Which of our devices introduced a group (contact) here, if one did.
+pub fn group_info_key(group: &str) -> String {
+    format!("group-info/{group}")
+}
+
+/// A contact (group) another device of ours told us about (GROUP), kept
+/// from the moment we hear of it: it decides who may add to it later.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Our connection with the device whose GROUP made it known here.
+    pub introduced_by: String,
+}
+
+/// This device was removed from the profile by another one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Removal {
+    /// The name of the device that removed it.
+    pub by: String,
+    pub at_ms: u64,
+}
 
 /// A message this version could not read (from a newer version), kept so
 /// that a newer tern can.
@@ -66,6 +87,12 @@ pub struct Settings {
     /// This device's name among the person's devices (`tern device`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device_name: String,
+    /// The device on which the profile was last changed, when not this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_changed_on: Option<String>,
+    /// Set once another device removed this one from the profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Removal>,
 }
 
 impl Settings {
@@ -344,6 +371,59 @@ pub struct Contact {
     /// new device still owes us, one per GROUP member and SIBLING sent.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub awaiting_offers: u32,
+    /// Device records: the connections we named to that device (GROUP
+    /// members, SIBLING devices) that it may still answer with one OFFER
+    /// each; an OFFER through any other connection is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offer_slots: Vec<String>,
+    /// Our device connection whose word this connection rests on: the
+    /// device that introduced it (GROUP, SIBLING, ADD on a device
+    /// connection), directly or through a contact's ADD on a connection
+    /// that rests on it. It goes with that device's removal unless it was
+    /// verified here. `None`: made here, or added by the contact over such
+    /// a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introduced_by: Option<String>,
+    /// Made from a contact's ADD: the connection the ADD came on. Dropped
+    /// with it (DROP), since only its word stands behind this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_via: Option<String>,
+    /// Invitations and device links: void after this time (ms; 0: never).
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub expires_ms: u64,
+    /// Device links: requests that came while no `tern device link` or
+    /// `tern device confirm` ran, kept for the user to confirm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldRequest>,
+    /// Device links: the user accepted the device that answered (by
+    /// running the linking command, or `tern device confirm`); only then
+    /// does it get the profile, contacts and history.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub link_confirmed: bool,
+    /// On a new device: the record of the device whose link it joined.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub linked_us: bool,
+    /// On a new device: that device is still sending the link (SETTINGS,
+    /// GROUP, HISTORY, SIBLING); over when its own ANNOUNCE comes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub linking: bool,
+}
+
+/// A request for one of our device links, not yet acted on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldRequest {
+    #[serde(with = "b64")]
+    pub recipient_id: Id,
+    pub message: Vec<u8>,
+    #[serde(with = "b64")]
+    pub digest: [u8; 32],
+    /// The device name its Hello gave.
+    pub name: String,
+    pub received_ms: u64,
+}
+
+fn is_zero64(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -384,6 +464,14 @@ impl Contact {
             elder: false,
             add_watch: Vec::new(),
             awaiting_offers: 0,
+            offer_slots: Vec::new(),
+            introduced_by: None,
+            added_via: None,
+            expires_ms: 0,
+            held: Vec::new(),
+            link_confirmed: false,
+            linked_us: false,
+            linking: false,
         }
     }
 
@@ -425,15 +513,29 @@ impl Contact {
             .map(|k| crate::proto::device::fingerprint(&k.transcript()))
     }
 
-    /// The security code the contact is known by, and whether compared.
+    /// This connection's own security code, and whether it was compared
+    /// here. (A code another device sent, kept by older versions in
+    /// `root_code`, is never used: PROTOCOL.md §12.7.)
     pub fn code(&self) -> Option<RootCode> {
-        match &self.root_code {
-            Some(r) => Some(r.clone()),
-            None => self.conn.security_code().map(|code| RootCode {
-                code,
-                verified: self.conn.verified,
-            }),
-        }
+        self.conn.security_code().map(|code| RootCode {
+            code,
+            verified: self.conn.verified,
+        })
+    }
+
+    /// A device link still waiting: not yet answered, or answered and not
+    /// yet sent the profile.
+    pub fn is_pending_link(&self) -> bool {
+        self.device && self.sync_on_connect && !self.removed
+    }
+
+    /// An invitation or link whose time is up and that nobody used yet.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0
+            && now_ms >= self.expires_ms
+            && !self.removed
+            && (self.conn.state == crate::proto::connection::ConnState::Invited
+                || (self.is_pending_link() && !self.link_confirmed))
     }
 
     /// Every receiving queue of this contact record: the connection's, the
@@ -518,4 +620,8 @@ pub struct HistoryEntry {
     /// For incoming messages: when this device stored it.
     #[serde(default)]
     pub received_at_ms: Option<u64>,
+    /// Came as a copy (COPY, HISTORY) from another device of ours: its
+    /// name. `None`: this device sent or received it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }

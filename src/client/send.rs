@@ -38,6 +38,9 @@ impl Client {
             }
             .into());
         }
+        if let Some(e) = self.removed_error()? {
+            return Err(e);
+        }
         let msg_id = random_id();
         let t = now();
         let members = self.group_members(id)?;
@@ -71,6 +74,7 @@ impl Client {
                         text: String::from_utf8_lossy(&body).into_owned(),
                         sent_at_ms: t,
                         received_at_ms: None,
+                        device: None,
                     };
                     record_history(tx, &group, &entry)?;
                     devices = copy_to_devices(tx, "", &group, &entry, None, t)?;

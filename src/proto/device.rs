@@ -38,6 +38,8 @@ pub const HISTORY: u8 = 0x14;
 pub const COPY: u8 = 0x15;
 pub const ANNOUNCE: u8 = 0x16;
 pub const REMOVED: u8 = 0x17;
+pub const PROFILE: u8 = 0x18;
+pub const FORGET: u8 = 0x19;
 
 const FINGERPRINT_LABEL: &[u8] = b"tern/v1 device fingerprint";
 const ADDED_LABEL: &[u8] = b"tern/v1 device added";
@@ -156,15 +158,13 @@ pub enum DeviceMsg {
     },
     /// To another device of ours: a contact to connect to, one invitation
     /// per connection in `members` (the sender's connections with each of
-    /// the contact's devices, by the sender's ids). `code` is the security
-    /// code the contact is known by (empty if none), `verified` whether it
-    /// was compared, and `introduce` is copied into the OFFERs and ADDs that
-    /// follow (see PROTOCOL.md §12.4).
+    /// the contact's devices, by the sender's ids). `introduce` is copied
+    /// into the OFFERs and ADDs that follow (see PROTOCOL.md §12.4). No
+    /// security code and no "verified": those never come from another
+    /// device's word (§12.7).
     Group {
         group: [u8; 16],
         name: String,
-        code: String,
-        verified: bool,
         introduce: bool,
         members: Vec<[u8; 16]>,
     },
@@ -192,7 +192,14 @@ pub enum DeviceMsg {
         queues: Vec<QueueGrant>,
     },
     /// A device was removed: forget the connections with these fingerprints.
+    /// Naming the connection it came on, it tells the receiver that it is
+    /// the device removed.
     Removed { fingerprints: Vec<[u8; 32]> },
+    /// After linking: the user changed the profile on the sending device
+    /// (PROTOCOL.md §5.5 form). Relays and preferences stay per device.
+    Profile { profile: Vec<u8> },
+    /// The user forgot the contact of `group` on the sending device.
+    Forget { group: [u8; 16] },
 }
 
 impl DeviceMsg {
@@ -233,8 +240,6 @@ impl DeviceMsg {
             DeviceMsg::Group {
                 group,
                 name,
-                code,
-                verified,
                 introduce,
                 members,
             } => {
@@ -242,8 +247,6 @@ impl DeviceMsg {
                 w.u8(GROUP)
                     .bytes(group)
                     .short_bytes(clip(name, 64).as_bytes())
-                    .short_bytes(clip(code, 64).as_bytes())
-                    .u8(u8::from(*verified))
                     .u8(u8::from(*introduce))
                     .u8(members.len() as u8);
                 for m in members {
@@ -301,6 +304,12 @@ impl DeviceMsg {
                     w.bytes(f);
                 }
             }
+            DeviceMsg::Profile { profile } => {
+                w.u8(PROFILE).long_bytes(profile);
+            }
+            DeviceMsg::Forget { group } => {
+                w.u8(FORGET).bytes(group);
+            }
         }
         w.into_vec()
     }
@@ -337,16 +346,12 @@ impl DeviceMsg {
             GROUP => {
                 let group = r.array()?;
                 let name = utf8(r.short_bytes()?)?;
-                let code = utf8(r.short_bytes()?)?;
-                let verified = flag(&mut r)?;
                 let introduce = flag(&mut r)?;
                 let n = r.u8()? as usize;
                 let members = (0..n).map(|_| r.array()).collect::<Result<Vec<_>, _>>()?;
                 DeviceMsg::Group {
                     group,
                     name,
-                    code,
-                    verified,
                     introduce,
                     members,
                 }
@@ -410,6 +415,10 @@ impl DeviceMsg {
                 let fingerprints = (0..n).map(|_| r.array()).collect::<Result<Vec<_>, _>>()?;
                 DeviceMsg::Removed { fingerprints }
             }
+            PROFILE => DeviceMsg::Profile {
+                profile: r.long_bytes()?.to_vec(),
+            },
+            FORGET => DeviceMsg::Forget { group: r.array()? },
             _ => return Err(CodecError::Invalid("device message type").into()),
         };
         r.finish()?;
@@ -518,8 +527,6 @@ mod tests {
             DeviceMsg::Group {
                 group: [1; 16],
                 name: "bob".into(),
-                code: "12345 67890".into(),
-                verified: true,
                 introduce: false,
                 members: vec![[3; 16], [4; 16]],
             },
@@ -555,6 +562,10 @@ mod tests {
             DeviceMsg::Removed {
                 fingerprints: vec![[1; 32], [2; 32]],
             },
+            DeviceMsg::Profile {
+                profile: vec![1, 2, 3],
+            },
+            DeviceMsg::Forget { group: [9; 16] },
         ]
     }
 
@@ -575,6 +586,7 @@ mod tests {
     #[test]
     fn unknown_types_and_flags_are_refused() {
         assert!(DeviceMsg::decode(&[0x04]).is_err());
+        assert!(DeviceMsg::decode(&[0x1A]).is_err());
         assert!(DeviceMsg::decode(&[0xFF]).is_err());
         let mut b = DeviceMsg::Offer {
             via: [1; 16],
