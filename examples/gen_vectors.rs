@@ -4312,11 +4312,11 @@ impl GrantFields {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceMsgFields {
-    /// ADD, DROP, SETTINGS, GROUP, SIBLING, OFFER, HISTORY, COPY, ANNOUNCE or
-    /// REMOVED.
+    /// ADD, DROP, ADDED, SETTINGS, GROUP, SIBLING, OFFER, HISTORY, COPY,
+    /// ANNOUNCE, REMOVED, PROFILE or FORGET.
     #[serde(rename = "type")]
     pub msg_type: String,
-    /// GROUP, HISTORY, COPY; ANNOUNCE of a connection with a contact.
+    /// GROUP, HISTORY, COPY, FORGET; ANNOUNCE of a connection with a contact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// SIBLING.
@@ -4328,12 +4328,6 @@ pub struct DeviceMsgFields {
     /// ADD, GROUP, SIBLING.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// GROUP: the security code (§8.1), empty if none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
-    /// GROUP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verified: Option<bool>,
     /// ADD, GROUP, OFFER.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub introduce: Option<bool>,
@@ -4343,7 +4337,7 @@ pub struct DeviceMsgFields {
     /// ADD, OFFER: a contact invitation (kind 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invitation: Option<InvitationFields>,
-    /// SETTINGS.
+    /// SETTINGS, PROFILE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<ProfileFields>,
     /// SETTINGS: relays in text form, with their access keys.
@@ -4352,7 +4346,7 @@ pub struct DeviceMsgFields {
     /// SETTINGS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_days: Option<u32>,
-    /// DROP, ANNOUNCE.
+    /// DROP, ADDED, ANNOUNCE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// ADDED: SHA-256("tern/v1 device added" || the ADD's invitation).
@@ -4401,9 +4395,10 @@ impl DeviceMsgFields {
                 fingerprint: Some(hex(fingerprint)),
                 ..Default::default()
             },
-            DeviceMsg::Added { tag } => Self {
+            DeviceMsg::Added { tag, fingerprint } => Self {
                 msg_type: t("ADDED"),
                 tag: Some(hex(tag)),
+                fingerprint: Some(hex(fingerprint)),
                 ..Default::default()
             },
             DeviceMsg::Settings {
@@ -4422,16 +4417,12 @@ impl DeviceMsgFields {
             DeviceMsg::Group {
                 group,
                 name,
-                code,
-                verified,
                 introduce,
                 members,
             } => Self {
                 msg_type: t("GROUP"),
                 group: Some(hex(group)),
                 name: Some(name.clone()),
-                code: Some(code.clone()),
-                verified: Some(*verified),
                 introduce: Some(*introduce),
                 members: ids(members),
                 ..Default::default()
@@ -4481,6 +4472,18 @@ impl DeviceMsgFields {
                 fingerprints: ids(fingerprints),
                 ..Default::default()
             },
+            DeviceMsg::Profile { profile } => Self {
+                msg_type: t("PROFILE"),
+                profile: Some(profile_fields(
+                    &Profile::from_bytes(profile).expect("a §5.5 profile"),
+                )),
+                ..Default::default()
+            },
+            DeviceMsg::Forget { group } => Self {
+                msg_type: t("FORGET"),
+                group: Some(hex(group)),
+                ..Default::default()
+            },
         }
     }
 
@@ -4501,6 +4504,7 @@ impl DeviceMsgFields {
             },
             "ADDED" => DeviceMsg::Added {
                 tag: arr(&s(&self.tag, "tag")),
+                fingerprint: arr(&s(&self.fingerprint, "fingerprint")),
             },
             "DROP" => DeviceMsg::Drop {
                 fingerprint: arr(&s(&self.fingerprint, "fingerprint")),
@@ -4516,8 +4520,6 @@ impl DeviceMsgFields {
             "GROUP" => DeviceMsg::Group {
                 group: arr(&s(&self.group, "group")),
                 name: s(&self.name, "name"),
-                code: s(&self.code, "code"),
-                verified: b(&self.verified, "verified"),
                 introduce: b(&self.introduce, "introduce"),
                 members: need(&self.members, "members", t)
                     .iter()
@@ -4557,6 +4559,12 @@ impl DeviceMsgFields {
                     .iter()
                     .map(|f| arr(f))
                     .collect(),
+            },
+            "PROFILE" => DeviceMsg::Profile {
+                profile: profile_of(need(&self.profile, "profile", t)).to_bytes(),
+            },
+            "FORGET" => DeviceMsg::Forget {
+                group: arr(&s(&self.group, "group")),
             },
             other => panic!("device message type {other}"),
         }
@@ -4680,6 +4688,8 @@ pub mod device_ref {
             "COPY" => 0x15,
             "ANNOUNCE" => 0x16,
             "REMOVED" => 0x17,
+            "PROFILE" => 0x18,
+            "FORGET" => 0x19,
             t => panic!("device message type {t}"),
         }
     }
@@ -4698,7 +4708,10 @@ pub mod device_ref {
                 s32(&mut o, &invitation(need(&m.invitation, "invitation", t), 1));
             }
             "DROP" => fixed::<32>(&mut o, &s(&m.fingerprint, "fingerprint")),
-            "ADDED" => fixed::<32>(&mut o, &s(&m.tag, "tag")),
+            "ADDED" => {
+                fixed::<32>(&mut o, &s(&m.tag, "tag"));
+                fixed::<32>(&mut o, &s(&m.fingerprint, "fingerprint"));
+            }
             "SETTINGS" => {
                 s32(&mut o, &profile(need(&m.profile, "profile", t)));
                 let relays = need(&m.relays, "relays", t);
@@ -4711,8 +4724,6 @@ pub mod device_ref {
             "GROUP" => {
                 fixed::<16>(&mut o, &s(&m.group, "group"));
                 s8(&mut o, s(&m.name, "name").as_bytes());
-                s8(&mut o, s(&m.code, "code").as_bytes());
-                o.push(flag(&m.verified, "verified"));
                 o.push(flag(&m.introduce, "introduce"));
                 let members = need(&m.members, "members", t);
                 count(&mut o, members.len());
@@ -4765,6 +4776,8 @@ pub mod device_ref {
                     fixed::<32>(&mut o, f);
                 }
             }
+            "PROFILE" => s32(&mut o, &profile(need(&m.profile, "profile", t))),
+            "FORGET" => fixed::<16>(&mut o, &s(&m.group, "group")),
             _ => unreachable!("type_byte refused it"),
         }
         o
@@ -4934,12 +4947,13 @@ fn gen_device() -> Vec<DeviceCase> {
             },
         ),
         (
-            "ADDED: the tag of the two-queue invitation of the ADD to a contact above, SHA-256(\"tern/v1 device added\" || invitation)",
+            "ADDED: the tag of the two-queue invitation of the ADD to a contact above, SHA-256(\"tern/v1 device added\" || invitation), and the fingerprint of the connection made from it (the second transcript above)",
             DeviceMsgFields {
                 tag: Some(hex(&refc::sha256(&[
                     b"tern/v1 device added",
                     &device_ref::invitation(&inv_two, 1),
                 ]))),
+                fingerprint: Some(hex(&fps[1])),
                 ..msg("ADDED")
             },
         ),
@@ -4967,24 +4981,20 @@ fn gen_device() -> Vec<DeviceCase> {
             },
         ),
         (
-            "GROUP: a verified contact with its security code and two member connections, introduce = 1",
+            "GROUP: a contact with two member connections, introduce = 1 (no code, no verified flag: those never come from another device, §12.7)",
             DeviceMsgFields {
                 group: Some(group.clone()),
                 name: Some("Bob".into()),
-                code: Some(refc::security_code(&transcripts[2].1)),
-                verified: Some(true),
                 introduce: Some(true),
                 members: Some(members.clone()),
                 ..msg("GROUP")
             },
         ),
         (
-            "GROUP: a contact known by no code, one member, introduce = 0",
+            "GROUP: one member, introduce = 0",
             DeviceMsgFields {
                 group: Some(group.clone()),
                 name: Some("Zoë".into()),
-                code: Some(String::new()),
-                verified: Some(false),
                 introduce: Some(false),
                 members: Some(members[1..].to_vec()),
                 ..msg("GROUP")
@@ -5047,6 +5057,31 @@ fn gen_device() -> Vec<DeviceCase> {
                 ..msg("REMOVED")
             },
         ),
+        (
+            "REMOVED naming one fingerprint: sent on the removed device's own connection, it tells that device it was removed (§12.6)",
+            DeviceMsgFields {
+                fingerprints: Some(vec![hex(&fps[1])]),
+                ..msg("REMOVED")
+            },
+        ),
+        (
+            "PROFILE: the person changed the profile on the sending device (after linking; no relays, no rotation period)",
+            DeviceMsgFields {
+                profile: Some(ProfileFields {
+                    name: "Ada L.".into(),
+                    status: "away".into(),
+                    avatar: None,
+                }),
+                ..msg("PROFILE")
+            },
+        ),
+        (
+            "FORGET: the person forgot the contact of this group on the sending device",
+            DeviceMsgFields {
+                group: Some(group.clone()),
+                ..msg("FORGET")
+            },
+        ),
     ];
     let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
     for (comment, m) in messages {
@@ -5095,14 +5130,14 @@ fn gen_device() -> Vec<DeviceCase> {
         body("REMOVED"),
     );
     // Offsets: ADD type 0, name length 1, name 2..8 ("laptop"), introduce 8.
-    // GROUP: type 0, group 1..17, name "Bob" 17..21, code (35 bytes) 21..57,
-    // verified 57, introduce 58, member count 59. OFFER: via 1..17, introduce
+    // GROUP: type 0, group 1..17, name "Bob" 17..21, introduce 21, member
+    // count 22. OFFER: via 1..17, introduce
     // 17. HISTORY: group 1..17, count 17..19, first entry's direction 19.
     // COPY: group 1..17, direction 17, id 18..34, times 34..50, text 50...
     // ANNOUNCE (with group): flag 1, group 2..18, fingerprint 18..50, queue
     // count 50, first relay address's flags 51.
     assert_eq!(add[8], 0);
-    assert_eq!((group_b[57], group_b[58], group_b[59]), (1, 1, 2));
+    assert_eq!((group_b[21], group_b[22]), (1, 2));
     assert_eq!((history[17], history[18], history[19]), (0, 2, 1));
     assert_eq!(
         (copy[17], announce[1], announce[50], announce[51]),
@@ -5145,12 +5180,11 @@ fn gen_device() -> Vec<DeviceCase> {
         ("type 0x00 is reserved", cat(&[&[0x00], &drop[1..]]), "invalid: device message type"),
         ("type 0x04 is reserved (a DROP body under a reserved type)", cat(&[&[0x04], &drop[1..]]), "invalid: device message type"),
         ("type 0x0F is reserved", vec![0x0f], "invalid: device message type"),
-        ("type 0x18 is reserved (a REMOVED body under the next type)", cat(&[&[0x18], &removed[1..]]), "invalid: device message type"),
+        ("type 0x1A is reserved (a FORGET body under the next type)", cat(&[&[0x1a], &group_b[1..17]]), "invalid: device message type"),
         ("type 0xFF is reserved", vec![0xff], "invalid: device message type"),
         ("an empty body", vec![], "truncated"),
         ("ADD with an introduce flag of 2", with("ADD", 8, 2), "invalid: flag"),
-        ("GROUP with a verified flag of 2", with("GROUP", 57, 2), "invalid: flag"),
-        ("GROUP with an introduce flag of 2", with("GROUP", 58, 2), "invalid: flag"),
+        ("GROUP with an introduce flag of 2", with("GROUP", 21, 2), "invalid: flag"),
         ("OFFER with an introduce flag of 2", with("OFFER", 17, 2), "invalid: flag"),
         ("ANNOUNCE with a group flag of 2", with("ANNOUNCE", 1, 2), "invalid: announce group flag"),
         ("HISTORY whose first entry has direction 0", with("HISTORY", 19, 0), "invalid: history entry direction"),
@@ -5166,7 +5200,7 @@ fn gen_device() -> Vec<DeviceCase> {
         ("ANNOUNCE of 13 queues (at most 12), otherwise well formed", announce_13, "invalid: queue count"),
         ("HISTORY with a count of 3 and two entries", count_at(&history, 17, 0, 3), "truncated"),
         ("HISTORY with a count of 65535 and two entries (more than the bytes can hold: refused before reading them)", count_at(&history, 17, 0xff, 0xff), "truncated"),
-        ("GROUP with a member count of 3 and two members", with("GROUP", 59, 3), "truncated"),
+        ("GROUP with a member count of 3 and two members", with("GROUP", 22, 3), "truncated"),
         ("REMOVED with a count of 3 and two fingerprints", with("REMOVED", 1, 3), "truncated"),
         ("SIBLING whose name is not UTF-8", cat(&[&sibling_b[..17], &[2, 0xc3, 0x28]]), "invalid: UTF-8 text"),
         ("ADD whose name is not UTF-8", cat(&[&[0x01, 6], b"lapto\xff", &add[8..]]), "invalid: UTF-8 text"),

@@ -86,6 +86,9 @@ fn linked_world() -> World {
         "server",
         "--no-passphrase",
     ]);
+    // A plain recv never links a device (PROTOCOL.md §12.2): the user
+    // confirms it on the laptop.
+    laptop.ok(&["device", "confirm", "--yes"]);
     // Handshake with the laptop (2 rounds), profile and history, the
     // server's invitation forwarded to Bob, Bob's handshake with the server.
     settle(&[&laptop, &server, &bob], 5);
@@ -119,12 +122,17 @@ fn a_linked_device_gets_profile_contacts_and_history_and_both_see_everything_onc
     assert_eq!(bc.len(), 1, "{bc:?}");
     assert_eq!(bc[0]["name"], "alice");
     assert_eq!(bc[0]["devices"], 2);
-    assert_eq!(
-        laptop.ok(&["verify", "bob"]),
-        server.ok(&["verify", "bob"]),
-        "both devices show the code Bob compares with"
-    );
-    assert_eq!(bob.ok(&["verify", "alice"]), laptop.ok(&["verify", "bob"]));
+    // Each pair of devices has its own code, the same at both ends; a
+    // device never takes another's (PROTOCOL.md §12.7): Bob lists one code
+    // per device of Alice, and each of her devices shows its own.
+    let (on_laptop, on_server) = (laptop.ok(&["verify", "bob"]), server.ok(&["verify", "bob"]));
+    assert_ne!(on_laptop, on_server, "each device has a code of its own");
+    let bobs: Vec<String> = bob.ok(&["verify", "alice"]).lines().map(String::from).collect();
+    assert_eq!(bobs.len(), 2, "{bobs:?}");
+    for code in [&on_laptop, &on_server] {
+        assert!(bobs.contains(&code.trim().to_string()), "{code} in {bobs:?}");
+    }
+    assert_eq!(server.contact("bob")["security"], "introduced");
 
     // Bob to Alice: each of her devices gets it exactly once.
     bob.send("alice", "hello both of you");
@@ -199,6 +207,11 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     assert!(!stranger.home.exists(), "a refused join creates nothing");
     bob.ok(&["forget", "someone", "--yes"]);
     let rotated_before = laptop.contact("bob")["last_rotated"].clone();
+    assert_code(
+        &server.run(&["device", "remove", "laptop"]),
+        2,
+        "a device cannot remove its elder",
+    );
     let out = laptop.run(&["device", "remove", "server"]);
     assert_code(&out, 0, "device remove");
     // Bob has not run `recv` yet: his tern still sends to the server's
@@ -226,13 +239,15 @@ fn a_removed_device_receives_nothing_new_even_before_contacts_hear_of_it() {
     // (only those of their own device connection), so the laptop need not
     // move; and it could not remove the laptop, its elder, in return.
     assert_eq!(laptop.contact("bob")["last_rotated"], rotated_before);
+    // The server was told it was removed (issue 19 item 3; before, it kept
+    // listing the laptop as connected): it says so and lists no device.
     let server_view = devices(server);
-    assert_eq!(server_view[1]["name"], "laptop");
-    assert_eq!(server_view[1]["connections"], 1, "{server_view:?}");
+    assert_eq!(server_view[0]["state"], "removed", "{server_view:?}");
+    assert_eq!(server_view.len(), 1, "{server_view:?}");
     assert_code(
         &server.run(&["device", "remove", "laptop"]),
-        2,
-        "a device cannot remove its elder",
+        3,
+        "the removed device no longer knows the laptop",
     );
     bob.send("alice", "still reaching the laptop");
     assert_eq!(laptop.recv_texts(), vec!["still reaching the laptop"]);
@@ -258,6 +273,7 @@ fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
         "--relay",
         &r3.addr,
     ]);
+    laptop.ok(&["device", "confirm", "--yes"]);
     // Messages while the devices are still introducing themselves.
     bob.send("alice", "in flight 1");
     laptop.ok(&["recv"]);
@@ -323,6 +339,7 @@ fn link_by_png(existing: &Profile, new: &Profile, name: &str, others: &[&Profile
         name,
         "--no-passphrase",
     ]);
+    existing.ok(&["device", "confirm", "--yes"]);
     let mut all = vec![existing, new];
     all.extend_from_slice(others);
     settle(&all, 5);

@@ -345,6 +345,13 @@ fn device_link(laptop: &Profile) -> String {
     link
 }
 
+/// `device confirm --yes` on the linking device: the user accepts the
+/// device that answered (a plain `recv` never links it, §12.2).
+#[track_caller]
+fn confirm(laptop: &Profile) {
+    laptop.ok(&["device", "confirm", "--yes"]);
+}
+
 fn join_args(link: &str) -> [&str; 6] {
     [
         "device",
@@ -402,6 +409,7 @@ fn a_device_link_joins_one_device_and_a_second_join_gets_exit_6_and_nothing() {
 
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     // The same link again, before the laptop answered the first request:
     // the invitation's queue already holds its one request.
     let thief = Profile::empty("thief");
@@ -477,6 +485,7 @@ fn a_device_link_joins_one_device_and_a_second_join_gets_exit_6_and_nothing() {
         "third",
         "--no-passphrase",
     ]);
+    confirm(laptop);
     settle_until(
         &mut printed,
         &[laptop, &thief, &server, bob],
@@ -517,6 +526,7 @@ fn recvs_killed_at_random_during_the_link_and_sync_still_converge_with_history_o
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     for step in 0..18 {
         let p = match rng.below(3) {
@@ -571,6 +581,7 @@ fn the_new_device_killed_while_it_receives_the_sync_still_gets_everything_once()
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let (laptop, bob) = (&w.laptop, &w.bob);
     // Handshake: laptop answers, server completes, laptop completes and
     // queues the sync.
@@ -614,6 +625,7 @@ fn a_message_the_contact_sent_just_before_meeting_the_new_device_reaches_it() {
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let (laptop, bob) = (&w.laptop, &w.bob);
     let mut printed = Printed::default();
     let mut step = |p: &Profile| printed.record(p, &recv_any(p));
@@ -667,6 +679,7 @@ fn a_device_offline_for_a_long_stretch_catches_up_with_everything_exactly_once()
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     {
         let (laptop, bob) = (&w.laptop, &w.bob);
@@ -757,6 +770,7 @@ fn link_with_a_relay_down(down: usize) {
     let server = Profile::empty("Alice-server");
     // The request reaches the relay that is up: that is enough.
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     let t = format!("while relay {down} is down, from Bob");
     // Sending with one relay of two down still works (the other has it).
@@ -845,6 +859,7 @@ fn a_follower_and_plain_commands_on_the_new_device_during_the_sync() {
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     let (laptop, bob) = (&w.laptop, &w.bob);
     let mut follow = server.follow();
@@ -902,6 +917,7 @@ fn two_processes_on_one_home(busy: Busy) {
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     for round in 0..7 {
         for home in [Busy::Laptop, Busy::Server, Busy::Bob] {
@@ -981,6 +997,7 @@ fn linked(n: usize, laptop_on: &[usize], bob_on: &[usize]) -> (World, Profile, P
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     {
         let (laptop, bob) = (&w.laptop, &w.bob);
@@ -1173,6 +1190,7 @@ fn three_recvs_at_once_on_the_new_device_with_several_contacts_make_one_connecti
     let link = device_link(&laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&laptop);
     let mut printed = Printed::default();
     for p in [&laptop, &server, &laptop] {
         printed.record(p, &recv_any(p));
@@ -1223,6 +1241,7 @@ fn linking_a_device_to_a_profile_with_two_contacts_makes_one_connection_per_pair
     let link = device_link(&laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&laptop);
     let mut printed = Printed::default();
     let all = [&laptop, &server, &bob, &carol];
     settle(&mut printed, &all, 5);
@@ -1326,6 +1345,7 @@ fn join_killed_then_retried(strict: bool) {
             "the join retried after a kill at {ms} ms: {}",
             show(&o)
         );
+        confirm(&w.laptop);
         let (laptop, bob) = (&w.laptop, &w.bob);
         let all = [laptop, &server, bob];
         let what = format!("link, join killed at {ms} ms");
@@ -1396,6 +1416,7 @@ fn a_third_device_meets_each_other_device_and_the_contact_exactly_once() {
         "phone",
         "--no-passphrase",
     ]);
+    confirm(&w.laptop);
     let (laptop, bob) = (&w.laptop, &w.bob);
     let all = [laptop, &server, &phone, bob];
     settle(&mut printed, &all, 6);
@@ -1542,6 +1563,7 @@ fn the_new_device_writing_before_its_connection_with_the_contact_completes() {
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let mut printed = Printed::default();
     for p in [&w.laptop, &server, &w.laptop, &server] {
         printed.record(p, &recv_any(p));
@@ -1579,6 +1601,7 @@ fn the_link_completes_with_a_follower_on_every_home_and_nothing_else() {
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let (laptop, bob) = (&w.laptop, &w.bob);
     let mut followers = vec![laptop.follow(), server.follow(), bob.follow()];
     let deadline = std::time::Instant::now() + Duration::from_secs(45);
@@ -1634,6 +1657,7 @@ fn a_message_the_contact_wrote_while_meeting_the_new_device_has_one_sent_time() 
     let link = device_link(&w.laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&w.laptop);
     let (laptop, bob) = (&w.laptop, &w.bob);
     let mut printed = Printed::default();
     // Device connection, sync, offer, ADD; Bob accepts the ADD.
@@ -1715,6 +1739,7 @@ fn a_device_link_used_twice_across_two_relays_is_cancelled_for_both() {
     let server2 = Profile::empty("Alice-server-2");
     let link2 = device_link(laptop);
     server2.ok(&join_args(&link2));
+    confirm(laptop);
     settle_until(
         &mut printed,
         &[laptop, &server2, bob],
@@ -1787,6 +1812,7 @@ fn a_recv_killed_while_it_makes_an_offer_does_not_stall_the_link() {
     let link = device_link(&laptop);
     let server = Profile::empty("Alice-server");
     server.ok(&join_args(&link));
+    confirm(&laptop);
     let mut printed = Printed::default();
     for p in [&laptop, &server, &laptop] {
         printed.record(p, &recv_any(p));

@@ -1243,7 +1243,7 @@ fn device_vectors() {
     assert!(n("device_link", true) >= 1, "{seen:?}");
     assert_eq!(
         types.len(),
-        11,
+        13,
         "one valid body of every message type: {types:?}"
     );
 }

@@ -643,10 +643,24 @@ pub(crate) fn on_device_message(
         )));
     };
     match msg {
-        DeviceMsg::Added { tag } => {
+        DeviceMsg::Added { tag, fingerprint } => {
+            let group = c.group().to_string();
             if let Some(w) = c.add_watch.iter_mut().find(|w| w.tag == tag) {
                 w.boundary.get_or_insert(seq);
                 w.since_ms = now;
+                // The contact's new connection goes with the device it was
+                // made for, even if that device never announces it.
+                let key = contact_key(&w.device);
+                if let Some(mut d) = tx.get::<Contact>(&key)? {
+                    if !d.announced.iter().any(|a| a.fingerprint == fingerprint) {
+                        d.announced.push(Announced {
+                            group: Some(group),
+                            fingerprint,
+                            queues: Vec::new(),
+                        });
+                        tx.put(&key, &d)?;
+                    }
+                }
             }
         }
         DeviceMsg::Add {
@@ -1578,7 +1592,9 @@ impl Client {
                 if !c.device {
                     // From here on the person's new device gets what we send
                     // from us directly: tell the device that forwarded it.
-                    send_on(&mut c, &DeviceMsg::Added { tag }, t).map_err(abort)?;
+                    let fingerprint = record.fingerprint().unwrap_or_default();
+                    send_on(&mut c, &DeviceMsg::Added { tag, fingerprint }, t)
+                        .map_err(abort)?;
                 }
                 tx.put(&key, &c)?;
                 if record.device {

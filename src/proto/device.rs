@@ -147,8 +147,13 @@ pub enum DeviceMsg {
     /// From a contact, on the connection an ADD came on: accepted (`tag` is
     /// [`added_tag`] of its invitation). Everything the contact sent on this
     /// connection before it went to this connection only; everything after
-    /// also to the new device.
-    Added { tag: [u8; 32] },
+    /// also to the new device. `fingerprint` names the connection the
+    /// contact made from it, so that the person's devices can have it
+    /// dropped with that device, whatever the device itself announces.
+    Added {
+        tag: [u8; 32],
+        fingerprint: [u8; 32],
+    },
     /// To a new device: the profile (PROTOCOL.md §5.5 form), the relays with
     /// their access keys, and the rotation period in days.
     Settings {
@@ -219,8 +224,8 @@ impl DeviceMsg {
             DeviceMsg::Drop { fingerprint } => {
                 w.u8(DROP).bytes(fingerprint);
             }
-            DeviceMsg::Added { tag } => {
-                w.u8(ADDED).bytes(tag);
+            DeviceMsg::Added { tag, fingerprint } => {
+                w.u8(ADDED).bytes(tag).bytes(fingerprint);
             }
             DeviceMsg::Settings {
                 profile,
@@ -325,7 +330,10 @@ impl DeviceMsg {
             DROP => DeviceMsg::Drop {
                 fingerprint: r.array()?,
             },
-            ADDED => DeviceMsg::Added { tag: r.array()? },
+            ADDED => DeviceMsg::Added {
+                tag: r.array()?,
+                fingerprint: r.array()?,
+            },
             SETTINGS => {
                 let profile = r.long_bytes()?.to_vec();
                 let n = r.u8()? as usize;
@@ -514,7 +522,10 @@ mod tests {
             DeviceMsg::Drop {
                 fingerprint: [3; 32],
             },
-            DeviceMsg::Added { tag: [4; 32] },
+            DeviceMsg::Added {
+                tag: [4; 32],
+                fingerprint: [5; 32],
+            },
             DeviceMsg::Settings {
                 profile: vec![9; 10],
                 relays: vec![
