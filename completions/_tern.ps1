@@ -30,6 +30,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('init', 'init', [CompletionResultType]::ParameterValue, 'Create a profile: display name, relays, and the passphrase that protects it')
             [CompletionResult]::new('invite', 'invite', [CompletionResultType]::ParameterValue, 'Make a one-time invitation: a QR code to show, a link or a PNG file')
+            [CompletionResult]::new('invitations', 'invitations', [CompletionResultType]::ParameterValue, 'List the invitations and device links nobody has used yet, or withdraw one')
             [CompletionResult]::new('accept', 'accept', [CompletionResultType]::ParameterValue, 'Accept an invitation given as a link, on stdin, or as a picture of its QR code')
             [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Send a message: from the arguments, or from stdin when there are none')
             [CompletionResult]::new('recv', 'recv', [CompletionResultType]::ParameterValue, 'Receive messages from every contact (and complete pending connections)')
@@ -37,7 +38,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
             [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
-            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
+            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact on all your devices: its queues, keys and history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
@@ -64,6 +65,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'What to call the contact [default: their own name, once they accept]')
             [CompletionResult]::new('--rekey', '--rekey', [CompletionResultType]::ParameterName, 'Re-key an existing contact: replace the connection''s keys and queues with ones exchanged through this invitation (useless to anyone else)')
             [CompletionResult]::new('--png', '--png', [CompletionResultType]::ParameterName, 'Write the QR code to a PNG file')
+            [CompletionResult]::new('--expires', '--expires', [CompletionResultType]::ParameterName, 'Withdraw the invitation if nobody used it within DURATION (30m, 2h, 7d); see `tern invitations`')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -71,6 +73,51 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--link', '--link', [CompletionResultType]::ParameterName, 'Print the link (the default when stdout is not a terminal)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;invitations' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List them (the default)')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw one: delete its queues on the relays, so that nobody can use it')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;invitations;list' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;invitations;revoke' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;invitations;help' {
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List them (the default)')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw one: delete its queues on the relays, so that nobody can use it')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;invitations;help;list' {
+            break
+        }
+        'tern;invitations;help;revoke' {
+            break
+        }
+        'tern;invitations;help;help' {
             break
         }
         'tern;accept' {
@@ -286,6 +333,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('confirm', 'confirm', [CompletionResultType]::ParameterValue, 'Link the device that answered a device link shown without --wait')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw a device link nobody should use any more')
             [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
             [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
@@ -295,12 +344,31 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;device;link' {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'Name this device (default: its host name, or the name it has)')
             [CompletionResult]::new('--png', '--png', [CompletionResultType]::ParameterName, 'Write the QR code to a PNG file')
-            [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'Then wait up to SECS for the new device to join and answer (instead of running `tern recv` by hand)')
+            [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'Then wait up to SECS for the new device to join and link it (without this, confirm the new device afterwards with `tern device confirm`); a link nobody answered meanwhile is withdrawn')
+            [CompletionResult]::new('--expires', '--expires', [CompletionResultType]::ParameterName, 'How long the link stays usable (30s, 10m, 1h; at most 24h)')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
             [CompletionResult]::new('--qr', '--qr', [CompletionResultType]::ParameterName, 'Show a QR code on the terminal (the default on a terminal)')
             [CompletionResult]::new('--link', '--link', [CompletionResultType]::ParameterName, 'Print the link as text')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;confirm' {
+            [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'Then wait up to SECS for the new device to finish joining')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--yes', '--yes', [CompletionResultType]::ParameterName, 'Do not ask (needed when stdin is not a terminal)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;device;revoke' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -337,6 +405,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;device;help' {
             [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('confirm', 'confirm', [CompletionResultType]::ParameterValue, 'Link the device that answered a device link shown without --wait')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw a device link nobody should use any more')
             [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
             [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
@@ -344,6 +414,12 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;device;help;link' {
+            break
+        }
+        'tern;device;help;confirm' {
+            break
+        }
+        'tern;device;help;revoke' {
             break
         }
         'tern;device;help;join' {
@@ -422,6 +498,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;help' {
             [CompletionResult]::new('init', 'init', [CompletionResultType]::ParameterValue, 'Create a profile: display name, relays, and the passphrase that protects it')
             [CompletionResult]::new('invite', 'invite', [CompletionResultType]::ParameterValue, 'Make a one-time invitation: a QR code to show, a link or a PNG file')
+            [CompletionResult]::new('invitations', 'invitations', [CompletionResultType]::ParameterValue, 'List the invitations and device links nobody has used yet, or withdraw one')
             [CompletionResult]::new('accept', 'accept', [CompletionResultType]::ParameterValue, 'Accept an invitation given as a link, on stdin, or as a picture of its QR code')
             [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Send a message: from the arguments, or from stdin when there are none')
             [CompletionResult]::new('recv', 'recv', [CompletionResultType]::ParameterValue, 'Receive messages from every contact (and complete pending connections)')
@@ -429,7 +506,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
             [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
-            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact: its queues on the relays, its keys and its history')
+            [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact on all your devices: its queues, keys and history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
             [CompletionResult]::new('key', 'key', [CompletionResultType]::ParameterValue, 'Manage the key that protects the profile')
@@ -443,6 +520,17 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;help;invite' {
+            break
+        }
+        'tern;help;invitations' {
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List them (the default)')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw one: delete its queues on the relays, so that nobody can use it')
+            break
+        }
+        'tern;help;invitations;list' {
+            break
+        }
+        'tern;help;invitations;revoke' {
             break
         }
         'tern;help;accept' {
@@ -504,12 +592,20 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;help;device' {
             [CompletionResult]::new('link', 'link', [CompletionResultType]::ParameterValue, 'Show a one-time device link (QR code or text) for a new device')
+            [CompletionResult]::new('confirm', 'confirm', [CompletionResultType]::ParameterValue, 'Link the device that answered a device link shown without --wait')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Withdraw a device link nobody should use any more')
             [CompletionResult]::new('join', 'join', [CompletionResultType]::ParameterValue, 'On the new device: join a profile with a device link')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List this profile''s devices')
             [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Cut a device off: it receives nothing new, even if lost or hostile')
             break
         }
         'tern;help;device;link' {
+            break
+        }
+        'tern;help;device;confirm' {
+            break
+        }
+        'tern;help;device;revoke' {
             break
         }
         'tern;help;device;join' {

@@ -37,6 +37,9 @@ _tern() {
             tern,init)
                 cmd="tern__subcmd__init"
                 ;;
+            tern,invitations)
+                cmd="tern__subcmd__invitations"
+                ;;
             tern,invite)
                 cmd="tern__subcmd__invite"
                 ;;
@@ -67,6 +70,9 @@ _tern() {
             tern,verify)
                 cmd="tern__subcmd__verify"
                 ;;
+            tern__subcmd__device,confirm)
+                cmd="tern__subcmd__device__subcmd__confirm"
+                ;;
             tern__subcmd__device,help)
                 cmd="tern__subcmd__device__subcmd__help"
                 ;;
@@ -82,6 +88,12 @@ _tern() {
             tern__subcmd__device,remove)
                 cmd="tern__subcmd__device__subcmd__remove"
                 ;;
+            tern__subcmd__device,revoke)
+                cmd="tern__subcmd__device__subcmd__revoke"
+                ;;
+            tern__subcmd__device__subcmd__help,confirm)
+                cmd="tern__subcmd__device__subcmd__help__subcmd__confirm"
+                ;;
             tern__subcmd__device__subcmd__help,help)
                 cmd="tern__subcmd__device__subcmd__help__subcmd__help"
                 ;;
@@ -96,6 +108,9 @@ _tern() {
                 ;;
             tern__subcmd__device__subcmd__help,remove)
                 cmd="tern__subcmd__device__subcmd__help__subcmd__remove"
+                ;;
+            tern__subcmd__device__subcmd__help,revoke)
+                cmd="tern__subcmd__device__subcmd__help__subcmd__revoke"
                 ;;
             tern__subcmd__help,accept)
                 cmd="tern__subcmd__help__subcmd__accept"
@@ -117,6 +132,9 @@ _tern() {
                 ;;
             tern__subcmd__help,init)
                 cmd="tern__subcmd__help__subcmd__init"
+                ;;
+            tern__subcmd__help,invitations)
+                cmd="tern__subcmd__help__subcmd__invitations"
                 ;;
             tern__subcmd__help,invite)
                 cmd="tern__subcmd__help__subcmd__invite"
@@ -148,6 +166,9 @@ _tern() {
             tern__subcmd__help,verify)
                 cmd="tern__subcmd__help__subcmd__verify"
                 ;;
+            tern__subcmd__help__subcmd__device,confirm)
+                cmd="tern__subcmd__help__subcmd__device__subcmd__confirm"
+                ;;
             tern__subcmd__help__subcmd__device,join)
                 cmd="tern__subcmd__help__subcmd__device__subcmd__join"
                 ;;
@@ -159,6 +180,15 @@ _tern() {
                 ;;
             tern__subcmd__help__subcmd__device,remove)
                 cmd="tern__subcmd__help__subcmd__device__subcmd__remove"
+                ;;
+            tern__subcmd__help__subcmd__device,revoke)
+                cmd="tern__subcmd__help__subcmd__device__subcmd__revoke"
+                ;;
+            tern__subcmd__help__subcmd__invitations,list)
+                cmd="tern__subcmd__help__subcmd__invitations__subcmd__list"
+                ;;
+            tern__subcmd__help__subcmd__invitations,revoke)
+                cmd="tern__subcmd__help__subcmd__invitations__subcmd__revoke"
                 ;;
             tern__subcmd__help__subcmd__key,export)
                 cmd="tern__subcmd__help__subcmd__key__subcmd__export"
@@ -183,6 +213,24 @@ _tern() {
                 ;;
             tern__subcmd__help__subcmd__relays,test)
                 cmd="tern__subcmd__help__subcmd__relays__subcmd__test"
+                ;;
+            tern__subcmd__invitations,help)
+                cmd="tern__subcmd__invitations__subcmd__help"
+                ;;
+            tern__subcmd__invitations,list)
+                cmd="tern__subcmd__invitations__subcmd__list"
+                ;;
+            tern__subcmd__invitations,revoke)
+                cmd="tern__subcmd__invitations__subcmd__revoke"
+                ;;
+            tern__subcmd__invitations__subcmd__help,help)
+                cmd="tern__subcmd__invitations__subcmd__help__subcmd__help"
+                ;;
+            tern__subcmd__invitations__subcmd__help,list)
+                cmd="tern__subcmd__invitations__subcmd__help__subcmd__list"
+                ;;
+            tern__subcmd__invitations__subcmd__help,revoke)
+                cmd="tern__subcmd__invitations__subcmd__help__subcmd__revoke"
                 ;;
             tern__subcmd__key,export)
                 cmd="tern__subcmd__key__subcmd__export"
@@ -257,7 +305,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --help --version init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="-h -V --home --passphrase-file --identity --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -343,7 +391,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device)
-            opts="-h --home --passphrase-file --identity --help link join list remove help"
+            opts="-h --home --passphrase-file --identity --help link confirm revoke join list remove help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -368,9 +416,53 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        tern__subcmd__device__subcmd__help)
-            opts="link join list remove help"
+        tern__subcmd__device__subcmd__confirm)
+            opts="-h --yes --wait --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__device__subcmd__help)
+            opts="link confirm revoke join list remove help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__device__subcmd__help__subcmd__confirm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -452,6 +544,20 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__device__subcmd__help__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__device__subcmd__join)
             opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -495,7 +601,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__link)
-            opts="-h --name --qr --link --png --wait --home --passphrase-file --identity --help"
+            opts="-h --name --qr --link --png --wait --expires --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -510,6 +616,10 @@ _tern() {
                     return 0
                     ;;
                 --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expires)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -559,6 +669,32 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__remove)
+            opts="-h --home --passphrase-file --identity --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__device__subcmd__revoke)
             opts="-h --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -641,7 +777,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help)
-            opts="init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -683,8 +819,22 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__device)
-            opts="link join list remove"
+            opts="link confirm revoke join list remove"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__device__subcmd__confirm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -752,6 +902,20 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__help__subcmd__device__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__help__subcmd__forget)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -797,6 +961,48 @@ _tern() {
         tern__subcmd__help__subcmd__init)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__invitations)
+            opts="list revoke"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__invitations__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__invitations__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1098,8 +1304,142 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__invitations)
+            opts="-h --json --home --passphrase-file --identity --help list revoke help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__help)
+            opts="list revoke help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__help__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__list)
+            opts="-h --json --home --passphrase-file --identity --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__invitations__subcmd__revoke)
+            opts="-h --json --home --passphrase-file --identity --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__invite)
-            opts="-h --name --rekey --qr --link --png --home --passphrase-file --identity --help"
+            opts="-h --name --rekey --qr --link --png --expires --home --passphrase-file --identity --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1114,6 +1454,10 @@ _tern() {
                     return 0
                     ;;
                 --png)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expires)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

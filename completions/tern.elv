@@ -27,6 +27,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --version 'Print version'
             cand init 'Create a profile: display name, relays, and the passphrase that protects it'
             cand invite 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+            cand invitations 'List the invitations and device links nobody has used yet, or withdraw one'
             cand accept 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
             cand send 'Send a message: from the arguments, or from stdin when there are none'
             cand recv 'Receive messages from every contact (and complete pending connections)'
@@ -34,7 +35,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand verify 'Show a contact''s security code, or compare it with theirs'
             cand profile 'Show or change your profile; changes are sent to connected contacts'
             cand log 'Show the local history with a contact, oldest first'
-            cand forget 'Delete a contact: its queues on the relays, its keys and its history'
+            cand forget 'Delete a contact on all your devices: its queues, keys and history'
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
@@ -59,6 +60,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'What to call the contact [default: their own name, once they accept]'
             cand --rekey 'Re-key an existing contact: replace the connection''s keys and queues with ones exchanged through this invitation (useless to anyone else)'
             cand --png 'Write the QR code to a PNG file'
+            cand --expires 'Withdraw the invitation if nobody used it within DURATION (30m, 2h, 7d); see `tern invitations`'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -66,6 +68,44 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --link 'Print the link (the default when stdout is not a terminal)'
             cand -h 'Print help'
             cand --help 'Print help'
+        }
+        &'tern;invitations'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand list 'List them (the default)'
+            cand revoke 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;invitations;list'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;invitations;revoke'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;invitations;help'= {
+            cand list 'List them (the default)'
+            cand revoke 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;invitations;help;list'= {
+        }
+        &'tern;invitations;help;revoke'= {
+        }
+        &'tern;invitations;help;help'= {
         }
         &'tern;accept'= {
             cand --image 'A PNG or JPEG picture (photo or screenshot) of the QR code'
@@ -253,6 +293,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
             cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand confirm 'Link the device that answered a device link shown without --wait'
+            cand revoke 'Withdraw a device link nobody should use any more'
             cand join 'On the new device: join a profile with a device link'
             cand list 'List this profile''s devices'
             cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
@@ -261,12 +303,29 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;device;link'= {
             cand --name 'Name this device (default: its host name, or the name it has)'
             cand --png 'Write the QR code to a PNG file'
-            cand --wait 'Then wait up to SECS for the new device to join and answer (instead of running `tern recv` by hand)'
+            cand --wait 'Then wait up to SECS for the new device to join and link it (without this, confirm the new device afterwards with `tern device confirm`); a link nobody answered meanwhile is withdrawn'
+            cand --expires 'How long the link stays usable (30s, 10m, 1h; at most 24h)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --qr 'Show a QR code on the terminal (the default on a terminal)'
             cand --link 'Print the link as text'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;confirm'= {
+            cand --wait 'Then wait up to SECS for the new device to finish joining'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --yes 'Do not ask (needed when stdin is not a terminal)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;device;revoke'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -299,12 +358,18 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;device;help'= {
             cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand confirm 'Link the device that answered a device link shown without --wait'
+            cand revoke 'Withdraw a device link nobody should use any more'
             cand join 'On the new device: join a profile with a device link'
             cand list 'List this profile''s devices'
             cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;device;help;link'= {
+        }
+        &'tern;device;help;confirm'= {
+        }
+        &'tern;device;help;revoke'= {
         }
         &'tern;device;help;join'= {
         }
@@ -370,6 +435,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help'= {
             cand init 'Create a profile: display name, relays, and the passphrase that protects it'
             cand invite 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+            cand invitations 'List the invitations and device links nobody has used yet, or withdraw one'
             cand accept 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
             cand send 'Send a message: from the arguments, or from stdin when there are none'
             cand recv 'Receive messages from every contact (and complete pending connections)'
@@ -377,7 +443,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand verify 'Show a contact''s security code, or compare it with theirs'
             cand profile 'Show or change your profile; changes are sent to connected contacts'
             cand log 'Show the local history with a contact, oldest first'
-            cand forget 'Delete a contact: its queues on the relays, its keys and its history'
+            cand forget 'Delete a contact on all your devices: its queues, keys and history'
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
@@ -389,6 +455,14 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;init'= {
         }
         &'tern;help;invite'= {
+        }
+        &'tern;help;invitations'= {
+            cand list 'List them (the default)'
+            cand revoke 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+        }
+        &'tern;help;invitations;list'= {
+        }
+        &'tern;help;invitations;revoke'= {
         }
         &'tern;help;accept'= {
         }
@@ -432,11 +506,17 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;help;device'= {
             cand link 'Show a one-time device link (QR code or text) for a new device'
+            cand confirm 'Link the device that answered a device link shown without --wait'
+            cand revoke 'Withdraw a device link nobody should use any more'
             cand join 'On the new device: join a profile with a device link'
             cand list 'List this profile''s devices'
             cand remove 'Cut a device off: it receives nothing new, even if lost or hostile'
         }
         &'tern;help;device;link'= {
+        }
+        &'tern;help;device;confirm'= {
+        }
+        &'tern;help;device;revoke'= {
         }
         &'tern;help;device;join'= {
         }

@@ -31,6 +31,7 @@ complete -c tern -n "__fish_tern_needs_command" -s h -l help -d 'Print help (see
 complete -c tern -n "__fish_tern_needs_command" -s V -l version -d 'Print version'
 complete -c tern -n "__fish_tern_needs_command" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
 complete -c tern -n "__fish_tern_needs_command" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+complete -c tern -n "__fish_tern_needs_command" -f -a "invitations" -d 'List the invitations and device links nobody has used yet, or withdraw one'
 complete -c tern -n "__fish_tern_needs_command" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
 complete -c tern -n "__fish_tern_needs_command" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
 complete -c tern -n "__fish_tern_needs_command" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
@@ -38,7 +39,7 @@ complete -c tern -n "__fish_tern_needs_command" -f -a "contacts" -d 'List contac
 complete -c tern -n "__fish_tern_needs_command" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
 complete -c tern -n "__fish_tern_needs_command" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
 complete -c tern -n "__fish_tern_needs_command" -f -a "log" -d 'Show the local history with a contact, oldest first'
-complete -c tern -n "__fish_tern_needs_command" -f -a "forget" -d 'Delete a contact: its queues on the relays, its keys and its history'
+complete -c tern -n "__fish_tern_needs_command" -f -a "forget" -d 'Delete a contact on all your devices: its queues, keys and history'
 complete -c tern -n "__fish_tern_needs_command" -f -a "relays" -d 'List, add, remove or test your relays'
 complete -c tern -n "__fish_tern_needs_command" -f -a "rotate" -d 'Move connections to fresh queues and keys (both directions)'
 complete -c tern -n "__fish_tern_needs_command" -f -a "key" -d 'Manage the key that protects the profile'
@@ -58,12 +59,34 @@ complete -c tern -n "__fish_tern_using_subcommand init" -s h -l help -d 'Print h
 complete -c tern -n "__fish_tern_using_subcommand invite" -l name -d 'What to call the contact [default: their own name, once they accept]' -r
 complete -c tern -n "__fish_tern_using_subcommand invite" -l rekey -d 'Re-key an existing contact: replace the connection\'s keys and queues with ones exchanged through this invitation (useless to anyone else)' -r
 complete -c tern -n "__fish_tern_using_subcommand invite" -l png -d 'Write the QR code to a PNG file' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invite" -l expires -d 'Withdraw the invitation if nobody used it within DURATION (30m, 2h, 7d); see `tern invitations`' -r
 complete -c tern -n "__fish_tern_using_subcommand invite" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l qr -d 'Show a QR code on the terminal (the default when stdout is a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l link -d 'Print the link (the default when stdout is not a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand invite" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -f -a "list" -d 'List them (the default)'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "list" -d 'List them (the default)'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand accept" -l image -d 'A PNG or JPEG picture (photo or screenshot) of the QR code' -r -F
 complete -c tern -n "__fish_tern_using_subcommand accept" -l name -d 'What to call the contact [default: the name they give themselves]' -r
 complete -c tern -n "__fish_tern_using_subcommand accept" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
@@ -172,24 +195,37 @@ complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcomman
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -s h -l help -d 'Print help'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "join" -d 'On the new device: join a profile with a device link'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "list" -d 'List this profile\'s devices'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "remove" -d 'Cut a device off: it receives nothing new, even if lost or hostile'
-complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link join list remove help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "revoke" -d 'Withdraw a device link nobody should use any more'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "join" -d 'On the new device: join a profile with a device link'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "list" -d 'List this profile\'s devices'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "remove" -d 'Cut a device off: it receives nothing new, even if lost or hostile'
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l name -d 'Name this device (default: its host name, or the name it has)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l png -d 'Write the QR code to a PNG file' -r -F
-complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l wait -d 'Then wait up to SECS for the new device to join and answer (instead of running `tern recv` by hand)' -r
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l wait -d 'Then wait up to SECS for the new device to join and link it (without this, confirm the new device afterwards with `tern device confirm`); a link nobody answered meanwhile is withdrawn' -r
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l expires -d 'How long the link stays usable (30s, 10m, 1h; at most 24h)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l qr -d 'Show a QR code on the terminal (the default on a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l link -d 'Print the link as text'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l wait -d 'Then wait up to SECS for the new device to finish joining' -r
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l yes -d 'Do not ask (needed when stdin is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l image -d 'Read the QR code from a picture (PNG or JPEG)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l name -d 'This device\'s name among your devices (default: its host name)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l relay -d 'A relay for this device\'s first queues (repeat), when the linking device\'s relays need an access key (tern://KEY:ACCESS@HOST:PORT); the profile\'s relay list replaces it once linked' -r
@@ -209,6 +245,8 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Withdraw a device link nobody should use any more'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "join" -d 'On the new device: join a profile with a device link'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "list" -d 'List this profile\'s devices'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "remove" -d 'Cut a device off: it receives nothing new, even if lost or hostile'
@@ -246,23 +284,26 @@ complete -c tern -n "__fish_tern_using_subcommand generate" -l home -d 'Profile 
 complete -c tern -n "__fish_tern_using_subcommand generate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -s h -l help -d 'Print help'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "log" -d 'Show the local history with a contact, oldest first'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "forget" -d 'Delete a contact: its queues on the relays, its keys and its history'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "relays" -d 'List, add, remove or test your relays'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "rotate" -d 'Move connections to fresh queues and keys (both directions)'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "key" -d 'Manage the key that protects the profile'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "device" -d 'Link, list and remove the devices that share this profile'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "relay" -d 'Run a relay, or print the address users add with `tern init --relay`'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "generate" -d 'Write man pages and shell completions'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "invitations" -d 'List the invitations and device links nobody has used yet, or withdraw one'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "log" -d 'Show the local history with a contact, oldest first'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "forget" -d 'Delete a contact on all your devices: its queues, keys and history'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "relays" -d 'List, add, remove or test your relays'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "rotate" -d 'Move connections to fresh queues and keys (both directions)'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "key" -d 'Manage the key that protects the profile'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "device" -d 'Link, list and remove the devices that share this profile'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "relay" -d 'Run a relay, or print the address users add with `tern init --relay`'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "generate" -d 'Write man pages and shell completions'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from invitations" -f -a "list" -d 'List them (the default)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from invitations" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "list" -d 'List your relays (the default)'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "add" -d 'Add a relay for new connections'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "remove" -d 'Stop using a relay for new connections'
@@ -270,6 +311,8 @@ complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcomma
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "revoke" -d 'Withdraw a device link nobody should use any more'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "join" -d 'On the new device: join a profile with a device link'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "list" -d 'List this profile\'s devices'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "remove" -d 'Cut a device off: it receives nothing new, even if lost or hostile'

@@ -127,10 +127,17 @@ fn a_linked_device_gets_profile_contacts_and_history_and_both_see_everything_onc
     // per device of Alice, and each of her devices shows its own.
     let (on_laptop, on_server) = (laptop.ok(&["verify", "bob"]), server.ok(&["verify", "bob"]));
     assert_ne!(on_laptop, on_server, "each device has a code of its own");
-    let bobs: Vec<String> = bob.ok(&["verify", "alice"]).lines().map(String::from).collect();
+    let bobs: Vec<String> = bob
+        .ok(&["verify", "alice"])
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(bobs.len(), 2, "{bobs:?}");
     for code in [&on_laptop, &on_server] {
-        assert!(bobs.contains(&code.trim().to_string()), "{code} in {bobs:?}");
+        assert!(
+            bobs.contains(&code.trim().to_string()),
+            "{code} in {bobs:?}"
+        );
     }
     assert_eq!(server.contact("bob")["security"], "introduced");
 

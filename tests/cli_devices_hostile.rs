@@ -57,7 +57,11 @@ fn group_of(p: &Profile, name: &str) -> [u8; 16] {
     let client = open(p);
     let id = client.contact_id(name).unwrap();
     let group = client.contact(&id).unwrap().group().to_string();
-    HEXLOWER.decode(group.as_bytes()).unwrap().try_into().unwrap()
+    HEXLOWER
+        .decode(group.as_bytes())
+        .unwrap()
+        .try_into()
+        .unwrap()
 }
 
 fn id_bytes(id: &str) -> [u8; 16] {
@@ -283,10 +287,7 @@ fn a_younger_device_cannot_rewrite_settings_or_history_of_its_elder() {
     );
     assert!(!log_texts(laptop, "bob").contains(&"forged history".to_string()));
     assert_eq!(bob.contact("alice")["devices"], 2, "Bob met no Mallory");
-    assert!(mallory
-        .contacts()
-        .iter()
-        .all(|c| c["state"] == "invited"));
+    assert!(mallory.contacts().iter().all(|c| c["state"] == "invited"));
     // What the server itself received, copied: kept, and marked as a copy.
     forge(
         server,
@@ -366,7 +367,11 @@ fn removing_a_device_drops_the_contacts_it_introduced_unless_verified_here() {
     let o = laptop.run(&["device", "remove", "server"]);
     assert_code(&o, 0, "device remove");
     assert!(stderr(&o).contains("carol"), "{}", show(&o));
-    assert_eq!(names(laptop), vec!["bob", "dave"], "carol went with the server");
+    assert_eq!(
+        names(laptop),
+        vec!["bob", "dave"],
+        "carol went with the server"
+    );
     dave.send("alice", "still here");
     assert!(laptop.recv_texts().contains(&"still here".to_string()));
 }
@@ -381,7 +386,11 @@ fn a_removed_device_learns_it_was_removed_and_stops_for_good() {
     laptop.ok(&["device", "remove", "server"]);
     let o = server.run(&["recv", "--json"]);
     assert_code(&o, 8, "recv on the removed device");
-    assert!(stderr(&o).contains("removed from the profile"), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("removed from the profile"),
+        "{}",
+        show(&o)
+    );
     let d = devices(server);
     assert_eq!(d[0]["state"], "removed", "{d:?}");
     assert_eq!(d[0]["removed_by"], "laptop", "{d:?}");

@@ -174,8 +174,12 @@ fn update_settings(client: &mut Client, f: impl FnOnce(&mut Settings)) -> anyhow
 /// An `--expires` value: a duration such as `30s`, `10m` or `2h`, more
 /// than nothing and at most `max`.
 pub fn parse_expiry(text: &str, max: Duration) -> anyhow::Result<Duration> {
-    let d = humantime::parse_duration(text.trim())
-        .map_err(|e| fail(USAGE, format!("--expires {text}: {e} (say 30s, 10m, 2h, 7d)")))?;
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        fail(
+            USAGE,
+            format!("--expires {text}: {e} (say 30s, 10m, 2h, 7d)"),
+        )
+    })?;
     if d.is_zero() || d > max {
         return Err(fail(
             USAGE,
@@ -389,12 +393,10 @@ fn run_confirm(cli: &Cli, name: Option<&str>, yes: bool, wait: Option<u64>) -> a
             ));
         }
     }
-    client
-        .confirm_link(&link.id)
-        .map_err(|e| match e {
-            ClientError::Invalid(why) => fail(FAILURE, why),
-            other => other.into(),
-        })?;
+    client.confirm_link(&link.id).map_err(|e| match e {
+        ClientError::Invalid(why) => fail(FAILURE, why),
+        other => other.into(),
+    })?;
     let Some(secs) = wait else {
         note(&format!(
             "confirmed {who:?}: it gets the profile as you both run `tern recv` (or use --wait)"

@@ -79,7 +79,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 ));
             };
             client.revoke_invitation(&c.id)?;
-            note(&format!("{name} withdrawn: its queues are deleted, nobody can use it"));
+            note(&format!(
+                "{name} withdrawn: its queues are deleted, nobody can use it"
+            ));
         }
     }
     Ok(())

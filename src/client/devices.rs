@@ -765,7 +765,10 @@ pub(crate) fn on_device_message(
             rotate_days,
         } => {
             if !linking {
-                refuse(events, "settings (relays, profile) outside of linking this device");
+                refuse(
+                    events,
+                    "settings (relays, profile) outside of linking this device",
+                );
                 return Ok(changed);
             }
             let profile = Profile::from_bytes(&profile)?;
@@ -845,7 +848,10 @@ pub(crate) fn on_device_message(
         }
         DeviceMsg::Sibling { device, name } => {
             if !linking {
-                refuse(events, "another device to connect to outside of linking this device");
+                refuse(
+                    events,
+                    "another device to connect to outside of linking this device",
+                );
                 return Ok(changed);
             }
             c.push_device_job(DeviceJob::Offer {
@@ -865,7 +871,10 @@ pub(crate) fn on_device_message(
             // Only through a connection we named to that device, once: it
             // must not make us introduce whatever it likes to our contacts.
             let Some(slot) = c.offer_slots.iter().position(|s| *s == via) else {
-                refuse(events, "an invitation to forward through a connection it was never given");
+                refuse(
+                    events,
+                    "an invitation to forward through a connection it was never given",
+                );
                 return Ok(changed);
             };
             c.offer_slots.remove(slot);
@@ -932,7 +941,10 @@ pub(crate) fn on_device_message(
                 }
             };
             if !allowed {
-                refuse(events, "a copy of a message with a contact it has no connection with");
+                refuse(
+                    events,
+                    "a copy of a message with a contact it has no connection with",
+                );
                 return Ok(changed);
             }
             let mut entry = history_of(&entry);
@@ -1428,8 +1440,7 @@ impl Client {
     /// what it still had to send (the news of a removal) went out.
     pub(crate) fn forget_if_removed(&mut self, id: &str) -> Result<(), ClientError> {
         if let Ok(c) = self.contact(id) {
-            if c.removed && c.device_jobs.is_empty() && c.jobs.is_empty() && c.outbox.is_empty()
-            {
+            if c.removed && c.device_jobs.is_empty() && c.jobs.is_empty() && c.outbox.is_empty() {
                 self.remove_contact(id)?;
             }
         }
@@ -1593,8 +1604,7 @@ impl Client {
                     // From here on the person's new device gets what we send
                     // from us directly: tell the device that forwarded it.
                     let fingerprint = record.fingerprint().unwrap_or_default();
-                    send_on(&mut c, &DeviceMsg::Added { tag, fingerprint }, t)
-                        .map_err(abort)?;
+                    send_on(&mut c, &DeviceMsg::Added { tag, fingerprint }, t).map_err(abort)?;
                 }
                 tx.put(&key, &c)?;
                 if record.device {
