@@ -11,7 +11,7 @@ use super::output::{note, stdin_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::client::jobs::{push_request, reached_a_relay};
 use crate::client::model::Contact;
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::client::{new_contact_id, now};
 use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
@@ -97,12 +97,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ))
         }
     };
-    let (conn, request, t) = join(&client, &invitation, channel)?;
     let id = new_contact_id();
     let (name, provisional) = match &args.name {
-        Some(n) => (n.trim().to_string(), false),
+        Some(n) => (super::contacts::valid_name("--name", n)?, false),
         None => (format!("contact-{}", &id[..6]), true),
     };
+    // Before any queue is made on a relay.
+    if client.contact_id(&name).is_ok() {
+        return Err(ClientError::NameTaken(name).into());
+    }
+    let (conn, request, t) = join(&client, &invitation, channel)?;
     let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
     let request_id = push_request(&mut contact, request, t);
     client.add_contact(&contact)?;

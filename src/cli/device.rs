@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::exit::{fail, BAD_INVITATION, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
-use super::output::{json, line, note, stdout_is_terminal, time};
+use super::output::{json, line, note, pad, stdout_is_terminal, text, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
 use crate::client::fetch::{Event, FetchOptions};
@@ -403,7 +403,7 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         json(&json!({"name": this, "this_device": true, "state": "connected"}));
     } else {
-        line(&format!("{this:<20} this device"));
+        line(&format!("{} this device", pad(&text(&this), 20)));
     }
     let mut devices = client.devices()?;
     devices.sort_by(|a, b| a.name.cmp(&b.name));
@@ -427,9 +427,9 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
             }));
         } else {
             line(&format!(
-                "{:<20} {:<10} last {}  {} connection(s) known",
-                d.name,
-                state,
+                "{} {} last {}  {} connection(s) known",
+                pad(&text(&d.name), 20),
+                pad(state, 10),
                 time(d.last_activity_ms),
                 d.announced.len()
             ));

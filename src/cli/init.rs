@@ -47,7 +47,7 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let home = unlock::home(cli);
     let profile = Profile {
-        name: args.name.trim().to_string(),
+        name: super::contacts::valid_name("--name", &args.name)?,
         ..Profile::default()
     };
     profile

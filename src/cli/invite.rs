@@ -83,11 +83,12 @@ fn new_contact(
 ) -> anyhow::Result<(String, String)> {
     let id = new_contact_id();
     let (name, provisional) = match name {
-        Some(n) => (n.trim().to_string(), false),
+        Some(n) => (super::contacts::valid_name("--name", n)?, false),
         None => (format!("invited-{}", &id[..6]), true),
     };
-    if name.is_empty() {
-        return Err(fail(USAGE, "--name must not be empty"));
+    // Before any queue is made on a relay.
+    if client.contact_id(&name).is_ok() {
+        return Err(crate::client::ClientError::NameTaken(name).into());
     }
     let queues = client.create_queues()?;
     let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);

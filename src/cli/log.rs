@@ -1,10 +1,7 @@
 //! `tern log`: the local history with a contact.
 
-use data_encoding::HEXLOWER;
-use serde_json::json;
-
-use super::output::{json, line, time};
-use super::{unlock, Cli};
+use super::output::{json, line};
+use super::{recv, unlock, Cli};
 use crate::client::model::{history_log, Direction, HistoryEntry};
 
 /// Show the local history with a contact, oldest first
@@ -23,35 +20,26 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
-    let group = client.contact(&id)?.group().to_string();
+    let contact = client.contact(&id)?;
+    let (group, name) = (contact.group().to_string(), contact.name);
     let mut entries: Vec<(u64, HistoryEntry)> = client
         .store
         .read(|tx| tx.tail(&history_log(&group), args.limit))?;
     // Copies from our other devices arrive after the fact: show the
     // conversation in the order it was written.
     entries.sort_by_key(|(_, e)| e.sent_at_ms);
-    let settings = client.settings()?;
+    let me = client.settings()?.profile.name;
     for (_, e) in entries {
-        let who = match e.dir {
-            Direction::In => args.contact.as_str(),
-            Direction::Out => settings.profile.name.as_str(),
-        };
         if args.json {
-            json(&json!({
-                "contact": args.contact,
-                "direction": e.dir,
-                "from": who,
-                "text": e.text,
-                "id": HEXLOWER.encode(&e.id),
-                "sent_at": time(e.sent_at_ms),
-                "received_at": e.received_at_ms.map(time),
-            }));
+            json(&recv::message_json(&name, &me, &e, None));
         } else {
-            line(&format!(
-                "{}  {who}: {}",
-                time(e.sent_at_ms),
-                e.text.replace('\n', "\n    ")
-            ));
+            let who = match e.dir {
+                Direction::In => name.as_str(),
+                Direction::Out => me.as_str(),
+            };
+            for l in recv::message_lines(who, &e) {
+                line(&l);
+            }
         }
     }
     Ok(())

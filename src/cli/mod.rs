@@ -6,6 +6,7 @@ pub mod accept;
 pub mod contacts;
 pub mod device;
 pub mod exit;
+pub mod files;
 pub mod forget;
 pub mod generate;
 pub mod init;

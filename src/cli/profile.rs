@@ -6,10 +6,11 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::exit::{fail, USAGE};
-use super::output::{json, line, note};
+use super::output::{json, line, note, text};
 use super::{unlock, Cli};
 use crate::client::model::{Settings, SETTINGS};
-use crate::proto::hello::MAX_AVATAR;
+use crate::proto::hello::{MAX_AVATAR, MAX_STATUS};
+use crate::proto::text::status_problem;
 
 /// Show or change your profile; changes are sent to connected contacts
 #[derive(Debug, clap::Args)]
@@ -39,9 +40,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if changing {
         let mut p = settings.profile.clone();
         if let Some(n) = &args.name {
-            p.name = n.trim().to_string();
+            p.name = super::contacts::valid_name("--name", n)?;
         }
         if let Some(s) = &args.status {
+            if let Some(why) = status_problem(s, MAX_STATUS) {
+                return Err(fail(USAGE, format!("--status: the status {why}")));
+            }
             p.status = s.clone();
         }
         if let Some(path) = &args.avatar {
@@ -81,8 +85,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             &json!({"name": p.name, "status": p.status, "avatar_bytes": p.avatar.as_ref().map(Vec::len)}),
         );
     } else if !changing {
-        line(&format!("name:   {}", p.name));
-        line(&format!("status: {}", p.status));
+        // Another device of ours can set these: escaped like a contact's.
+        line(&format!("name:   {}", text(&p.name)));
+        line(&format!("status: {}", text(&p.status)));
         line(&format!(
             "avatar: {}",
             p.avatar

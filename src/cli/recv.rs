@@ -6,10 +6,10 @@ use data_encoding::HEXLOWER;
 use serde_json::json;
 
 use super::exit::{fail, TRY_AGAIN};
-use super::output::{json, line, note, time};
+use super::output::{body, json, line, note, text, time};
 use super::{unlock, Cli};
 use crate::client::fetch::{Event, FetchOptions};
-use crate::client::model::Direction;
+use crate::client::model::{Direction, HistoryEntry};
 use crate::client::now;
 use crate::proto::envelope::ChainStatus;
 
@@ -41,7 +41,59 @@ fn chain_word(c: ChainStatus) -> &'static str {
     }
 }
 
-pub fn print_event(e: &Event, as_json: bool) {
+/// One message as `recv --json` and `log --json` print it: one schema for
+/// both, documented in the man pages (tern-recv(1)) and README.md.
+/// `contact` names the conversation, `from` who wrote it (the contact, or
+/// `me` for the name this profile goes by), `order` is for `recv` only.
+pub fn message_json(
+    contact: &str,
+    me: &str,
+    entry: &HistoryEntry,
+    order: Option<&str>,
+) -> serde_json::Value {
+    let from = match entry.dir {
+        Direction::In => contact,
+        Direction::Out => me,
+    };
+    let mut v = json!({
+        "type": "message",
+        "contact": contact,
+        "from": from,
+        "direction": entry.dir,
+        "text": entry.text,
+        "id": HEXLOWER.encode(&entry.id),
+        "sent_at": time(entry.sent_at_ms),
+        "sent_at_ms": entry.sent_at_ms,
+        "received_at": entry.received_at_ms.map(time),
+        "received_at_ms": entry.received_at_ms,
+    });
+    if let Some(o) = order {
+        v["order"] = json!(o);
+    }
+    v
+}
+
+/// One message as text: `TIME  WHO: first line`, further lines indented,
+/// so no line of a message can pass for the start of another. Names and
+/// text are escaped ([`super::output::text`], [`super::output::body`]).
+pub fn message_lines(who: &str, entry: &HistoryEntry) -> Vec<String> {
+    // Split on '\n' only: `str::lines` would also drop a CR before it,
+    // hiding what was sent.
+    let mut lines = entry.text.split('\n');
+    let first = lines.next().unwrap_or("");
+    let mut out = vec![format!(
+        "{}  {}: {}",
+        time(entry.sent_at_ms),
+        text(who),
+        body(first)
+    )];
+    out.extend(lines.map(|l| format!("    {}", body(l))));
+    out
+}
+
+/// Prints one event; `me` is this profile's name (the `from` of what our
+/// devices sent).
+pub fn print_event(e: &Event, as_json: bool, me: &str) {
     match e {
         Event::Message {
             contact,
@@ -49,44 +101,34 @@ pub fn print_event(e: &Event, as_json: bool) {
             chain,
         } => {
             if as_json {
-                json(&json!({
-                    "type": "message",
-                    "contact": contact,
-                    "direction": entry.dir,
-                    "text": entry.text,
-                    "id": HEXLOWER.encode(&entry.id),
-                    "sent_at": time(entry.sent_at_ms),
-                    "received_at": time(entry.received_at_ms.unwrap_or_else(now)),
-                    "sent_at_ms": entry.sent_at_ms,
-                    "received_at_ms": entry.received_at_ms,
-                    "order": chain_word(*chain),
-                }));
+                let mut entry = entry.clone();
+                entry.received_at_ms.get_or_insert_with(now);
+                json(&message_json(contact, me, &entry, Some(chain_word(*chain))));
             } else {
-                let mut lines = entry.text.lines();
-                let first = lines.next().unwrap_or("");
                 // What another device of ours sent shows as ours.
                 let who = match entry.dir {
                     Direction::In => contact.clone(),
                     Direction::Out => format!("you → {contact}"),
                 };
-                line(&format!("{}  {who}: {first}", time(entry.sent_at_ms)));
-                for l in lines {
-                    line(&format!("    {l}"));
+                for l in message_lines(&who, entry) {
+                    line(&l);
                 }
             }
         }
         Event::Connected { contact } => {
             if as_json {
-                json(&json!({"type": "connected", "contact": contact}));
+                json(&json!({"type": "connected", "contact": contact, "from": contact}));
             } else {
                 note(&format!("{contact} is connected"));
             }
         }
         Event::ProfileUpdated { contact } => {
             if as_json {
-                json(&json!({"type": "profile", "contact": contact}));
+                json(&json!({"type": "profile", "contact": contact, "from": contact}));
             } else {
-                note(&format!("{contact} updated their profile"));
+                note(&format!(
+                    "{contact} updated their profile (see `tern contacts {contact}`)"
+                ));
             }
         }
         Event::Unsupported { contact, kind } => {
@@ -113,7 +155,8 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         contact_id,
     };
     let as_json = args.json;
-    let summary = client.fetch(&opts, &mut |e| print_event(&e, as_json))?;
+    let me = client.settings()?.profile.name;
+    let summary = client.fetch(&opts, &mut |e| print_event(&e, as_json, &me))?;
     if summary.queues > 0 && summary.errors.len() >= summary.queues && summary.messages == 0 {
         return Err(fail(
             TRY_AGAIN,
