@@ -254,7 +254,7 @@ fn run_join(
         ));
     };
     let device_name = valid_name(&name.map_or_else(default_device_name, str::to_string))?;
-    let home = unlock::home(cli);
+    let home = unlock::home(cli)?;
     let mut client = if Store::exists(&home) {
         let client = unlock::open(cli)?;
         if client.index()?.iter().any(|e: &IndexEntry| !e.device) {
@@ -278,7 +278,6 @@ fn run_join(
                 true,
             )?)
         };
-        std::fs::create_dir_all(&home)?;
         let mut store = Store::create(&home, key)?;
         // The linking device's relays until it sends its own list (with any
         // access keys) moments after the handshake.

@@ -23,6 +23,8 @@ pub const LOCKED: u8 = 5;
 pub const BAD_INVITATION: u8 = 6;
 /// No profile in the home directory: run `tern init`.
 pub const NO_PROFILE: u8 = 7;
+/// `tern recv --fail-if-empty`: no message arrived (EX_NOINPUT).
+pub const NOTHING_RECEIVED: u8 = 66;
 /// Temporary failure: relays unreachable or full. Work is kept and retried
 /// by the next `tern send` or `tern recv` (EX_TEMPFAIL).
 pub const TRY_AGAIN: u8 = 75;

@@ -36,8 +36,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            note("nothing was changed");
-            return Ok(());
+            return Err(fail(super::exit::FAILURE, "not confirmed; nothing was changed"));
         }
     }
     // Every connection of the contact: one per device of theirs.

@@ -46,6 +46,9 @@ Not a usable invitation: a malformed link, an image without a QR code, a newer p
 \fB7\fR
 No profile in the home directory: run \fBtern init\fR.
 .TP
+\fB66\fR
+\fBtern recv \-\-fail\-if\-empty\fR: no message arrived.
+.TP
 \fB75\fR
 Temporary failure: no relay could be reached or the queue is full. The work is kept and retried by the next \fBtern send\fR or \fBtern recv\fR.
 "#;

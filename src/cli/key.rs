@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::output::note;
-use super::{unlock, Cli};
+use super::{files, unlock, Cli};
 use crate::store::NewKey;
 
 /// Manage the key that protects the profile
@@ -38,6 +38,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     match &args.action {
         Action::Export { out, force } => {
+            if !*force {
+                files::refuse_existing(out)?;
+            }
+            // `--out ~/.config/tern/identity` on a fresh machine.
+            files::create_parents(out)?;
             client.store.export_identity(out, *force)?;
             note(&format!(
                 "identity written to {}; anyone who can read it can read this profile",

@@ -87,18 +87,35 @@ pub enum Command {
 }
 
 /// The profile directory: --home, $TERN_HOME, or the XDG data directory.
-pub fn home_dir(cli_home: Option<&PathBuf>) -> PathBuf {
-    cli_home.cloned().unwrap_or_else(|| data_dir("tern"))
+pub fn home_dir(cli_home: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match cli_home {
+        Some(h) => Ok(h.clone()),
+        None => data_dir("tern"),
+    }
 }
 
-/// `$XDG_DATA_HOME/NAME`, falling back to `~/.local/share/NAME`.
-pub fn data_dir(name: &str) -> PathBuf {
+/// `$XDG_DATA_HOME/NAME`, falling back to `~/.local/share/NAME`. With
+/// neither variable set there is no sensible place (the current directory
+/// would scatter profiles wherever a cron job happens to run): refused.
+pub fn data_dir(name: &str) -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join(name);
+        return Ok(PathBuf::from(x).join(name));
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(h) => PathBuf::from(h).join(".local/share").join(name),
-        None => PathBuf::from(".").join(name),
+        Some(h) => Ok(PathBuf::from(h).join(".local/share").join(name)),
+        None => Err(exit::fail(
+            exit::USAGE,
+            format!(
+                "neither HOME nor XDG_DATA_HOME is set, so there is no default place for the \
+                 {name} directory: give it with --{} DIR (or set {})",
+                if name == "tern" { "home" } else { "data" },
+                if name == "tern" {
+                    "TERN_HOME"
+                } else {
+                    "TERN_RELAY_DATA"
+                }
+            ),
+        )),
     }
 }
 

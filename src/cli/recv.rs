@@ -5,7 +5,7 @@ use std::time::Duration;
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
-use super::exit::{fail, TRY_AGAIN};
+use super::exit::{fail, NOTHING_RECEIVED, TRY_AGAIN};
 use super::output::{body, json, line, note, text, time};
 use super::{unlock, Cli};
 use crate::client::fetch::{Event, FetchOptions};
@@ -31,6 +31,10 @@ pub struct Args {
     /// Only this contact
     #[arg(long, value_name = "CONTACT")]
     pub from: Option<String>,
+    /// Exit with status 66 when no message arrived (for scripts:
+    /// `tern recv --wait 60 --fail-if-empty || echo nothing`)
+    #[arg(long, conflicts_with = "follow")]
+    pub fail_if_empty: bool,
 }
 
 fn chain_word(c: ChainStatus) -> &'static str {
@@ -162,6 +166,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             TRY_AGAIN,
             "no relay could be reached; try again later",
         ));
+    }
+    if args.fail_if_empty && summary.messages == 0 {
+        return Err(fail(NOTHING_RECEIVED, "no message arrived"));
     }
     Ok(())
 }

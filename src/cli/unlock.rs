@@ -69,13 +69,13 @@ pub fn key_source(cli: &Cli, home: &Path) -> anyhow::Result<KeySource> {
     }
 }
 
-pub fn home(cli: &Cli) -> PathBuf {
+pub fn home(cli: &Cli) -> anyhow::Result<PathBuf> {
     super::home_dir(cli.home.as_ref())
 }
 
 /// Opens the profile, asking for whatever unlocks it.
 pub fn open(cli: &Cli) -> anyhow::Result<Client> {
-    let home = home(cli);
+    let home = home(cli)?;
     let key = key_source(cli, &home)?;
     Ok(Client::open(&home, key)?)
 }

@@ -1,7 +1,7 @@
 //! `tern verify`: compare security codes out of band.
 
 use super::exit::{fail, CODE_MISMATCH, USAGE};
-use super::output::{line, note, stdout_is_terminal};
+use super::output::{json, line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::proto::security_code::codes_match;
 
@@ -12,11 +12,37 @@ use crate::proto::security_code::codes_match;
 )]
 pub struct Args {
     pub contact: String,
-    /// The code the contact sees; spaces and dashes are ignored
+    /// The code the contact sees: 30 digits; spaces and dashes are ignored
     pub code: Option<String>,
+    /// Print one JSON object: the code, or whether the codes match
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Digits of a code as typed: `Some` only for something that is a code
+/// (30 digits, with any spaces and dashes, or the `TERN-CODE:` text of the
+/// QR code), so a typo in the command is a usage error, not a mismatch.
+fn parse_code(typed: &str) -> Option<String> {
+    let t = typed.trim();
+    let t = t.strip_prefix("TERN-CODE:").unwrap_or(t);
+    if !t.chars().all(|c| c.is_ascii_digit() || c == ' ' || c == '-') {
+        return None;
+    }
+    let digits: String = t.chars().filter(char::is_ascii_digit).collect();
+    (digits.len() == 30).then_some(digits)
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let theirs = match &args.code {
+        Some(typed) => Some(parse_code(typed).ok_or_else(|| {
+            fail(
+                USAGE,
+                "that is not a security code: a code is 30 digits in six groups \
+                 (`tern verify CONTACT` shows yours); nothing was compared",
+            )
+        })?),
+        None => None,
+    };
     let mut client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
     let contact = client.contact(&id)?;
@@ -31,7 +57,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ),
         ));
     };
-    match &args.code {
+    match &theirs {
+        None if args.json => {
+            json(&serde_json::json!({
+                "contact": contact.name,
+                "code": ours,
+                "verified": contact.code().is_some_and(|r| r.verified),
+            }));
+            Ok(())
+        }
         None => {
             if stdout_is_terminal() {
                 print!(
@@ -46,7 +80,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             Ok(())
         }
         Some(theirs) => {
-            if !codes_match(&ours, theirs) {
+            let matched = codes_match(&ours, theirs);
+            if args.json {
+                json(&serde_json::json!({
+                    "contact": contact.name,
+                    "match": matched,
+                    "verified": matched,
+                }));
+            }
+            if !matched {
                 return Err(fail(
                     CODE_MISMATCH,
                     format!(

@@ -205,3 +205,32 @@ pub(crate) fn add_key_hash(conn: &Connection, hash: [u8; 32]) -> Result<(), Stor
     let raw: Vec<u8> = hashes[skip..].iter().flatten().copied().collect();
     set_meta(conn, "key_hashes", &raw)
 }
+
+/// Free pages past which `open` compacts the database: a quarter of the
+/// file, and at least this many pages (4 MiB of 4 KiB pages: below that
+/// the space is not worth a rewrite).
+const VACUUM_MIN_FREE_PAGES: i64 = 1024;
+
+/// Compacts the database when most of it is free pages (after `tern
+/// forget`, a rotation's clean-up, a long history deleted): `VACUUM`
+/// rewrites it in one transaction, atomically like any other. Best effort:
+/// if another process holds the database, it is left for another time.
+/// Returns whether it ran.
+pub(crate) fn maybe_vacuum(conn: &Connection) -> Result<bool, StoreError> {
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+    if free < VACUUM_MIN_FREE_PAGES || free * 4 < pages {
+        return Ok(false);
+    }
+    // Never make a command wait for the space: a short lock wait, then
+    // the usual one back.
+    conn.busy_timeout(std::time::Duration::from_millis(200))?;
+    let done = conn.execute_batch("VACUUM").is_ok();
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    if done {
+        // Move the rewritten pages from the WAL into the file, so the
+        // space is given back now.
+        let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+    Ok(done)
+}

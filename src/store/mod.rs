@@ -326,6 +326,7 @@ impl Store {
             paths,
         };
         store.finish_interrupted()?;
+        db::maybe_vacuum(&store.conn)?;
         Ok(store)
     }
 
@@ -505,7 +506,17 @@ fn create_home(home: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(home).map_err(|e| StoreError::io(home, e))
+    builder.create(home).map_err(|e| StoreError::io(home, e))?;
+    // A directory that was there already (made by hand, or by an older
+    // tern with the umask's 0755) is narrowed too: others must not see the
+    // profile's file names, sizes and times.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(home, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StoreError::io(home, e))?;
+    }
+    Ok(())
 }
 
 /// Temporary files from an interrupted `write_atomic` of a profile file.
