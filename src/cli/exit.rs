@@ -74,7 +74,10 @@ fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
     }
     if let Some(e) = cause.downcast_ref::<StoreError>() {
         return match e {
-            StoreError::WrongPassphrase | StoreError::WrongIdentity(_) => Some(LOCKED),
+            StoreError::WrongPassphrase
+            | StoreError::WrongIdentity(_)
+            | StoreError::RetiredKey(_) => Some(LOCKED),
+            StoreError::Rekeyed => Some(TRY_AGAIN),
             StoreError::NoProfile(_) => Some(NO_PROFILE),
             _ => None,
         };

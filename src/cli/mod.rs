@@ -61,6 +61,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "TERN_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
 
+    /// Accept a new passphrase that the strength check (zxcvbn) finds
+    /// easy to guess
+    #[arg(long, global = true)]
+    pub allow_weak_passphrase: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
