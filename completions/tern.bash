@@ -67,6 +67,30 @@ _tern() {
             tern,verify)
                 cmd="tern__subcmd__verify"
                 ;;
+            tern__subcmd__contacts,help)
+                cmd="tern__subcmd__contacts__subcmd__help"
+                ;;
+            tern__subcmd__contacts,list)
+                cmd="tern__subcmd__contacts__subcmd__list"
+                ;;
+            tern__subcmd__contacts,rename)
+                cmd="tern__subcmd__contacts__subcmd__rename"
+                ;;
+            tern__subcmd__contacts,show)
+                cmd="tern__subcmd__contacts__subcmd__show"
+                ;;
+            tern__subcmd__contacts__subcmd__help,help)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__help"
+                ;;
+            tern__subcmd__contacts__subcmd__help,list)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__list"
+                ;;
+            tern__subcmd__contacts__subcmd__help,rename)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__rename"
+                ;;
+            tern__subcmd__contacts__subcmd__help,show)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__show"
+                ;;
             tern__subcmd__device,help)
                 cmd="tern__subcmd__device__subcmd__help"
                 ;;
@@ -147,6 +171,15 @@ _tern() {
                 ;;
             tern__subcmd__help,verify)
                 cmd="tern__subcmd__help__subcmd__verify"
+                ;;
+            tern__subcmd__help__subcmd__contacts,list)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__list"
+                ;;
+            tern__subcmd__help__subcmd__contacts,rename)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__rename"
+                ;;
+            tern__subcmd__help__subcmd__contacts,show)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__show"
                 ;;
             tern__subcmd__help__subcmd__device,join)
                 cmd="tern__subcmd__help__subcmd__device__subcmd__join"
@@ -257,7 +290,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --help --version init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="-h -V --home --passphrase-file --identity --allow-weak-passphrase --help --version init invite accept send recv contacts verify profile log forget relays rotate key device relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -283,7 +316,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__accept)
-            opts="-h --image --name --home --passphrase-file --identity --help"
+            opts="-h --image --name --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -317,7 +350,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help list show rename help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -342,8 +375,160 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__contacts__subcmd__help)
+            opts="list show rename help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__rename)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__list)
+            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__rename)
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__show)
+            opts="-h --json --long --save-avatar --force --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --save-avatar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__device)
-            opts="-h --home --passphrase-file --identity --help link join list remove help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help link join list remove help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -453,7 +638,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__join)
-            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --help"
+            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -495,7 +680,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__link)
-            opts="-h --name --qr --link --png --wait --home --passphrase-file --identity --help"
+            opts="-h --name --qr --link --png --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -533,7 +718,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -559,7 +744,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__remove)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -585,7 +770,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__forget)
-            opts="-h --yes --home --passphrase-file --identity --help"
+            opts="-h --yes --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -611,7 +796,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__generate)
-            opts="-h --out --home --passphrase-file --identity --help"
+            opts="-h --out --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -669,8 +854,50 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__contacts)
-            opts=""
+            opts="list show rename"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__rename)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1061,7 +1288,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__init)
-            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --help"
+            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1099,7 +1326,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invite)
-            opts="-h --name --rekey --qr --link --png --home --passphrase-file --identity --help"
+            opts="-h --name --rekey --qr --link --png --force --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1137,7 +1364,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key)
-            opts="-h --home --passphrase-file --identity --help export passwd help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help export passwd help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1163,7 +1390,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__export)
-            opts="-h --out --force --home --passphrase-file --identity --help"
+            opts="-h --out --force --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1249,12 +1476,16 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__passwd)
-            opts="-h --no-passphrase --home --passphrase-file --identity --help"
+            opts="-h --no-passphrase --new-passphrase-file --rekey --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --new-passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1275,7 +1506,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__log)
-            opts="-h --json --limit --home --passphrase-file --identity --help"
+            opts="-h --json --limit --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1305,7 +1536,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__profile)
-            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --help"
+            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1343,7 +1574,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__recv)
-            opts="-h --json --wait --follow --from --home --passphrase-file --identity --help"
+            opts="-h --json --wait --follow --from --fail-if-empty --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1377,7 +1608,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay)
-            opts="-h --home --passphrase-file --identity --help serve address help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help serve address help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1403,7 +1634,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__address)
-            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --help"
+            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1497,7 +1728,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__serve)
-            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-wait --max-connections --home --passphrase-file --identity --help"
+            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-wait --max-connections --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1551,7 +1782,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays)
-            opts="-h --json --home --passphrase-file --identity --help list add remove test help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help list add remove test help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1577,7 +1808,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__add)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --no-test --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1687,7 +1918,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1713,7 +1944,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__remove)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1739,7 +1970,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__test)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1765,7 +1996,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__rotate)
-            opts="-h --all --home --passphrase-file --identity --help"
+            opts="-h --all --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1791,7 +2022,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1817,7 +2048,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__verify)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -76,6 +76,7 @@ pub enum DeviceCommand {
     },
     /// List this profile's devices
     List {
+        /// One JSON object per line
         #[arg(long)]
         json: bool,
     },

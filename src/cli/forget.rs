@@ -12,6 +12,7 @@ use super::{unlock, Cli};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Example:\n  tern forget bob --yes")]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
     /// Do not ask for confirmation (needed when stdin is not a terminal)
     #[arg(long)]

@@ -8,6 +8,7 @@ use crate::client::model::{history_log, Direction, HistoryEntry};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  tern log bob --limit 20\n  tern log bob --json | jq -r .text")]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
     /// One JSON object per line
     #[arg(long)]

@@ -18,8 +18,10 @@ use crate::proto::text::status_problem;
     after_help = "Examples:\n  tern profile\n  tern profile --status 'on holiday until Monday'\n  tern profile --avatar me.png"
 )]
 pub struct Args {
+    /// Your display name (1 to 64 bytes, no control or format characters)
     #[arg(long)]
     pub name: Option<String>,
+    /// A status line shown to contacts (up to 512 bytes; may span lines)
     #[arg(long)]
     pub status: Option<String>,
     /// A PNG or JPEG of at most 12 KiB
@@ -28,6 +30,7 @@ pub struct Args {
     /// Remove the avatar
     #[arg(long, conflicts_with = "avatar")]
     pub no_avatar: bool,
+    /// Print the profile as one JSON object
     #[arg(long)]
     pub json: bool,
 }

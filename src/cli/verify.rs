@@ -11,6 +11,7 @@ use crate::proto::security_code::codes_match;
     after_help = "Examples:\n  tern verify bob                       # show the code (and its QR code)\n  tern verify bob '12345 67890 …'        # compare with the code Bob reads out\n\nA mismatch exits with status 4: someone may have swapped the invitation."
 )]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
     /// The code the contact sees: 30 digits; spaces and dashes are ignored
     pub code: Option<String>,
