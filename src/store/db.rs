@@ -271,9 +271,9 @@ pub(crate) fn add_key_hash(conn: &Connection, hash: [u8; 32]) -> Result<(), Stor
 }
 
 /// Free pages past which `open` compacts the database: a quarter of the
-/// file, and at least this many pages (4 MiB of 4 KiB pages: below that
+/// file, and at least this many pages (1 MiB of 4 KiB pages: below that
 /// the space is not worth a rewrite).
-const VACUUM_MIN_FREE_PAGES: i64 = 1024;
+const VACUUM_MIN_FREE_PAGES: i64 = 256;
 
 /// Compacts the database when most of it is free pages (after `tern
 /// forget`, a rotation's clean-up, a long history deleted): `VACUUM`
