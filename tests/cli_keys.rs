@@ -43,20 +43,38 @@ fn key_passwd_never_takes_the_new_passphrase_from_the_old_ones_file() {
     // The issue's reproduction: TERN_PASSPHRASE_FILE set, nothing else.
     let o = a.run(&["key", "passwd"]);
     assert_code(&o, 5, "key passwd without a new passphrase");
-    assert!(stderr(&o).contains("--new-passphrase-file"), "{}", stderr(&o));
-    assert!(!stderr(&o).contains("key changed") && !stderr(&o).contains("passphrase changed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--new-passphrase-file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("key changed") && !stderr(&o).contains("passphrase changed"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read(a.home.join("key.age")).unwrap(), before);
 
     // The same passphrase as the new one: refused, nothing changed.
     let same = write_file(a.sandbox(), "same.txt", OLD);
-    let o = a.run(&["key", "passwd", "--new-passphrase-file", same.to_str().unwrap()]);
+    let o = a.run(&[
+        "key",
+        "passwd",
+        "--new-passphrase-file",
+        same.to_str().unwrap(),
+    ]);
     assert_code(&o, 2, "a new passphrase equal to the old");
     assert!(stderr(&o).contains("is the current one"), "{}", stderr(&o));
     assert_eq!(std::fs::read(a.home.join("key.age")).unwrap(), before);
 
     // A separate file: changed; the old one no longer opens it.
     let new = write_file(a.sandbox(), "new.txt", NEW);
-    a.ok(&["key", "passwd", "--new-passphrase-file", new.to_str().unwrap()]);
+    a.ok(&[
+        "key",
+        "passwd",
+        "--new-passphrase-file",
+        new.to_str().unwrap(),
+    ]);
     assert_code(&with_pass(&a, OLD, &["contacts"]), 5, "old passphrase");
     assert_code(&with_pass(&a, NEW, &["contacts"]), 0, "new passphrase");
 }
@@ -71,7 +89,10 @@ fn weak_passphrases_are_refused_unless_allowed() {
     let o = run_cmd(c, None, HANG_GUARD);
     assert_code(&o, 2, "init with a weak passphrase");
     let e = stderr(&o);
-    assert!(e.contains("too weak") && e.contains("--allow-weak-passphrase"), "{e}");
+    assert!(
+        e.contains("too weak") && e.contains("--allow-weak-passphrase"),
+        "{e}"
+    );
     assert!(!fresh.home.join("store.db").exists(), "no profile was made");
     let mut c = fresh.bare_cmd(&[
         "init",
@@ -86,7 +107,12 @@ fn weak_passphrases_are_refused_unless_allowed() {
 
     let a = Profile::with_passphrase("Bea", &[&r], OLD);
     let one = write_file(a.sandbox(), "one.txt", "x");
-    let o = a.run(&["key", "passwd", "--new-passphrase-file", one.to_str().unwrap()]);
+    let o = a.run(&[
+        "key",
+        "passwd",
+        "--new-passphrase-file",
+        one.to_str().unwrap(),
+    ]);
     assert_code(&o, 2, "a one-character passphrase");
     assert!(stderr(&o).contains("too weak"), "{}", stderr(&o));
     assert_code(&with_pass(&a, OLD, &["contacts"]), 0, "unchanged");
@@ -183,7 +209,14 @@ fn profiles_and_exports_are_private_from_the_start() {
     let o = under_umask(
         &p,
         &home,
-        &["init", "--name", "Ada", "--no-passphrase", "--relay", &r.addr],
+        &[
+            "init",
+            "--name",
+            "Ada",
+            "--no-passphrase",
+            "--relay",
+            &r.addr,
+        ],
     );
     assert_code(&o, 0, "init in a new nested home");
     // A command that writes (so -wal and -shm exist too).
@@ -206,12 +239,20 @@ fn profiles_and_exports_are_private_from_the_start() {
 
     // key export into directories that do not exist yet (issue 19 item 11).
     let out = top.join("config/tern/identity");
-    let o = under_umask(&p, &home, &["key", "export", "--out", out.to_str().unwrap()]);
+    let o = under_umask(
+        &p,
+        &home,
+        &["key", "export", "--out", out.to_str().unwrap()],
+    );
     assert_code(&o, 0, "key export into a missing directory");
     assert_eq!(mode(&out), 0o600);
     assert_eq!(mode(&top.join("config")), 0o700);
     assert_eq!(mode(&top.join("config/tern")), 0o700);
-    let o = under_umask(&p, &home, &["key", "export", "--out", out.to_str().unwrap()]);
+    let o = under_umask(
+        &p,
+        &home,
+        &["key", "export", "--out", out.to_str().unwrap()],
+    );
     assert_code(&o, 2, "an existing file without --force");
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
 
@@ -219,7 +260,9 @@ fn profiles_and_exports_are_private_from_the_start() {
     let link = run_cmd(
         {
             let mut c = tern_cmd(p.sandbox());
-            c.arg("--home").arg(&home).args(["device", "link", "--link"]);
+            c.arg("--home")
+                .arg(&home)
+                .args(["device", "link", "--link"]);
             c
         },
         None,
@@ -231,7 +274,14 @@ fn profiles_and_exports_are_private_from_the_start() {
     let o = under_umask(
         &p,
         &dhome,
-        &["device", "join", link.trim(), "--no-passphrase", "--name", "server"],
+        &[
+            "device",
+            "join",
+            link.trim(),
+            "--no-passphrase",
+            "--name",
+            "server",
+        ],
     );
     assert_code(&o, 0, "device join");
     assert_private(&dtop, &dhome);

@@ -42,7 +42,10 @@ fn contacts_show_what_a_contact_sent_and_save_the_avatar() {
     assert_eq!(c["profile"]["avatar_bytes"], png().len(), "{c}");
     assert_eq!(c["profile"]["avatar_type"], "png", "{c}");
     let long = a.ok(&["contacts", "bram"]);
-    assert!(long.contains("their name:") && long.contains("Bram"), "{long}");
+    assert!(
+        long.contains("their name:") && long.contains("Bram"),
+        "{long}"
+    );
     assert!(long.contains("on holiday\\nback Monday"), "{long}");
     assert!(long.contains("avatar:") && long.contains("png"), "{long}");
     let all = a.ok(&["contacts", "--long"]);
@@ -72,7 +75,11 @@ fn contacts_rename_keeps_a_name_given_by_hand() {
     b.ok(&["recv"]);
     a.ok(&["recv"]);
     assert_eq!(a.contact("my brother")["state"], "connected");
-    assert_eq!(b.contact("sis")["state"], "connected", "accept --name is kept");
+    assert_eq!(
+        b.contact("sis")["state"],
+        "connected",
+        "accept --name is kept"
+    );
     a.ok(&["invite", "--link", "--name", "carol"]);
     let o = a.run(&["contacts", "rename", "my brother", "carol"]);
     assert_code(&o, 2, "rename onto a name in use");
@@ -122,9 +129,20 @@ fn invite_png_keeps_nothing_when_it_fails_and_never_overwrites() {
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
     let dir = a.sandbox().join("a-dir");
     std::fs::create_dir(&dir).unwrap();
-    let o = a.run(&["invite", "--name", "dan", "--png", dir.to_str().unwrap(), "--force"]);
+    let o = a.run(&[
+        "invite",
+        "--name",
+        "dan",
+        "--png",
+        dir.to_str().unwrap(),
+        "--force",
+    ]);
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
-    assert!(a.contacts().iter().all(|c| c["name"] != "dan"), "{:?}", a.contacts());
+    assert!(
+        a.contacts().iter().all(|c| c["name"] != "dan"),
+        "{:?}",
+        a.contacts()
+    );
     // So a retry with the same name works.
     let ok = a.sandbox().join("dan.png");
     a.ok(&["invite", "--name", "dan", "--png", ok.to_str().unwrap()]);
@@ -215,7 +233,11 @@ fn json_everywhere_and_one_message_schema() {
     let got = a.recv();
     let msg = got.iter().find(|e| e["type"] == "message").unwrap().clone();
     let logged = a.log("bram");
-    let in_log = logged.iter().find(|e| e["id"] == id.as_str()).unwrap().clone();
+    let in_log = logged
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .unwrap()
+        .clone();
     for f in [
         "type",
         "contact",
@@ -289,5 +311,8 @@ fn the_store_is_compacted_after_much_is_deleted() {
     a.ok(&["forget", "bram", "--yes"]);
     a.ok(&["contacts"]);
     let after = size(&a);
-    assert!(after < before / 4, "store.db is {after} bytes after forget, {before} before");
+    assert!(
+        after < before / 4,
+        "store.db is {after} bytes after forget, {before} before"
+    );
 }

@@ -94,11 +94,23 @@ fn every_referenced_man_page_exists() {
         }
     }
     let mut want = Vec::new();
-    walk(&<tern::cli::Cli as clap::CommandFactory>::command(), "tern", &mut want);
+    walk(
+        &<tern::cli::Cli as clap::CommandFactory>::command(),
+        "tern",
+        &mut want,
+    );
     for w in want {
         assert!(pages.contains(&w), "no man page {w}");
     }
-    for flag in ["wait", "png", "out", "force", "access\\-key\\-file", "ttl\\-days", "listen"] {
+    for flag in [
+        "wait",
+        "png",
+        "out",
+        "force",
+        "access\\-key\\-file",
+        "ttl\\-days",
+        "listen",
+    ] {
         assert!(
             pages.iter().any(|p| std::fs::read_to_string(man.join(p))
                 .unwrap()
@@ -126,6 +138,10 @@ fn every_argument_has_help() {
         }
     }
     let mut missing = Vec::new();
-    walk(&<tern::cli::Cli as clap::CommandFactory>::command(), "tern", &mut missing);
+    walk(
+        &<tern::cli::Cli as clap::CommandFactory>::command(),
+        "tern",
+        &mut missing,
+    );
     assert!(missing.is_empty(), "arguments without help: {missing:#?}");
 }

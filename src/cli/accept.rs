@@ -11,8 +11,8 @@ use super::output::{json, note, stdin_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::client::jobs::{push_request, reached_a_relay};
 use crate::client::model::Contact;
-use crate::client::{Client, ClientError};
 use crate::client::{new_contact_id, now};
+use crate::client::{Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
@@ -95,7 +95,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         AnyInvitation::Rekey(r) => {
             let name = accept_rekey(&mut client, &r, channel)?;
             if args.json {
-                json(&serde_json::json!({"type": "accepted", "contact": name, "rekey": true, "state": "rekeying"}));
+                json(
+                    &serde_json::json!({"type": "accepted", "contact": name, "rekey": true, "state": "rekeying"}),
+                );
             }
             return Ok(());
         }

@@ -37,7 +37,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            return Err(fail(super::exit::FAILURE, "not confirmed; nothing was changed"));
+            return Err(fail(
+                super::exit::FAILURE,
+                "not confirmed; nothing was changed",
+            ));
         }
     }
     // Every connection of the contact: one per device of theirs.

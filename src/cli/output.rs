@@ -173,7 +173,10 @@ mod tests {
         let s = "\x1b[2J \u{7f}\u{85}\u{202e}\u{2028} é 🙂";
         let v = serde_json::json!({ "text": s });
         let out = json_text(&v);
-        assert!(out.is_ascii() || !out.chars().any(|c| c.is_control()), "{out}");
+        assert!(
+            out.is_ascii() || !out.chars().any(|c| c.is_control()),
+            "{out}"
+        );
         assert!(!out.contains('\u{202e}') && !out.contains('\u{85}'));
         let back: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(back, v);

@@ -64,8 +64,12 @@ fn read_stdin() -> anyhow::Result<String> {
         };
         return Err(too_long(&size));
     }
-    let mut s = String::from_utf8(buf)
-        .map_err(|_| fail(USAGE, "the message on stdin is not UTF-8 text; nothing was sent"))?;
+    let mut s = String::from_utf8(buf).map_err(|_| {
+        fail(
+            USAGE,
+            "the message on stdin is not UTF-8 text; nothing was sent",
+        )
+    })?;
     if s.ends_with('\n') {
         s.pop();
         if s.ends_with('\r') {
@@ -88,7 +92,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let text = if args.text.is_empty() {
         read_stdin()?
     } else {
-        if let Some(w) = args.text.iter().skip(1).find(|w| OPTION_WORDS.contains(&w.as_str())) {
+        if let Some(w) = args
+            .text
+            .iter()
+            .skip(1)
+            .find(|w| OPTION_WORDS.contains(&w.as_str()))
+        {
             note(&format!(
                 "`{w}` comes after the first word of the message, so it is sent as part of it; \
                  options go before the message"

@@ -210,7 +210,10 @@ mod tests {
             let e = e.expect_err(weak).to_string();
             assert!(e.contains("--allow-weak-passphrase"), "{e}");
         }
-        for strong in ["correct horse battery staple", "plum ferry onion velvet gravel"] {
+        for strong in [
+            "correct horse battery staple",
+            "plum ferry onion velvet gravel",
+        ] {
             check_strength(&c, &SecretString::from(strong.to_string()), &[]).expect(strong);
         }
         let allow = cli(&["--allow-weak-passphrase"]);

@@ -26,7 +26,10 @@ pub struct Args {
 fn parse_code(typed: &str) -> Option<String> {
     let t = typed.trim();
     let t = t.strip_prefix("TERN-CODE:").unwrap_or(t);
-    if !t.chars().all(|c| c.is_ascii_digit() || c == ' ' || c == '-') {
+    if !t
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == ' ' || c == '-')
+    {
         return None;
     }
     let digits: String = t.chars().filter(char::is_ascii_digit).collect();

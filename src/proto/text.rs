@@ -85,10 +85,19 @@ mod tests {
 
     #[test]
     fn every_control_and_format_character_is_refused() {
-        let controls = (0u32..0x20).chain(0x7f..0xa0).map(|c| char::from_u32(c).unwrap());
-        for c in controls.chain(BIDI.iter().copied()).chain(ZERO_WIDTH.iter().copied()) {
+        let controls = (0u32..0x20)
+            .chain(0x7f..0xa0)
+            .map(|c| char::from_u32(c).unwrap());
+        for c in controls
+            .chain(BIDI.iter().copied())
+            .chain(ZERO_WIDTH.iter().copied())
+        {
             let name = format!("Ada{c}");
-            assert!(name_problem(&name, 64).is_some(), "U+{:04X} accepted", c as u32);
+            assert!(
+                name_problem(&name, 64).is_some(),
+                "U+{:04X} accepted",
+                c as u32
+            );
             if c != '\n' {
                 assert!(status_problem(&name, 512).is_some(), "U+{:04X}", c as u32);
             }
@@ -102,7 +111,14 @@ mod tests {
 
     #[test]
     fn ordinary_names_pass() {
-        for n in ["Ada", "Zoë Ünal", "李小龍", "محمد", "Ada 🙂", "O'Brien-Smith"] {
+        for n in [
+            "Ada",
+            "Zoë Ünal",
+            "李小龍",
+            "محمد",
+            "Ada 🙂",
+            "O'Brien-Smith",
+        ] {
             assert_eq!(name_problem(n, 64), None, "{n}");
         }
         assert!(name_problem(" \u{3000} ", 64).is_some());

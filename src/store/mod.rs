@@ -43,6 +43,18 @@
 //! that the database shows which records share a first segment (how many
 //! contacts, say), not what the segment is.
 //!
+//! # Re-keying
+//!
+//! [`Store::rekey`] (`tern key passwd --rekey`) replaces the identity: a new
+//! data key, and a new name key that hashes every stored id once more (the
+//! name ids are a chain over all name keys the profile has had, see
+//! `crypto::Keys`, since log names and seen digests are stored only as ids
+//! and cannot be hashed afresh). The earlier name keys are kept in `meta`,
+//! sealed under the new data key; the format becomes 2, so a tern that
+//! knows only format 1 refuses the store instead of missing its records.
+//! Identities that were retired are remembered by the hash of their public
+//! key and reported as such ([`StoreError::RetiredKey`]).
+//!
 //! # Concurrency and crashes
 //!
 //! Each [`Store`] has its own SQLite connection; several processes (`tern
@@ -500,7 +512,7 @@ impl Store {
         check_epoch(&tx, self.epoch)?;
         let meta = db::Meta::load(&tx)?;
         // Records: new id, bucket, sealed name and value.
-        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> = {
+        let rows: Vec<KvRow> = {
             let mut stmt = tx.prepare("SELECT id, bucket, name, value FROM kv")?;
             let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             it.collect::<Result<_, _>>()?
@@ -604,9 +616,7 @@ impl Store {
         // Free pages still hold the old ciphertexts (zeroed by
         // secure_delete where rows were deleted, not where updated).
         let _ = self.conn.execute_batch("VACUUM");
-        let _ = self
-            .conn
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
         Ok(())
     }
 
@@ -804,6 +814,9 @@ fn check_epoch(conn: &Connection, epoch: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A `kv` row as stored: id, bucket, sealed name, sealed value.
+type KvRow = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// A re-key between its steps (see [`Store::rekey`]).
 pub(crate) struct RekeyPlan {
     unlocked: Unlocked,
@@ -815,10 +828,7 @@ pub(crate) struct RekeyPlan {
 /// A decrypted value without its padding (JSON white space), so that
 /// sealing it again pads it to the same size, not one block more.
 fn trim_padding(plain: &[u8]) -> &[u8] {
-    let end = plain
-        .iter()
-        .rposition(|&b| b != b' ')
-        .map_or(0, |i| i + 1);
+    let end = plain.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
     &plain[..end]
 }
 

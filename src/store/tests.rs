@@ -972,7 +972,10 @@ fn rekey_keeps_everything_and_retires_old_keys() {
         assert_eq!(tx.keys("contact/")?, vec!["contact/1".to_string()]);
         assert_eq!(tx.keys("")?.len(), 2);
         let log: Vec<(u64, u32)> = tx.tail("history/1", 10)?;
-        assert_eq!(log, (0..5).map(|i| (u64::from(i) + 1, i)).collect::<Vec<_>>());
+        assert_eq!(
+            log,
+            (0..5).map(|i| (u64::from(i) + 1, i)).collect::<Vec<_>>()
+        );
         assert!(tx.seen("seen/1", &[9; 32])?);
         assert!(!tx.seen("seen/1", &[8; 32])?);
         Ok(())
@@ -980,7 +983,10 @@ fn rekey_keeps_everything_and_retires_old_keys() {
     .unwrap();
     // Appending goes on from the re-sealed sequence numbers.
     let mut s = s;
-    assert_eq!(s.transaction(|tx| tx.append("history/1", &5u32)).unwrap(), 6);
+    assert_eq!(
+        s.transaction(|tx| tx.append("history/1", &5u32)).unwrap(),
+        6
+    );
     drop(s);
 
     // What opened the profile before opens it no more.
