@@ -11,7 +11,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             // Errors quote names and relays' texts: escaped like every note.
-            eprintln!("tern: {}", cli::output::text(&chain(&e)));
+            eprintln!("tern: {}", tern::proto::text::escape_text(&chain(&e)));
             ExitCode::from(exit::code_for(&e))
         }
     }

@@ -12,71 +12,14 @@
 //! A closed pipe (`tern recv | head -1`) ends tern quietly instead of being
 //! an error.
 
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
 
-use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use unicode_width::UnicodeWidthStr;
 
-/// The bidirectional formatting characters (Unicode's Bidi_Control
-/// property): they reorder what follows them on the line.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
+use crate::proto::text::is_forbidden;
 
-fn is_line_break(c: char) -> bool {
-    matches!(
-        c.general_category(),
-        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator
-    )
-}
-
-fn push_escape(out: &mut String, c: char) {
-    let _ = match c {
-        '\n' => write!(out, "\\n"),
-        '\r' => write!(out, "\\r"),
-        '\t' => write!(out, "\\t"),
-        c if (c as u32) < 0x100 => write!(out, "\\x{:02x}", c as u32),
-        c => write!(out, "\\u{{{:x}}}", c as u32),
-    };
-}
-
-fn escape_if(s: &str, bad: impl Fn(char) -> bool) -> Cow<'_, str> {
-    if !s.chars().any(&bad) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if bad(c) {
-            push_escape(&mut out, c);
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// One line of a message body for the terminal: every control character
-/// (C0, DEL, C1) but tab, the bidirectional controls and the Unicode line
-/// separators become visible escapes. Zero-width joiners and the like stay,
-/// since emoji are made of them and they move nothing. Split the body on
-/// `\n` first: a newline here is escaped too.
-pub fn body(s: &str) -> Cow<'_, str> {
-    escape_if(s, |c| {
-        (c.is_control() && c != '\t') || is_bidi_control(c) || is_line_break(c)
-    })
-}
-
-/// A name, status, relay address or error text for the terminal: every
-/// control character (tab and newline included) and every format character
-/// (general category Cf: bidi controls, zero-width characters) is escaped.
-/// Names that pass PROTOCOL.md §5.5 are unchanged by it.
-pub fn text(s: &str) -> Cow<'_, str> {
-    escape_if(s, |c| {
-        c.is_control() || is_line_break(c) || c.general_category() == GeneralCategory::Format
-    })
-}
+pub use crate::proto::text::{escape_body as body, escape_text as text};
 
 /// `s` (already escaped) padded with spaces to `width` terminal columns:
 /// wide characters (CJK, emoji) take two, combining marks none.
@@ -110,9 +53,7 @@ pub fn line(s: &str) {
 /// without them), so the value is exactly the same.
 pub fn json_text(v: &serde_json::Value) -> String {
     let raw = v.to_string();
-    let bad = |c: char| {
-        c.is_control() || is_line_break(c) || c.general_category() == GeneralCategory::Format
-    };
+    let bad = |c: char| is_forbidden(c);
     if !raw.chars().any(bad) {
         return raw;
     }
@@ -165,7 +106,7 @@ mod tests {
         );
         assert_eq!(body("a\tb 👩\u{200d}💻"), "a\tb 👩\u{200d}💻");
         assert_eq!(text("a\tb\u{200b}"), "a\\tb\\u{200b}");
-        assert!(matches!(body("plain"), Cow::Borrowed(_)));
+        assert!(matches!(body("plain"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

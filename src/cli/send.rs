@@ -6,7 +6,7 @@ use anyhow::Context;
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
-use super::exit::{fail, TRY_AGAIN, USAGE};
+use super::exit::{fail, FAILURE, TRY_AGAIN, USAGE};
 use super::output::{json, note, stdin_is_terminal};
 use super::{unlock, Cli};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
@@ -66,7 +66,7 @@ fn read_stdin() -> anyhow::Result<String> {
     }
     let mut s = String::from_utf8(buf).map_err(|_| {
         fail(
-            USAGE,
+            FAILURE,
             "the message on stdin is not UTF-8 text; nothing was sent",
         )
     })?;

@@ -961,7 +961,10 @@ impl Client {
                 Err(e) => {
                     // Never retried: an invitation that cannot be used stays
                     // unusable. Say so, drop the job.
-                    eprintln!("tern: warning: device step failed: {e}");
+                    eprintln!(
+                        "tern: warning: device step failed: {}",
+                        crate::proto::text::escape_text(&e.to_string())
+                    );
                     self.update_contact(id, |_, c| {
                         c.device_jobs.retain(|j| j.id != task.id);
                         Ok(())

@@ -234,7 +234,7 @@ impl Client {
             return Err(ClientError::AllRelaysFailed(errors.join("; ")));
         }
         for e in errors {
-            eprintln!("tern: warning: {}", crate::cli::output::text(&e));
+            eprintln!("tern: warning: {}", crate::proto::text::escape_text(&e));
         }
         Ok(queues)
     }

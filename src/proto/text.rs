@@ -8,6 +8,9 @@
 //! by `unicode-properties` (general categories) and `unicode-normalization`
 //! (NFKC), never from a table of our own.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
@@ -71,6 +74,66 @@ fn forbidden_problem(s: &str, allowed: impl Fn(char) -> bool) -> Option<String> 
 pub fn name_key(name: &str) -> String {
     let folded: String = name.nfkc().collect();
     folded.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+// Showing text (PROTOCOL.md §5.5, "Showing text"): what tern writes to a
+// terminal never holds a raw control or bidi character.
+
+/// The bidirectional formatting characters (Unicode's Bidi_Control
+/// property): they reorder what follows them on the line.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+fn is_line_break(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator
+    )
+}
+
+fn push_escape(out: &mut String, c: char) {
+    let _ = match c {
+        '\n' => write!(out, "\\n"),
+        '\r' => write!(out, "\\r"),
+        '\t' => write!(out, "\\t"),
+        c if (c as u32) < 0x100 => write!(out, "\\x{:02x}", c as u32),
+        c => write!(out, "\\u{{{:x}}}", c as u32),
+    };
+}
+
+fn escape_if(s: &str, bad: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !s.chars().any(&bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            push_escape(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// One line of a message body for the terminal: every control character
+/// (C0, DEL, C1) but tab, the bidirectional controls and the Unicode line
+/// separators become visible escapes. Zero-width joiners and the like stay,
+/// since emoji are made of them and they move nothing. Split the body on
+/// `\n` first: a newline here is escaped too.
+pub fn escape_body(s: &str) -> Cow<'_, str> {
+    escape_if(s, |c| {
+        (c.is_control() && c != '\t') || is_bidi_control(c) || is_line_break(c)
+    })
+}
+
+/// A name, status, relay address or error text for the terminal: every
+/// control character (tab and newline included) and every format character
+/// (general category Cf: bidi controls, zero-width characters) is escaped.
+/// Names that pass PROTOCOL.md §5.5 are unchanged by it.
+pub fn escape_text(s: &str) -> Cow<'_, str> {
+    escape_if(s, is_forbidden)
 }
 
 #[cfg(test)]
