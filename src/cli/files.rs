@@ -3,7 +3,7 @@
 //! directories made as needed (mode 0700), an existing file replaced only
 //! when asked to (`--force`), atomically.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -47,17 +47,6 @@ pub fn refuse_existing(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_new_private(path: &Path) -> io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    opts.open(path)
-}
-
 fn tmp_beside(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -76,7 +65,7 @@ pub fn write_private(path: &Path, data: &[u8], force: bool) -> anyhow::Result<()
     create_parents(path)?;
     let tmp = tmp_beside(path);
     let r = (|| {
-        let mut f = create_new_private(&tmp)?;
+        let mut f = crate::store::create_private(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);

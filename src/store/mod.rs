@@ -92,6 +92,7 @@ use keyfile::Unlocked;
 
 pub use age::secrecy::SecretString;
 pub use error::StoreError;
+pub(crate) use keyfile::create_private;
 pub use keyfile::{MAX_SCRYPT_LOG_N, SCRYPT_LOG_N};
 
 /// How long a writer waits for another process's transaction before giving
