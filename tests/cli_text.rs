@@ -260,3 +260,51 @@ fn contacts_columns_align_with_wide_names_and_never_rotated_says_never() {
     let c = ada.contact("bob");
     assert!(c["last_rotated"].is_null(), "{c}");
 }
+
+/// A patched tern sends profile updates with every control and bidi
+/// character in its name and status (the binary refuses to): each is
+/// dropped on receipt, nothing raw reaches the terminal, the conversation
+/// goes on.
+#[test]
+fn profile_updates_with_any_control_or_bidi_character_are_dropped() {
+    use tern::client::Client;
+    use tern::proto::hello::Profile as WireProfile;
+    let r = Relay::start();
+    let ada = Profile::new("Ada", &[&r]);
+    let bob = Profile::new("Bob", &[&r]);
+    connect(&ada, "bob", &bob, "ada");
+    let mut client = Client::open(&bob.home, KeySource::Unprotected).unwrap();
+    let mut sent = 0;
+    for c in controls().into_iter().chain(BIDI.iter().copied()) {
+        let bad_name = WireProfile {
+            name: format!("Bob{c}"),
+            status: String::new(),
+            avatar: None,
+        };
+        client.broadcast_profile(&bad_name.to_bytes()).unwrap();
+        sent += 1;
+        if c != '\n' {
+            let bad_status = WireProfile {
+                name: "Bob".into(),
+                status: format!("away{c}"),
+                avatar: None,
+            };
+            client.broadcast_profile(&bad_status.to_bytes()).unwrap();
+            sent += 1;
+        }
+    }
+    drop(client);
+    assert!(sent > 70);
+    let o = ada.run(&["recv"]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert_eq!(terminal_unsafe(&all), None, "{all:?}");
+    let c = ada.contact("bob");
+    assert_eq!(c["profile"]["name"], "Bob", "{c}");
+    assert_eq!(c["profile"]["status"], "", "{c}");
+    let long = ada.ok(&["contacts", "bob"]);
+    assert_eq!(terminal_unsafe(&long), None, "{long:?}");
+    // Nothing is stuck: the next message arrives, and once.
+    bob.send("ada", "still talking");
+    assert_eq!(ada.recv_texts(), vec!["still talking"]);
+    ada.recv_nothing();
+}
