@@ -105,6 +105,10 @@ mod tests {
             "hi \\x1b[2J\\x1b]0;pwned\\x07 \\r x\\x9by\\u{202e}"
         );
         assert_eq!(body("a\tb 👩\u{200d}💻"), "a\tb 👩\u{200d}💻");
+        assert_eq!(
+            body("x\u{200b}\u{e0041}\u{2066}"),
+            "x\\u{200b}\\u{e0041}\\u{2066}"
+        );
         assert_eq!(text("a\tb\u{200b}"), "a\\tb\\u{200b}");
         assert!(matches!(body("plain"), std::borrow::Cow::Borrowed(_)));
     }

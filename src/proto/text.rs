@@ -79,17 +79,12 @@ pub fn name_key(name: &str) -> String {
 // Showing text (PROTOCOL.md §5.5, "Showing text"): what tern writes to a
 // terminal never holds a raw control or bidi character.
 
-/// The bidirectional formatting characters (Unicode's Bidi_Control
-/// property): they reorder what follows them on the line.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
-
-fn is_line_break(c: char) -> bool {
-    matches!(
-        c.general_category(),
-        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator
-    )
+/// U+200C ZERO WIDTH NON-JOINER and U+200D ZERO WIDTH JOINER (Unicode's
+/// Join_Control property): format characters that only choose glyph
+/// forms — Persian and Indic text and emoji sequences need them — and
+/// move nothing on the line.
+fn is_join_control(c: char) -> bool {
+    matches!(c, '\u{200C}' | '\u{200D}')
 }
 
 fn push_escape(out: &mut String, c: char) {
@@ -118,14 +113,12 @@ fn escape_if(s: &str, bad: impl Fn(char) -> bool) -> Cow<'_, str> {
 }
 
 /// One line of a message body for the terminal: every control character
-/// (C0, DEL, C1) but tab, the bidirectional controls and the Unicode line
-/// separators become visible escapes. Zero-width joiners and the like stay,
-/// since emoji are made of them and they move nothing. Split the body on
-/// `\n` first: a newline here is escaped too.
+/// (C0, DEL, C1) but tab, every format character (category Cf: the
+/// bidirectional controls, zero-width spaces, invisible tag characters) but
+/// the two join controls, and the Unicode line separators become visible
+/// escapes. Split the body on `\n` first: a newline here is escaped too.
 pub fn escape_body(s: &str) -> Cow<'_, str> {
-    escape_if(s, |c| {
-        (c.is_control() && c != '\t') || is_bidi_control(c) || is_line_break(c)
-    })
+    escape_if(s, |c| is_forbidden(c) && c != '\t' && !is_join_control(c))
 }
 
 /// A name, status, relay address or error text for the terminal: every
