@@ -70,6 +70,30 @@ _tern() {
             tern,verify)
                 cmd="tern__subcmd__verify"
                 ;;
+            tern__subcmd__contacts,help)
+                cmd="tern__subcmd__contacts__subcmd__help"
+                ;;
+            tern__subcmd__contacts,list)
+                cmd="tern__subcmd__contacts__subcmd__list"
+                ;;
+            tern__subcmd__contacts,rename)
+                cmd="tern__subcmd__contacts__subcmd__rename"
+                ;;
+            tern__subcmd__contacts,show)
+                cmd="tern__subcmd__contacts__subcmd__show"
+                ;;
+            tern__subcmd__contacts__subcmd__help,help)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__help"
+                ;;
+            tern__subcmd__contacts__subcmd__help,list)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__list"
+                ;;
+            tern__subcmd__contacts__subcmd__help,rename)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__rename"
+                ;;
+            tern__subcmd__contacts__subcmd__help,show)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__show"
+                ;;
             tern__subcmd__device,confirm)
                 cmd="tern__subcmd__device__subcmd__confirm"
                 ;;
@@ -165,6 +189,15 @@ _tern() {
                 ;;
             tern__subcmd__help,verify)
                 cmd="tern__subcmd__help__subcmd__verify"
+                ;;
+            tern__subcmd__help__subcmd__contacts,list)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__list"
+                ;;
+            tern__subcmd__help__subcmd__contacts,rename)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__rename"
+                ;;
+            tern__subcmd__help__subcmd__contacts,show)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__show"
                 ;;
             tern__subcmd__help__subcmd__device,confirm)
                 cmd="tern__subcmd__help__subcmd__device__subcmd__confirm"
@@ -305,7 +338,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="-h -V --home --passphrase-file --identity --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -331,7 +364,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__accept)
-            opts="-h --image --name --home --passphrase-file --identity --help"
+            opts="-h --image --name --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,7 +398,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help list show rename help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -390,8 +423,160 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__contacts__subcmd__help)
+            opts="list show rename help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__rename)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__list)
+            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__rename)
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__show)
+            opts="-h --json --long --save-avatar --force --home --passphrase-file --identity --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --save-avatar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__device)
-            opts="-h --home --passphrase-file --identity --help link confirm revoke join list remove help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help link confirm revoke join list remove help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -417,7 +602,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__confirm)
-            opts="-h --yes --wait --home --passphrase-file --identity --help"
+            opts="-h --yes --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -559,7 +744,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__join)
-            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --help"
+            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -601,7 +786,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__link)
-            opts="-h --name --qr --link --png --wait --expires --home --passphrase-file --identity --help"
+            opts="-h --name --qr --link --png --wait --expires --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -643,7 +828,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -669,7 +854,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__remove)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -695,7 +880,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__revoke)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -721,7 +906,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__forget)
-            opts="-h --yes --home --passphrase-file --identity --help"
+            opts="-h --yes --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -747,7 +932,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__generate)
-            opts="-h --out --home --passphrase-file --identity --help"
+            opts="-h --out --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -805,8 +990,50 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__contacts)
-            opts=""
+            opts="list show rename"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__rename)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1267,7 +1494,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__init)
-            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --help"
+            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1305,7 +1532,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations)
-            opts="-h --json --home --passphrase-file --identity --help list revoke help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help list revoke help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1387,7 +1614,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1413,7 +1640,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations__subcmd__revoke)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1439,7 +1666,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invite)
-            opts="-h --name --rekey --qr --link --png --expires --home --passphrase-file --identity --help"
+            opts="-h --name --rekey --qr --link --png --expires --force --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1481,7 +1708,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key)
-            opts="-h --home --passphrase-file --identity --help export passwd help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help export passwd help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1507,7 +1734,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__export)
-            opts="-h --out --force --home --passphrase-file --identity --help"
+            opts="-h --out --force --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1593,12 +1820,16 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__passwd)
-            opts="-h --no-passphrase --home --passphrase-file --identity --help"
+            opts="-h --no-passphrase --new-passphrase-file --rekey --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --new-passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1619,7 +1850,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__log)
-            opts="-h --json --limit --home --passphrase-file --identity --help"
+            opts="-h --json --limit --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1649,7 +1880,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__profile)
-            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --help"
+            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1687,7 +1918,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__recv)
-            opts="-h --json --wait --follow --from --home --passphrase-file --identity --help"
+            opts="-h --json --wait --follow --from --fail-if-empty --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1721,7 +1952,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay)
-            opts="-h --home --passphrase-file --identity --help serve address help"
+            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help serve address help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1747,7 +1978,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__address)
-            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --help"
+            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1841,7 +2072,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__serve)
-            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-wait --max-connections --home --passphrase-file --identity --help"
+            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-wait --max-connections --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1895,7 +2126,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays)
-            opts="-h --json --home --passphrase-file --identity --help list add remove test help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help list add remove test help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1921,7 +2152,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__add)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --no-test --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2031,7 +2262,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2057,7 +2288,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__remove)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2083,7 +2314,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__test)
-            opts="-h --json --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2109,7 +2340,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__rotate)
-            opts="-h --all --home --passphrase-file --identity --help"
+            opts="-h --all --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2135,7 +2366,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2161,7 +2392,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__verify)
-            opts="-h --home --passphrase-file --identity --help"
+            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -21,6 +21,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'
             cand -V 'Print version'
@@ -53,6 +54,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --no-passphrase 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)'
             cand --isolate 'Use a fresh TCP connection for every request, so no connection is shared by two queues'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -66,6 +68,9 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --qr 'Show a QR code on the terminal (the default when stdout is a terminal)'
             cand --link 'Print the link (the default when stdout is not a terminal)'
+            cand --force 'Replace the --png FILE if it exists'
+            cand --json 'Print one JSON object (link, name, png) instead of the QR code or link'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -74,6 +79,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
             cand list 'List them (the default)'
@@ -85,6 +91,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -93,6 +100,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -109,10 +117,12 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;accept'= {
             cand --image 'A PNG or JPEG picture (photo or screenshot) of the QR code'
-            cand --name 'What to call the contact [default: the name they give themselves]'
+            cand --name 'What to call the contact [default: contact-XXXXXX until the connection completes, then the name they give themselves]'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'Print one JSON object (contact, state) when the request is sent'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -120,6 +130,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'Print one JSON object: the message id and whether a relay has it'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -131,6 +143,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
             cand --follow 'Keep receiving and printing as messages arrive, until interrupted'
+            cand --fail-if-empty 'Exit with status 66 when no message arrived (for scripts: `tern recv --wait 60 --fail-if-empty || echo nothing`)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -139,25 +153,78 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
+            cand --long 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
+            cand list 'List every contact (the default)'
+            cand show 'One contact in the long form; optionally save the avatar they sent'
+            cand rename 'Give a contact another name (only here: contacts never see it)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;contacts;list'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand --long 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;contacts;show'= {
+            cand --save-avatar 'Write the contact''s avatar (PNG or JPEG) to FILE'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'One JSON object per line'
+            cand --long 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+            cand --force 'Replace FILE if it exists'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;contacts;rename'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;contacts;help'= {
+            cand list 'List every contact (the default)'
+            cand show 'One contact in the long form; optionally save the avatar they sent'
+            cand rename 'Give a contact another name (only here: contacts never see it)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;contacts;help;list'= {
+        }
+        &'tern;contacts;help;show'= {
+        }
+        &'tern;contacts;help;rename'= {
+        }
+        &'tern;contacts;help;help'= {
         }
         &'tern;verify'= {
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --json 'Print one JSON object: the code, or whether the codes match'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
         &'tern;profile'= {
-            cand --name 'name'
-            cand --status 'status'
+            cand --name 'Your display name (1 to 64 bytes, no control or format characters)'
+            cand --status 'A status line shown to contacts (up to 512 bytes; may span lines)'
             cand --avatar 'A PNG or JPEG of at most 12 KiB'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --no-avatar 'Remove the avatar'
-            cand --json 'json'
+            cand --json 'Print the profile as one JSON object'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -167,6 +234,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -175,6 +243,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --yes 'Do not ask for confirmation (needed when stdin is not a terminal)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -183,11 +252,12 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line (list and test)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
             cand list 'List your relays (the default)'
-            cand add 'Add a relay for new connections'
-            cand remove 'Stop using a relay for new connections'
+            cand add 'Add a relay for new connections (after checking that it answers as the key in its address)'
+            cand remove 'Stop using a relay for new connections; connections that receive through it move to your other relays'
             cand test 'Check that each relay answers and holds the key its address names'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -196,6 +266,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line (list and test)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -203,7 +274,9 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --no-test 'Add it without asking it first (a relay that is not up yet)'
             cand --json 'One JSON object per line (list and test)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -212,6 +285,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line (list and test)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -220,13 +294,14 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --json 'One JSON object per line (list and test)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
         &'tern;relays;help'= {
             cand list 'List your relays (the default)'
-            cand add 'Add a relay for new connections'
-            cand remove 'Stop using a relay for new connections'
+            cand add 'Add a relay for new connections (after checking that it answers as the key in its address)'
+            cand remove 'Stop using a relay for new connections; connections that receive through it move to your other relays'
             cand test 'Check that each relay answers and holds the key its address names'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -245,6 +320,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --all 'Every connected contact'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -252,32 +328,37 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
             cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;key;export'= {
-            cand --out 'out'
+            cand --out 'Where to write the identity (missing directories are made, 0700)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --force 'Replace FILE if it exists'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
         &'tern;key;passwd'= {
+            cand --new-passphrase-file 'Read the new passphrase from the first line of FILE instead of asking twice on the terminal (the current one still comes from TERN_PASSPHRASE_FILE, --passphrase-file or a prompt)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
-            cand --no-passphrase 'no-passphrase'
+            cand --no-passphrase 'Keep the profile key unencrypted on disk from now on'
+            cand --rekey 'Re-key: a new profile key, with every record re-encrypted under it in one transaction. Old copies of key.age and every identity exported before stop opening the profile (export again after); contacts notice nothing. The new passphrase may equal the old'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
         &'tern;key;help'= {
             cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;key;help;export'= {
@@ -290,6 +371,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
             cand link 'Show a one-time device link (QR code or text) for a new device'
@@ -310,6 +392,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --qr 'Show a QR code on the terminal (the default on a terminal)'
             cand --link 'Print the link as text'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -319,6 +402,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --yes 'Do not ask (needed when stdin is not a terminal)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -326,6 +410,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -338,6 +423,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --no-passphrase 'For a new --home: keep the profile key unencrypted on disk'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -345,7 +431,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
-            cand --json 'json'
+            cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -353,6 +440,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -383,6 +471,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
@@ -400,6 +489,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -410,6 +500,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -429,6 +520,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
         }
@@ -471,6 +563,15 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;recv'= {
         }
         &'tern;help;contacts'= {
+            cand list 'List every contact (the default)'
+            cand show 'One contact in the long form; optionally save the avatar they sent'
+            cand rename 'Give a contact another name (only here: contacts never see it)'
+        }
+        &'tern;help;contacts;list'= {
+        }
+        &'tern;help;contacts;show'= {
+        }
+        &'tern;help;contacts;rename'= {
         }
         &'tern;help;verify'= {
         }
@@ -482,8 +583,8 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;help;relays'= {
             cand list 'List your relays (the default)'
-            cand add 'Add a relay for new connections'
-            cand remove 'Stop using a relay for new connections'
+            cand add 'Add a relay for new connections (after checking that it answers as the key in its address)'
+            cand remove 'Stop using a relay for new connections; connections that receive through it move to your other relays'
             cand test 'Check that each relay answers and holds the key its address names'
         }
         &'tern;help;relays;list'= {
@@ -498,7 +599,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;help;key'= {
             cand export 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-            cand passwd 'Change the passphrase (or remove it with --no-passphrase)'
+            cand passwd 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
         }
         &'tern;help;key;export'= {
         }

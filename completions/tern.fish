@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tern_global_optspecs
-    string join \n home= passphrase-file= identity= h/help V/version
+    string join \n home= passphrase-file= identity= allow-weak-passphrase h/help V/version
 end
 
 function __fish_tern_needs_command
@@ -27,6 +27,7 @@ end
 complete -c tern -n "__fish_tern_needs_command" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_needs_command" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_needs_command" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_needs_command" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c tern -n "__fish_tern_needs_command" -s V -l version -d 'Print version'
 complete -c tern -n "__fish_tern_needs_command" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
@@ -55,6 +56,7 @@ complete -c tern -n "__fish_tern_using_subcommand init" -l passphrase-file -d 'R
 complete -c tern -n "__fish_tern_using_subcommand init" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand init" -l no-passphrase -d 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)'
 complete -c tern -n "__fish_tern_using_subcommand init" -l isolate -d 'Use a fresh TCP connection for every request, so no connection is shared by two queues'
+complete -c tern -n "__fish_tern_using_subcommand init" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand init" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l name -d 'What to call the contact [default: their own name, once they accept]' -r
 complete -c tern -n "__fish_tern_using_subcommand invite" -l rekey -d 'Re-key an existing contact: replace the connection\'s keys and queues with ones exchanged through this invitation (useless to anyone else)' -r
@@ -65,11 +67,15 @@ complete -c tern -n "__fish_tern_using_subcommand invite" -l passphrase-file -d 
 complete -c tern -n "__fish_tern_using_subcommand invite" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l qr -d 'Show a QR code on the terminal (the default when stdout is a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l link -d 'Print the link (the default when stdout is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l force -d 'Replace the --png FILE if it exists'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l json -d 'Print one JSON object (link, name, png) instead of the QR code or link'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invite" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -f -a "list" -d 'List them (the default)'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
@@ -78,24 +84,30 @@ complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_s
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "list" -d 'List them (the default)'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand accept" -l image -d 'A PNG or JPEG picture (photo or screenshot) of the QR code' -r -F
-complete -c tern -n "__fish_tern_using_subcommand accept" -l name -d 'What to call the contact [default: the name they give themselves]' -r
+complete -c tern -n "__fish_tern_using_subcommand accept" -l name -d 'What to call the contact [default: contact-XXXXXX until the connection completes, then the name they give themselves]' -r
 complete -c tern -n "__fish_tern_using_subcommand accept" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand accept" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand accept" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -l json -d 'Print one JSON object (contact, state) when the request is sent'
+complete -c tern -n "__fish_tern_using_subcommand accept" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand accept" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand send" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand send" -l json -d 'Print one JSON object: the message id and whether a relay has it'
+complete -c tern -n "__fish_tern_using_subcommand send" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand send" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand recv" -l wait -d 'Wait up to SECS for the first message if none is waiting' -r
 complete -c tern -n "__fish_tern_using_subcommand recv" -l from -d 'Only this contact' -r
@@ -104,100 +116,151 @@ complete -c tern -n "__fish_tern_using_subcommand recv" -l passphrase-file -d 'R
 complete -c tern -n "__fish_tern_using_subcommand recv" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand recv" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand recv" -l follow -d 'Keep receiving and printing as messages arrive, until interrupted'
+complete -c tern -n "__fish_tern_using_subcommand recv" -l fail-if-empty -d 'Exit with status 66 when no message arrived (for scripts: `tern recv --wait 60 --fail-if-empty || echo nothing`)'
+complete -c tern -n "__fish_tern_using_subcommand recv" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand recv" -s h -l help -d 'Print help'
-complete -c tern -n "__fish_tern_using_subcommand contacts" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
-complete -c tern -n "__fish_tern_using_subcommand contacts" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand contacts" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand contacts" -l json -d 'One JSON object per line'
-complete -c tern -n "__fish_tern_using_subcommand contacts" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -a "list" -d 'List every contact (the default)'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -a "show" -d 'One contact in the long form; optionally save the avatar they sent'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -a "rename" -d 'Give a contact another name (only here: contacts never see it)'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l save-avatar -d 'Write the contact\'s avatar (PNG or JPEG) to FILE' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l force -d 'Replace FILE if it exists'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "list" -d 'List every contact (the default)'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "show" -d 'One contact in the long form; optionally save the avatar they sent'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "rename" -d 'Give a contact another name (only here: contacts never see it)'
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand verify" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand verify" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand verify" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand verify" -l json -d 'Print one JSON object: the code, or whether the codes match'
+complete -c tern -n "__fish_tern_using_subcommand verify" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand verify" -s h -l help -d 'Print help'
-complete -c tern -n "__fish_tern_using_subcommand profile" -l name -r
-complete -c tern -n "__fish_tern_using_subcommand profile" -l status -r
+complete -c tern -n "__fish_tern_using_subcommand profile" -l name -d 'Your display name (1 to 64 bytes, no control or format characters)' -r
+complete -c tern -n "__fish_tern_using_subcommand profile" -l status -d 'A status line shown to contacts (up to 512 bytes; may span lines)' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l avatar -d 'A PNG or JPEG of at most 12 KiB' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l no-avatar -d 'Remove the avatar'
-complete -c tern -n "__fish_tern_using_subcommand profile" -l json
+complete -c tern -n "__fish_tern_using_subcommand profile" -l json -d 'Print the profile as one JSON object'
+complete -c tern -n "__fish_tern_using_subcommand profile" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand profile" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand log" -l limit -d 'How many of the latest messages' -r
 complete -c tern -n "__fish_tern_using_subcommand log" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand log" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand log" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand log" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand log" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand log" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand forget" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand forget" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand forget" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand forget" -l yes -d 'Do not ask for confirmation (needed when stdin is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand forget" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand forget" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "list" -d 'List your relays (the default)'
-complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "add" -d 'Add a relay for new connections'
-complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "add" -d 'Add a relay for new connections (after checking that it answers as the key in its address)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "remove" -d 'Stop using a relay for new connections; connections that receive through it move to your other relays'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l no-test -d 'Add it without asking it first (a relay that is not up yet)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l json -d 'One JSON object per line (list and test)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "list" -d 'List your relays (the default)'
-complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "add" -d 'Add a relay for new connections'
-complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "add" -d 'Add a relay for new connections (after checking that it answers as the key in its address)'
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "remove" -d 'Stop using a relay for new connections; connections that receive through it move to your other relays'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l all -d 'Every connected contact'
+complete -c tern -n "__fish_tern_using_subcommand rotate" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand rotate" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l out -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l out -d 'Where to write the identity (missing directories are made, 0700)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l force -d 'Replace FILE if it exists'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l new-passphrase-file -d 'Read the new passphrase from the first line of FILE instead of asking twice on the terminal (the current one still comes from TERN_PASSPHRASE_FILE, --passphrase-file or a prompt)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l no-passphrase
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l no-passphrase -d 'Keep the profile key unencrypted on disk from now on'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l rekey -d 'Re-key: a new profile key, with every record re-encrypted under it in one transaction. Old copies of key.age and every identity exported before stop opening the profile (export again after); contacts notice nothing. The new passphrase may equal the old'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
@@ -215,16 +278,19 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l qr -d 'Show a QR code on the terminal (the default on a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l link -d 'Print the link as text'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l wait -d 'Then wait up to SECS for the new device to finish joining' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l yes -d 'Do not ask (needed when stdin is not a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l image -d 'Read the QR code from a picture (PNG or JPEG)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l name -d 'This device\'s name among your devices (default: its host name)' -r
@@ -234,15 +300,18 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l no-passphrase -d 'For a new --home: keep the profile key unencrypted on disk'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l json
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
@@ -254,6 +323,7 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "address" -d 'Print the address of the relay in --data'
@@ -268,6 +338,7 @@ complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcomm
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l data -d 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l access-key-file -d 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out' -r -F
@@ -275,6 +346,7 @@ complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcomm
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "address" -d 'Print the address of the relay in --data'
@@ -283,6 +355,7 @@ complete -c tern -n "__fish_tern_using_subcommand generate" -l out -d 'Directory
 complete -c tern -n "__fish_tern_using_subcommand generate" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand generate" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "invite" -d 'Make a one-time invitation: a QR code to show, a link or a PNG file'
@@ -304,12 +377,15 @@ complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subc
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from invitations" -f -a "list" -d 'List them (the default)'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from invitations" -f -a "revoke" -d 'Withdraw one: delete its queues on the relays, so that nobody can use it'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from contacts" -f -a "list" -d 'List every contact (the default)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from contacts" -f -a "show" -d 'One contact in the long form; optionally save the avatar they sent'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from contacts" -f -a "rename" -d 'Give a contact another name (only here: contacts never see it)'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "list" -d 'List your relays (the default)'
-complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "add" -d 'Add a relay for new connections'
-complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "remove" -d 'Stop using a relay for new connections'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "add" -d 'Add a relay for new connections (after checking that it answers as the key in its address)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "remove" -d 'Stop using a relay for new connections; connections that receive through it move to your other relays'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from relays" -f -a "test" -d 'Check that each relay answers and holds the key its address names'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
-complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase)'
+complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from key" -f -a "passwd" -d 'Change the passphrase (or remove it with --no-passphrase); with --rekey, also move the whole profile to a new key'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "confirm" -d 'Link the device that answered a device link shown without --wait'
 complete -c tern -n "__fish_tern_using_subcommand help; and __fish_seen_subcommand_from device" -f -a "revoke" -d 'Withdraw a device link nobody should use any more'

@@ -4110,6 +4110,18 @@ fn gen_hello() -> Vec<HelloCase> {
         b.extend_from_slice(&h0[name_at + 4..]);
         b
     };
+    // The status (u16 length) follows the three-byte name "Ada".
+    let with_status = |status: &[u8]| {
+        let mut b = h0[..name_at + 4].to_vec();
+        b.extend_from_slice(&(status.len() as u16).to_be_bytes());
+        b.extend_from_slice(status);
+        b.extend_from_slice(&h0[name_at + 6..]);
+        b
+    };
+    const NAME_RULE: &str =
+        "invalid: profile name: 1 to 64 bytes, not only white space, no control or format characters";
+    const STATUS_RULE: &str =
+        "invalid: profile status: up to 512 bytes, no control or format characters but line feeds";
     let mut gif = h0[..h0.len() - 4].to_vec();
     gif.extend_from_slice(&6u32.to_be_bytes());
     gif.extend_from_slice(b"GIF89a");
@@ -4150,25 +4162,85 @@ fn gen_hello() -> Vec<HelloCase> {
             "hello",
             "an empty name",
             with_name(b""),
-            "invalid: profile name: 1 to 64 bytes, no control characters",
+            "invalid: profile name: 1 to 64 bytes, not only white space, no control or format characters",
         ),
         (
             "hello",
             "a name of spaces only",
             with_name(b"   "),
-            "invalid: profile name: 1 to 64 bytes, no control characters",
+            "invalid: profile name: 1 to 64 bytes, not only white space, no control or format characters",
         ),
         (
             "hello",
             "a name with a control character",
             with_name(b"A\x07"),
-            "invalid: profile name: 1 to 64 bytes, no control characters",
+            "invalid: profile name: 1 to 64 bytes, not only white space, no control or format characters",
         ),
         (
             "hello",
             "a name of 65 bytes",
             with_name(&[b'n'; 65]),
-            "invalid: profile name: 1 to 64 bytes, no control characters",
+            "invalid: profile name: 1 to 64 bytes, not only white space, no control or format characters",
+        ),
+        (
+            "hello",
+            "a name with a C1 control (U+0085)",
+            with_name("Ada\u{85}".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name with DEL",
+            with_name(b"Ada\x7f"),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name with a right-to-left override (U+202E, category Cf)",
+            with_name("\u{202E}adA".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name with a first-strong isolate (U+2068)",
+            with_name("Ada\u{2068}".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name with a zero-width space (U+200B, category Cf)",
+            with_name("Ad\u{200B}a".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name with a line separator (U+2028, category Zl)",
+            with_name("Ada\u{2028}".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a name of ideographic spaces only (U+3000, White_Space)",
+            with_name("\u{3000}\u{3000}".as_bytes()),
+            NAME_RULE,
+        ),
+        (
+            "hello",
+            "a status with an escape sequence",
+            with_status(b"\x1b[2J"),
+            STATUS_RULE,
+        ),
+        (
+            "hello",
+            "a status with a carriage return",
+            with_status(b"away\rAda: hi"),
+            STATUS_RULE,
+        ),
+        (
+            "hello",
+            "a status with a left-to-right isolate (U+2066)",
+            with_status("\u{2066}away".as_bytes()),
+            STATUS_RULE,
         ),
         (
             "hello",

@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("tern: {}", chain(&e));
+            // Errors quote names and relays' texts: escaped like every note.
+            eprintln!("tern: {}", tern::proto::text::escape_text(&chain(&e)));
             ExitCode::from(exit::code_for(&e))
         }
     }

@@ -121,7 +121,9 @@ fn usage_errors_and_unknown_contacts_change_nothing() {
         2,
         "forget without --yes off a terminal",
     );
-    check(&["verify", "bram", "12345"], 4, "a short wrong code");
+    // Not a code at all (issue 19 item 15): a usage error, not a mismatch.
+    check(&["verify", "bram", "12345"], 2, "a short string of digits");
+    check(&["verify", "bram", "garbage"], 2, "not digits");
     check(&["profile", "--name", ""], 2, "an empty display name");
     check(
         &["profile", "--status", &"s".repeat(600)],

@@ -7,12 +7,12 @@ use anyhow::Context;
 use rand::rngs::OsRng;
 
 use super::exit::{fail, BAD_INVITATION, TRY_AGAIN};
-use super::output::{note, stdin_is_terminal};
+use super::output::{json, note, stdin_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::client::jobs::{push_request, reached_a_relay};
 use crate::client::model::Contact;
-use crate::client::Client;
 use crate::client::{new_contact_id, now};
+use crate::client::{Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
@@ -31,9 +31,13 @@ pub struct Args {
     /// A PNG or JPEG picture (photo or screenshot) of the QR code
     #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
-    /// What to call the contact [default: the name they give themselves]
+    /// What to call the contact [default: contact-XXXXXX until the
+    /// connection completes, then the name they give themselves]
     #[arg(long)]
     pub name: Option<String>,
+    /// Print one JSON object (contact, state) when the request is sent
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn read_invitation(args: &Args) -> anyhow::Result<(AnyInvitation, Channel)> {
@@ -88,7 +92,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let invitation = match invitation {
         AnyInvitation::Contact(i) => i,
-        AnyInvitation::Rekey(r) => return accept_rekey(&mut client, &r, channel),
+        AnyInvitation::Rekey(r) => {
+            let name = accept_rekey(&mut client, &r, channel)?;
+            if args.json {
+                json(
+                    &serde_json::json!({"type": "accepted", "contact": name, "rekey": true, "state": "rekeying"}),
+                );
+            }
+            return Ok(());
+        }
         AnyInvitation::Device(_) => {
             return Err(fail(
                 BAD_INVITATION,
@@ -97,12 +109,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ))
         }
     };
-    let (conn, request, t) = join(&client, &invitation, channel)?;
     let id = new_contact_id();
     let (name, provisional) = match &args.name {
-        Some(n) => (n.trim().to_string(), false),
+        Some(n) => (super::contacts::valid_name("--name", n)?, false),
         None => (format!("contact-{}", &id[..6]), true),
     };
+    // Before any queue is made on a relay.
+    if client.contact_id(&name).is_ok() {
+        return Err(ClientError::NameTaken(name).into());
+    }
+    let (conn, request, t) = join(&client, &invitation, channel)?;
     let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
     let request_id = push_request(&mut contact, request, t);
     client.add_contact(&contact)?;
@@ -112,6 +128,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             BAD_INVITATION,
             "this invitation was already used or withdrawn: ask for a new one; nothing was kept",
         ));
+    }
+    if args.json {
+        json(&serde_json::json!({
+            "type": "accepted",
+            "contact": name,
+            "rekey": false,
+            "state": "pending",
+            "provisional_name": provisional,
+        }));
     }
     note(&format!(
         "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
@@ -166,7 +191,12 @@ fn send_request(
 
 /// A re-key invitation from an existing contact: a new handshake whose
 /// connection replaces the current one once it completes.
-fn accept_rekey(client: &mut Client, r: &RekeyInvitation, channel: Channel) -> anyhow::Result<()> {
+/// Returns the contact's name.
+fn accept_rekey(
+    client: &mut Client,
+    r: &RekeyInvitation,
+    channel: Channel,
+) -> anyhow::Result<String> {
     let contact = client
         .contacts()?
         .into_iter()
@@ -217,5 +247,5 @@ fn accept_rekey(client: &mut Client, r: &RekeyInvitation, channel: Channel) -> a
         "re-keying {}: completes when they run `tern recv`, then run `tern recv` here",
         contact.name
     ));
-    Ok(())
+    Ok(contact.name)
 }

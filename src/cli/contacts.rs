@@ -1,22 +1,74 @@
-//! `tern contacts`: who you are connected with, and how securely.
+//! `tern contacts`: who you are connected with, and how securely; what
+//! each contact calls themselves; renaming.
+
+use std::path::PathBuf;
 
 use serde_json::json;
 
-use super::output::{json, line, time};
-use super::{unlock, Cli};
+use super::exit::{fail, USAGE};
+use super::output::{json, line, note, pad, text, time};
+use super::{files, unlock, Cli};
 use crate::client::devices::{connection_trust, group_trust, Trust};
 use crate::client::model::Contact;
+use crate::client::{Client, ClientError};
 use crate::proto::connection::{ConnState, SecurityLevel};
+use crate::proto::hello::{Profile, MAX_NAME};
+use crate::proto::text::name_problem;
 
 /// List contacts: state, security level, relays and last activity
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern contacts\n  tern contacts --json | jq -r 'select(.state==\"connected\") | .name'"
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  tern contacts\n  tern contacts --long\n  tern contacts ada                       # one contact, with the profile they sent\n  tern contacts show ada --save-avatar ada.png\n  tern contacts rename contact-86b24c ada\n  tern contacts --json | jq -r 'select(.state==\"connected\") | .name'"
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    /// Show only this contact, in the long form
+    #[arg(value_name = "CONTACT")]
+    pub contact: Option<String>,
+    #[command(flatten)]
+    pub show: ShowArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
     /// One JSON object per line
     #[arg(long)]
     pub json: bool,
+    /// Several lines per contact: the name, status and avatar they sent,
+    /// relays, rotation
+    #[arg(long)]
+    pub long: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// List every contact (the default)
+    List {
+        #[command(flatten)]
+        show: ShowArgs,
+    },
+    /// One contact in the long form; optionally save the avatar they sent
+    Show {
+        /// The contact's name
+        contact: String,
+        #[command(flatten)]
+        show: ShowArgs,
+        /// Write the contact's avatar (PNG or JPEG) to FILE
+        #[arg(long, value_name = "FILE")]
+        save_avatar: Option<PathBuf>,
+        /// Replace FILE if it exists
+        #[arg(long, requires = "save_avatar")]
+        force: bool,
+    },
+    /// Give a contact another name (only here: contacts never see it)
+    Rename {
+        /// The contact's current name
+        contact: String,
+        /// The new name (1 to 64 bytes, no control or format characters)
+        new_name: String,
+    },
 }
 
 pub fn state_word(s: ConnState) -> &'static str {
@@ -50,39 +102,61 @@ fn relays(c: &Contact) -> (Vec<String>, Vec<String>) {
     )
 }
 
-pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let client = unlock::open(cli)?;
+/// A contact as listed: its first connection (the one made by hand)
+/// stands for the connections with its other devices.
+struct Listed {
+    contact: Contact,
+    devices: usize,
+    /// The profile the contact sent, from whichever connection has one.
+    profile: Option<Profile>,
+    /// How far the group can be trusted: the weakest of this device's own
+    /// connections with it (what is sent goes to all; PROTOCOL.md §12.7).
+    trust: Trust,
+    /// Each connection of the group, as JSON.
+    connections: Vec<serde_json::Value>,
+    /// When the newest connection of the group was made.
+    newest_ms: u64,
+}
+
+fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
     let records = client.contacts()?;
     let mut all: Vec<Contact> = records
         .iter()
         .filter(|c| !c.device && !c.removed)
         .cloned()
         .collect();
-    // One line per contact: its first connection (the one made by hand)
-    // stands for the connections with its other devices.
     all.sort_by_key(|c| (c.name.clone(), c.introduced, c.created_ms));
-    let mut contacts: Vec<(Contact, usize)> = Vec::new();
-    for c in all.clone() {
-        match contacts.iter_mut().find(|(f, _)| f.group() == c.group()) {
-            Some((_, n)) => *n += 1,
-            None => contacts.push((c, 1)),
+    let mut out: Vec<Listed> = Vec::new();
+    for c in &all {
+        match out.iter_mut().find(|l| l.contact.group() == c.group()) {
+            Some(l) => {
+                l.devices += 1;
+                if l.profile.is_none() {
+                    l.profile = c.conn.peer_profile.clone();
+                }
+            }
+            None => out.push(Listed {
+                profile: c.conn.peer_profile.clone(),
+                contact: c.clone(),
+                devices: 1,
+                trust: Trust::Level(SecurityLevel::Shared),
+                connections: Vec::new(),
+                newest_ms: 0,
+            }),
         }
     }
-    for (c, devices) in &contacts {
-        let devices = *devices;
-        // Known only from this device's own connections (PROTOCOL.md §12.7):
-        // the weakest of them, since what is sent goes to all.
-        let members: Vec<&Contact> = all.iter().filter(|m| m.group() == c.group()).collect();
-        let trust = group_trust(&records, &members);
-        let (level, introduced_by) = match &trust {
-            Trust::Level(l) => (*l, None),
-            Trust::Introduced(d) => (SecurityLevel::Shared, Some(d.clone())),
-        };
-        let connections: Vec<serde_json::Value> = members
+    for l in &mut out {
+        let members: Vec<&Contact> = all
+            .iter()
+            .filter(|m| m.group() == l.contact.group())
+            .collect();
+        l.trust = group_trust(&records, &members);
+        l.newest_ms = members.iter().map(|m| m.created_ms).max().unwrap_or(0);
+        l.connections = members
             .iter()
             .map(|m| {
                 let (security, by) = match connection_trust(&records, m) {
-                    Trust::Level(l) => (security_word(l), None),
+                    Trust::Level(lv) => (security_word(lv), None),
                     Trust::Introduced(d) => ("introduced", Some(d)),
                 };
                 json!({
@@ -94,51 +168,216 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        let (ours, theirs) = relays(c);
-        if args.json {
-            json(&json!({
-                "name": c.name,
-                "state": state_word(c.conn.state),
-                "security": if introduced_by.is_some() { "introduced" } else { security_word(level) },
-                "introduced_by_device": introduced_by,
-                "connections": connections,
-                "receive_relays": ours,
-                "send_relays": theirs,
-                "last_activity": time(c.last_activity_ms),
-                "last_rotated": time(c.conn.last_rotated_ms),
-                "rotating": c.conn.rotating(),
-                "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
-                "pending_jobs": c.jobs.len() + c.outbox.len(),
-                "devices": devices,
-            }));
-        } else {
-            let devices = if devices > 1 {
-                let newest = members.iter().map(|m| m.created_ms).max().unwrap_or(0);
-                format!("  {devices} devices (newest since {})", time(newest))
+    }
+    Ok(out)
+}
+
+/// The security word and its explanation for a listed contact.
+fn security(l: &Listed) -> (&'static str, String) {
+    match &l.trust {
+        Trust::Introduced(d) => (
+            "introduced",
+            format!("met through your device {d}, not verified here: compare security codes"),
+        ),
+        Trust::Level(lv) => (security_word(*lv), security_note(*lv).to_string()),
+    }
+}
+
+fn rotated(c: &Contact) -> Option<String> {
+    (c.conn.last_rotated_ms != 0).then(|| time(c.conn.last_rotated_ms))
+}
+
+/// PNG or JPEG, from the first bytes (validated on receipt).
+fn avatar_type(a: &[u8]) -> &'static str {
+    if a.starts_with(b"\x89PNG") {
+        "png"
+    } else {
+        "jpeg"
+    }
+}
+
+fn print_json(l: &Listed) {
+    let c = &l.contact;
+    let (ours, theirs) = relays(c);
+    let introduced_by = match &l.trust {
+        Trust::Introduced(d) => Some(d.clone()),
+        Trust::Level(_) => None,
+    };
+    json(&json!({
+        "name": c.name,
+        "state": state_word(c.conn.state),
+        "security": security(l).0,
+        "introduced_by_device": introduced_by,
+        "connections": l.connections,
+        "receive_relays": ours,
+        "send_relays": theirs,
+        "last_activity": time(c.last_activity_ms),
+        "last_rotated": rotated(c),
+        "rotating": c.conn.rotating(),
+        "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
+        "pending_jobs": c.jobs.len() + c.outbox.len(),
+        "devices": l.devices,
+        "profile": l.profile.as_ref().map(|p| json!({
+            "name": p.name,
+            "status": p.status,
+            "avatar_bytes": p.avatar.as_ref().map(Vec::len),
+            "avatar_type": p.avatar.as_deref().map(avatar_type),
+        })),
+    }));
+}
+
+fn print_short(l: &Listed) {
+    let c = &l.contact;
+    let (word, why) = security(l);
+    let devices = if l.devices > 1 {
+        format!(
+            "  {} devices (newest since {})",
+            l.devices,
+            time(l.newest_ms)
+        )
+    } else {
+        String::new()
+    };
+    line(&format!(
+        "{} {} {} last {}  rotated {}{devices}  ({why})",
+        pad(&text(&c.name), 20),
+        pad(state_word(c.conn.state), 10),
+        pad(word, 10),
+        time(c.last_activity_ms),
+        rotated(c).as_deref().unwrap_or("never"),
+    ));
+}
+
+fn print_long(l: &Listed) {
+    let c = &l.contact;
+    let (word, why) = security(l);
+    let (ours, theirs) = relays(c);
+    line(&text(&c.name));
+    let field = |k: &str, v: &str| line(&format!("  {} {v}", pad(k, 15)));
+    match &l.profile {
+        Some(p) => {
+            field("their name:", &text(&p.name));
+            let status = if p.status.is_empty() {
+                "(none)".to_string()
             } else {
-                String::new()
+                // A status may span lines: shown on one, `\n` visible.
+                text(&p.status).into_owned()
             };
-            let (word, why) = match &introduced_by {
-                Some(d) => (
-                    "introduced",
-                    format!(
-                        "met through your device {d}, not verified here: compare security codes"
-                    ),
-                ),
-                None => (security_word(level), security_note(level).to_string()),
-            };
-            line(&format!(
-                "{:<20} {:<10} {:<10} last {}  rotated {}{devices}  ({why})",
-                c.name,
-                state_word(c.conn.state),
-                word,
-                time(c.last_activity_ms),
-                time(c.conn.last_rotated_ms),
-            ));
+            field("status:", &status);
+            let avatar = p.avatar.as_ref().map_or("none".to_string(), |a| {
+                format!(
+                    "{} bytes ({}; `tern contacts show {} --save-avatar FILE`)",
+                    a.len(),
+                    avatar_type(a),
+                    text(&c.name)
+                )
+            });
+            field("avatar:", &avatar);
+        }
+        None => field("their name:", "(no profile received yet)"),
+    }
+    field("state:", state_word(c.conn.state));
+    field("security:", &format!("{word} ({why})"));
+    field("devices:", &l.devices.to_string());
+    field("receive via:", &ours.join(", "));
+    field("send via:", &theirs.join(", "));
+    field("last activity:", &time(c.last_activity_ms));
+    field("rotated:", rotated(c).as_deref().unwrap_or("never"));
+    let pending = c.jobs.len() + c.outbox.len();
+    if pending > 0 {
+        field("pending:", &format!("{pending} job(s) waiting for a relay"));
+    }
+}
+
+fn show(list: &[Listed], opts: &ShowArgs, long: bool) {
+    for l in list {
+        if opts.json {
+            print_json(l);
+        } else if long {
+            print_long(l);
+        } else {
+            print_short(l);
         }
     }
-    if contacts.is_empty() && !args.json {
-        super::output::note("no contacts yet: `tern invite` or `tern accept`");
+}
+
+fn one<'a>(client: &Client, list: &'a [Listed], name: &str) -> anyhow::Result<&'a Listed> {
+    let id = client.contact_id(name)?;
+    let group = client.contact(&id)?.group().to_string();
+    list.iter()
+        .find(|l| l.contact.group() == group)
+        .ok_or_else(|| ClientError::UnknownContact(name.to_string()).into())
+}
+
+/// A name the user typed, checked as names from contacts are
+/// (PROTOCOL.md §5.5), trimmed.
+pub fn valid_name(what: &str, name: &str) -> anyhow::Result<String> {
+    let n = name.trim();
+    if let Some(why) = name_problem(n, MAX_NAME) {
+        return Err(fail(USAGE, format!("{what}: the name {why}")));
+    }
+    Ok(n.to_string())
+}
+
+fn rename(client: &mut Client, old: &str, new: &str) -> anyhow::Result<()> {
+    let new = valid_name("rename", new)?;
+    let id = client.contact_id(old)?;
+    client.update_contact(&id, |tx, c| {
+        let free = Client::unique_name(tx, &new, &c.id).map_err(ClientError::Store)?;
+        if free != new {
+            return Err(ClientError::NameTaken(new.clone()));
+        }
+        Client::rename_in(tx, c, new.clone()).map_err(ClientError::Store)?;
+        // A name given by hand is never replaced by the one they send.
+        c.provisional_name = false;
+        Ok(())
+    })?;
+    note(&format!("{old} is now called {new}"));
+    Ok(())
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    if let Some(Action::Rename { contact, new_name }) = &args.action {
+        return rename(&mut client, contact, new_name);
+    }
+    let list = listed(&client)?;
+    match (&args.action, &args.contact) {
+        (
+            Some(Action::Show {
+                contact,
+                show: opts,
+                save_avatar,
+                force,
+            }),
+            _,
+        ) => {
+            let l = one(&client, &list, contact)?;
+            if let Some(path) = save_avatar {
+                let Some(a) = l.profile.as_ref().and_then(|p| p.avatar.as_ref()) else {
+                    return Err(fail(USAGE, format!("{contact} has sent no avatar")));
+                };
+                files::write_private(path, a, *force)?;
+                note(&format!(
+                    "{}'s avatar ({}) written to {}",
+                    l.contact.name,
+                    avatar_type(a),
+                    path.display()
+                ));
+                return Ok(());
+            }
+            show(std::slice::from_ref(l), opts, true);
+        }
+        (None, Some(name)) => {
+            let l = one(&client, &list, name)?;
+            show(std::slice::from_ref(l), &args.show, true);
+        }
+        (Some(Action::List { show: opts }), _) => show(&list, opts, opts.long),
+        (None, None) => show(&list, &args.show, args.show.long),
+        (Some(Action::Rename { .. }), _) => unreachable!("handled above"),
+    }
+    if list.is_empty() && !args.show.json {
+        note("no contacts yet: `tern invite` or `tern accept`");
     }
     Ok(())
 }

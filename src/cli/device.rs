@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::exit::{fail, BAD_INVITATION, FAILURE, TRY_AGAIN, UNKNOWN_CONTACT, USAGE};
-use super::output::{json, line, note, stdin_is_terminal, stdout_is_terminal, time};
+use super::output::{json, line, note, pad, stdin_is_terminal, stdout_is_terminal, text, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
 use crate::client::fetch::{Event, FetchOptions};
@@ -98,6 +98,7 @@ pub enum DeviceCommand {
     },
     /// List this profile's devices
     List {
+        /// One JSON object per line
         #[arg(long)]
         json: bool,
     },
@@ -479,7 +480,7 @@ fn run_join(
         ));
     };
     let device_name = valid_name(&name.map_or_else(default_device_name, str::to_string))?;
-    let home = unlock::home(cli);
+    let home = unlock::home(cli)?;
     let mut client = if Store::exists(&home) {
         let client = unlock::open(cli)?;
         if client.index()?.iter().any(|e: &IndexEntry| !e.device) {
@@ -503,7 +504,6 @@ fn run_join(
                 true,
             )?)
         };
-        std::fs::create_dir_all(&home)?;
         let mut store = Store::create(&home, key)?;
         // The linking device's relays until it sends its own list (with any
         // access keys) moments after the handshake.
@@ -643,7 +643,7 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
     } else if as_json {
         json(&json!({"name": this, "this_device": true, "state": "connected"}));
     } else {
-        line(&format!("{this:<20} this device"));
+        line(&format!("{} this device", pad(&text(&this), 20)));
     }
     let mut devices = client.devices()?;
     devices.sort_by(|a, b| a.name.cmp(&b.name));
@@ -698,9 +698,9 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
             ));
         } else {
             line(&format!(
-                "{:<20} {:<10} last {}  {} connection(s) known",
-                d.name,
-                state,
+                "{} {} last {}  {} connection(s) known",
+                pad(&text(&d.name), 20),
+                pad(state, 10),
                 time(d.last_activity_ms),
                 d.announced.len()
             ));

@@ -23,9 +23,11 @@ pub const LOCKED: u8 = 5;
 pub const BAD_INVITATION: u8 = 6;
 /// No profile in the home directory: run `tern init`.
 pub const NO_PROFILE: u8 = 7;
-/// Permanently gone: this device was removed from the profile (it can
-/// neither send nor receive any more).
+/// Gone for good: the contact deleted the connection, or this device was
+/// removed from the profile. Retrying cannot help.
 pub const GONE: u8 = 8;
+/// `tern recv --fail-if-empty`: no message arrived (EX_NOINPUT).
+pub const NOTHING_RECEIVED: u8 = 66;
 /// Temporary failure: relays unreachable or full. Work is kept and retried
 /// by the next `tern send` or `tern recv` (EX_TEMPFAIL).
 pub const TRY_AGAIN: u8 = 75;
@@ -76,7 +78,10 @@ fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
     }
     if let Some(e) = cause.downcast_ref::<StoreError>() {
         return match e {
-            StoreError::WrongPassphrase | StoreError::WrongIdentity(_) => Some(LOCKED),
+            StoreError::WrongPassphrase
+            | StoreError::WrongIdentity(_)
+            | StoreError::RetiredKey(_) => Some(LOCKED),
+            StoreError::Rekeyed => Some(TRY_AGAIN),
             StoreError::NoProfile(_) => Some(NO_PROFILE),
             _ => None,
         };

@@ -10,6 +10,7 @@ use super::{unlock, Cli};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Example:\n  tern forget bob --yes")]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
     /// Do not ask for confirmation (needed when stdin is not a terminal)
     #[arg(long)]
@@ -34,8 +35,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            note("nothing was changed");
-            return Ok(());
+            return Err(fail(
+                super::exit::FAILURE,
+                "not confirmed; nothing was changed",
+            ));
         }
     }
     // Every connection of the contact (one per device of theirs), here and

@@ -29,7 +29,7 @@ Success.
 An error not listed below.
 .TP
 \fB2\fR
-Usage error: bad arguments or options; nothing was changed.
+Usage error: bad arguments or options, a name with control or format characters, a passphrase too weak (see \fB\-\-allow\-weak\-passphrase\fR), an output file that exists (see \fB\-\-force\fR); nothing was changed.
 .TP
 \fB3\fR
 No contact by that name (for \fBtern device remove\fR: no device by that name).
@@ -38,7 +38,7 @@ No contact by that name (for \fBtern device remove\fR: no device by that name).
 \fBtern verify\fR: the security codes differ. Do not trust the connection.
 .TP
 \fB5\fR
-Wrong passphrase, or a passphrase is needed and standard input is not a terminal.
+Wrong passphrase or retired key, or a passphrase is needed and there is no terminal to ask on (no \fB\-\-passphrase\-file\fR, \fBTERN_PASSPHRASE_FILE\fR or \fB\-\-identity\fR given).
 .TP
 \fB6\fR
 Not a usable invitation: a malformed link, an image without a QR code, a newer protocol version, a device link given to \fBtern accept\fR or a contact invitation given to \fBtern device join\fR, or one already used.
@@ -48,6 +48,8 @@ No profile in the home directory: run \fBtern init\fR.
 .TP
 \fB8\fR
 Permanently gone: this device was removed from the profile by another one; \fBtern send\fR and \fBtern recv\fR refuse for good.
+\fB66\fR
+\fBtern recv \-\-fail\-if\-empty\fR: no message arrived.
 .TP
 \fB75\fR
 Temporary failure: no relay could be reached or the queue is full. The work is kept and retried by the next \fBtern send\fR or \fBtern recv\fR.
@@ -80,6 +82,40 @@ Base of the default profile and relay directories.
 QR codes on the terminal are drawn without colours.
 "#;
 
+const JSON: &str = r#".SH "JSON OUTPUT"
+With \fB\-\-json\fR, commands print one JSON object per line on standard output, and diagnostics stay on standard error.
+Strings are exact: control and format characters are written as \fB\\u\fR escapes, never raw.
+Times are RFC 3339 UTC strings (\fB2026\-01\-31T18:00:00Z\fR), with the same instant in milliseconds since the Unix epoch in a field ending in \fB_ms\fR.
+.PP
+\fBtern recv \-\-json\fR and \fBtern log \-\-json\fR print messages in one schema:
+.TP
+\fBtype\fR
+\fB"message"\fR (recv also prints \fB"connected"\fR and \fB"profile"\fR events, with \fBcontact\fR and \fBfrom\fR).
+.TP
+\fBcontact\fR
+The conversation: the contact's name in this profile.
+.TP
+\fBfrom\fR
+Who wrote it: the contact's name, or this profile's own name for what you (or another of your devices) sent.
+.TP
+\fBdirection\fR
+\fB"in"\fR or \fB"out"\fR.
+.TP
+\fBtext\fR, \fBid\fR
+The message, and its 16\-byte id in hex (the same on every device).
+.TP
+\fBsent_at\fR, \fBsent_at_ms\fR
+When the sender wrote it, by the sender's clock.
+.TP
+\fBreceived_at\fR, \fBreceived_at_ms\fR
+When this device stored it; null for messages written here.
+.TP
+\fBorder\fR
+recv only: \fB"in\-order"\fR, \fB"after\-gap"\fR (earlier messages are missing) or \fB"late"\fR (a missing one arrived).
+.PP
+\fBtern send\fR, \fBaccept\fR, \fBinvite\fR, \fBverify\fR, \fBcontacts\fR, \fBprofile\fR, \fBrelays\fR and \fBdevice list\fR print one object each (see their pages).
+"#;
+
 const FILES: &str = r#".SH FILES
 .TP
 \fI$XDG_DATA_HOME/tern/\fR (default \fI~/.local/share/tern/\fR)
@@ -101,6 +137,39 @@ fn man_page(cmd: clap::Command, name: &str, extra: &str, dir: &Path) -> anyhow::
     std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))
 }
 
+/// `.SH "SEE ALSO"`: the page above this one, and tern(1).
+fn see_also(parents: &[String]) -> String {
+    let mut refs: Vec<String> = Vec::new();
+    for i in (1..=parents.len()).rev() {
+        refs.push(format!("\\fB{}\\fR(1)", parents[..i].join("\\-")));
+    }
+    format!(".SH \"SEE ALSO\"\n{}\n", refs.join(", "))
+}
+
+/// One page for `cmd` and, below it, one for every subcommand at any
+/// depth (`tern-device-link.1`), each naming the pages it links to. The
+/// `help` subcommands clap adds are left out of the pages (they print
+/// these same texts).
+fn man_tree(cmd: &clap::Command, path: &[String], dir: &Path) -> anyhow::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let mut here = path.to_vec();
+        here.push(sub.get_name().to_string());
+        let name = here.join("-");
+        let page = sub
+            .clone()
+            .disable_help_subcommand(true)
+            .bin_name(here.join(" "));
+        man_page(
+            page,
+            &name,
+            &format!("{EXIT_STATUS}{}", see_also(path)),
+            dir,
+        )?;
+        man_tree(sub, &here, dir)?;
+    }
+    Ok(())
+}
+
 pub fn write_all(out: &Path) -> anyhow::Result<()> {
     let man = out.join("man");
     let comp = out.join("completions");
@@ -108,20 +177,12 @@ pub fn write_all(out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&comp)?;
     let cmd = Cli::command();
     man_page(
-        cmd.clone(),
+        cmd.clone().disable_help_subcommand(true),
         "tern",
-        &format!("{EXIT_STATUS}{ENVIRONMENT}{FILES}"),
+        &format!("{EXIT_STATUS}{ENVIRONMENT}{FILES}{JSON}"),
         &man,
     )?;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("tern-{}", sub.get_name());
-        man_page(
-            sub.clone().bin_name(name.replace('-', " ")),
-            &name,
-            EXIT_STATUS,
-            &man,
-        )?;
-    }
+    man_tree(&cmd, &["tern".to_string()], &man)?;
     for shell in [
         Shell::Bash,
         Shell::Zsh,

@@ -1,6 +1,5 @@
 //! `tern init`: create a profile.
 
-use anyhow::Context;
 use tern_relay::address::RelayAddress;
 use tern_relay::wire::{Command, Reply};
 
@@ -45,9 +44,9 @@ pub struct Args {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let home = unlock::home(cli);
+    let home = unlock::home(cli)?;
     let profile = Profile {
-        name: args.name.trim().to_string(),
+        name: super::contacts::valid_name("--name", &args.name)?,
         ..Profile::default()
     };
     profile
@@ -76,7 +75,6 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     } else {
         NewKey::Passphrase(unlock::passphrase(cli, "New passphrase: ", true)?)
     };
-    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
     let mut store = Store::create(&home, key)?;
     let settings = Settings {
         profile,

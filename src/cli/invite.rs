@@ -7,11 +7,11 @@ use rand::rngs::OsRng;
 use tern_relay::wire::Command;
 
 use super::exit::{fail, USAGE};
-use super::output::{line, note, stdout_is_terminal};
-use super::{qr, unlock, Cli};
+use super::output::{json, line, note, stdout_is_terminal};
+use super::{files, qr, unlock, Cli};
 use crate::client::model::{Contact, MAX_PENDING_REKEYS};
 use crate::client::{new_contact_id, now, Client};
-use crate::proto::connection::{ConnState, Connection};
+use crate::proto::connection::{ConnState, Connection, RecvQueue};
 use crate::proto::hello::Channel;
 use crate::proto::rekey::RekeyInvitation;
 
@@ -42,6 +42,12 @@ pub struct Args {
     /// 7d); see `tern invitations`
     #[arg(long, value_name = "DURATION", conflicts_with = "rekey")]
     pub expires: Option<String>,
+    /// Replace the --png FILE if it exists
+    #[arg(long, requires = "png")]
+    pub force: bool,
+    /// Print one JSON object (link, name, png) instead of the QR code or link
+    #[arg(long, conflicts_with = "qr")]
+    pub json: bool,
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
@@ -50,31 +56,61 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         .as_deref()
         .map(|e| super::device::parse_expiry(e, std::time::Duration::from_secs(365 * 24 * 3600)))
         .transpose()?;
+    // The picture's place is checked before anything is made on a relay.
+    if let Some(path) = &args.png {
+        if !args.force {
+            files::refuse_existing(path)?;
+        }
+        files::create_parents(path)?;
+    }
     let mut client = unlock::open(cli)?;
-    let show_qr = args.qr || (!args.link && args.png.is_none() && stdout_is_terminal());
+    let show_qr =
+        args.qr || (!args.link && !args.json && args.png.is_none() && stdout_is_terminal());
     // Only a code shown on a screen can have been scanned in person.
     let channel = if show_qr {
         Channel::Screen
     } else {
         Channel::Shared
     };
-    let (link, name) = match &args.rekey {
-        Some(contact) => (rekey(&mut client, contact, channel)?, contact.clone()),
-        None => new_contact(
-            &mut client,
-            args.name.as_deref(),
-            channel,
-            expires.map_or(0, |d| now() + d.as_millis() as u64),
-        )?,
+    let (link, name, pending) = match &args.rekey {
+        Some(contact) => (rekey(&mut client, contact, channel)?, contact.clone(), None),
+        None => {
+            let (link, contact) = new_contact(
+                &mut client,
+                args.name.as_deref(),
+                channel,
+                expires.map_or(0, |d| now() + d.as_millis() as u64),
+            )?;
+            (link, contact.name.clone(), Some(contact))
+        }
     };
     if let Some(path) = &args.png {
-        qr::png(&link, path)?;
+        if let Err(e) = qr::png(&link, path) {
+            // Nothing kept: no contact that a retry with the same name
+            // would collide with, no queues left on the relays.
+            if let Some(c) = &pending {
+                delete_queues(&client, c.conn.recv_queues.iter());
+            }
+            return Err(e.context("nothing was kept"));
+        }
+    }
+    if let Some(c) = &pending {
+        client.add_contact(c)?;
+    }
+    if let Some(path) = &args.png {
         note(&format!(
             "invitation for {name} written to {}",
             path.display()
         ));
     }
-    if show_qr {
+    if args.json {
+        json(&serde_json::json!({
+            "link": link,
+            "name": name,
+            "rekey": args.rekey.is_some(),
+            "png": args.png.as_ref().map(|p| p.display().to_string()),
+        }));
+    } else if show_qr {
         let art = qr::terminal(&link, std::env::var_os("NO_COLOR").is_none())?;
         print!("{art}");
         note(&format!(
@@ -90,26 +126,40 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes our receiving queues from their relays (best effort: a relay
+/// that is down keeps an unusable queue until its TTL).
+fn delete_queues<'a>(client: &Client, queues: impl Iterator<Item = &'a RecvQueue>) {
+    for q in queues {
+        let delete = Command::Delete {
+            recipient_id: q.recipient_id,
+        };
+        if let Err(e) = client.net.call(&q.relay, &delete, Some(&q.signing_key())) {
+            note(&format!("warning: could not delete a queue: {e}"));
+        }
+    }
+}
+
+/// A new invitation and the contact it will be, not yet saved.
 fn new_contact(
     client: &mut Client,
     name: Option<&str>,
     channel: Channel,
     expires_ms: u64,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<(String, Contact)> {
     let id = new_contact_id();
     let (name, provisional) = match name {
-        Some(n) => (n.trim().to_string(), false),
+        Some(n) => (super::contacts::valid_name("--name", n)?, false),
         None => (format!("invited-{}", &id[..6]), true),
     };
-    if name.is_empty() {
-        return Err(fail(USAGE, "--name must not be empty"));
+    // Before any queue is made on a relay.
+    if client.contact_id(&name).is_ok() {
+        return Err(crate::client::ClientError::NameTaken(name).into());
     }
     let queues = client.create_queues()?;
     let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
-    let mut contact = Contact::new(id, name.clone(), provisional, conn, now());
+    let mut contact = Contact::new(id, name, provisional, conn, now());
     contact.expires_ms = expires_ms;
-    client.add_contact(&contact)?;
-    Ok((invitation.to_link(), name))
+    Ok((invitation.to_link(), contact))
 }
 
 fn rekey(client: &mut Client, name: &str, channel: Channel) -> anyhow::Result<String> {
@@ -141,15 +191,6 @@ fn rekey(client: &mut Client, name: &str, channel: Channel) -> anyhow::Result<St
         let excess = c.rekeys.len().saturating_sub(MAX_PENDING_REKEYS);
         Ok(c.rekeys.drain(..excess).collect::<Vec<_>>())
     })?;
-    for q in dropped.iter().flat_map(|r| r.recv_queues.iter()) {
-        let delete = Command::Delete {
-            recipient_id: q.recipient_id,
-        };
-        if let Err(e) = client.net.call(&q.relay, &delete, Some(&q.signing_key())) {
-            note(&format!(
-                "warning: could not delete the queue of the earlier re-key invitation: {e}"
-            ));
-        }
-    }
+    delete_queues(client, dropped.iter().flat_map(|r| r.recv_queues.iter()));
     Ok(link)
 }

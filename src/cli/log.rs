@@ -1,16 +1,14 @@
 //! `tern log`: the local history with a contact.
 
-use data_encoding::HEXLOWER;
-use serde_json::json;
-
-use super::output::{json, line, time};
-use super::{unlock, Cli};
+use super::output::{json, line};
+use super::{recv, unlock, Cli};
 use crate::client::model::{history_log, Direction, HistoryEntry};
 
 /// Show the local history with a contact, oldest first
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  tern log bob --limit 20\n  tern log bob --json | jq -r .text")]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
     /// One JSON object per line
     #[arg(long)]
@@ -23,41 +21,31 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
-    let group = client.contact(&id)?.group().to_string();
+    let contact = client.contact(&id)?;
+    let (group, name) = (contact.group().to_string(), contact.name);
     let mut entries: Vec<(u64, HistoryEntry)> = client
         .store
         .read(|tx| tx.tail(&history_log(&group), args.limit))?;
     // Copies from our other devices arrive after the fact: show the
     // conversation in the order it was written.
     entries.sort_by_key(|(_, e)| e.sent_at_ms);
-    let settings = client.settings()?;
+    let me = client.settings()?.profile.name;
     for (_, e) in entries {
-        let name = match e.dir {
-            Direction::In => args.contact.as_str(),
-            Direction::Out => settings.profile.name.as_str(),
-        };
-        // A copy from another device of ours says so.
-        let who = match &e.device {
-            Some(d) => format!("{name} (via {d})"),
-            None => name.to_string(),
-        };
         if args.json {
-            json(&json!({
-                "contact": args.contact,
-                "direction": e.dir,
-                "from": name,
-                "text": e.text,
-                "id": HEXLOWER.encode(&e.id),
-                "sent_at": time(e.sent_at_ms),
-                "received_at": e.received_at_ms.map(time),
-                "device": e.device,
-            }));
+            json(&recv::message_json(&name, &me, &e, None));
         } else {
-            line(&format!(
-                "{}  {who}: {}",
-                time(e.sent_at_ms),
-                e.text.replace('\n', "\n    ")
-            ));
+            let base = match e.dir {
+                Direction::In => name.as_str(),
+                Direction::Out => me.as_str(),
+            };
+            // A copy from another device of ours says so.
+            let who = match &e.device {
+                Some(d) => format!("{base} (via {d})"),
+                None => base.to_string(),
+            };
+            for l in recv::message_lines(&who, &e) {
+                line(&l);
+            }
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ pub mod accept;
 pub mod contacts;
 pub mod device;
 pub mod exit;
+pub mod files;
 pub mod forget;
 pub mod generate;
 pub mod init;
@@ -61,6 +62,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "TERN_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
 
+    /// Accept a new passphrase that the strength check (zxcvbn) finds
+    /// easy to guess
+    #[arg(long, global = true)]
+    pub allow_weak_passphrase: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,18 +94,35 @@ pub enum Command {
 }
 
 /// The profile directory: --home, $TERN_HOME, or the XDG data directory.
-pub fn home_dir(cli_home: Option<&PathBuf>) -> PathBuf {
-    cli_home.cloned().unwrap_or_else(|| data_dir("tern"))
+pub fn home_dir(cli_home: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match cli_home {
+        Some(h) => Ok(h.clone()),
+        None => data_dir("tern"),
+    }
 }
 
-/// `$XDG_DATA_HOME/NAME`, falling back to `~/.local/share/NAME`.
-pub fn data_dir(name: &str) -> PathBuf {
+/// `$XDG_DATA_HOME/NAME`, falling back to `~/.local/share/NAME`. With
+/// neither variable set there is no sensible place (the current directory
+/// would scatter profiles wherever a cron job happens to run): refused.
+pub fn data_dir(name: &str) -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join(name);
+        return Ok(PathBuf::from(x).join(name));
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(h) => PathBuf::from(h).join(".local/share").join(name),
-        None => PathBuf::from(".").join(name),
+        Some(h) => Ok(PathBuf::from(h).join(".local/share").join(name)),
+        None => Err(exit::fail(
+            exit::USAGE,
+            format!(
+                "neither HOME nor XDG_DATA_HOME is set, so there is no default place for the \
+                 {name} directory: give it with --{} DIR (or set {})",
+                if name == "tern" { "home" } else { "data" },
+                if name == "tern" {
+                    "TERN_HOME"
+                } else {
+                    "TERN_RELAY_DATA"
+                }
+            ),
+        )),
     }
 }
 

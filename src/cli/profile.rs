@@ -6,10 +6,11 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::exit::{fail, USAGE};
-use super::output::{json, line, note};
+use super::output::{json, line, note, text};
 use super::{unlock, Cli};
 use crate::client::model::{Settings, SETTINGS};
-use crate::proto::hello::MAX_AVATAR;
+use crate::proto::hello::{MAX_AVATAR, MAX_STATUS};
+use crate::proto::text::status_problem;
 
 /// Show or change your profile; changes are sent to connected contacts
 #[derive(Debug, clap::Args)]
@@ -17,8 +18,10 @@ use crate::proto::hello::MAX_AVATAR;
     after_help = "Examples:\n  tern profile\n  tern profile --status 'on holiday until Monday'\n  tern profile --avatar me.png"
 )]
 pub struct Args {
+    /// Your display name (1 to 64 bytes, no control or format characters)
     #[arg(long)]
     pub name: Option<String>,
+    /// A status line shown to contacts (up to 512 bytes; may span lines)
     #[arg(long)]
     pub status: Option<String>,
     /// A PNG or JPEG of at most 12 KiB
@@ -27,6 +30,7 @@ pub struct Args {
     /// Remove the avatar
     #[arg(long, conflicts_with = "avatar")]
     pub no_avatar: bool,
+    /// Print the profile as one JSON object
     #[arg(long)]
     pub json: bool,
 }
@@ -39,9 +43,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if changing {
         let mut p = settings.profile.clone();
         if let Some(n) = &args.name {
-            p.name = n.trim().to_string();
+            p.name = super::contacts::valid_name("--name", n)?;
         }
         if let Some(s) = &args.status {
+            if let Some(why) = status_problem(s, MAX_STATUS) {
+                return Err(fail(USAGE, format!("--status: the status {why}")));
+            }
             p.status = s.clone();
         }
         if let Some(path) = &args.avatar {
@@ -81,8 +88,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             &json!({"name": p.name, "status": p.status, "avatar_bytes": p.avatar.as_ref().map(Vec::len)}),
         );
     } else if !changing {
-        line(&format!("name:   {}", p.name));
-        line(&format!("status: {}", p.status));
+        // Another device of ours can set these: escaped like a contact's.
+        line(&format!("name:   {}", text(&p.name)));
+        line(&format!("status: {}", text(&p.status)));
         line(&format!(
             "avatar: {}",
             p.avatar

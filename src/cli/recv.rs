@@ -5,11 +5,11 @@ use std::time::Duration;
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
-use super::exit::{fail, TRY_AGAIN};
-use super::output::{json, line, note, time};
+use super::exit::{fail, NOTHING_RECEIVED, TRY_AGAIN};
+use super::output::{body, json, line, note, text, time};
 use super::{unlock, Cli};
 use crate::client::fetch::{Event, FetchOptions};
-use crate::client::model::Direction;
+use crate::client::model::{Direction, HistoryEntry};
 use crate::client::now;
 use crate::proto::envelope::ChainStatus;
 
@@ -31,6 +31,10 @@ pub struct Args {
     /// Only this contact
     #[arg(long, value_name = "CONTACT")]
     pub from: Option<String>,
+    /// Exit with status 66 when no message arrived (for scripts:
+    /// `tern recv --wait 60 --fail-if-empty || echo nothing`)
+    #[arg(long, conflicts_with = "follow")]
+    pub fail_if_empty: bool,
 }
 
 fn chain_word(c: ChainStatus) -> &'static str {
@@ -41,7 +45,61 @@ fn chain_word(c: ChainStatus) -> &'static str {
     }
 }
 
-pub fn print_event(e: &Event, as_json: bool) {
+/// One message as `recv --json` and `log --json` print it: one schema for
+/// both, documented in the man pages (tern-recv(1)) and README.md.
+/// `contact` names the conversation, `from` who wrote it (the contact, or
+/// `me` for the name this profile goes by), `order` is for `recv` only.
+pub fn message_json(
+    contact: &str,
+    me: &str,
+    entry: &HistoryEntry,
+    order: Option<&str>,
+) -> serde_json::Value {
+    let from = match entry.dir {
+        Direction::In => contact,
+        Direction::Out => me,
+    };
+    let mut v = json!({
+        "type": "message",
+        "contact": contact,
+        "from": from,
+        "direction": entry.dir,
+        "text": entry.text,
+        "id": HEXLOWER.encode(&entry.id),
+        "sent_at": time(entry.sent_at_ms),
+        "sent_at_ms": entry.sent_at_ms,
+        "received_at": entry.received_at_ms.map(time),
+        "received_at_ms": entry.received_at_ms,
+        // Which of our devices a copy came from (null: this one's own).
+        "device": entry.device,
+    });
+    if let Some(o) = order {
+        v["order"] = json!(o);
+    }
+    v
+}
+
+/// One message as text: `TIME  WHO: first line`, further lines indented,
+/// so no line of a message can pass for the start of another. Names and
+/// text are escaped ([`super::output::text`], [`super::output::body`]).
+pub fn message_lines(who: &str, entry: &HistoryEntry) -> Vec<String> {
+    // Split on '\n' only: `str::lines` would also drop a CR before it,
+    // hiding what was sent.
+    let mut lines = entry.text.split('\n');
+    let first = lines.next().unwrap_or("");
+    let mut out = vec![format!(
+        "{}  {}: {}",
+        time(entry.sent_at_ms),
+        text(who),
+        body(first)
+    )];
+    out.extend(lines.map(|l| format!("    {}", body(l))));
+    out
+}
+
+/// Prints one event; `me` is this profile's name (the `from` of what our
+/// devices sent).
+pub fn print_event(e: &Event, as_json: bool, me: &str) {
     match e {
         Event::Message {
             contact,
@@ -49,22 +107,10 @@ pub fn print_event(e: &Event, as_json: bool) {
             chain,
         } => {
             if as_json {
-                json(&json!({
-                    "type": "message",
-                    "contact": contact,
-                    "direction": entry.dir,
-                    "text": entry.text,
-                    "id": HEXLOWER.encode(&entry.id),
-                    "sent_at": time(entry.sent_at_ms),
-                    "received_at": time(entry.received_at_ms.unwrap_or_else(now)),
-                    "sent_at_ms": entry.sent_at_ms,
-                    "received_at_ms": entry.received_at_ms,
-                    "order": chain_word(*chain),
-                    "device": entry.device,
-                }));
+                let mut entry = entry.clone();
+                entry.received_at_ms.get_or_insert_with(now);
+                json(&message_json(contact, me, &entry, Some(chain_word(*chain))));
             } else {
-                let mut lines = entry.text.lines();
-                let first = lines.next().unwrap_or("");
                 // What another device of ours sent shows as ours.
                 // A copy says which of our devices it came from.
                 let who = match (entry.dir, &entry.device) {
@@ -73,24 +119,25 @@ pub fn print_event(e: &Event, as_json: bool) {
                     (Direction::Out, None) => format!("you → {contact}"),
                     (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
                 };
-                line(&format!("{}  {who}: {first}", time(entry.sent_at_ms)));
-                for l in lines {
-                    line(&format!("    {l}"));
+                for l in message_lines(&who, entry) {
+                    line(&l);
                 }
             }
         }
         Event::Connected { contact } => {
             if as_json {
-                json(&json!({"type": "connected", "contact": contact}));
+                json(&json!({"type": "connected", "contact": contact, "from": contact}));
             } else {
                 note(&format!("{contact} is connected"));
             }
         }
         Event::ProfileUpdated { contact } => {
             if as_json {
-                json(&json!({"type": "profile", "contact": contact}));
+                json(&json!({"type": "profile", "contact": contact, "from": contact}));
             } else {
-                note(&format!("{contact} updated their profile"));
+                note(&format!(
+                    "{contact} updated their profile (see `tern contacts {contact}`)"
+                ));
             }
         }
         Event::Unsupported { contact, kind } => {
@@ -117,12 +164,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         contact_id,
     };
     let as_json = args.json;
-    let summary = client.fetch(&opts, &mut |e| print_event(&e, as_json))?;
+    let me = client.settings()?.profile.name;
+    let summary = client.fetch(&opts, &mut |e| print_event(&e, as_json, &me))?;
     if summary.queues > 0 && summary.errors.len() >= summary.queues && summary.messages == 0 {
         return Err(fail(
             TRY_AGAIN,
             "no relay could be reached; try again later",
         ));
+    }
+    if args.fail_if_empty && summary.messages == 0 {
+        return Err(fail(NOTHING_RECEIVED, "no message arrived"));
     }
     Ok(())
 }

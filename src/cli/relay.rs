@@ -87,11 +87,11 @@ fn listen_addr(common: &Common) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-fn data_dir(common: &Common) -> PathBuf {
-    common
-        .data
-        .clone()
-        .unwrap_or_else(|| super::data_dir("tern-relay"))
+fn data_dir(common: &Common) -> anyhow::Result<PathBuf> {
+    match &common.data {
+        Some(d) => Ok(d.clone()),
+        None => super::data_dir("tern-relay"),
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -103,7 +103,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             max_wait,
             max_connections,
         } => {
-            let mut cfg = ServeConfig::new(listen_addr(common)?, data_dir(common));
+            let mut cfg = ServeConfig::new(listen_addr(common)?, data_dir(common)?);
             cfg.access_key = read_access_key(common.access_key_file.as_deref())?;
             cfg.ttl = Duration::from_secs(ttl_days.saturating_mul(86_400));
             cfg.max_pending = *max_pending;
@@ -117,7 +117,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         Action::Address { common } => {
             let access = read_access_key(common.access_key_file.as_deref())?;
-            line(&load_address(&data_dir(common), access, listen_addr(common)?)?.to_string());
+            line(&load_address(&data_dir(common)?, access, listen_addr(common)?)?.to_string());
             Ok(())
         }
     }

@@ -4,8 +4,8 @@ use serde_json::json;
 use tern_relay::address::RelayAddress;
 use tern_relay::wire::{Command, Reply};
 
-use super::exit::{fail, FAILURE, USAGE};
-use super::output::{json, line, note};
+use super::exit::{code_for, fail, FAILURE, USAGE};
+use super::output::{json, line, note, text};
 use super::{unlock, Cli};
 use crate::client::model::{Settings, SETTINGS};
 use crate::proto::connection::ConnState;
@@ -27,10 +27,22 @@ pub struct Args {
 pub enum Action {
     /// List your relays (the default)
     List,
-    /// Add a relay for new connections
-    Add { address: String },
-    /// Stop using a relay for new connections
-    Remove { address: String },
+    /// Add a relay for new connections (after checking that it answers as
+    /// the key in its address)
+    Add {
+        /// The relay's address, tern://KEY@HOST:PORT (with :ACCESS after
+        /// KEY for a relay that needs an access key)
+        address: String,
+        /// Add it without asking it first (a relay that is not up yet)
+        #[arg(long)]
+        no_test: bool,
+    },
+    /// Stop using a relay for new connections; connections that receive
+    /// through it move to your other relays
+    Remove {
+        /// The relay's address, as `tern relays` lists it
+        address: String,
+    },
     /// Check that each relay answers and holds the key its address names
     Test,
 }
@@ -50,12 +62,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Action::Add { address } => {
+        Action::Add { address, no_test } => {
             let a: RelayAddress = address
                 .parse()
                 .map_err(|e| fail(USAGE, format!("{address}: {e}")))?;
             if settings.relay_addresses().iter().any(|b| b.same_relay(&a)) {
                 return Err(fail(USAGE, "that relay is already in the list"));
+            }
+            if !no_test {
+                test_before_adding(&client, &a)?;
             }
             settings.relays.push(a.to_string());
             client
@@ -90,10 +105,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             client
                 .store
                 .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
-            note(&format!(
-                "relay removed; {} connection(s) receive through it: moving them to your other relays",
-                affected.len()
-            ));
+            note(&match affected.len() {
+                0 => "relay removed; no connection receives through it".to_string(),
+                n => format!(
+                    "relay removed; {n} connection(s) receive through it: moving them to your other relays"
+                ),
+            });
             for (id, name, connected) in affected {
                 if !connected {
                     note(&format!(
@@ -134,7 +151,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                         &json!({"address": r.without_access_key().to_string(), "ok": ok, "detail": detail}),
                     );
                 } else {
-                    line(&format!("{}  {detail}", r.label()));
+                    line(&format!("{}  {}", r.label(), text(&detail)));
                 }
             }
             if bad > 0 {
@@ -143,4 +160,32 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `relays add` asks the relay for its INFO first: a wrong key, a closed
+/// port or a relay that needs an access key the address lacks is found now,
+/// not when the first invitation fails. Nothing is changed on failure;
+/// exit 75 when the relay is unreachable (it may come up), 1 otherwise.
+fn test_before_adding(client: &crate::client::Client, a: &RelayAddress) -> anyhow::Result<()> {
+    let hint = "nothing was changed; check the address, or add it anyway with --no-test";
+    match client.net.call(a, &Command::Info, None) {
+        Ok(Reply::Info(i)) if !i.open && a.access_key.is_none() => Err(fail(
+            USAGE,
+            format!(
+                "relay {} needs an access key to create queues: add it to the address \
+                 (tern://KEY:ACCESS@HOST:PORT); {hint}",
+                a.label()
+            ),
+        )),
+        Ok(Reply::Info(_)) => Ok(()),
+        Ok(other) => Err(fail(
+            FAILURE,
+            format!("relay {} answered INFO with {other:?}; {hint}", a.label()),
+        )),
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            let code = code_for(&e);
+            Err(fail(code, format!("{e}; {hint}")))
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! `tern verify`: compare security codes out of band.
 
 use super::exit::{fail, CODE_MISMATCH, USAGE};
-use super::output::{line, note, stdout_is_terminal};
+use super::output::{json, line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::proto::security_code::codes_match;
 
@@ -11,12 +11,42 @@ use crate::proto::security_code::codes_match;
     after_help = "Examples:\n  tern verify bob                       # show the code (and its QR code)\n  tern verify bob '12345 67890 …'        # compare with the code Bob reads out\n\nA mismatch exits with status 4: someone may have swapped the invitation."
 )]
 pub struct Args {
+    /// The contact's name (see `tern contacts`)
     pub contact: String,
-    /// The code the contact sees; spaces and dashes are ignored
+    /// The code the contact sees: 30 digits; spaces and dashes are ignored
     pub code: Option<String>,
+    /// Print one JSON object: the code, or whether the codes match
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Digits of a code as typed: `Some` only for something that is a code
+/// (30 digits, with any spaces and dashes, or the `TERN-CODE:` text of the
+/// QR code), so a typo in the command is a usage error, not a mismatch.
+fn parse_code(typed: &str) -> Option<String> {
+    let t = typed.trim();
+    let t = t.strip_prefix("TERN-CODE:").unwrap_or(t);
+    if !t
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == ' ' || c == '-')
+    {
+        return None;
+    }
+    let digits: String = t.chars().filter(char::is_ascii_digit).collect();
+    (digits.len() == 30).then_some(digits)
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let theirs = match &args.code {
+        Some(typed) => Some(parse_code(typed).ok_or_else(|| {
+            fail(
+                USAGE,
+                "that is not a security code: a code is 30 digits in six groups \
+                 (`tern verify CONTACT` shows yours); nothing was compared",
+            )
+        })?),
+        None => None,
+    };
     let mut client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
     // Each connection of the contact (one per device of theirs) has its
@@ -38,7 +68,20 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ),
         ));
     };
-    match &args.code {
+    match &theirs {
+        None if args.json => {
+            let mut verified = false;
+            for m in client.group_members(&id)? {
+                verified |= client.contact(&m)?.code().is_some_and(|r| r.verified);
+            }
+            json(&serde_json::json!({
+                "contact": args.contact,
+                "code": ours,
+                "codes": codes.iter().map(|(_, c)| c).collect::<Vec<_>>(),
+                "verified": verified,
+            }));
+            Ok(())
+        }
         None => {
             if stdout_is_terminal() {
                 print!(
@@ -67,7 +110,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 .filter(|(_, code)| codes_match(code, theirs))
                 .map(|(m, _)| m)
                 .collect();
-            if matching.is_empty() {
+            let matched = !matching.is_empty();
+            if args.json {
+                json(&serde_json::json!({
+                    "contact": args.contact,
+                    "match": matched,
+                    "verified": matched,
+                }));
+            }
+            if !matched {
                 return Err(fail(
                     CODE_MISMATCH,
                     format!(

@@ -934,7 +934,7 @@ pub(crate) fn on_device_message(
                 None => false,
                 Some(owner) => {
                     may_change_group(c, &owner)
-                        || c.pending_groups.iter().any(|g| *g == group)
+                        || c.pending_groups.contains(&group)
                         || c.announced
                             .iter()
                             .any(|a| a.group.as_deref() == Some(group.as_str()))
@@ -1425,7 +1425,10 @@ impl Client {
                 Err(e) => {
                     // Never retried: an invitation that cannot be used stays
                     // unusable. Say so, drop the job.
-                    eprintln!("tern: warning: device step failed: {e}");
+                    eprintln!(
+                        "tern: warning: device step failed: {}",
+                        crate::proto::text::escape_text(&e.to_string())
+                    );
                     self.update_contact(id, |_, c| {
                         c.device_jobs.retain(|j| j.id != task.id);
                         Ok(())

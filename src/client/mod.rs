@@ -25,6 +25,7 @@ use thiserror::Error;
 
 use crate::net::{now_ms, NetError, RelayClient};
 use crate::proto::connection::{QueueKeys, RecvQueue};
+use crate::proto::text::name_key;
 use crate::proto::ProtoError;
 use crate::store::{KeySource, Store, StoreError, Tx};
 use model::{contact_key, Contact, IndexEntry, Settings, INDEX, SETTINGS};
@@ -139,13 +140,18 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// Finds a contact's id by exact name (one of its connections when the
-    /// contact has several devices; see [`Client::group_members`]).
+    /// Finds a contact's id by name: the exact name, or else the one name
+    /// equal to it after NFKC and white-space folding (names are unique in
+    /// that form). One of its connections when the contact has several
+    /// devices; see [`Client::group_members`].
     pub fn contact_id(&self, name: &str) -> Result<String, ClientError> {
-        self.index()?
-            .into_iter()
+        let index = self.index()?;
+        let key = name_key(name);
+        index
+            .iter()
             .find(|e| e.name == name && !e.device)
-            .map(|e| e.id)
+            .or_else(|| index.iter().find(|e| !e.device && name_key(&e.name) == key))
+            .map(|e| e.id.clone())
             .ok_or_else(|| ClientError::UnknownContact(name.to_string()))
     }
 
@@ -241,7 +247,7 @@ impl Client {
             return Err(ClientError::AllRelaysFailed(errors.join("; ")));
         }
         for e in errors {
-            eprintln!("tern: warning: {e}");
+            eprintln!("tern: warning: {}", crate::proto::text::escape_text(&e));
         }
         Ok(queues)
     }
@@ -257,9 +263,10 @@ impl Client {
     /// group share their name.
     pub fn add_contact_in(tx: &Tx<'_>, contact: &Contact) -> Result<(), StoreError> {
         let mut index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+        let key = name_key(&contact.name);
         if index
             .iter()
-            .any(|e| e.name == contact.name && e.group() != contact.group())
+            .any(|e| name_key(&e.name) == key && e.group() != contact.group())
         {
             return Err(abort(ClientError::NameTaken(contact.name.clone())));
         }
@@ -313,6 +320,8 @@ impl Client {
     }
 
     /// A name not used by any contact: `base`, or `base-2`, `base-3`, …
+    /// Names are compared after NFKC and white-space folding, so a
+    /// full-width or padded copy of a name counts as that name.
     pub fn unique_name(tx: &Tx<'_>, base: &str, except_id: &str) -> Result<String, StoreError> {
         let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
         let group = index
@@ -320,7 +329,12 @@ impl Client {
             .find(|e| e.id == except_id)
             .map(|e| e.group().to_string())
             .unwrap_or_else(|| except_id.to_string());
-        let taken = |n: &str| index.iter().any(|e| e.name == n && e.group() != group);
+        let taken = |n: &str| {
+            let key = name_key(n);
+            index
+                .iter()
+                .any(|e| name_key(&e.name) == key && e.group() != group)
+        };
         if !taken(base) {
             return Ok(base.to_string());
         }

@@ -22,11 +22,16 @@ use serde::{Deserialize, Serialize};
 use tern_relay::codec::{CodecError, Reader, Writer};
 
 use super::invitation::{decode_queues, encode_queues, SendQueue, MAX_QUEUES};
-use super::ProtoError;
+use super::{text, ProtoError};
 
 pub const MAX_NAME: usize = 64;
 pub const MAX_STATUS: usize = 512;
 pub const MAX_AVATAR: usize = 12_288;
+
+pub const NAME_RULE: &str =
+    "profile name: 1 to 64 bytes, not only white space, no control or format characters";
+pub const STATUS_RULE: &str =
+    "profile status: up to 512 bytes, no control or format characters but line feeds";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {
@@ -37,18 +42,17 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Checks the limits; the CLI calls this before saving a profile.
+    /// Checks the limits and the character rules of PROTOCOL.md §5.5: the
+    /// CLI calls this before saving a profile, and every received profile
+    /// passes through it.
     pub fn validate(&self) -> Result<(), ProtoError> {
-        let n = self.name.trim();
-        if n.is_empty() || self.name.len() > MAX_NAME || self.name.chars().any(char::is_control) {
-            return Err(
-                CodecError::Invalid("profile name: 1 to 64 bytes, no control characters").into(),
-            );
+        // Fixed texts (the test vectors name them); `text::name_problem`
+        // says which character is wrong, for people.
+        if text::name_problem(&self.name, MAX_NAME).is_some() {
+            return Err(CodecError::Invalid(NAME_RULE).into());
         }
-        if self.status.len() > MAX_STATUS
-            || self.status.chars().any(|c| c.is_control() && c != '\n')
-        {
-            return Err(CodecError::Invalid("profile status: up to 512 bytes").into());
+        if text::status_problem(&self.status, MAX_STATUS).is_some() {
+            return Err(CodecError::Invalid(STATUS_RULE).into());
         }
         if let Some(a) = &self.avatar {
             if a.len() > MAX_AVATAR
@@ -310,6 +314,21 @@ mod tests {
         .validate()
         .is_err());
         assert!(profile().validate().is_ok());
+        // Received profiles are checked too: a bidi override or a zero-width
+        // space in a name, an escape sequence in a status.
+        for (name, status) in [("Ada\u{202E}", ""), ("Ad\u{200B}a", ""), ("Ada", "\x1b[2J")] {
+            let p = Profile {
+                name: name.into(),
+                status: status.into(),
+                avatar: None,
+            };
+            let mut w = Writer::new();
+            w.short_bytes(name.as_bytes());
+            w.u16(status.len() as u16).bytes(status.as_bytes());
+            w.long_bytes(&[]);
+            assert!(p.validate().is_err(), "{name:?} {status:?}");
+            assert!(Profile::from_bytes(&w.into_vec()).is_err(), "{name:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod ratchet;
 pub mod rekey;
 pub mod rotation;
 pub mod security_code;
+pub mod text;
 
 pub use error::ProtoError;
 

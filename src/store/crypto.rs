@@ -84,11 +84,59 @@ impl NameKind {
     }
 }
 
-/// The two keys derived from the identity. The AEAD zeroizes its key on drop
-/// (chacha20poly1305's `zeroize` feature is on), the MAC key is `Zeroizing`.
+/// How many bytes of a name id are kept: the row id columns hold 32, the
+/// bucket and seen-digest columns 16 (see `SHORT_ID` in the store).
+impl NameKind {
+    fn kept(self) -> usize {
+        match self {
+            NameKind::KvBucket | NameKind::SeenDigest => 16,
+            NameKind::Kv | NameKind::Log | NameKind::SeenSet => 32,
+        }
+    }
+}
+
+/// The keys of a profile. The AEAD zeroizes its key on drop
+/// (chacha20poly1305's `zeroize` feature is on), the MAC keys are
+/// `Zeroizing`.
+///
+/// The data key comes from the current identity. Name ids are a chain: the
+/// first name key (from the identity the profile was created with) hashes
+/// the name, and each later name key — one per re-key, the last from the
+/// current identity — hashes the previous id again. A re-key can so move
+/// every stored id to a key the old identity does not know without knowing
+/// the names themselves (log names and seen digests are stored only as
+/// ids). The earlier name keys are kept sealed under the data key.
 pub(crate) struct Keys {
     aead: XChaCha20Poly1305,
-    name_key: Zeroizing<[u8; 32]>,
+    /// Oldest first; the last is the current identity's.
+    name_keys: Vec<Zeroizing<[u8; 32]>>,
+}
+
+/// The data key and name key an identity derives.
+fn derive_pair(identity: &age::x25519::Identity) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let encoded = identity.to_string();
+    let hk = Hkdf::<Sha256>::new(None, encoded.expose_secret().as_bytes());
+    let mut data_key = Zeroizing::new([0u8; 32]);
+    let mut name_key = Zeroizing::new([0u8; 32]);
+    // Both expansions are 32 bytes, far below HKDF's 255*32 limit.
+    hk.expand(INFO_DATA_KEY, &mut data_key[..])
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    hk.expand(INFO_NAME_KEY, &mut name_key[..])
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    (data_key, name_key)
+}
+
+fn mac(key: &[u8; 32], kind: NameKind, input: &[u8]) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes keys of any length");
+    mac.update(kind.label());
+    mac.update(input);
+    mac.finalize().into_bytes().into()
+}
+
+fn keep(kind: NameKind, mut id: [u8; 32]) -> [u8; 32] {
+    id[kind.kept()..].fill(0);
+    id
 }
 
 impl Keys {
@@ -96,19 +144,33 @@ impl Keys {
     /// (`AGE-SECRET-KEY-1…`, a fixed bijection of the 32-byte scalar), with
     /// one `info` label per key so the two keys are independent.
     pub(crate) fn derive(identity: &age::x25519::Identity) -> Keys {
-        let encoded = identity.to_string();
-        let hk = Hkdf::<Sha256>::new(None, encoded.expose_secret().as_bytes());
-        let mut data_key = Zeroizing::new([0u8; 32]);
-        let mut name_key = Zeroizing::new([0u8; 32]);
-        // Both expansions are 32 bytes, far below HKDF's 255*32 limit.
-        hk.expand(INFO_DATA_KEY, &mut data_key[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        hk.expand(INFO_NAME_KEY, &mut name_key[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Keys::with_history(identity, Vec::new())
+    }
+
+    /// The keys of a re-keyed profile: `earlier` are the name keys of the
+    /// identities before this one, oldest first.
+    pub(crate) fn with_history(
+        identity: &age::x25519::Identity,
+        mut earlier: Vec<Zeroizing<[u8; 32]>>,
+    ) -> Keys {
+        let (data_key, name_key) = derive_pair(identity);
+        earlier.push(name_key);
         Keys {
             aead: XChaCha20Poly1305::new((&*data_key).into()),
-            name_key,
+            name_keys: earlier,
         }
+    }
+
+    /// Every name key, oldest first (to seal into a re-keyed store).
+    pub(crate) fn name_keys(&self) -> &[Zeroizing<[u8; 32]>] {
+        &self.name_keys
+    }
+
+    /// An id kept by these keys moved one step on, to `next`'s last name
+    /// key: what re-keying does to every stored id.
+    pub(crate) fn step(next: &Keys, kind: NameKind, id: &[u8]) -> [u8; 32] {
+        let last = next.name_keys.last().expect("at least one name key");
+        keep(kind, mac(last, kind, &id[..kind.kept()]))
     }
 
     /// `version || nonce || ciphertext+tag`. The plaintext is padded first.
@@ -164,14 +226,18 @@ impl Keys {
             .map(Zeroizing::new)
     }
 
-    /// HMAC-SHA256 of a name under the name key. Row ids are these, so the
+    /// HMAC-SHA256 of a name under the name key (chained through every
+    /// name key since the profile's creation, see [`Keys`]), cut to the
+    /// length its column keeps (the rest zero). Row ids are these, so the
     /// database shows neither contact ids nor message digests.
     pub(crate) fn name_id(&self, kind: NameKind, name: &[u8]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.name_key[..])
-            .expect("HMAC takes keys of any length");
-        mac.update(kind.label());
-        mac.update(name);
-        mac.finalize().into_bytes().into()
+        let mut keys = self.name_keys.iter();
+        let first = keys.next().expect("at least one name key");
+        let mut id = keep(kind, mac(first, kind, name));
+        for k in keys {
+            id = keep(kind, mac(k, kind, &id[..kind.kept()]));
+        }
+        id
     }
 }
 
@@ -212,6 +278,19 @@ mod tests {
         // Malformed blobs are rejected without panicking.
         assert!(k.open(Slot::Log(&a, 5), &[]).is_none());
         assert!(k.open(Slot::Log(&a, 5), &sealed[..20]).is_none());
+    }
+
+    #[test]
+    fn a_step_equals_the_chain_of_the_next_keys() {
+        let first = age::x25519::Identity::generate();
+        let old = Keys::derive(&first);
+        let (_, name_key) = derive_pair(&first);
+        let new = Keys::with_history(&age::x25519::Identity::generate(), vec![name_key]);
+        for kind in [NameKind::Kv, NameKind::KvBucket, NameKind::SeenDigest] {
+            let id = old.name_id(kind, b"contact/1");
+            assert_eq!(Keys::step(&new, kind, &id), new.name_id(kind, b"contact/1"));
+            assert_ne!(id, new.name_id(kind, b"contact/1"));
+        }
     }
 
     #[test]

@@ -9,7 +9,11 @@ use super::{Protection, StoreError, BUSY_TIMEOUT};
 
 /// Version of the on-disk layout, stored in `meta`. Bump on incompatible
 /// changes; an older tern refuses a newer store instead of misreading it.
+/// Format 2 is format 1 after a re-key: name ids are chained through
+/// several name keys (`meta.name_keys`), which a tern that reads only
+/// format 1 would not find its records with.
 pub(crate) const FORMAT: i64 = 1;
+pub(crate) const FORMAT_REKEYED: i64 = 2;
 
 /// The sealed constant in `meta.key_check` proves that an identity belongs
 /// to this profile before anything else is read or written with it.
@@ -139,6 +143,69 @@ pub(crate) struct Meta {
     pub(crate) protection: Protection,
     pub(crate) key_check: Vec<u8>,
     pub(crate) key_hashes: Vec<[u8; 32]>,
+    /// After a re-key: the earlier name keys, sealed under the data key.
+    pub(crate) name_keys: Option<Vec<u8>>,
+    /// SHA-256 of the age recipients (public keys) of identities retired
+    /// by a re-key, to say so when one is used.
+    pub(crate) retired: Vec<[u8; 32]>,
+}
+
+fn hashes(raw: &[u8]) -> Result<Vec<[u8; 32]>, StoreError> {
+    if raw.len() % 32 != 0 {
+        return Err(StoreError::Corrupt("malformed hash list in meta".into()));
+    }
+    Ok(raw
+        .chunks_exact(32)
+        .map(|c| <[u8; 32]>::try_from(c).expect("chunks_exact(32)"))
+        .collect())
+}
+
+fn get_meta_opt(conn: &Connection, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .optional()?)
+}
+
+/// How many times the profile was re-keyed: every handle checks it at the
+/// start of each transaction, so a process that still holds the old keys
+/// stops instead of writing records nobody can read.
+pub(crate) fn epoch(conn: &Connection) -> Result<u64, StoreError> {
+    let raw: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM meta WHERE name = 'epoch'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(raw
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// What a re-key writes into `meta`, inside its transaction.
+pub(crate) fn set_rekeyed(
+    conn: &Connection,
+    keys: &Keys,
+    sealed_name_keys: &[u8],
+    protection: Protection,
+    key_hash: Option<[u8; 32]>,
+    retired: &[[u8; 32]],
+    epoch: u64,
+) -> Result<(), StoreError> {
+    set_meta(conn, "format", &FORMAT_REKEYED.to_be_bytes())?;
+    set_meta(
+        conn,
+        "key_check",
+        &keys.seal(Slot::Meta("key_check"), KEY_CHECK),
+    )?;
+    set_meta(conn, "name_keys", sealed_name_keys)?;
+    set_meta(conn, "protection", protection.as_str().as_bytes())?;
+    // Only the new key file is this profile's now: an old one that still
+    // decrypts holds a retired identity (reported as such).
+    let hashes: Vec<u8> = key_hash.map(|h| h.to_vec()).unwrap_or_default();
+    set_meta(conn, "key_hashes", &hashes)?;
+    let retired: Vec<u8> = retired.iter().flatten().copied().collect();
+    set_meta(conn, "retired", &retired)?;
+    set_meta(conn, "epoch", &epoch.to_be_bytes())
 }
 
 impl Meta {
@@ -162,27 +229,24 @@ impl Meta {
         let format = <[u8; 8]>::try_from(format.as_slice())
             .map(i64::from_be_bytes)
             .map_err(|_| StoreError::Corrupt("malformed format version".into()))?;
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_REKEYED {
             return Err(StoreError::UnsupportedFormat {
                 found: format,
-                supported: FORMAT,
+                supported: FORMAT_REKEYED,
             });
         }
         let protection = Protection::parse(&get_meta(conn, "protection")?)
             .ok_or_else(|| StoreError::Corrupt("unknown protection mode".into()))?;
         let key_check = get_meta(conn, "key_check")?;
         let raw = get_meta(conn, "key_hashes")?;
-        if raw.len() % 32 != 0 {
-            return Err(StoreError::Corrupt("malformed key-file hashes".into()));
-        }
-        let key_hashes = raw
-            .chunks_exact(32)
-            .map(|c| <[u8; 32]>::try_from(c).expect("chunks_exact(32)"))
-            .collect();
+        let key_hashes = hashes(&raw)?;
+        let retired = hashes(&get_meta_opt(conn, "retired")?.unwrap_or_default())?;
         Ok(Meta {
             protection,
             key_check,
             key_hashes,
+            name_keys: get_meta_opt(conn, "name_keys")?,
+            retired,
         })
     }
 
@@ -204,4 +268,33 @@ pub(crate) fn add_key_hash(conn: &Connection, hash: [u8; 32]) -> Result<(), Stor
     let skip = hashes.len().saturating_sub(MAX_KEY_HASHES);
     let raw: Vec<u8> = hashes[skip..].iter().flatten().copied().collect();
     set_meta(conn, "key_hashes", &raw)
+}
+
+/// Free pages past which `open` compacts the database: a quarter of the
+/// file, and at least this many pages (1 MiB of 4 KiB pages: below that
+/// the space is not worth a rewrite).
+const VACUUM_MIN_FREE_PAGES: i64 = 256;
+
+/// Compacts the database when most of it is free pages (after `tern
+/// forget`, a rotation's clean-up, a long history deleted): `VACUUM`
+/// rewrites it in one transaction, atomically like any other. Best effort:
+/// if another process holds the database, it is left for another time.
+/// Returns whether it ran.
+pub(crate) fn maybe_vacuum(conn: &Connection) -> Result<bool, StoreError> {
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+    if free < VACUUM_MIN_FREE_PAGES || free * 4 < pages {
+        return Ok(false);
+    }
+    // Never make a command wait for the space: a short lock wait, then
+    // the usual one back.
+    conn.busy_timeout(std::time::Duration::from_millis(200))?;
+    let done = conn.execute_batch("VACUUM").is_ok();
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    if done {
+        // Move the rewritten pages from the WAL into the file, so the
+        // space is given back now.
+        let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+    Ok(done)
 }

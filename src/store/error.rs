@@ -68,6 +68,19 @@ pub enum StoreError {
     )]
     WrongIdentity(PathBuf),
 
+    /// A key file or identity this profile used before `tern key passwd
+    /// --rekey` retired it.
+    #[error(
+        "this key was retired when the profile in {} was re-keyed (`tern key passwd --rekey`): \
+         use the current passphrase, or an identity exported since",
+        .0.display()
+    )]
+    RetiredKey(PathBuf),
+
+    /// Another process re-keyed the profile while this one had it open.
+    #[error("the profile was re-keyed by another tern process meanwhile: run the command again")]
+    Rekeyed,
+
     /// Opened without a passphrase, but the profile has one.
     #[error(
         "the profile in {} is protected by a passphrase: give the passphrase, \

@@ -43,6 +43,18 @@
 //! that the database shows which records share a first segment (how many
 //! contacts, say), not what the segment is.
 //!
+//! # Re-keying
+//!
+//! [`Store::rekey`] (`tern key passwd --rekey`) replaces the identity: a new
+//! data key, and a new name key that hashes every stored id once more (the
+//! name ids are a chain over all name keys the profile has had, see
+//! `crypto::Keys`, since log names and seen digests are stored only as ids
+//! and cannot be hashed afresh). The earlier name keys are kept in `meta`,
+//! sealed under the new data key; the format becomes 2, so a tern that
+//! knows only format 1 refuses the store instead of missing its records.
+//! Identities that were retired are remembered by the hash of their public
+//! key and reported as such ([`StoreError::RetiredKey`]).
+//!
 //! # Concurrency and crashes
 //!
 //! Each [`Store`] has its own SQLite connection; several processes (`tern
@@ -80,6 +92,7 @@ use keyfile::Unlocked;
 
 pub use age::secrecy::SecretString;
 pub use error::StoreError;
+pub(crate) use keyfile::create_private;
 pub use keyfile::{MAX_SCRYPT_LOG_N, SCRYPT_LOG_N};
 
 /// How long a writer waits for another process's transaction before giving
@@ -178,6 +191,8 @@ pub struct Store {
     keys: Keys,
     unlocked: Unlocked,
     paths: Paths,
+    /// The re-key count these keys belong to (see [`Store::rekey`]).
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -272,6 +287,7 @@ impl Store {
             keys,
             unlocked,
             paths,
+            epoch: 0,
         })
     }
 
@@ -297,18 +313,21 @@ impl Store {
                 if meta.protection != Protection::Passphrase {
                     return Err(StoreError::NotPassphraseProtected(paths.home));
                 }
-                keyfile::unlock_key_file(&paths.key, p, &meta.key_hashes)?
+                unlock_current(&paths.key, p, &meta)?
             }
             KeySource::IdentityFile(path) => keyfile::read_identity_file(&path)?,
             KeySource::Unprotected => {
                 if meta.protection != Protection::Unprotected {
                     return Err(StoreError::PassphraseRequired(paths.home));
                 }
-                keyfile::read_identity_file(&paths.unprotected)?
+                read_current_unprotected(&paths.unprotected, &meta)?
             }
         };
-        let keys = Keys::derive(&unlocked.identity);
-        if !meta.key_matches(&keys) {
+        let base = Keys::derive(&unlocked.identity);
+        if !meta.key_matches(&base) {
+            if meta.retired.contains(&recipient_hash(&unlocked)) {
+                return Err(StoreError::RetiredKey(paths.home));
+            }
             return Err(if from_key_file {
                 StoreError::KeyFileCorrupt {
                     path: paths.key,
@@ -318,14 +337,21 @@ impl Store {
                 StoreError::WrongIdentity(paths.home)
             });
         }
+        let keys = keys_for(&unlocked, &meta)?;
+        let epoch = {
+            let tx = conn.transaction()?;
+            db::epoch(&tx)?
+        };
 
         let mut store = Store {
             conn,
             keys,
             unlocked,
             paths,
+            epoch,
         };
         store.finish_interrupted()?;
+        db::maybe_vacuum(&store.conn)?;
         Ok(store)
     }
 
@@ -338,11 +364,13 @@ impl Store {
             identity: self.unlocked.identity.clone(),
             text: self.unlocked.text.clone(),
         };
+        let keys = Keys::with_history(&unlocked.identity, self.earlier_name_keys());
         Ok(Store {
             conn,
-            keys: Keys::derive(&unlocked.identity),
+            keys,
             unlocked,
             paths: Paths::new(&self.paths.home),
+            epoch: self.epoch,
         })
     }
 
@@ -418,6 +446,196 @@ impl Store {
         Ok(())
     }
 
+    /// The name keys before the current identity's, oldest first.
+    fn earlier_name_keys(&self) -> Vec<Zeroizing<[u8; 32]>> {
+        let all = self.keys.name_keys();
+        all[..all.len() - 1].to_vec()
+    }
+
+    /// Re-key the profile: a new identity, a new data key and a new name
+    /// key; every record, log entry, name and seen digest re-sealed or
+    /// re-hashed under them in one transaction; the key file replaced. Old
+    /// copies of `key.age`, and every identity exported before, stop
+    /// opening the profile (they are reported as retired). Contacts see
+    /// nothing: connection keys are not the store's keys.
+    ///
+    /// Crash safety: the new key file is written as `key.age.next`
+    /// (`identity-unprotected.txt.next`) and synced first; the transaction
+    /// switches the database; then the file is renamed into place. Stopped
+    /// before the commit, the profile is as it was and `open` removes the
+    /// `.next`; stopped after it, `open` unlocks with the `.next` and
+    /// finishes the rename. Other processes that have the profile open
+    /// fail their next transaction with [`StoreError::Rekeyed`].
+    pub fn rekey(&mut self, key: NewKey) -> Result<(), StoreError> {
+        let plan = self.rekey_prepare(key)?;
+        self.rekey_commit(&plan)?;
+        self.rekey_finish(plan)
+    }
+
+    /// Writes the new key file beside the current one.
+    pub(crate) fn rekey_prepare(&mut self, key: NewKey) -> Result<RekeyPlan, StoreError> {
+        let unlocked = Unlocked::generate();
+        let (protection, content, hash) = match key {
+            NewKey::Passphrase(p) => {
+                use age::secrecy::ExposeSecret;
+                if p.expose_secret().is_empty() {
+                    return Err(StoreError::EmptyPassphrase);
+                }
+                let bytes = keyfile::encrypt_key_file(&self.paths.key, &unlocked.text, p)?;
+                let hash = keyfile::key_file_hash(&bytes);
+                (Protection::Passphrase, Zeroizing::new(bytes), Some(hash))
+            }
+            NewKey::Unprotected => (
+                Protection::Unprotected,
+                Zeroizing::new(unlocked.text.as_bytes().to_vec()),
+                None,
+            ),
+        };
+        let (target, _) = self.paths.key_files(protection);
+        keyfile::write_atomic(&next_of(target), &content)?;
+        // The current name key becomes an earlier one.
+        let keys = Keys::with_history(&unlocked.identity, self.keys.name_keys().to_vec());
+        Ok(RekeyPlan {
+            unlocked,
+            keys,
+            protection,
+            key_hash: hash,
+        })
+    }
+
+    /// The transaction that moves everything to the new keys.
+    pub(crate) fn rekey_commit(&mut self, plan: &RekeyPlan) -> Result<(), StoreError> {
+        let old = &self.keys;
+        let new = &plan.keys;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        check_epoch(&tx, self.epoch)?;
+        let meta = db::Meta::load(&tx)?;
+        // Records: new id, bucket, sealed name and value.
+        let rows: Vec<KvRow> = {
+            let mut stmt = tx.prepare("SELECT id, bucket, name, value FROM kv")?;
+            let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            it.collect::<Result<_, _>>()?
+        };
+        tx.execute("DELETE FROM kv", [])?;
+        for (id, bucket, name, value) in rows {
+            let id: [u8; 32] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("malformed record id".into()))?;
+            let damaged = || StoreError::Corrupt("a record fails authentication".into());
+            let name = old.open(Slot::KvName(&id), &name).ok_or_else(damaged)?;
+            let value = old.open(Slot::KvValue(&id), &value).ok_or_else(damaged)?;
+            let new_id = Keys::step(new, NameKind::Kv, &id);
+            let new_bucket = Keys::step(new, NameKind::KvBucket, &bucket)[..SHORT_ID].to_vec();
+            tx.execute(
+                "INSERT INTO kv (id, bucket, name, value) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![
+                    &new_id[..],
+                    new_bucket,
+                    new.seal(Slot::KvName(&new_id), trim_padding(&name)),
+                    new.seal(Slot::KvValue(&new_id), trim_padding(&value)),
+                ],
+            )?;
+        }
+        // Logs: new log id, each entry re-sealed at its sequence number.
+        let entries: Vec<(Vec<u8>, i64)> = {
+            let mut stmt = tx.prepare("SELECT log, seq FROM log")?;
+            let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            it.collect::<Result<_, _>>()?
+        };
+        for (log, seq) in entries {
+            let id: [u8; 32] = log
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("malformed log id".into()))?;
+            let value: Vec<u8> = tx.query_row(
+                "SELECT value FROM log WHERE log = ?1 AND seq = ?2",
+                rusqlite::params![&log, seq],
+                |r| r.get(0),
+            )?;
+            let seq_u = seq_from_db(seq)?;
+            let plain = old
+                .open(Slot::Log(&id, seq_u), &value)
+                .ok_or_else(|| StoreError::Corrupt("a log entry fails authentication".into()))?;
+            let new_id = Keys::step(new, NameKind::Log, &id);
+            tx.execute(
+                "UPDATE log SET log = ?1, value = ?2 WHERE log = ?3 AND seq = ?4",
+                rusqlite::params![
+                    &new_id[..],
+                    new.seal(Slot::Log(&new_id, seq_u), trim_padding(&plain)),
+                    &log,
+                    seq
+                ],
+            )?;
+        }
+        // Seen sets: ids only, nothing sealed.
+        let seen: Vec<(Vec<u8>, Vec<u8>)> = {
+            let mut stmt = tx.prepare("SELECT set_id, digest FROM seen")?;
+            let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            it.collect::<Result<_, _>>()?
+        };
+        for (set_id, digest) in seen {
+            let new_set = Keys::step(new, NameKind::SeenSet, &set_id);
+            let new_digest = Keys::step(new, NameKind::SeenDigest, &digest)[..SHORT_ID].to_vec();
+            tx.execute(
+                "UPDATE seen SET set_id = ?1, digest = ?2 WHERE set_id = ?3 AND digest = ?4",
+                rusqlite::params![&new_set[..], new_digest, &set_id, &digest],
+            )?;
+        }
+        let earlier: Vec<String> = new.name_keys()[..new.name_keys().len() - 1]
+            .iter()
+            .map(|k| data_encoding::HEXLOWER.encode(&k[..]))
+            .collect();
+        let earlier = Zeroizing::new(to_json("(name keys)", &earlier)?);
+        let mut retired = meta.retired.clone();
+        retired.push(recipient_hash(&self.unlocked));
+        db::set_rekeyed(
+            &tx,
+            new,
+            &new.seal(Slot::Meta("name_keys"), &earlier),
+            plan.protection,
+            plan.key_hash,
+            &retired,
+            self.epoch + 1,
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Puts the new key file in place and the new keys in this handle.
+    pub(crate) fn rekey_finish(&mut self, plan: RekeyPlan) -> Result<(), StoreError> {
+        let (target, other) = self.paths.key_files(plan.protection);
+        let next = next_of(target);
+        fs::rename(&next, target).map_err(|e| StoreError::io(target, e))?;
+        keyfile::remove_if_exists(other)?;
+        keyfile::sync_parent(target).map_err(|e| StoreError::io(target, e))?;
+        self.keys = plan.keys;
+        self.unlocked = plan.unlocked;
+        self.epoch += 1;
+        // Free pages still hold the old ciphertexts (zeroed by
+        // secure_delete where rows were deleted, not where updated).
+        let _ = self.conn.execute_batch("VACUUM");
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        Ok(())
+    }
+
+    /// Whether `passphrase` opens the current key file (to refuse a "new"
+    /// passphrase that is the old one). Costs one scrypt.
+    pub fn passphrase_opens(&self, passphrase: SecretString) -> bool {
+        let Ok(meta) = ({
+            let tx = self.conn.unchecked_transaction();
+            tx.map_err(StoreError::from)
+                .and_then(|tx| db::Meta::load(&tx))
+        }) else {
+            return false;
+        };
+        meta.protection == Protection::Passphrase
+            && unlock_current(&self.paths.key, passphrase, &meta)
+                .is_ok_and(|u| meta.key_matches(&Keys::derive(&u.identity)))
+    }
+
     /// Run `f` in a write transaction (`BEGIN IMMEDIATE … COMMIT`): it sees
     /// a stable view, no other writer runs meanwhile, and its writes land
     /// all together or (on `Err`, or a panic) not at all. Waits up to
@@ -430,6 +648,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        check_epoch(&tx, self.epoch)?;
         let out = f(&Tx {
             read: ReadTx {
                 conn: &tx,
@@ -449,6 +668,7 @@ impl Store {
         f: impl FnOnce(&ReadTx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
+        check_epoch(&tx, self.epoch)?;
         let out = f(&ReadTx {
             conn: &tx,
             keys: &self.keys,
@@ -465,7 +685,10 @@ impl Store {
         let paths = &self.paths;
         let needs_work = |protection: Protection| -> Result<bool, StoreError> {
             let (_, other) = paths.key_files(protection);
-            Ok(other.exists() || !stale_tmps(paths)?.is_empty())
+            Ok(other.exists()
+                || !stale_tmps(paths)?.is_empty()
+                || next_of(&paths.key).exists()
+                || next_of(&paths.unprotected).exists())
         };
         // Cheap unlocked check first; the common case takes no write lock.
         let protection = {
@@ -481,13 +704,133 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let protection = db::Meta::load(&tx)?.protection;
-        let (_, other) = self.paths.key_files(protection);
+        let (target, other) = self.paths.key_files(protection);
+        // A re-key that committed but stopped before its rename: the new
+        // key file opened this profile (`open` tried it), so put it in
+        // place. One that never committed left a `.next` with an identity
+        // nothing was sealed under: remove it.
+        let next = next_of(target);
+        if next.exists() {
+            let meta = db::Meta::load(&tx)?;
+            let current = match protection {
+                Protection::Passphrase => fs::read(&next)
+                    .is_ok_and(|b| meta.key_hashes.contains(&keyfile::key_file_hash(&b))),
+                Protection::Unprotected => keyfile::read_identity_file(&next)
+                    .is_ok_and(|u| meta.key_matches(&Keys::derive(&u.identity))),
+            };
+            if current {
+                fs::rename(&next, target).map_err(|e| StoreError::io(target, e))?;
+            } else {
+                keyfile::remove_if_exists(&next)?;
+            }
+        }
+        keyfile::remove_if_exists(&next_of(other))?;
         keyfile::remove_if_exists(other)?;
         remove_stale_tmps(&self.paths)?;
         tx.commit()?;
         keyfile::sync_parent(other).map_err(|e| StoreError::io(&self.paths.home, e))?;
         Ok(())
     }
+}
+
+/// `key.age.next` beside `key.age`: where a re-key puts the new key file
+/// until its transaction has committed.
+fn next_of(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    path.with_file_name(name)
+}
+
+/// SHA-256 of the identity's public key: how retired identities are
+/// recognised without keeping anything secret about them.
+fn recipient_hash(u: &Unlocked) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(u.identity.to_public().to_string().as_bytes()).into()
+}
+
+/// The keys for an identity that passed the key check: with the earlier
+/// name keys of a re-keyed profile.
+fn keys_for(u: &Unlocked, meta: &db::Meta) -> Result<Keys, StoreError> {
+    let Some(sealed) = &meta.name_keys else {
+        return Ok(Keys::derive(&u.identity));
+    };
+    let plain = Keys::derive(&u.identity)
+        .open(Slot::Meta("name_keys"), sealed)
+        .ok_or_else(|| StoreError::Corrupt("the name keys fail authentication".into()))?;
+    let list: Vec<String> = from_json("(name keys)", &plain)?;
+    let mut earlier = Vec::with_capacity(list.len());
+    for k in list {
+        let mut key = Zeroizing::new([0u8; 32]);
+        let raw = Zeroizing::new(
+            data_encoding::HEXLOWER
+                .decode(k.as_bytes())
+                .map_err(|_| StoreError::Corrupt("malformed name key".into()))?,
+        );
+        if raw.len() != 32 {
+            return Err(StoreError::Corrupt("malformed name key".into()));
+        }
+        key.copy_from_slice(&raw);
+        earlier.push(key);
+    }
+    Ok(Keys::with_history(&u.identity, earlier))
+}
+
+/// Unlocks `key.age`, or the `key.age.next` of a re-key that committed but
+/// was stopped before renaming it into place.
+fn unlock_current(
+    path: &Path,
+    passphrase: SecretString,
+    meta: &db::Meta,
+) -> Result<Unlocked, StoreError> {
+    use age::secrecy::ExposeSecret;
+    let next = next_of(path);
+    if next.exists() {
+        let again = SecretString::from(passphrase.expose_secret().to_string());
+        if let Ok(u) = keyfile::unlock_key_file(&next, again, &meta.key_hashes) {
+            if meta.key_matches(&Keys::derive(&u.identity)) {
+                return Ok(u);
+            }
+        }
+    }
+    keyfile::unlock_key_file(path, passphrase, &meta.key_hashes)
+}
+
+/// The unprotected identity, or its `.next` after an interrupted re-key.
+fn read_current_unprotected(path: &Path, meta: &db::Meta) -> Result<Unlocked, StoreError> {
+    let next = next_of(path);
+    if next.exists() {
+        if let Ok(u) = keyfile::read_identity_file(&next) {
+            if meta.key_matches(&Keys::derive(&u.identity)) {
+                return Ok(u);
+            }
+        }
+    }
+    keyfile::read_identity_file(path)
+}
+
+fn check_epoch(conn: &Connection, epoch: u64) -> Result<(), StoreError> {
+    if db::epoch(conn)? != epoch {
+        return Err(StoreError::Rekeyed);
+    }
+    Ok(())
+}
+
+/// A `kv` row as stored: id, bucket, sealed name, sealed value.
+type KvRow = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// A re-key between its steps (see [`Store::rekey`]).
+pub(crate) struct RekeyPlan {
+    unlocked: Unlocked,
+    keys: Keys,
+    protection: Protection,
+    key_hash: Option<[u8; 32]>,
+}
+
+/// A decrypted value without its padding (JSON white space), so that
+/// sealing it again pads it to the same size, not one block more.
+fn trim_padding(plain: &[u8]) -> &[u8] {
+    let end = plain.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+    &plain[..end]
 }
 
 fn open_db(paths: &Paths) -> Result<Connection, StoreError> {
@@ -505,7 +848,17 @@ fn create_home(home: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(home).map_err(|e| StoreError::io(home, e))
+    builder.create(home).map_err(|e| StoreError::io(home, e))?;
+    // A directory that was there already (made by hand, or by an older
+    // tern with the umask's 0755) is narrowed too: others must not see the
+    // profile's file names, sizes and times.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(home, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StoreError::io(home, e))?;
+    }
+    Ok(())
 }
 
 /// Temporary files from an interrupted `write_atomic` of a profile file.

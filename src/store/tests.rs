@@ -936,3 +936,124 @@ fn a_failed_savepoint_undoes_only_its_own_writes() {
         })
         .unwrap();
 }
+
+#[test]
+fn rekey_keeps_everything_and_retires_old_keys() {
+    let (_d, home) = new_home();
+    let mut s = Store::create(&home, pw("old pass")).unwrap();
+    let c = Contact {
+        name: "ada".into(),
+        note: "x".repeat(100),
+    };
+    s.transaction(|tx| {
+        tx.put("contact/1", &c)?;
+        tx.put("settings", &7u32)?;
+        for i in 0..5u32 {
+            tx.append("history/1", &i)?;
+        }
+        tx.mark_seen("seen/1", &[9; 32])
+    })
+    .unwrap();
+    let exported = home.parent().unwrap().join("identity.txt");
+    s.export_identity(&exported, false).unwrap();
+    let old_key_file = fs::read(home.join("key.age")).unwrap();
+    let mut other = s.another_handle().unwrap();
+
+    s.rekey(pw("new pass")).unwrap();
+    // Twice, so name ids go through three keys.
+    drop(s);
+    let mut s = Store::open(&home, with_pw("new pass")).unwrap();
+    s.rekey(pw("newer pass")).unwrap();
+    drop(s);
+
+    let s = Store::open(&home, with_pw("newer pass")).unwrap();
+    s.read(|tx| {
+        assert_eq!(tx.get::<Contact>("contact/1")?, Some(c.clone()));
+        assert_eq!(tx.keys("contact/")?, vec!["contact/1".to_string()]);
+        assert_eq!(tx.keys("")?.len(), 2);
+        let log: Vec<(u64, u32)> = tx.tail("history/1", 10)?;
+        assert_eq!(
+            log,
+            (0..5).map(|i| (u64::from(i) + 1, i)).collect::<Vec<_>>()
+        );
+        assert!(tx.seen("seen/1", &[9; 32])?);
+        assert!(!tx.seen("seen/1", &[8; 32])?);
+        Ok(())
+    })
+    .unwrap();
+    // Appending goes on from the re-sealed sequence numbers.
+    let mut s = s;
+    assert_eq!(
+        s.transaction(|tx| tx.append("history/1", &5u32)).unwrap(),
+        6
+    );
+    drop(s);
+
+    // What opened the profile before opens it no more.
+    let e = Store::open(&home, KeySource::IdentityFile(exported)).unwrap_err();
+    assert!(matches!(e, StoreError::RetiredKey(_)), "{e}");
+    fs::write(home.join("key.age.bak"), &old_key_file).unwrap();
+    let current = fs::read(home.join("key.age")).unwrap();
+    fs::write(home.join("key.age"), &old_key_file).unwrap();
+    let e = Store::open(&home, with_pw("old pass")).unwrap_err();
+    assert!(matches!(e, StoreError::RetiredKey(_)), "{e}");
+    fs::write(home.join("key.age"), &current).unwrap();
+    // A handle that was open during the re-key stops, writing nothing.
+    let e = other.transaction(|tx| tx.put("contact/2", &c)).unwrap_err();
+    assert!(matches!(e, StoreError::Rekeyed), "{e}");
+    let s = Store::open(&home, with_pw("newer pass")).unwrap();
+    assert_eq!(s.read(|tx| tx.get::<Contact>("contact/2")).unwrap(), None);
+    // The database shows no trace of the old keys' ciphertexts.
+    let db = fs::read(home.join("store.db")).unwrap();
+    assert!(!contains(&db, b"ada"));
+}
+
+#[test]
+fn an_interrupted_rekey_is_undone_or_finished() {
+    // Stopped before the commit: as if it never happened.
+    let (_d, home) = new_home();
+    let mut s = Store::create(&home, pw("old pass")).unwrap();
+    s.transaction(|tx| tx.put("k", &1u32)).unwrap();
+    let plan = s.rekey_prepare(pw("new pass")).unwrap();
+    assert!(home.join("key.age.next").exists());
+    drop(plan);
+    drop(s);
+    let s = Store::open(&home, with_pw("old pass")).unwrap();
+    assert_eq!(s.read(|tx| tx.get::<u32>("k")).unwrap(), Some(1));
+    assert!(!home.join("key.age.next").exists());
+    drop(s);
+    assert!(matches!(
+        Store::open(&home, with_pw("new pass")),
+        Err(StoreError::WrongPassphrase)
+    ));
+
+    // Stopped after the commit, before the rename: finished by `open`.
+    let mut s = Store::open(&home, with_pw("old pass")).unwrap();
+    let plan = s.rekey_prepare(pw("new pass")).unwrap();
+    s.rekey_commit(&plan).unwrap();
+    drop(plan);
+    drop(s);
+    let s = Store::open(&home, with_pw("new pass")).unwrap();
+    assert_eq!(s.read(|tx| tx.get::<u32>("k")).unwrap(), Some(1));
+    assert!(!home.join("key.age.next").exists());
+    drop(s);
+    assert!(Store::open(&home, with_pw("new pass")).is_ok());
+    assert!(Store::open(&home, with_pw("old pass")).is_err());
+
+    // The same for an unprotected profile, and a switch of protection.
+    let (_d2, home) = new_home();
+    let mut s = Store::create(&home, NewKey::Unprotected).unwrap();
+    s.transaction(|tx| tx.put("k", &2u32)).unwrap();
+    let plan = s.rekey_prepare(NewKey::Unprotected).unwrap();
+    s.rekey_commit(&plan).unwrap();
+    drop(plan);
+    drop(s);
+    let mut s = Store::open(&home, KeySource::Unprotected).unwrap();
+    assert_eq!(s.read(|tx| tx.get::<u32>("k")).unwrap(), Some(2));
+    s.rekey(pw("a pass")).unwrap();
+    drop(s);
+    assert!(!home.join("identity-unprotected.txt").exists());
+    let s = Store::open(&home, with_pw("a pass")).unwrap();
+    assert_eq!(s.read(|tx| tx.get::<u32>("k")).unwrap(), Some(2));
+    assert_eq!(mode(&home.join("key.age")), 0o600);
+}
