@@ -290,7 +290,7 @@ fn key_source(p: &Profile) -> KeySource {
 }
 
 fn open(p: &Profile) -> Result<Client> {
-    Client::open(&p.home, key_source(p))
+    Client::open(&p.home, key_source(p), None)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.home.display()))
 }
 

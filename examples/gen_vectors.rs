@@ -44,15 +44,15 @@ use tern::proto::ratchet::{Ratchet, RatchetInit};
 use tern::proto::rekey::{parse_link, AnyInvitation};
 use tern::proto::security_code::{codes_match, security_code};
 use tern::proto::ProtoError;
-use tern::relay::address::{AddressError, Host, RelayAddress, Transport};
-use tern::relay::codec::{CodecError, Reader, Writer};
-use tern::relay::seal::{
-    self, open_request, RelayIdentity, RequestSealer, SealError, BLOCK_LEN, REQUEST_LEN,
-    RESPONSE_LEN,
-};
-use tern::relay::wire::{
-    Command, ErrorCode, RelayInfo, Reply, Request, Response, WireError, DELIVERED_LEN,
-    QUEUE_MSG_LEN,
+use tern::wire::address::{AddressError, Host, RelayAddress, Transport};
+use tern::wire::codec::{CodecError, Reader, Writer};
+use tern::wire::command::{MAX_COMMAND_LEN, MAX_REPLY_LEN};
+use tern::wire::delivery::{self, DeliveryError};
+use tern::wire::frame::{self as wire_frame, FrameBuilder, FRAME_QUANTUM, MAX_FRAME_LEN};
+use tern::wire::session::{self as wire_session, Fixed, SessionError};
+use tern::wire::{
+    ClientHandshake, Command, ErrorCode, RelayInfo, Reply, Request, ServerHandshake, Session,
+    WireError, DELIVERED_LEN, QUEUE_MSG_LEN,
 };
 
 // ---------------------------------------------------------------------------
@@ -78,7 +78,7 @@ pub fn arr<const N: usize>(s: &str) -> [u8; N] {
 /// A byte string followed by zero bytes: `hex` is the string up to its last
 /// non-zero byte, `len` the total length. Keeps fixed-size, zero-padded
 /// blocks readable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Padded {
     pub hex: String,
@@ -229,6 +229,7 @@ pub fn proto_err(e: &ProtoError) -> String {
     match e {
         ProtoError::Malformed(c) => codec_err(c),
         ProtoError::NotAnInvitation => "not_an_invitation".into(),
+        ProtoError::LinkDamaged => "link_damaged".into(),
         ProtoError::UnsupportedVersion(_) => "unsupported_version".into(),
         ProtoError::Address(_) => "address".into(),
         ProtoError::KeyAgreement => "key_agreement".into(),
@@ -239,6 +240,7 @@ pub fn proto_err(e: &ProtoError) -> String {
         ProtoError::UnknownType(_) => "unknown_type".into(),
         ProtoError::ChainMismatch => "chain_mismatch".into(),
         ProtoError::NotReady => "not_ready".into(),
+        ProtoError::Downgrade => "downgrade".into(),
         ProtoError::InvitationReused => "invitation_reused".into(),
         ProtoError::UnsupportedInvitation(_) => "unsupported_invitation".into(),
     }
@@ -250,6 +252,7 @@ pub fn addr_err(e: &AddressError) -> String {
         AddressError::Key => "key".into(),
         AddressError::AccessKey => "access_key".into(),
         AddressError::Host => "host".into(),
+        AddressError::MappedV4 => "mapped_v4".into(),
         AddressError::Port => "port".into(),
         AddressError::Path => "path".into(),
         AddressError::Binary(c) => codec_err(c),
@@ -260,49 +263,51 @@ pub fn wire_err(e: &WireError) -> String {
     match e {
         WireError::Codec(c) => codec_err(c),
         WireError::UnknownCommand(_) => "unknown_command".into(),
-        WireError::UnknownResponse(_) => "unknown_response".into(),
-        WireError::MessageLength(_) => "message_length".into(),
+        WireError::UnknownReply(_) => "unknown_reply".into(),
+        WireError::UnknownError(_) => "unknown_error".into(),
     }
 }
 
-pub fn seal_err(e: &SealError) -> String {
+pub fn session_err(e: &SessionError) -> String {
     match e {
-        SealError::Length(_) => "length".into(),
-        SealError::Version(_) => "version".into(),
-        SealError::Open => "open".into(),
-        SealError::PlaintextLength => "plaintext_length".into(),
-        SealError::KeyAgreement => "key_agreement".into(),
+        SessionError::BadKey => "bad_key".into(),
+        SessionError::Length => "length".into(),
+        SessionError::Handshake => "handshake".into(),
+        SessionError::Version(..) => "version".into(),
+        SessionError::Malformed(w) => format!("malformed: {}", wire_err(w)),
+        SessionError::Frame => "frame".into(),
+        SessionError::TooLong => "too_long".into(),
     }
 }
 
-pub fn error_code_name(c: ErrorCode) -> &'static str {
-    match c {
-        ErrorCode::BadRequest => "bad_request",
-        ErrorCode::Auth => "auth",
-        ErrorCode::QueueFull => "queue_full",
-        ErrorCode::Stale => "stale",
-        ErrorCode::Access => "access",
-        ErrorCode::NoMessage => "no_message",
-        ErrorCode::Internal => "internal",
-        ErrorCode::Unavailable => "unavailable",
+pub fn delivery_err(e: &DeliveryError) -> String {
+    match e {
+        DeliveryError::KeyAgreement => "key_agreement".into(),
+        DeliveryError::Open => "open".into(),
     }
 }
 
-pub const ERROR_CODES: [ErrorCode; 8] = [
+/// Every relay error code, in code order (PROTOCOL.md §3.6); the vectors
+/// name them as the specification does (`ErrorCode::name`).
+pub const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::BadRequest,
     ErrorCode::Auth,
     ErrorCode::QueueFull,
-    ErrorCode::Stale,
     ErrorCode::Access,
     ErrorCode::NoMessage,
     ErrorCode::Internal,
     ErrorCode::Unavailable,
+    ErrorCode::NotEmpty,
+    ErrorCode::RateLimited,
+    ErrorCode::Quota,
+    ErrorCode::Limit,
+    ErrorCode::NotSecured,
 ];
 
 pub fn error_code(name: &str) -> ErrorCode {
     *ERROR_CODES
         .iter()
-        .find(|c| error_code_name(**c) == name)
+        .find(|c| c.name() == name)
         .unwrap_or_else(|| panic!("unknown error code name {name}"))
 }
 
@@ -329,18 +334,6 @@ pub mod reference {
         Hkdf::<Sha256>::new(salt, ikm)
             .expand(info, &mut out)
             .expect("valid HKDF length");
-        out
-    }
-
-    /// RFC 9458-style response sealing: key and nonce from
-    /// HKDF(salt = enc || response nonce, ikm = exported secret).
-    pub fn response_seal(secret: &[u8], enc: &[u8], response_nonce: &[u8], pt: &[u8]) -> Vec<u8> {
-        let mut salt = enc.to_vec();
-        salt.extend_from_slice(response_nonce);
-        let key = hkdf(Some(&salt), secret, b"key", 32);
-        let nonce = hkdf(Some(&salt), secret, b"nonce", 12);
-        let mut out = response_nonce.to_vec();
-        out.extend(chacha_seal(&key, &nonce, &[], pt));
         out
     }
 
@@ -388,8 +381,18 @@ pub mod reference {
 
     // --- handshake (PROTOCOL.md §5) ---
 
-    pub fn transcript(i: &[u8; 32], r: &[u8; 32], j: &[u8; 32], e: &[u8; 32]) -> [u8; 32] {
-        sha256(&[b"tern/v1 transcript", i, r, j, e])
+    pub fn invitation_hash(binary: &[u8]) -> [u8; 32] {
+        sha256(&[b"tern/v1 invitation", binary])
+    }
+
+    pub fn transcript(
+        h: &[u8; 32],
+        i: &[u8; 32],
+        r: &[u8; 32],
+        j: &[u8; 32],
+        e: &[u8; 32],
+    ) -> [u8; 32] {
+        sha256(&[b"tern/v1 transcript", h, i, r, j, e])
     }
 
     /// root key, initiator header key, responder header key, connection secret.
@@ -422,10 +425,62 @@ pub mod reference {
 
     // --- double ratchet (PROTOCOL.md §6) ---
 
-    /// KDF_RK: (root key, chain key, next header key).
+    /// KDF_RK: (root key, chain key, next header key), of a step without
+    /// an ML-KEM secret.
     pub fn kdf_rk(rk: &[u8; 32], dh: &[u8; 32]) -> ([u8; 32], [u8; 32], [u8; 32]) {
-        let okm = hkdf(Some(rk), dh, b"tern/v1 ratchet root", 96);
+        kdf_rk_pq(rk, dh, None)
+    }
+
+    /// KDF_RK of a hybrid step: ikm = dh || ss.
+    pub fn kdf_rk_pq(
+        rk: &[u8; 32],
+        dh: &[u8; 32],
+        ss: Option<&[u8; 32]>,
+    ) -> ([u8; 32], [u8; 32], [u8; 32]) {
+        let mut ikm = dh.to_vec();
+        if let Some(ss) = ss {
+            ikm.extend_from_slice(ss);
+        }
+        let okm = hkdf(Some(rk), &ikm, b"tern/v1 ratchet root", 96);
         (take(&okm, 0), take(&okm, 32), take(&okm, 64))
+    }
+
+    // --- ML-KEM-768 (FIPS 203), straight from the ml-kem crate ---
+
+    fn kem_pair(
+        seed: &[u8],
+    ) -> (
+        <ml_kem::MlKem768 as ml_kem::KemCore>::DecapsulationKey,
+        <ml_kem::MlKem768 as ml_kem::KemCore>::EncapsulationKey,
+    ) {
+        use ml_kem::KemCore;
+        let d = ml_kem::B32::try_from(&seed[..32]).expect("d");
+        let z = ml_kem::B32::try_from(&seed[32..64]).expect("z");
+        ml_kem::MlKem768::generate_deterministic(&d, &z)
+    }
+
+    /// ML-KEM.KeyGen_internal(d, z): the encapsulation key.
+    pub fn kem_keygen(seed: &[u8]) -> Vec<u8> {
+        use ml_kem::EncodedSizeUser;
+        kem_pair(seed).1.as_bytes().to_vec()
+    }
+
+    /// ML-KEM.Encaps_internal(ek, m): (ciphertext, shared secret).
+    pub fn kem_encaps(ek: &[u8], m: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
+        use ml_kem::{EncapsulateDeterministic, EncodedSizeUser};
+        type Ek = <ml_kem::MlKem768 as ml_kem::KemCore>::EncapsulationKey;
+        let key = Ek::from_bytes(ek.try_into().expect("1184 bytes"));
+        let m = ml_kem::B32::try_from(&m[..]).expect("m");
+        let (ct, ss) = key.encapsulate_deterministic(&m).expect("encaps");
+        (ct.to_vec(), ss.as_slice().try_into().expect("32"))
+    }
+
+    /// ML-KEM.Decaps(dk, ct) with dk from the seed.
+    pub fn kem_decaps(seed: &[u8], ct: &[u8]) -> [u8; 32] {
+        use ml_kem::kem::Decapsulate;
+        let ct: &ml_kem::Ciphertext<ml_kem::MlKem768> = ct.try_into().expect("1088 bytes");
+        let ss = kem_pair(seed).0.decapsulate(ct).expect("decaps");
+        ss.as_slice().try_into().expect("32")
     }
 
     /// KDF_CK: (next chain key, message key).
@@ -433,24 +488,35 @@ pub mod reference {
         (hmac(ck, &[0x02]), hmac(ck, &[0x01]))
     }
 
-    pub fn header(dh: &[u8; 32], pn: u32, n: u32) -> [u8; 40] {
-        let mut h = [0u8; 40];
-        h[..32].copy_from_slice(dh);
-        h[32..36].copy_from_slice(&pn.to_be_bytes());
-        h[36..].copy_from_slice(&n.to_be_bytes());
+    /// The 2,313-byte header: dh || pn || n || ek || flag || ct (or zeros).
+    pub fn header(dh: &[u8; 32], pn: u32, n: u32, ek: &[u8], ct: Option<&[u8]>) -> Vec<u8> {
+        let mut h = dh.to_vec();
+        h.extend_from_slice(&pn.to_be_bytes());
+        h.extend_from_slice(&n.to_be_bytes());
+        assert_eq!(ek.len(), 1184);
+        h.extend_from_slice(ek);
+        match ct {
+            Some(ct) => {
+                assert_eq!(ct.len(), 1088);
+                h.push(1);
+                h.extend_from_slice(ct);
+            }
+            None => h.resize(40 + 1184 + 1 + 1088, 0),
+        }
         h
     }
 
-    /// (ChaCha20-Poly1305 key, nonce) of a message key.
-    pub fn message_cipher(mk: &[u8; 32]) -> ([u8; 32], [u8; 12]) {
-        let okm = hkdf(None, mk, b"tern/v1 message key", 44);
+    /// (ChaCha20-Poly1305 key, nonce) of a message key in a message with
+    /// this header nonce.
+    pub fn message_cipher(mk: &[u8; 32], header_nonce: &[u8; 24]) -> ([u8; 32], [u8; 12]) {
+        let okm = hkdf(Some(header_nonce), mk, b"tern/v1 message key", 44);
         (take(&okm, 0), take(&okm, 32))
     }
 
     pub fn ratchet_message(
         hk: &[u8; 32],
         header_nonce: &[u8; 24],
-        header: &[u8; 40],
+        header: &[u8],
         ad: &[u8; 32],
         mk: &[u8; 32],
         plaintext: &[u8],
@@ -459,7 +525,7 @@ pub mod reference {
         out.extend(xchacha_seal(hk, header_nonce, ad, header));
         let mut aad = ad.to_vec();
         aad.extend_from_slice(&out);
-        let (key, nonce) = message_cipher(mk);
+        let (key, nonce) = message_cipher(mk, header_nonce);
         out.extend(chacha_seal(&key, &nonce, &aad, plaintext));
         out
     }
@@ -490,136 +556,118 @@ pub mod reference {
         out
     }
 
+    /// A queue message of type `kind` (0x02, 0x03, 0x04) under the queue layer.
+    pub fn queue_seal_typed(
+        key: &[u8; 32],
+        nonce: &[u8; 24],
+        kind: u8,
+        body: &[u8],
+        len: usize,
+    ) -> Vec<u8> {
+        let mut out = vec![kind];
+        out.extend_from_slice(nonce);
+        out.extend(xchacha_seal(key, nonce, &[kind], body));
+        out.resize(len, 0);
+        out
+    }
+
+    /// The resync key schedule (§6.7): root key, initiator and responder
+    /// header keys.
+    pub fn resync_keys(salt: &[u8; 32], dh: [[u8; 32]; 3], cs: &[u8; 32]) -> [[u8; 32]; 3] {
+        let mut ikm = vec![0xffu8; 32];
+        for d in dh {
+            ikm.extend_from_slice(&d);
+        }
+        ikm.extend_from_slice(cs);
+        let okm = hkdf(Some(salt), &ikm, b"tern/v1 resync", 96);
+        [take(&okm, 0), take(&okm, 32), take(&okm, 64)]
+    }
+
     pub fn digest(ratchet_msg: &[u8]) -> [u8; 32] {
         sha256(&[b"tern/v1 message digest", ratchet_msg])
     }
 
     pub fn delivery_cipher(queue_secret: &[u8; 32], msg_id: &[u8; 16]) -> ([u8; 32], [u8; 12]) {
-        let okm = hkdf(Some(msg_id), queue_secret, b"tern/v1 delivery", 44);
+        let okm = hkdf(Some(msg_id), queue_secret, b"tern/v2 delivery", 44);
         (take(&okm, 0), take(&okm, 32))
     }
+}
 
-    /// RFC 9180 base mode with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and
-    /// ChaCha20Poly1305 (suite 0x0020, 0x0001, 0x0003).
-    pub mod hpke {
-        use super::{chacha_seal, x25519, x25519_public};
-        use hkdf::Hkdf;
-        use sha2::Sha256;
+/// The link form (PROTOCOL.md §4.2), from BIP 350's own description of the
+/// bech32m checksum: no tern code and no bech32 library.
+pub mod link_ref {
+    use data_encoding::BASE32_NOPAD;
 
-        const KEM_SUITE: &[u8] = b"KEM\x00\x20";
-        const HPKE_SUITE: &[u8] = b"HPKE\x00\x20\x00\x01\x00\x03";
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    const GEN: [u32; 5] = [0x3b6a57b2, 0x26508e6d, 0x1ea119fa, 0x3d4233dd, 0x2a1462b3];
+    const BECH32M_CONST: u32 = 0x2bc830a3;
 
-        fn labeled_extract(suite: &[u8], salt: &[u8], label: &[u8], ikm: &[u8]) -> [u8; 32] {
-            let mut m = b"HPKE-v1".to_vec();
-            m.extend_from_slice(suite);
-            m.extend_from_slice(label);
-            m.extend_from_slice(ikm);
-            Hkdf::<Sha256>::extract(Some(salt), &m).0.into()
-        }
-
-        fn labeled_expand(
-            suite: &[u8],
-            prk: &[u8; 32],
-            label: &[u8],
-            info: &[u8],
-            len: usize,
-        ) -> Vec<u8> {
-            let mut i = (len as u16).to_be_bytes().to_vec();
-            i.extend_from_slice(b"HPKE-v1");
-            i.extend_from_slice(suite);
-            i.extend_from_slice(label);
-            i.extend_from_slice(info);
-            let mut out = vec![0u8; len];
-            Hkdf::<Sha256>::from_prk(prk)
-                .expect("32-byte PRK")
-                .expand(&i, &mut out)
-                .expect("valid length");
-            out
-        }
-
-        /// DeriveKeyPair(ikm): (skE, pkE).
-        pub fn derive_keypair(ikm: &[u8]) -> ([u8; 32], [u8; 32]) {
-            let prk = labeled_extract(KEM_SUITE, b"", b"dkp_prk", ikm);
-            let sk: [u8; 32] = labeled_expand(KEM_SUITE, &prk, b"sk", b"", 32)
-                .try_into()
-                .expect("32");
-            (sk, x25519_public(&sk))
-        }
-
-        fn extract_and_expand(dh: &[u8; 32], kem_context: &[u8]) -> [u8; 32] {
-            let prk = labeled_extract(KEM_SUITE, b"", b"eae_prk", dh);
-            labeled_expand(KEM_SUITE, &prk, b"shared_secret", kem_context, 32)
-                .try_into()
-                .expect("32")
-        }
-
-        /// Encap with a given ephemeral secret: (enc, shared secret).
-        pub fn encap(sk_e: &[u8; 32], pk_r: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
-            let enc = x25519_public(sk_e);
-            let dh = x25519(sk_e, pk_r);
-            let mut ctx = enc.to_vec();
-            ctx.extend_from_slice(pk_r);
-            (enc, extract_and_expand(&dh, &ctx))
-        }
-
-        pub fn decap(sk_r: &[u8; 32], enc: &[u8; 32]) -> [u8; 32] {
-            let dh = x25519(sk_r, enc);
-            let mut ctx = enc.to_vec();
-            ctx.extend_from_slice(&x25519_public(sk_r));
-            extract_and_expand(&dh, &ctx)
-        }
-
-        pub struct Context {
-            pub key: [u8; 32],
-            pub base_nonce: [u8; 12],
-            pub exporter_secret: [u8; 32],
-        }
-
-        pub fn key_schedule(shared_secret: &[u8; 32], info: &[u8]) -> Context {
-            let psk_id_hash = labeled_extract(HPKE_SUITE, b"", b"psk_id_hash", b"");
-            let info_hash = labeled_extract(HPKE_SUITE, b"", b"info_hash", info);
-            let mut ks = vec![0u8]; // mode_base
-            ks.extend_from_slice(&psk_id_hash);
-            ks.extend_from_slice(&info_hash);
-            let secret = labeled_extract(HPKE_SUITE, shared_secret, b"secret", b"");
-            Context {
-                key: labeled_expand(HPKE_SUITE, &secret, b"key", &ks, 32)
-                    .try_into()
-                    .expect("32"),
-                base_nonce: labeled_expand(HPKE_SUITE, &secret, b"base_nonce", &ks, 12)
-                    .try_into()
-                    .expect("12"),
-                exporter_secret: labeled_expand(HPKE_SUITE, &secret, b"exp", &ks, 32)
-                    .try_into()
-                    .expect("32"),
+    fn polymod(values: &[u8]) -> u32 {
+        let mut chk: u32 = 1;
+        for &v in values {
+            let top = chk >> 25;
+            chk = ((chk & 0x1ff_ffff) << 5) ^ u32::from(v);
+            for (i, g) in GEN.iter().enumerate() {
+                if (top >> i) & 1 == 1 {
+                    chk ^= g;
+                }
             }
         }
+        chk
+    }
 
-        impl Context {
-            /// The first (and only) message: sequence number 0.
-            pub fn seal_first(&self, aad: &[u8], pt: &[u8]) -> Vec<u8> {
-                chacha_seal(&self.key, &self.base_nonce, aad, pt)
-            }
+    /// BIP 173's expansion of the human-readable part "tern".
+    fn hrp_expand() -> Vec<u8> {
+        let hrp = b"tern";
+        let mut v: Vec<u8> = hrp.iter().map(|c| c >> 5).collect();
+        v.push(0);
+        v.extend(hrp.iter().map(|c| c & 31));
+        v
+    }
 
-            pub fn export(&self, exporter_context: &[u8], len: usize) -> Vec<u8> {
-                labeled_expand(
-                    HPKE_SUITE,
-                    &self.exporter_secret,
-                    b"sec",
-                    exporter_context,
-                    len,
-                )
-            }
+    fn values(body: &str) -> Vec<u8> {
+        body.bytes()
+            .map(|c| ALPHABET.iter().position(|&a| a == c).expect("base32") as u8)
+            .collect()
+    }
+
+    /// The six checksum characters for a body of base32 characters.
+    pub fn checksum(body: &str) -> String {
+        let mut v = hrp_expand();
+        v.extend(values(body));
+        v.extend([0u8; 6]);
+        let pm = polymod(&v) ^ BECH32M_CONST;
+        (0..6)
+            .map(|i| ALPHABET[((pm >> (5 * (5 - i))) & 31) as usize] as char)
+            .collect()
+    }
+
+    /// `TERN:` + base32(binary) + checksum.
+    pub fn link(binary: &[u8]) -> String {
+        let body = BASE32_NOPAD.encode(binary);
+        format!("TERN:{body}{}", checksum(&body))
+    }
+
+    /// A link over any body of base32 characters, canonical or not.
+    pub fn link_over(body: &str) -> String {
+        format!("TERN:{body}{}", checksum(body))
+    }
+
+    /// Whether the text (upper case, no white space) carries a valid checksum.
+    pub fn verifies(link: &str) -> bool {
+        let Some(rest) = link.strip_prefix("TERN:") else {
+            return false;
+        };
+        if rest.len() < 6 || !rest.bytes().all(|c| ALPHABET.contains(&c)) {
+            return false;
         }
+        let mut v = hrp_expand();
+        v.extend(values(rest));
+        polymod(&v) == BECH32M_CONST
     }
 }
 
 use reference as refc;
-
-/// Labels fixed by the protocol (relay/src/seal.rs).
-pub const HPKE_INFO: &[u8] = b"tern/v1 relay request";
-pub const RESPONSE_EXPORT: &[u8] = b"tern/v1 relay response";
-pub const SIGNATURE_CONTEXT: &[u8] = b"tern/v1 signed request";
 
 // ---------------------------------------------------------------------------
 // relay_address.json
@@ -879,6 +927,16 @@ fn gen_relay_address() -> Vec<AddressCase> {
             format!("tern+https://{k0}@relay.example/{}", "p".repeat(128)),
             "path",
         ),
+        (
+            "an IPv4-mapped IPv6 address: a second spelling of an IPv4 host",
+            format!("tern://{k0}@[::ffff:192.0.2.1]:5223"),
+            "mapped_v4",
+        ),
+        (
+            "an IPv4-mapped IPv6 address written in hexadecimal",
+            format!("tern://{k0}@[::ffff:c000:201]"),
+            "mapped_v4",
+        ),
     ];
     for (comment, text, err) in invalid_text {
         expect_err(text.parse::<RelayAddress>(), addr_err, err, comment);
@@ -976,6 +1034,16 @@ fn gen_relay_address() -> Vec<AddressCase> {
             "truncated",
         ),
         ("empty input", vec![], "truncated"),
+        (
+            "an IPv4-mapped IPv6 host (::ffff:192.0.2.1): write the IPv4 address, kind 0",
+            bin(
+                1,
+                &std::net::Ipv4Addr::from(v4).to_ipv6_mapped().octets(),
+                5223,
+                &[],
+            ),
+            "mapped_v4",
+        ),
     ];
     for (comment, b, err) in invalid_bin {
         expect_err(decode_address(&b), addr_err, err, comment);
@@ -1113,6 +1181,7 @@ fn gen_invitation() -> Vec<InvitationCase> {
         };
         let bin = inv.encode();
         let link = inv.to_link();
+        assert_eq!(link, link_ref::link(&bin), "the reference link");
         let body = &link[5..];
         let wrapped: String = body
             .as_bytes()
@@ -1161,7 +1230,7 @@ fn gen_invitation() -> Vec<InvitationCase> {
         ("version 0 does not exist", with(0, 0), "invalid: invitation version"),
         ("version 2 is newer than this implementation", with(0, 2), "unsupported_version"),
         ("kind 0 is not a contact invitation", with(1, 0), "invalid: invitation kind"),
-        ("kind 2 is reserved", with(1, 2), "invalid: invitation kind"),
+        ("kind 2 is a re-key invitation (§11), not a contact invitation", with(1, 2), "invalid: invitation kind"),
         ("a queue count of 0", with(66, 0), "invalid: queue count"),
         ("a queue count of 4 (at most 3)", with(66, 4), "invalid: queue count"),
         ("a queue count of 2 with one queue present (the missing relay address reads as a truncated address)", with(66, 2), "address"),
@@ -1186,8 +1255,9 @@ fn gen_invitation() -> Vec<InvitationCase> {
         });
     }
 
-    let link0 = format!("TERN:{}", BASE32_NOPAD.encode(one));
-    let body0 = &link0[5..];
+    let link0 = link_ref::link(one);
+    let body0 = BASE32_NOPAD.encode(one);
+    let body0 = body0.as_str();
     // Base32 lengths of 1, 3 or 6 mod 8 characters encode no whole bytes.
     let mut bad_len = body0.to_string();
     while ![1, 3, 6].contains(&(bad_len.len() % 8)) {
@@ -1199,62 +1269,123 @@ fn gen_invitation() -> Vec<InvitationCase> {
     let last = body0.as_bytes()[body0.len() - 1];
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let idx = alphabet.iter().position(|&c| c == last).unwrap();
-    let nonzero_tail = format!(
-        "TERN:{}{}",
-        &body0[..body0.len() - 1],
-        alphabet[idx | 1] as char
+    let nonzero_tail = format!("{}{}", &body0[..body0.len() - 1], alphabet[idx | 1] as char);
+    // Single typos in the valid link: each must be caught by the checksum.
+    let at =
+        |i: usize, with: &str, skip: usize| format!("{}{with}{}", &link0[..i], &link0[i + skip..]);
+    let sub_at = 5 + 40;
+    let sub = {
+        let c = link0.as_bytes()[sub_at];
+        let i = alphabet.iter().position(|&a| a == c).unwrap();
+        at(sub_at, &(alphabet[(i + 1) % 32] as char).to_string(), 1)
+    };
+    let swap_at = (5 + 60..link0.len() - 1)
+        .find(|&i| link0.as_bytes()[i] != link0.as_bytes()[i + 1])
+        .unwrap();
+    let swapped = at(
+        swap_at,
+        &format!(
+            "{}{}",
+            &link0[swap_at + 1..swap_at + 2],
+            &link0[swap_at..swap_at + 1]
+        ),
+        2,
     );
+    let check_at = link0.len() - 3;
+    let check_sub = {
+        let c = link0.as_bytes()[check_at];
+        let i = alphabet.iter().position(|&a| a == c).unwrap();
+        at(check_at, &(alphabet[(i + 7) % 32] as char).to_string(), 1)
+    };
     let invalid_link: Vec<(&str, String, &str)> = vec![
         ("not a link at all", "hello".into(), "not_an_invitation"),
         (
             "the prefix without its colon",
-            format!("TERN{body0}"),
+            format!("TERN{}", &link0[5..]),
             "not_an_invitation",
         ),
         (
             "another scheme",
-            format!("https:{body0}"),
+            format!("https:{}", &link0[5..]),
             "not_an_invitation",
+        ),
+        (
+            "one character replaced by another (the 41st after the prefix)",
+            sub,
+            "link_damaged",
+        ),
+        (
+            "two neighbouring characters swapped",
+            swapped,
+            "link_damaged",
+        ),
+        ("one character dropped", at(5 + 100, "", 1), "link_damaged"),
+        ("one character added", at(5 + 100, "Q", 0), "link_damaged"),
+        (
+            "a character of the checksum replaced",
+            check_sub,
+            "link_damaged",
+        ),
+        (
+            "the checksum left out (base32 of the binary form alone)",
+            format!("TERN:{body0}"),
+            "link_damaged",
+        ),
+        (
+            "the last character cut off",
+            link0[..link0.len() - 1].to_string(),
+            "link_damaged",
         ),
         (
             "characters outside the base32 alphabet",
             "TERN:!!!".into(),
-            "not_an_invitation",
-        ),
-        (
-            "base32 with '=' padding",
-            format!("{link0}======"),
-            "not_an_invitation",
-        ),
-        (
-            "a base32 length that encodes no whole byte",
-            format!("TERN:{bad_len}"),
-            "not_an_invitation",
-        ),
-        (
-            "non-zero trailing bits in the last base32 character",
-            nonzero_tail,
-            "not_an_invitation",
+            "link_damaged",
         ),
         (
             "the 0 and 1 digits are not base32 (no O/I substitution)",
             format!(
                 "TERN:{}",
-                body0.replacen(|c: char| c.is_ascii_alphabetic(), "0", 1)
+                link0[5..].replacen(|c: char| c.is_ascii_alphabetic(), "0", 1)
             ),
-            "not_an_invitation",
+            "link_damaged",
+        ),
+        (
+            "base32 with '=' padding (and the checksum after it)",
+            format!("TERN:{body0}======{}", link_ref::checksum(body0)),
+            "link_damaged",
         ),
         (
             "a prefix with nothing after it",
             "TERN:".into(),
-            "truncated",
+            "link_damaged",
+        ),
+        (
+            "a correct checksum over a base32 length that encodes no whole byte",
+            link_ref::link_over(&bad_len),
+            "not_an_invitation",
+        ),
+        (
+            "a correct checksum over non-zero trailing bits in the last base32 character",
+            link_ref::link_over(&nonzero_tail),
+            "not_an_invitation",
         ),
         (
             "a well-formed link to a version 2 invitation",
-            format!("TERN:{}", BASE32_NOPAD.encode(&with(0, 2))),
+            link_ref::link(&with(0, 2)),
             "unsupported_version",
         ),
     ];
+    for (comment, l, _) in &invalid_link {
+        if !l.to_ascii_uppercase().starts_with("TERN:") {
+            continue;
+        }
+        let damaged = !link_ref::verifies(&l.to_ascii_uppercase());
+        assert_eq!(
+            damaged,
+            proto_err(&Invitation::from_link(l).unwrap_err()) == "link_damaged",
+            "{comment}: the reference agrees on the checksum"
+        );
+    }
     for (comment, l, err) in invalid_link {
         expect_err(Invitation::from_link(&l), proto_err, err, comment);
         out.push(InvitationCase {
@@ -1271,14 +1402,558 @@ fn gen_invitation() -> Vec<InvitationCase> {
 }
 
 // ---------------------------------------------------------------------------
-// relay_requests.json and relay_responses.json
+// Relay transport v2: session.json, frames.json, relay_commands.json and
+// relay_replies.json (PROTOCOL.md §3.2–§3.7)
 // ---------------------------------------------------------------------------
+
+/// An independent reference for the relay transport, written from
+/// PROTOCOL.md §3 and the Noise specification (revision 34) without
+/// `tern_wire` or `snow`: the Noise symmetric state (§5.2) over SHA-256,
+/// HMAC-SHA256 and ChaCha20-Poly1305 from RustCrypto, the NKpsk2 handshake
+/// with an ML-KEM-768 shared secret as its PSK, and the record and frame
+/// layouts, built from the vectors' own field structs. ML-KEM-768 itself is
+/// the `ml-kem` crate's deterministic API (FIPS 203; a standard primitive
+/// with its own known-answer tests), Ed25519 is ed25519-dalek's.
+pub mod wire_ref {
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    use chacha20poly1305::ChaCha20Poly1305;
+    use ed25519_dalek::{Signer, SigningKey};
+    use hmac::{Hmac, Mac};
+    use ml_kem::kem::Decapsulate;
+    use ml_kem::EncapsulateDeterministic;
+    use ml_kem::{EncodedSizeUser, KemCore, MlKem768};
+    use sha2::{Digest, Sha256};
+
+    use super::refc::{x25519, x25519_public};
+    use super::{arr, CommandFields, RelayInfoFields, ReplyFields};
+
+    pub const PROTOCOL_NAME: &[u8] = b"Noise_NKpsk2_25519_ChaChaPoly_SHA256";
+    pub const PROLOGUE: &[u8] = b"tern/v2 relay session";
+    pub const SIGNATURE_CONTEXT: &[u8] = b"tern/v2 command";
+    pub const QUANTUM: usize = 1024;
+    /// 63 × 1024: the largest multiple of 1024 that fits a Noise message
+    /// (65,535 bytes) with its 16-byte tag.
+    pub const MAX_FRAME: usize = 64_512;
+    pub const QUEUE_MSG: usize = 16_000;
+    pub const DELIVERED: usize = 16_016;
+    pub const ERROR_NAMES: [&str; 12] = [
+        "BadRequest",
+        "Auth",
+        "QueueFull",
+        "Access",
+        "NoMessage",
+        "Internal",
+        "Unavailable",
+        "NotEmpty",
+        "RateLimited",
+        "Quota",
+        "Limit",
+        "NotSecured",
+    ];
+
+    fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    fn sha256(a: &[u8], b: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(a);
+        h.update(b);
+        h.finalize().into()
+    }
+
+    /// HKDF as the Noise specification defines it (§4.3): `outputs`
+    /// 32-byte blocks, each an HMAC under HMAC(ck, ikm).
+    pub fn hkdf(ck: &[u8; 32], ikm: &[u8], outputs: u8) -> Vec<[u8; 32]> {
+        let temp = hmac(ck, &[ikm]);
+        let mut out = vec![hmac(&temp, &[&[1]])];
+        for i in 2..=outputs {
+            let prev = *out.last().expect("one output");
+            out.push(hmac(&temp, &[&prev, &[i]]));
+        }
+        out
+    }
+
+    /// ChaChaPoly's nonce (§12.3): 32 zero bits, then `n` little endian.
+    pub fn nonce(n: u64) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[4..].copy_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    pub fn encrypt(k: &[u8; 32], n: u64, ad: &[u8], pt: &[u8]) -> Vec<u8> {
+        ChaCha20Poly1305::new_from_slice(k)
+            .expect("32-byte key")
+            .encrypt(&nonce(n).into(), Payload { msg: pt, aad: ad })
+            .expect("within limits")
+    }
+
+    pub fn decrypt(k: &[u8; 32], n: u64, ad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
+        ChaCha20Poly1305::new_from_slice(k)
+            .expect("32-byte key")
+            .decrypt(&nonce(n).into(), Payload { msg: ct, aad: ad })
+            .ok()
+    }
+
+    /// The state after one operation: what the vectors' trace records.
+    #[derive(Debug, Clone)]
+    pub struct Step {
+        pub op: String,
+        pub ck: [u8; 32],
+        pub h: [u8; 32],
+        pub k: Option<[u8; 32]>,
+    }
+
+    /// The SymmetricState of §5.2 with its CipherState (`k`, `n`) inside.
+    #[derive(Clone)]
+    pub struct Symmetric {
+        pub ck: [u8; 32],
+        pub h: [u8; 32],
+        pub k: Option<[u8; 32]>,
+        pub n: u64,
+        pub trace: Vec<Step>,
+    }
+
+    impl Symmetric {
+        pub fn initialize() -> Self {
+            // The name is longer than HASHLEN, so h = HASH(name).
+            assert!(PROTOCOL_NAME.len() > 32);
+            let h = sha256(PROTOCOL_NAME, b"");
+            let mut s = Self {
+                ck: h,
+                h,
+                k: None,
+                n: 0,
+                trace: Vec::new(),
+            };
+            s.note("InitializeSymmetric(protocol_name): h = SHA-256(name), ck = h");
+            s
+        }
+
+        fn note(&mut self, op: &str) {
+            self.trace.push(Step {
+                op: op.into(),
+                ck: self.ck,
+                h: self.h,
+                k: self.k,
+            });
+        }
+
+        pub fn mix_hash(&mut self, data: &[u8], op: &str) {
+            self.h = sha256(&self.h, data);
+            self.note(op);
+        }
+
+        pub fn mix_key(&mut self, ikm: &[u8], op: &str) {
+            let o = hkdf(&self.ck, ikm, 2);
+            self.ck = o[0];
+            self.k = Some(o[1]);
+            self.n = 0;
+            self.note(op);
+        }
+
+        pub fn mix_key_and_hash(&mut self, ikm: &[u8], op: &str) {
+            let o = hkdf(&self.ck, ikm, 3);
+            self.ck = o[0];
+            self.h = sha256(&self.h, &o[1]);
+            self.k = Some(o[2]);
+            self.n = 0;
+            self.note(op);
+        }
+
+        pub fn encrypt_and_hash(&mut self, pt: &[u8], op: &str) -> Vec<u8> {
+            let ct = match self.k {
+                Some(k) => {
+                    let c = encrypt(&k, self.n, &self.h, pt);
+                    self.n += 1;
+                    c
+                }
+                None => pt.to_vec(),
+            };
+            self.h = sha256(&self.h, &ct);
+            self.note(op);
+            ct
+        }
+
+        pub fn decrypt_and_hash(&mut self, ct: &[u8], op: &str) -> Option<Vec<u8>> {
+            let pt = match self.k {
+                Some(k) => {
+                    let p = decrypt(&k, self.n, &self.h, ct)?;
+                    self.n += 1;
+                    p
+                }
+                None => ct.to_vec(),
+            };
+            self.h = sha256(&self.h, ct);
+            self.note(op);
+            Some(pt)
+        }
+
+        /// The two transport keys: client to relay, relay to client.
+        pub fn split(&self) -> ([u8; 32], [u8; 32]) {
+            let o = hkdf(&self.ck, &[], 2);
+            (o[0], o[1])
+        }
+    }
+
+    /// Where both sides start: the protocol name, the prologue, and the
+    /// pre-message `<- s` (the relay key pinned in its address).
+    pub fn initial(relay_static: &[u8; 32]) -> Symmetric {
+        let mut s = Symmetric::initialize();
+        s.mix_hash(PROLOGUE, "MixHash(prologue)");
+        s.mix_hash(relay_static, "pre-message <- s: MixHash(rs)");
+        s
+    }
+
+    fn token_e(s: &mut Symmetric, e: &[u8; 32], who: &str) {
+        s.mix_hash(e, &format!("{who} e: MixHash(e.public)"));
+        s.mix_key(
+            e,
+            &format!("{who} e: MixKey(e.public), as in every PSK handshake"),
+        );
+    }
+
+    /// The client writes message 1 (`-> e, es`) with `hello` as payload.
+    pub fn write_message1(s: &mut Symmetric, e: &[u8; 32], rs: &[u8; 32], hello: &[u8]) -> Vec<u8> {
+        let e_pub = x25519_public(e);
+        token_e(s, &e_pub, "->");
+        s.mix_key(&x25519(e, rs), "-> es: MixKey(DH(e, rs))");
+        let mut m = e_pub.to_vec();
+        m.extend(s.encrypt_and_hash(hello, "-> payload: EncryptAndHash(ClientHello)"));
+        m
+    }
+
+    /// The relay reads message 1 with its static secret `s_secret`.
+    pub fn read_message1(s: &mut Symmetric, s_secret: &[u8; 32], msg: &[u8]) -> Option<Vec<u8>> {
+        let e: [u8; 32] = msg.get(..32)?.try_into().ok()?;
+        token_e(s, &e, "->");
+        s.mix_key(&x25519(s_secret, &e), "-> es: MixKey(DH(s, re))");
+        s.decrypt_and_hash(&msg[32..], "-> payload: DecryptAndHash(ClientHello)")
+    }
+
+    /// What someone without the relay's secret can do with message 1: mix
+    /// what it sees with its own `es`, without being able to decrypt.
+    pub fn impostor_reads_message1(s: &mut Symmetric, own_secret: &[u8; 32], msg: &[u8]) {
+        let e: [u8; 32] = msg[..32].try_into().expect("32 bytes");
+        token_e(s, &e, "->");
+        s.mix_key(&x25519(own_secret, &e), "-> es with the impostor's own key");
+        s.mix_hash(&msg[32..], "-> payload: MixHash(ciphertext), undecrypted");
+    }
+
+    /// The relay writes the Noise part of message 2 (`<- e, ee, psk`).
+    pub fn write_message2(
+        s: &mut Symmetric,
+        e: &[u8; 32],
+        client_e: &[u8; 32],
+        psk: &[u8; 32],
+        hello: &[u8],
+    ) -> Vec<u8> {
+        let e_pub = x25519_public(e);
+        token_e(s, &e_pub, "<-");
+        s.mix_key(&x25519(e, client_e), "<- ee: MixKey(DH(e, re))");
+        s.mix_key_and_hash(psk, "<- psk: MixKeyAndHash(ML-KEM shared secret)");
+        let mut m = e_pub.to_vec();
+        m.extend(s.encrypt_and_hash(hello, "<- payload: EncryptAndHash(ServerHello)"));
+        m
+    }
+
+    /// The client reads the Noise part of message 2.
+    pub fn read_message2(
+        s: &mut Symmetric,
+        e: &[u8; 32],
+        msg: &[u8],
+        psk: &[u8; 32],
+    ) -> Option<Vec<u8>> {
+        let re: [u8; 32] = msg.get(..32)?.try_into().ok()?;
+        token_e(s, &re, "<-");
+        s.mix_key(&x25519(e, &re), "<- ee: MixKey(DH(e, re))");
+        s.mix_key_and_hash(psk, "<- psk: MixKeyAndHash(ML-KEM shared secret)");
+        s.decrypt_and_hash(&msg[32..], "<- payload: DecryptAndHash(ServerHello)")
+    }
+
+    /// ML-KEM-768.KeyGen_internal(d, z) from `d || z`: the encapsulation
+    /// key's bytes and the decapsulation key.
+    pub fn kem_keygen(seed: &[u8; 64]) -> (Vec<u8>, <MlKem768 as KemCore>::DecapsulationKey) {
+        let d = ml_kem::B32::try_from(&seed[..32]).expect("32 bytes");
+        let z = ml_kem::B32::try_from(&seed[32..]).expect("32 bytes");
+        let (dk, ek) = MlKem768::generate_deterministic(&d, &z);
+        (ek.as_bytes().to_vec(), dk)
+    }
+
+    /// ML-KEM-768.Encaps_internal(ek, m): (ciphertext, shared secret).
+    pub fn kem_encapsulate(ek: &[u8], m: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
+        let enc = ml_kem::Encoded::<<MlKem768 as KemCore>::EncapsulationKey>::try_from(ek)
+            .expect("1184 bytes");
+        let ek = <MlKem768 as KemCore>::EncapsulationKey::from_bytes(&enc);
+        let (ct, ss) = ek
+            .encapsulate_deterministic(&ml_kem::B32::from(*m))
+            .expect("encapsulation");
+        (ct.to_vec(), ss.into())
+    }
+
+    pub fn kem_decapsulate(dk: &<MlKem768 as KemCore>::DecapsulationKey, ct: &[u8]) -> [u8; 32] {
+        let ct = ml_kem::Ciphertext::<MlKem768>::try_from(ct).expect("1088 bytes");
+        dk.decapsulate(&ct).expect("decapsulation").into()
+    }
+
+    pub fn client_hello(min: u8, max: u8, ek: &[u8]) -> Vec<u8> {
+        [&[min, max][..], ek].concat()
+    }
+
+    pub fn relay_info(i: &RelayInfoFields) -> Vec<u8> {
+        let mut b = vec![i.min_version, i.max_version, i.open as u8];
+        b.extend(i.max_pending.to_be_bytes());
+        b.extend(i.ttl_secs.to_be_bytes());
+        b.extend(i.max_window.to_be_bytes());
+        b.extend(i.max_subscriptions.to_be_bytes());
+        b.extend(i.unsecured_ttl_secs.to_be_bytes());
+        b
+    }
+
+    pub fn server_hello(version: u8, info: &RelayInfoFields) -> Vec<u8> {
+        [vec![version], relay_info(info)].concat()
+    }
+
+    pub fn signed_message(session_hash: &[u8; 32], prefix: &[u8]) -> Vec<u8> {
+        [SIGNATURE_CONTEXT, session_hash, prefix].concat()
+    }
+
+    /// A command record: code, tag, body, then the signature field for
+    /// every command but INFO, UNSUB and CHECK (64 zero bytes when a SEND
+    /// is unsigned).
+    pub fn command_record(c: &CommandFields, hash: &[u8; 32], key: Option<&SigningKey>) -> Vec<u8> {
+        let f = |v: &Option<String>| super::unhex(v.as_deref().expect("field"));
+        let (code, body, signed): (u8, Vec<u8>, bool) = match c.name.as_str() {
+            "INFO" => (0x01, vec![], false),
+            "CREATE" => {
+                let ak = c.access_key.as_deref().unwrap_or("").as_bytes();
+                let body = [
+                    &[ak.len() as u8][..],
+                    ak,
+                    &f(&c.recipient_auth),
+                    &f(&c.recipient_dh),
+                ];
+                (0x02, body.concat(), true)
+            }
+            "SECURE" => (0x03, [f(&c.recipient_id), f(&c.sender_auth)].concat(), true),
+            "SEND" => {
+                let msg = c.message.as_ref().expect("message").bytes();
+                assert_eq!(msg.len(), QUEUE_MSG);
+                let flag = vec![key.is_some() as u8];
+                (0x04, [f(&c.sender_id), flag, msg].concat(), true)
+            }
+            "SUB" => {
+                let w = c.window.expect("window").to_be_bytes().to_vec();
+                (0x05, [f(&c.recipient_id), w].concat(), true)
+            }
+            "ACK" => (0x06, [f(&c.recipient_id), f(&c.msg_id)].concat(), true),
+            "ACK_UPTO" => (0x07, [f(&c.recipient_id), f(&c.msg_id)].concat(), true),
+            "DELETE" => {
+                let flag = vec![c.if_empty.expect("if_empty") as u8];
+                (0x08, [f(&c.recipient_id), flag].concat(), true)
+            }
+            "UNSUB" => (
+                0x09,
+                c.sub_tag.expect("sub_tag").to_be_bytes().to_vec(),
+                false,
+            ),
+            "CHECK" => (0x0A, f(&c.recipient_id), false),
+            n => panic!("command {n}"),
+        };
+        let mut r = vec![code];
+        r.extend(c.tag.to_be_bytes());
+        r.extend(body);
+        if signed {
+            let sig = key.map_or([0u8; 64], |k| k.sign(&signed_message(hash, &r)).to_bytes());
+            r.extend(sig);
+        }
+        r
+    }
+
+    /// A reply record: kind, tag, body.
+    pub fn reply_record(r: &ReplyFields) -> Vec<u8> {
+        let f = |v: &Option<String>| super::unhex(v.as_deref().expect("field"));
+        let (kind, body): (u8, Vec<u8>) = match r.kind.as_str() {
+            "OK" => (0x80, vec![]),
+            "INFO" => (0x81, relay_info(r.info.as_ref().expect("info"))),
+            "QUEUE" => (
+                0x82,
+                [f(&r.recipient_id), f(&r.sender_id), f(&r.relay_dh)].concat(),
+            ),
+            "MSG" => {
+                let body = r.body.as_ref().expect("body").bytes();
+                assert_eq!(body.len(), DELIVERED);
+                let at = r.received_at.expect("received_at").to_be_bytes().to_vec();
+                (0x83, [f(&r.msg_id), at, body].concat())
+            }
+            "IDLE" => (0x84, vec![]),
+            "ENDED" => (0x85, vec![]),
+            "COUNT" => (0x86, r.count.expect("count").to_be_bytes().to_vec()),
+            "ERROR" => {
+                let name = r.code.as_deref().expect("code");
+                let i = ERROR_NAMES
+                    .iter()
+                    .position(|n| *n == name)
+                    .expect("known code");
+                (0xFF, vec![i as u8 + 1])
+            }
+            k => panic!("reply {k}"),
+        };
+        let mut b = vec![kind];
+        b.extend(r.tag.to_be_bytes());
+        b.extend(body);
+        b
+    }
+
+    /// The length of the command record at the start of `b`, from its code
+    /// (and, for CREATE, its access key length).
+    pub fn command_len(b: &[u8]) -> Option<usize> {
+        Some(match b[0] {
+            0x01 => 5,
+            0x02 => 5 + 1 + usize::from(*b.get(5)?) + 32 + 32 + 64,
+            0x03 => 5 + 16 + 32 + 64,
+            0x04 => 5 + 16 + 1 + QUEUE_MSG + 64,
+            0x05 => 5 + 16 + 2 + 64,
+            0x06 | 0x07 => 5 + 16 + 16 + 64,
+            0x08 => 5 + 16 + 1 + 64,
+            0x09 => 5 + 4,
+            0x0A => 5 + 16,
+            _ => return None,
+        })
+    }
+
+    pub fn reply_len(b: &[u8]) -> Option<usize> {
+        Some(match b[0] {
+            0x80 | 0x84 | 0x85 => 5,
+            0x81 => 5 + 19,
+            0x82 => 5 + 16 + 16 + 32,
+            0x83 => 5 + 16 + 8 + DELIVERED,
+            0x86 => 5 + 4,
+            0xFF => 5 + 1,
+            _ => return None,
+        })
+    }
+
+    /// Packs records into frames in order, starting a new frame when the
+    /// next record would not fit, each zero-padded to a multiple of 1024.
+    pub fn pack(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let mut cur: Vec<u8> = Vec::new();
+        let close = |cur: &mut Vec<u8>, frames: &mut Vec<Vec<u8>>| {
+            if !cur.is_empty() {
+                let len = cur.len().div_ceil(QUANTUM) * QUANTUM;
+                cur.resize(len, 0);
+                frames.push(std::mem::take(cur));
+            }
+        };
+        for r in records {
+            if cur.len() + r.len() > MAX_FRAME {
+                close(&mut cur, &mut frames);
+            }
+            cur.extend_from_slice(r);
+        }
+        close(&mut cur, &mut frames);
+        frames
+    }
+
+    /// Splits a frame into its records by their lengths (the fields inside
+    /// are the record decoders' business); `None` if the frame is not
+    /// well formed: its length, a record cut off, unknown code, padding.
+    pub fn split(frame: &[u8], replies: bool) -> Option<Vec<Vec<u8>>> {
+        if frame.is_empty() || frame.len() % QUANTUM != 0 || frame.len() > MAX_FRAME {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < frame.len() {
+            if frame[at] == 0 {
+                return frame[at..].iter().all(|&b| b == 0).then_some(out);
+            }
+            let rest = &frame[at..];
+            let n = if replies {
+                reply_len(rest)
+            } else {
+                command_len(rest)
+            }?;
+            if n > rest.len() {
+                return None;
+            }
+            out.push(rest[..n].to_vec());
+            at += n;
+        }
+        Some(out)
+    }
+
+    pub fn key32(v: &Option<String>) -> [u8; 32] {
+        arr(v.as_deref().expect("32-byte field"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayInfoFields {
+    pub min_version: u8,
+    pub max_version: u8,
+    pub open: bool,
+    pub max_pending: u32,
+    pub ttl_secs: u32,
+    pub max_window: u16,
+    pub max_subscriptions: u16,
+    pub unsecured_ttl_secs: u32,
+}
+
+impl RelayInfoFields {
+    pub fn of(i: &RelayInfo) -> Self {
+        Self {
+            min_version: i.min_version,
+            max_version: i.max_version,
+            open: i.open,
+            max_pending: i.max_pending,
+            ttl_secs: i.ttl_secs,
+            max_window: i.max_window,
+            max_subscriptions: i.max_subscriptions,
+            unsecured_ttl_secs: i.unsecured_ttl_secs,
+        }
+    }
+
+    pub fn to_info(self) -> RelayInfo {
+        RelayInfo {
+            min_version: self.min_version,
+            max_version: self.max_version,
+            open: self.open,
+            max_pending: self.max_pending,
+            ttl_secs: self.ttl_secs,
+            max_window: self.max_window,
+            max_subscriptions: self.max_subscriptions,
+            unsecured_ttl_secs: self.unsecured_ttl_secs,
+        }
+    }
+}
+
+/// The policy of the reference relay with its default settings.
+pub fn default_relay_info() -> RelayInfo {
+    RelayInfo {
+        min_version: 2,
+        max_version: 2,
+        open: true,
+        max_pending: 1000,
+        ttl_secs: 21 * 86_400,
+        max_window: 64,
+        max_subscriptions: 4096,
+        unsecured_ttl_secs: 86_400,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CommandFields {
-    /// INFO, CREATE, SECURE, SEND, FETCH, ACK, DELETE, PEEK or ACK_UPTO.
+    /// INFO, CREATE, SECURE, SEND, SUB, ACK, ACK_UPTO, DELETE, UNSUB or CHECK.
     pub name: String,
+    pub tag: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1294,12 +1969,13 @@ pub struct CommandFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<Padded>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wait_ms: Option<u32>,
+    pub window: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_id: Option<String>,
-    /// PEEK: the message the answer must come after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
+    pub if_empty: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_tag: Option<u32>,
 }
 
 fn o(b: &[u8]) -> Option<String> {
@@ -1307,79 +1983,72 @@ fn o(b: &[u8]) -> Option<String> {
 }
 
 impl CommandFields {
-    pub fn of(c: &Command) -> Self {
-        let name = c.name().to_string();
+    pub fn of(tag: u32, c: &Command) -> Self {
+        let base = Self {
+            name: c.name().to_string(),
+            tag,
+            ..Default::default()
+        };
         match c {
-            Command::Info => Self {
-                name,
-                ..Default::default()
-            },
+            Command::Info => base,
             Command::Create {
                 access_key,
                 recipient_auth,
                 recipient_dh,
             } => Self {
-                name,
                 access_key: access_key.clone(),
                 recipient_auth: o(recipient_auth),
                 recipient_dh: o(recipient_dh),
-                ..Default::default()
+                ..base
             },
             Command::Secure {
                 recipient_id,
                 sender_auth,
             } => Self {
-                name,
                 recipient_id: o(recipient_id),
                 sender_auth: o(sender_auth),
-                ..Default::default()
+                ..base
             },
             Command::Send { sender_id, message } => Self {
-                name,
                 sender_id: o(sender_id),
                 message: Some(Padded::of(message)),
-                ..Default::default()
+                ..base
             },
-            Command::Fetch {
+            Command::Subscribe {
                 recipient_id,
-                wait_ms,
+                window,
             } => Self {
-                name,
                 recipient_id: o(recipient_id),
-                wait_ms: Some(*wait_ms),
-                ..Default::default()
+                window: Some(*window),
+                ..base
             },
             Command::Ack {
                 recipient_id,
                 msg_id,
-            } => Self {
-                name,
-                recipient_id: o(recipient_id),
-                msg_id: o(msg_id),
-                ..Default::default()
-            },
-            Command::Delete { recipient_id } => Self {
-                name,
-                recipient_id: o(recipient_id),
-                ..Default::default()
-            },
-            Command::Peek {
-                recipient_id,
-                after,
-            } => Self {
-                name,
-                recipient_id: o(recipient_id),
-                after: o(after),
-                ..Default::default()
-            },
-            Command::AckUpTo {
+            }
+            | Command::AckUpTo {
                 recipient_id,
                 msg_id,
             } => Self {
-                name,
                 recipient_id: o(recipient_id),
                 msg_id: o(msg_id),
-                ..Default::default()
+                ..base
+            },
+            Command::Delete {
+                recipient_id,
+                if_empty,
+            } => Self {
+                recipient_id: o(recipient_id),
+                if_empty: Some(*if_empty),
+                ..base
+            },
+            Command::Unsubscribe { sub_tag } => Self {
+                sub_tag: Some(*sub_tag),
+                ..base
+            },
+            Command::Check { recipient_id } => Self {
+                recipient_id: o(recipient_id),
+                ..base
             },
         }
     }
@@ -1402,84 +2071,1396 @@ impl CommandFields {
                 sender_id: h16(&self.sender_id),
                 message: self.message.as_ref().expect("message").bytes(),
             },
-            "FETCH" => Command::Fetch {
+            "SUB" => Command::Subscribe {
                 recipient_id: h16(&self.recipient_id),
-                wait_ms: self.wait_ms.expect("wait_ms"),
+                window: self.window.expect("window"),
             },
             "ACK" => Command::Ack {
                 recipient_id: h16(&self.recipient_id),
                 msg_id: h16(&self.msg_id),
             },
-            "DELETE" => Command::Delete {
-                recipient_id: h16(&self.recipient_id),
-            },
-            "PEEK" => Command::Peek {
-                recipient_id: h16(&self.recipient_id),
-                after: h16(&self.after),
-            },
             "ACK_UPTO" => Command::AckUpTo {
                 recipient_id: h16(&self.recipient_id),
                 msg_id: h16(&self.msg_id),
+            },
+            "DELETE" => Command::Delete {
+                recipient_id: h16(&self.recipient_id),
+                if_empty: self.if_empty.expect("if_empty"),
+            },
+            "UNSUB" => Command::Unsubscribe {
+                sub_tag: self.sub_tag.expect("sub_tag"),
+            },
+            "CHECK" => Command::Check {
+                recipient_id: h16(&self.recipient_id),
             },
             n => panic!("command {n}"),
         }
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyFields {
+    /// OK, INFO, QUEUE, MSG, IDLE, ENDED, COUNT or ERROR.
+    pub kind: String,
+    pub tag: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<RelayInfoFields>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_dh: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    /// Seconds since the Unix epoch, a multiple of 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Padded>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// The error code's name (PROTOCOL.md §3.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+impl ReplyFields {
+    pub fn of(tag: u32, r: &Reply) -> Self {
+        let k = |kind: &str| Self {
+            kind: kind.into(),
+            tag,
+            ..Default::default()
+        };
+        match r {
+            Reply::Ok => k("OK"),
+            Reply::Idle => k("IDLE"),
+            Reply::Ended => k("ENDED"),
+            Reply::Info(i) => Self {
+                info: Some(RelayInfoFields::of(i)),
+                ..k("INFO")
+            },
+            Reply::Queue {
+                recipient_id,
+                sender_id,
+                relay_dh,
+            } => Self {
+                recipient_id: o(recipient_id),
+                sender_id: o(sender_id),
+                relay_dh: o(relay_dh),
+                ..k("QUEUE")
+            },
+            Reply::Message {
+                msg_id,
+                received_at,
+                body,
+            } => Self {
+                msg_id: o(msg_id),
+                received_at: Some(*received_at),
+                body: Some(Padded::of(body)),
+                ..k("MSG")
+            },
+            Reply::Count(n) => Self {
+                count: Some(*n),
+                ..k("COUNT")
+            },
+            Reply::Error(c) => Self {
+                code: Some(c.name().into()),
+                ..k("ERROR")
+            },
+        }
+    }
+
+    pub fn to_reply(&self) -> Reply {
+        let h16 = |v: &Option<String>| arr::<16>(v.as_deref().expect("16-byte field"));
+        match self.kind.as_str() {
+            "OK" => Reply::Ok,
+            "IDLE" => Reply::Idle,
+            "ENDED" => Reply::Ended,
+            "INFO" => Reply::Info(self.info.as_ref().expect("info").to_info()),
+            "QUEUE" => Reply::Queue {
+                recipient_id: h16(&self.recipient_id),
+                sender_id: h16(&self.sender_id),
+                relay_dh: arr(self.relay_dh.as_deref().expect("relay_dh")),
+            },
+            "MSG" => Reply::Message {
+                msg_id: h16(&self.msg_id),
+                received_at: self.received_at.expect("received_at"),
+                body: self.body.as_ref().expect("body").bytes(),
+            },
+            "COUNT" => Reply::Count(self.count.expect("count")),
+            "ERROR" => Reply::Error(error_code(self.code.as_deref().expect("code"))),
+            k => panic!("reply {k}"),
+        }
+    }
+}
+
+/// tern's encoding of one command record.
+pub fn command_record(tag: u32, c: &Command, hash: &[u8; 32], key: Option<&SigningKey>) -> Vec<u8> {
+    let mut out = Vec::new();
+    Request::encode(tag, c, hash, key, &mut out);
+    out
+}
+
+/// tern's encoding of one reply record.
+pub fn reply_record(tag: u32, r: &Reply) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.encode(tag, &mut out);
+    out
+}
+
+/// One command record through tern's decoder, which must consume it all.
+pub fn decode_command(b: &[u8]) -> Result<Request, WireError> {
+    let mut r = Reader::new(b);
+    let req = Request::decode(&mut r)?;
+    r.finish()?;
+    Ok(req)
+}
+
+pub fn decode_reply(b: &[u8]) -> Result<(u32, Reply), WireError> {
+    let mut r = Reader::new(b);
+    let reply = Reply::decode(&mut r)?;
+    r.finish()?;
+    Ok(reply)
+}
+
+/// The record a decoded command came from: its fields re-encoded, with the
+/// signature (and a SEND's flag) it carried.
+pub fn record_of(r: &Request) -> Vec<u8> {
+    let mut rec = command_record(r.tag, &r.command, &[0; 32], None);
+    if let Some(sig) = r.signature {
+        if matches!(r.command, Command::Send { .. }) {
+            rec[5 + 16] = 1;
+        }
+        let n = rec.len();
+        rec[n - 64..].copy_from_slice(&sig);
+    }
+    rec
+}
+
+/// Where the signature field of a command record starts, if it has one.
+pub fn signature_offset(c: &Command) -> Option<usize> {
+    c.has_signature_field()
+        .then(|| command_record(0, c, &[0; 32], None).len() - 64)
+}
+
+/// A command record checked against the reference encoder: the same bytes.
+fn checked_command(tag: u32, c: &Command, hash: &[u8; 32], key: Option<&SigningKey>) -> Vec<u8> {
+    let rec = command_record(tag, c, hash, key);
+    assert_eq!(
+        wire_ref::command_record(&CommandFields::of(tag, c), hash, key),
+        rec,
+        "{c:?}: tern and the reference encode differently"
+    );
+    assert!(rec.len() <= MAX_COMMAND_LEN);
+    rec
+}
+
+fn checked_reply(tag: u32, r: &Reply) -> Vec<u8> {
+    let rec = reply_record(tag, r);
+    assert_eq!(
+        wire_ref::reply_record(&ReplyFields::of(tag, r)),
+        rec,
+        "{r:?}: tern and the reference encode differently"
+    );
+    assert!(rec.len() <= MAX_REPLY_LEN);
+    rec
+}
+
+/// tern's frames for `records`, checked against the reference's packing.
+fn checked_frames(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut b = FrameBuilder::new();
+    for r in records {
+        b.push(r);
+    }
+    let frames = b.finish();
+    assert_eq!(
+        frames,
+        wire_ref::pack(records),
+        "tern and the reference pack differently"
+    );
+    frames
+}
+
+// --- session.json ----------------------------------------------------------
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RequestCase {
+pub struct SymmetricStep {
+    /// The Noise operation (and the token it belongs to).
+    pub op: String,
+    /// ck, h and k after it (k absent while there is none).
+    pub ck: String,
+    pub h: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportMessage {
+    /// "client_to_relay" or "relay_to_client".
+    pub direction: String,
+    /// The AEAD nonce counter: 0 for the first message each way.
+    pub nonce: u64,
+    /// The frame plaintext.
+    pub frame: Padded,
+    /// ChaCha20-Poly1305(transport key of the direction, nonce, ad = empty, frame).
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCase {
+    pub comment: String,
+    pub result: String,
+    /// Which sides tern plays in the check: "client" (writes message 1 and
+    /// reads message 2) and "relay" (reads message 1, writes message 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_static_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_static_public: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ephemeral_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ephemeral_public: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_ephemeral_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_ephemeral_public: Option<String>,
+    /// `d || z` (64 bytes): ML-KEM-768.KeyGen_internal's randomness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem_seed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem_encapsulation_key: Option<String>,
+    /// `m` (32 bytes): ML-KEM-768.Encaps_internal's randomness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem_m: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem_ciphertext: Option<String>,
+    /// The ML-KEM shared secret: the Noise PSK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem_shared_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_min_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_max_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_hello: Option<String>,
+    /// Valid: message 1 as sent. Invalid (`target` "message1"): the input
+    /// to refuse, when it is not a mutation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message1: Option<String>,
+    /// X25519(client ephemeral, relay static) and X25519(client ephemeral,
+    /// relay ephemeral).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ee: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_info: Option<RelayInfoFields>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_hello: Option<String>,
+    /// Valid: message 2 as sent (the KEM ciphertext, then the Noise
+    /// message). Invalid (`target` "message2"): the input to refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symmetric_state: Vec<SymmetricStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_to_relay_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_to_client_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transport: Vec<TransportMessage>,
+    // Invalid cases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of_case: Option<usize>,
+    /// "message1" (the relay of `of_case` must refuse it), "message2" (the
+    /// client of `of_case` must refuse it) or "transport" (the receiving
+    /// side of `of_case`'s session must refuse the last message of `open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// Transport: indexes (among `of_case`'s messages of `direction`) of
+    /// the messages handed to the receiver, in this order; all but the last
+    /// must open, the last (after `mutation`) must be refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutation: Option<Mutation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub const CLIENT_TO_RELAY: &str = "client_to_relay";
+pub const RELAY_TO_CLIENT: &str = "relay_to_client";
+
+/// Everything a handshake is made from.
+#[derive(Clone)]
+struct HandshakeInputs {
+    relay_secret: Key,
+    client_e: Key,
+    relay_e: Key,
+    kem_seed: [u8; 64],
+    kem_m: Key,
+    info: RelayInfo,
+    versions: (u8, u8),
+}
+
+/// tern's two halves of the session of case `c`, from its recorded inputs.
+pub fn tern_session_pair(c: &SessionCase) -> (Session, Session) {
+    let relay_public: Key = arr(c.relay_static_public.as_deref().unwrap());
+    let client = client_start(c, &relay_public);
+    let (server, msg2, _) = relay_respond(c, &unhex(c.message1.as_deref().unwrap()))
+        .expect("the recorded message 1 is answered");
+    let (client, _) = client
+        .finish(&msg2)
+        .expect("the recorded message 2 is accepted");
+    (client, server)
+}
+
+/// tern's client half of case `c`, started with its recorded inputs.
+pub fn client_start(c: &SessionCase, relay_public: &Key) -> ClientHandshake {
+    let e: Key = arr(c.client_ephemeral_secret.as_deref().unwrap());
+    let seed = unhex(c.kem_seed.as_deref().unwrap());
+    ClientHandshake::start_fixed(
+        relay_public,
+        Fixed {
+            ephemeral: &e,
+            kem: &seed,
+        },
+    )
+    .expect("the client starts")
+    .0
+}
+
+/// tern's relay answering `msg1` with case `c`'s recorded inputs.
+pub fn relay_respond(
+    c: &SessionCase,
+    msg1: &[u8],
+) -> Result<(Session, Vec<u8>, wire_session::ClientHello), SessionError> {
+    let s: Key = arr(c.relay_static_secret.as_deref().unwrap());
+    let e: Key = arr(c.relay_ephemeral_secret.as_deref().unwrap());
+    let m = unhex(c.kem_m.as_deref().unwrap());
+    let info = c.relay_info.expect("relay_info").to_info();
+    ServerHandshake::respond_fixed(
+        &s,
+        msg1,
+        &info,
+        Fixed {
+            ephemeral: &e,
+            kem: &m,
+        },
+    )
+}
+
+/// The reference handshake of `inp`, cross-checked against tern's (in the
+/// roles tern can play with these inputs). Returns the case and, when tern
+/// played both sides, tern's two halves of the session.
+fn handshake_case(
+    comment: &str,
+    inp: &HandshakeInputs,
+) -> (SessionCase, Option<(Session, Session)>) {
+    let relay_public = refc::x25519_public(&inp.relay_secret);
+    let client_e_public = refc::x25519_public(&inp.client_e);
+    let info = RelayInfoFields::of(&inp.info);
+    let (ek, dk) = wire_ref::kem_keygen(&inp.kem_seed);
+    let hello = wire_ref::client_hello(inp.versions.0, inp.versions.1, &ek);
+    let mut c = wire_ref::initial(&relay_public);
+    let msg1 = wire_ref::write_message1(&mut c, &inp.client_e, &relay_public, &hello);
+    let mut r = wire_ref::initial(&relay_public);
+    assert_eq!(
+        wire_ref::read_message1(&mut r, &inp.relay_secret, &msg1).as_deref(),
+        Some(&hello[..])
+    );
+    let (ct, ss) = wire_ref::kem_encapsulate(&ek, &inp.kem_m);
+    assert_eq!(wire_ref::kem_decapsulate(&dk, &ct), ss);
+    let server_hello = wire_ref::server_hello(2, &info);
+    let noise2 =
+        wire_ref::write_message2(&mut r, &inp.relay_e, &client_e_public, &ss, &server_hello);
+    let msg2 = [ct.clone(), noise2.clone()].concat();
+    assert_eq!(
+        wire_ref::read_message2(&mut c, &inp.client_e, &noise2, &ss).as_deref(),
+        Some(&server_hello[..])
+    );
+    assert_eq!(c.h, r.h);
+    let (k1, k2) = c.split();
+    assert_eq!(r.split(), (k1, k2));
+    assert_eq!(msg1.len(), wire_session::MSG1_LEN);
+    assert_eq!(msg2.len(), wire_session::MSG2_LEN);
+
+    // tern's relay on the reference's message 1.
+    let (server, tern_msg2, offered) = ServerHandshake::respond_fixed(
+        &inp.relay_secret,
+        &msg1,
+        &inp.info,
+        Fixed {
+            ephemeral: &inp.relay_e,
+            kem: &inp.kem_m,
+        },
+    )
+    .expect("tern's relay answers the reference's message 1");
+    assert_eq!(tern_msg2, msg2, "{comment}: message 2");
+    assert_eq!((offered.min_version, offered.max_version), inp.versions);
+    assert_eq!(server.hash(), &c.h);
+    let mut roles = vec!["relay".to_string()];
+    // tern's client, when it would offer these versions.
+    let pair = (inp.versions == (2, 2)).then(|| {
+        let (client, tern_msg1) = ClientHandshake::start_fixed(
+            &relay_public,
+            Fixed {
+                ephemeral: &inp.client_e,
+                kem: &inp.kem_seed,
+            },
+        )
+        .unwrap();
+        assert_eq!(tern_msg1, msg1, "{comment}: message 1");
+        let (client, got) = client
+            .finish(&msg2)
+            .expect("tern's client accepts message 2");
+        assert_eq!(got, inp.info);
+        assert_eq!(client.hash(), &c.h);
+        roles.insert(0, "client".into());
+        (client, server)
+    });
+    let case = SessionCase {
+        comment: comment.into(),
+        result: "valid".into(),
+        roles,
+        relay_static_secret: o(&inp.relay_secret),
+        relay_static_public: o(&relay_public),
+        client_ephemeral_secret: o(&inp.client_e),
+        client_ephemeral_public: o(&client_e_public),
+        relay_ephemeral_secret: o(&inp.relay_e),
+        relay_ephemeral_public: o(&refc::x25519_public(&inp.relay_e)),
+        kem_seed: o(&inp.kem_seed),
+        kem_encapsulation_key: o(&ek),
+        kem_m: o(&inp.kem_m),
+        kem_ciphertext: o(&ct),
+        kem_shared_secret: o(&ss),
+        client_min_version: Some(inp.versions.0),
+        client_max_version: Some(inp.versions.1),
+        client_hello: o(&hello),
+        message1: o(&msg1),
+        es: o(&refc::x25519(&inp.client_e, &relay_public)),
+        ee: o(&refc::x25519(
+            &inp.client_e,
+            &refc::x25519_public(&inp.relay_e),
+        )),
+        relay_info: Some(info),
+        server_hello: o(&server_hello),
+        message2: o(&msg2),
+        handshake_hash: o(&c.h),
+        symmetric_state: c
+            .trace
+            .iter()
+            .map(|s| SymmetricStep {
+                op: s.op.clone(),
+                ck: hex(&s.ck),
+                h: hex(&s.h),
+                k: s.k.map(|k| hex(&k)),
+            })
+            .collect(),
+        client_to_relay_key: o(&k1),
+        relay_to_client_key: o(&k2),
+        ..Default::default()
+    };
+    (case, pair)
+}
+
+fn gen_session() -> Vec<SessionCase> {
+    let mut rng = seeded(5);
+    let inputs = |rng: &mut StdRng, info: RelayInfo, versions| HandshakeInputs {
+        relay_secret: random(rng),
+        client_e: random(rng),
+        relay_e: random(rng),
+        kem_seed: random(rng),
+        kem_m: random(rng),
+        info,
+        versions,
+    };
+    let inp = inputs(&mut rng, default_relay_info(), (2, 2));
+    let (mut base, pair) = handshake_case(
+        "a complete session: the handshake, then three transport messages each way",
+        &inp,
+    );
+    let (mut client, mut server) = pair.expect("tern plays both sides");
+    let hash = *client.hash();
+
+    // Frames each way, as a client and a relay would send them.
+    let recipient = SigningKey::from_bytes(&random(&mut rng));
+    let sender = SigningKey::from_bytes(&random(&mut rng));
+    let rid: [u8; 16] = random(&mut rng);
+    let sid: [u8; 16] = random(&mut rng);
+    let msg_id: [u8; 16] = random(&mut rng);
+    let mut queue_msg = vec![0x02];
+    queue_msg.extend(random_vec(&mut rng, 100));
+    queue_msg.resize(QUEUE_MSG_LEN, 0);
+    let delivered = random_vec(&mut rng, DELIVERED_LEN);
+    let cmd = |tag, c: Command, key: Option<&SigningKey>| checked_command(tag, &c, &hash, key);
+    let client_frames: Vec<Vec<Vec<u8>>> = vec![
+        vec![
+            cmd(1, Command::Info, None),
+            cmd(2, Command::Check { recipient_id: rid }, None),
+        ],
+        vec![
+            cmd(
+                3,
+                Command::Subscribe {
+                    recipient_id: rid,
+                    window: 64,
+                },
+                Some(&recipient),
+            ),
+            cmd(
+                4,
+                Command::AckUpTo {
+                    recipient_id: rid,
+                    msg_id,
+                },
+                Some(&recipient),
+            ),
+        ],
+        vec![cmd(
+            5,
+            Command::Send {
+                sender_id: sid,
+                message: queue_msg,
+            },
+            Some(&sender),
+        )],
+    ];
+    let relay_frames: Vec<Vec<Vec<u8>>> = vec![
+        vec![
+            checked_reply(1, &Reply::Info(inp.info)),
+            checked_reply(2, &Reply::Count(1)),
+        ],
+        vec![
+            checked_reply(3, &Reply::Ok),
+            checked_reply(
+                3,
+                &Reply::Message {
+                    msg_id,
+                    received_at: 1_767_225_600,
+                    body: delivered,
+                },
+            ),
+            checked_reply(3, &Reply::Idle),
+        ],
+        vec![checked_reply(4, &Reply::Ok), checked_reply(5, &Reply::Ok)],
+    ];
+    let k1 = wire_ref::key32(&base.client_to_relay_key);
+    let k2 = wire_ref::key32(&base.relay_to_client_key);
+    for (direction, frames, key) in [
+        (CLIENT_TO_RELAY, &client_frames, k1),
+        (RELAY_TO_CLIENT, &relay_frames, k2),
+    ] {
+        for (n, records) in frames.iter().enumerate() {
+            let packed = checked_frames(records);
+            assert_eq!(packed.len(), 1);
+            let frame = &packed[0];
+            let (sealer, opener) = if direction == CLIENT_TO_RELAY {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            let message = sealer.seal(frame).unwrap();
+            assert_eq!(
+                message,
+                wire_ref::encrypt(&key, n as u64, &[], frame),
+                "transport message {direction} {n}"
+            );
+            assert_eq!(&opener.open(&message).unwrap(), frame);
+            base.transport.push(TransportMessage {
+                direction: direction.into(),
+                nonce: n as u64,
+                frame: Padded::of(frame),
+                message: hex(&message),
+            });
+        }
+    }
+    let mut out = vec![base];
+
+    let closed = RelayInfo {
+        open: false,
+        max_pending: 250,
+        ttl_secs: 7 * 86_400,
+        max_window: 16,
+        max_subscriptions: 512,
+        unsecured_ttl_secs: 0,
+        ..default_relay_info()
+    };
+    let inp1 = inputs(&mut rng, closed, (1, 3));
+    out.push(
+        handshake_case(
+            "a client offering versions 1 to 3 (the relay picks 2), to a relay that needs an \
+             access key and keeps never-secured queues for its idle TTL only",
+            &inp1,
+        )
+        .0,
+    );
+
+    // Handshake messages to refuse.
+    let c0 = out[0].clone();
+    let msg1 = unhex(c0.message1.as_deref().unwrap());
+    let msg2 = unhex(c0.message2.as_deref().unwrap());
+    let relay_public: Key = arr(c0.relay_static_public.as_deref().unwrap());
+    let client_e_public: Key = arr(c0.client_ephemeral_public.as_deref().unwrap());
+    let (ek, _) = wire_ref::kem_keygen(&inp.kem_seed);
+    let (ct, ss) = wire_ref::kem_encapsulate(&ek, &inp.kem_m);
+    let info = RelayInfoFields::of(&inp.info);
+    // Message 1 written by the reference with another ClientHello, or to
+    // another relay key.
+    let reference_msg1 = |hello: &[u8], rs: &Key| {
+        let mut s = wire_ref::initial(rs);
+        wire_ref::write_message1(&mut s, &inp.client_e, rs, hello)
+    };
+    // Message 2 written by the reference from the relay's state after
+    // message 1, with another ServerHello.
+    let reference_msg2 = |server_hello: &[u8]| {
+        let mut r = wire_ref::initial(&relay_public);
+        wire_ref::read_message1(&mut r, &inp.relay_secret, &msg1).unwrap();
+        let noise =
+            wire_ref::write_message2(&mut r, &inp.relay_e, &client_e_public, &ss, server_hello);
+        [ct.clone(), noise].concat()
+    };
+    let other_relay: Key = random(&mut rng);
+    let other_public = refc::x25519_public(&other_relay);
+    let impostor_msg2 = {
+        let mut s = wire_ref::initial(&other_public);
+        wire_ref::impostor_reads_message1(&mut s, &other_relay, &msg1);
+        let noise = wire_ref::write_message2(
+            &mut s,
+            &inp.relay_e,
+            &client_e_public,
+            &ss,
+            &wire_ref::server_hello(2, &info),
+        );
+        [ct.clone(), noise].concat()
+    };
+    let hello = |min: u8, max: u8| wire_ref::client_hello(min, max, &ek);
+    let mut bad_info = wire_ref::server_hello(2, &info);
+    bad_info[3] = 2;
+    let mut zero_min = wire_ref::server_hello(2, &info);
+    zero_min[1] = 0;
+    // (comment, target, mutation, explicit input, the hello inside, error)
+    type Refused<'a> = (
+        &'a str,
+        &'a str,
+        Option<Mutation>,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        &'a str,
+    );
+    let refused: Vec<Refused> =
+        vec![
+        ("message 1: a flipped bit in e", "message1", xor(0, 0x01), None, None, "handshake"),
+        (
+            "message 1: a flipped bit in the encrypted ClientHello (the encapsulation key)",
+            "message1",
+            xor(32 + 2 + 100, 0x40),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 1: a flipped bit in the tag",
+            "message1",
+            xor(wire_session::MSG1_LEN - 1, 0x80),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 1 one byte short",
+            "message1",
+            Some(Mutation::Truncate {
+                len: wire_session::MSG1_LEN - 1,
+            }),
+            None,
+            None,
+            "length",
+        ),
+        (
+            "message 1 with a byte appended",
+            "message1",
+            Some(Mutation::Append { hex: "00".into() }),
+            None,
+            None,
+            "length",
+        ),
+        (
+            "message 1 written to another relay's key: this relay cannot read it",
+            "message1",
+            None,
+            Some(reference_msg1(&hello(2, 2), &other_public)),
+            Some(hello(2, 2)),
+            "handshake",
+        ),
+        (
+            "message 1 offering only version 3",
+            "message1",
+            None,
+            Some(reference_msg1(&hello(3, 3), &relay_public)),
+            Some(hello(3, 3)),
+            "version",
+        ),
+        (
+            "message 1 offering only version 1",
+            "message1",
+            None,
+            Some(reference_msg1(&hello(1, 1), &relay_public)),
+            Some(hello(1, 1)),
+            "version",
+        ),
+        (
+            "message 1 offering versions 3 to 1 (min above max)",
+            "message1",
+            None,
+            Some(reference_msg1(&hello(3, 1), &relay_public)),
+            Some(hello(3, 1)),
+            "version",
+        ),
+        (
+            "message 2: a flipped bit in the KEM ciphertext's first byte (another shared secret)",
+            "message2",
+            xor(0, 0x01),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 2: a flipped bit in the KEM ciphertext's last byte",
+            "message2",
+            xor(wire_session::KEM_CT_LEN - 1, 0x80),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 2: a flipped bit in the relay's e",
+            "message2",
+            xor(wire_session::KEM_CT_LEN, 0x01),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 2: a flipped bit in the encrypted ServerHello",
+            "message2",
+            xor(wire_session::KEM_CT_LEN + 32 + 5, 0x01),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 2: a flipped bit in the tag",
+            "message2",
+            xor(wire_session::MSG2_LEN - 1, 0x01),
+            None,
+            None,
+            "handshake",
+        ),
+        (
+            "message 2 one byte short",
+            "message2",
+            Some(Mutation::Truncate {
+                len: wire_session::MSG2_LEN - 1,
+            }),
+            None,
+            None,
+            "length",
+        ),
+        (
+            "message 2 with a byte appended",
+            "message2",
+            Some(Mutation::Append { hex: "00".into() }),
+            None,
+            None,
+            "length",
+        ),
+        (
+            "message 2 without its KEM ciphertext: a classical-only answer is refused",
+            "message2",
+            None,
+            Some(msg2[wire_session::KEM_CT_LEN..].to_vec()),
+            None,
+            "length",
+        ),
+        (
+            "message 2 from someone without the relay's key (it mixed its own es)",
+            "message2",
+            None,
+            Some(impostor_msg2),
+            None,
+            "handshake",
+        ),
+        (
+            "message 2 whose ServerHello says version 3",
+            "message2",
+            None,
+            Some(reference_msg2(&wire_ref::server_hello(3, &info))),
+            Some(wire_ref::server_hello(3, &info)),
+            "version",
+        ),
+        (
+            "message 2 whose relay policy has open = 2",
+            "message2",
+            None,
+            Some(reference_msg2(&bad_info)),
+            Some(bad_info.clone()),
+            "malformed: invalid: open flag",
+        ),
+        (
+            "message 2 whose relay policy has min_version 0",
+            "message2",
+            None,
+            Some(reference_msg2(&zero_min)),
+            Some(zero_min.clone()),
+            "malformed: invalid: relay versions",
+        ),
+    ];
+    for (comment, target, mutation, input, inner, err) in refused {
+        let given = input.clone().unwrap_or_else(|| {
+            let m = mutation.as_ref().unwrap();
+            m.apply(if target == "message1" { &msg1 } else { &msg2 })
+        });
+        if target == "message1" {
+            expect_err(
+                relay_respond(&c0, &given).map(|_| ()),
+                session_err,
+                err,
+                comment,
+            );
+        } else {
+            expect_err(
+                client_start(&c0, &relay_public).finish(&given).map(|_| ()),
+                session_err,
+                err,
+                comment,
+            );
+        }
+        let (message1, message2) = match target {
+            "message1" => (input.as_ref().map(|b| hex(b)), None),
+            _ => (None, input.as_ref().map(|b| hex(b))),
+        };
+        let (client_hello, server_hello) = match target {
+            "message1" => (inner.as_ref().map(|b| hex(b)), None),
+            _ => (None, inner.as_ref().map(|b| hex(b))),
+        };
+        out.push(SessionCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            of_case: Some(0),
+            target: Some(target.into()),
+            mutation,
+            message1,
+            message2,
+            client_hello,
+            server_hello,
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+
+    // Transport messages to refuse, each on a fresh copy of case 0's session.
+    type Transport<'a> = (&'a str, &'a str, Vec<usize>, Option<Mutation>, &'a str);
+    let transport: Vec<Transport> = vec![
+        (
+            "a replayed message",
+            CLIENT_TO_RELAY,
+            vec![0, 0],
+            None,
+            "frame",
+        ),
+        (
+            "a reordered message: the second before the first",
+            CLIENT_TO_RELAY,
+            vec![1],
+            None,
+            "frame",
+        ),
+        (
+            "a dropped message: the third after the first",
+            RELAY_TO_CLIENT,
+            vec![0, 2],
+            None,
+            "frame",
+        ),
+        (
+            "a flipped bit in the ciphertext",
+            CLIENT_TO_RELAY,
+            vec![0],
+            xor(10, 0x01),
+            "frame",
+        ),
+        (
+            "a flipped bit in the tag",
+            RELAY_TO_CLIENT,
+            vec![0, 1],
+            xor(16_384 + 15, 0x80),
+            "frame",
+        ),
+        (
+            "a message cut to 1024 bytes",
+            RELAY_TO_CLIENT,
+            vec![0],
+            Some(Mutation::Truncate { len: 1024 }),
+            "frame",
+        ),
+        (
+            "a message shorter than a tag",
+            CLIENT_TO_RELAY,
+            vec![0],
+            Some(Mutation::Truncate { len: 15 }),
+            "too_long",
+        ),
+        (
+            "a message with a byte appended",
+            CLIENT_TO_RELAY,
+            vec![0],
+            Some(Mutation::Append { hex: "00".into() }),
+            "frame",
+        ),
+    ];
+    for (comment, direction, open, mutation, err) in transport {
+        let (mut client, mut server) = tern_session_pair(&out[0]);
+        let receiver = if direction == CLIENT_TO_RELAY {
+            &mut server
+        } else {
+            &mut client
+        };
+        let msgs: Vec<&TransportMessage> = out[0]
+            .transport
+            .iter()
+            .filter(|m| m.direction == direction)
+            .collect();
+        let (last, before) = open.split_last().unwrap();
+        for i in before {
+            receiver.open(&unhex(&msgs[*i].message)).unwrap();
+        }
+        let m = unhex(&msgs[*last].message);
+        let m = mutation.as_ref().map_or(m.clone(), |x| x.apply(&m));
+        expect_err(receiver.open(&m), session_err, err, comment);
+        out.push(SessionCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            of_case: Some(0),
+            target: Some("transport".into()),
+            direction: Some(direction.into()),
+            open,
+            mutation,
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+    // A message sealed for the other direction does not open either.
+    {
+        let (mut client, _) = tern_session_pair(&out[0]);
+        let m = unhex(&out[0].transport[0].message);
+        expect_err(client.open(&m), session_err, "frame", "reflected");
+    }
+    out
+}
+
+// --- frames.json -----------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrameLayout {
+    /// How many of the case's records (the next ones, in order) it carries.
+    pub records: usize,
+    /// Its length: the records, then zero padding to this multiple of 1024.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FrameCase {
+    pub comment: String,
+    pub result: String,
+    /// "commands" (a client's frame) or "replies" (a relay's).
+    pub direction: String,
+    /// Valid: the records, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<Padded>,
+    /// Valid: the frames the records are packed into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<FrameLayout>,
+    /// The frames are not what a sender packs these records into (an empty
+    /// frame): only the receiving direction is checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parse_only: bool,
+    /// Invalid: the frame to refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<Padded>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The bytes of a valid case's frames.
+pub fn frame_bytes(c: &FrameCase) -> Vec<Vec<u8>> {
+    let mut records = c.records.iter().map(Padded::bytes);
+    c.frames
+        .iter()
+        .map(|f| {
+            let mut b: Vec<u8> = records.by_ref().take(f.records).flatten().collect();
+            assert!(
+                b.len() <= f.len,
+                "{}: records longer than their frame",
+                c.comment
+            );
+            b.resize(f.len, 0);
+            b
+        })
+        .collect()
+}
+
+/// How a sender packs `records` (PROTOCOL.md §3.3): in order, a new frame
+/// when the next record would not fit.
+pub fn frame_layout(records: &[Vec<u8>]) -> Vec<FrameLayout> {
+    let mut out = Vec::new();
+    let (mut n, mut len) = (0, 0);
+    for r in records {
+        if len + r.len() > MAX_FRAME_LEN {
+            out.push(FrameLayout {
+                records: n,
+                len: wire_frame::padded_len(len),
+            });
+            (n, len) = (0, 0);
+        }
+        n += 1;
+        len += r.len();
+    }
+    if n > 0 {
+        out.push(FrameLayout {
+            records: n,
+            len: wire_frame::padded_len(len),
+        });
+    }
+    out
+}
+
+pub fn parse_frame(direction: &str, frame: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
+    Ok(match direction {
+        "commands" => wire_frame::parse_commands(frame)?
+            .iter()
+            .map(record_of)
+            .collect(),
+        "replies" => wire_frame::parse_replies(frame)?
+            .iter()
+            .map(|(t, r)| reply_record(*t, r))
+            .collect(),
+        d => panic!("direction {d}"),
+    })
+}
+
+fn gen_frames() -> Vec<FrameCase> {
+    let mut rng = seeded(40);
+    let mut out = Vec::new();
+    let hash: [u8; 32] = random(&mut rng);
+    let key = SigningKey::from_bytes(&random(&mut rng));
+    let rid: [u8; 16] = random(&mut rng);
+    let cmd = |tag: u32, c: Command| {
+        let k = (c.has_signature_field() && !matches!(c, Command::Send { .. })).then_some(&key);
+        checked_command(tag, &c, &hash, k)
+    };
+    let ack = |tag: u32| {
+        cmd(
+            tag,
+            Command::Ack {
+                recipient_id: rid,
+                msg_id: [tag as u8; 16],
+            },
+        )
+    };
+    let small_send = |tag: u32, rng: &mut StdRng| {
+        let mut m = vec![0x01];
+        m.extend(random_vec(rng, 63));
+        m.resize(QUEUE_MSG_LEN, 0);
+        cmd(
+            tag,
+            Command::Send {
+                sender_id: random(rng),
+                message: m,
+            },
+        )
+    };
+    let sends: Vec<Vec<u8>> = (1..=5).map(|t| small_send(t, &mut rng)).collect();
+    let msg = |tag: u32, rng: &mut StdRng| {
+        let mut body = random_vec(rng, 32);
+        body.resize(DELIVERED_LEN, 0);
+        checked_reply(
+            tag,
+            &Reply::Message {
+                msg_id: random(rng),
+                received_at: 1_767_225_600 + 3600 * u64::from(tag),
+                body,
+            },
+        )
+    };
+    let msgs: Vec<Vec<u8>> = (1..=5).map(|t| msg(t, &mut rng)).collect();
+    let valid: Vec<(&str, &str, Vec<Vec<u8>>)> = vec![
+        (
+            "one INFO: five bytes, then 0x00 and zero padding to 1024",
+            "commands",
+            vec![cmd(1, Command::Info)],
+        ),
+        (
+            "several commands in one frame, in order",
+            "commands",
+            vec![
+                cmd(7, Command::Info),
+                cmd(8, Command::Check { recipient_id: rid }),
+                cmd(
+                    9,
+                    Command::Subscribe {
+                        recipient_id: rid,
+                        window: 16,
+                    },
+                ),
+                cmd(10, Command::Unsubscribe { sub_tag: 9 }),
+                cmd(
+                    11,
+                    Command::AckUpTo {
+                        recipient_id: rid,
+                        msg_id: [3; 16],
+                    },
+                ),
+            ],
+        ),
+        (
+            "records that fill exactly 1024 bytes: no 0x00 byte, no padding",
+            "commands",
+            (1..=10)
+                .map(ack)
+                .chain([
+                    cmd(11, Command::Unsubscribe { sub_tag: 1 }),
+                    cmd(12, Command::Info),
+                ])
+                .collect(),
+        ),
+        (
+            "1,111 bytes of records: a frame of 2048",
+            "commands",
+            (1..=11).map(ack).collect(),
+        ),
+        (
+            "five SENDs: four fill a frame of 64,512 bytes, the fifth starts a new one",
+            "commands",
+            sends,
+        ),
+        (
+            "one reply of every kind but MSG",
+            "replies",
+            vec![
+                checked_reply(1, &Reply::Ok),
+                checked_reply(2, &Reply::Info(default_relay_info())),
+                checked_reply(
+                    3,
+                    &Reply::Queue {
+                        recipient_id: random(&mut rng),
+                        sender_id: random(&mut rng),
+                        relay_dh: random(&mut rng),
+                    },
+                ),
+                checked_reply(4, &Reply::Idle),
+                checked_reply(5, &Reply::Ended),
+                checked_reply(6, &Reply::Count(3)),
+                checked_reply(7, &Reply::Error(ErrorCode::NotEmpty)),
+            ],
+        ),
+        ("five MSG pushes: four to a frame", "replies", msgs),
+    ];
+    for (comment, direction, records) in valid {
+        let frames = checked_frames(&records);
+        let layout = frame_layout(&records);
+        for f in &frames {
+            let parsed = parse_frame(direction, f).unwrap();
+            assert_eq!(Some(parsed), wire_ref::split(f, direction == "replies"));
+        }
+        let case = FrameCase {
+            comment: comment.into(),
+            result: "valid".into(),
+            direction: direction.into(),
+            records: records.iter().map(|r| Padded::of(r)).collect(),
+            frames: layout,
+            ..Default::default()
+        };
+        assert_eq!(frame_bytes(&case), frames);
+        out.push(case);
+    }
+    let empty = vec![0u8; FRAME_QUANTUM];
+    assert_eq!(
+        parse_frame("commands", &empty).unwrap(),
+        Vec::<Vec<u8>>::new()
+    );
+    for direction in ["commands", "replies"] {
+        out.push(FrameCase {
+            comment: "a frame of padding only: no records, valid (a sender never makes one)".into(),
+            result: "valid".into(),
+            direction: direction.into(),
+            frames: vec![FrameLayout {
+                records: 0,
+                len: FRAME_QUANTUM,
+            }],
+            parse_only: true,
+            ..Default::default()
+        });
+    }
+
+    let framed = |records: &[&[u8]], len: usize| {
+        let mut f: Vec<u8> = records.concat();
+        f.resize(len, 0);
+        f
+    };
+    let info = cmd(1, Command::Info);
+    let ok = checked_reply(1, &Reply::Ok);
+    let at = |mut f: Vec<u8>, i: usize, v: u8| {
+        f[i] = v;
+        f
+    };
+    let check = cmd(11, Command::Check { recipient_id: rid });
+    let acks: Vec<Vec<u8>> = (1..=10).map(ack).collect();
+    let invalid: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "an empty frame",
+            "commands",
+            vec![],
+            "invalid: frame length",
+        ),
+        (
+            "1,000 bytes: not a multiple of 1024",
+            "commands",
+            framed(&[&info], 1000),
+            "invalid: frame length",
+        ),
+        (
+            "1,025 bytes",
+            "commands",
+            framed(&[&info], 1025),
+            "invalid: frame length",
+        ),
+        (
+            "65,536 bytes: longer than 64,512",
+            "commands",
+            framed(&[&info], 65_536),
+            "invalid: frame length",
+        ),
+        (
+            "a non-zero byte in the padding",
+            "commands",
+            at(framed(&[&info], 1024), 100, 1),
+            "bad_padding",
+        ),
+        (
+            "a record after the 0x00 that ends the records",
+            "commands",
+            framed(&[&info, &[0], &info], 1024),
+            "bad_padding",
+        ),
+        (
+            "an unknown command code (0x0B) after a valid record",
+            "commands",
+            at(framed(&[&info], 1024), 5, 0x0B),
+            "unknown_command",
+        ),
+        (
+            "a reply record in a client's frame",
+            "commands",
+            framed(&[&ok], 1024),
+            "unknown_command",
+        ),
+        (
+            "a CHECK cut off by the end of the frame (10 ACKs, then 14 of its 21 bytes)",
+            "commands",
+            [acks.concat(), check[..14].to_vec()].concat(),
+            "truncated",
+        ),
+        (
+            "an unknown reply kind (0x87)",
+            "replies",
+            at(framed(&[&ok], 1024), 5, 0x87),
+            "unknown_reply",
+        ),
+        (
+            "a command record in a relay's frame",
+            "replies",
+            framed(&[&info], 1024),
+            "unknown_reply",
+        ),
+        (
+            "1,023 bytes",
+            "replies",
+            framed(&[&ok], 1023),
+            "invalid: frame length",
+        ),
+        (
+            "a non-zero byte in the last byte of the padding",
+            "replies",
+            at(framed(&[&ok], 2048), 2047, 0x80),
+            "bad_padding",
+        ),
+    ];
+    for (comment, direction, frame, err) in invalid {
+        expect_err(parse_frame(direction, &frame), wire_err, err, comment);
+        assert_eq!(
+            wire_ref::split(&frame, direction == "replies"),
+            None,
+            "{comment}"
+        );
+        out.push(FrameCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            direction: direction.into(),
+            frame: Some(Padded::of(&frame)),
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+// --- relay_commands.json ---------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CommandCase {
     pub comment: String,
     pub result: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<CommandFields>,
+    /// The handshake hash of the session the relay verifies in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_ms: Option<u64>,
-    /// HPKE `enc` of the block carrying the request (bound into the signature).
+    pub session_hash: Option<String>,
+    /// The session hash the record was signed for, where it differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enc: Option<String>,
-    /// Ed25519 secret key (seed) that signed the request, when it can be re-signed.
+    pub signed_for: Option<String>,
+    /// Ed25519 secret key (seed) that signed the record, when tern can
+    /// re-sign it to the same bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
     /// The key the relay verifies against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifying_key: Option<String>,
-    /// Length of the signed prefix of the plaintext (where the signature starts).
+    /// Where the signature field starts: the signed prefix's length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_len: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
-    /// Whether the signature verifies under `verifying_key` and `enc`.
+    /// Whether the signature verifies under `verifying_key` and `session_hash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_signature: Option<bool>,
-    pub plaintext: Padded,
+    pub record: Padded,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// The message an Ed25519 request signature covers.
-pub fn signed_message(enc: &[u8; 32], plaintext: &[u8], signed_len: usize) -> Vec<u8> {
-    let mut m = SIGNATURE_CONTEXT.to_vec();
-    m.extend_from_slice(enc);
-    m.extend_from_slice(&plaintext[..signed_len]);
-    m
-}
-
-/// Where the signature field starts in an encoded request.
-pub fn signature_offset(c: &Command) -> Option<usize> {
-    let body = match c {
-        Command::Info => return None,
-        Command::Create { access_key, .. } => {
-            1 + access_key.as_deref().map_or(0, str::len) + 32 + 32
-        }
-        Command::Secure { .. } => 16 + 32,
-        Command::Send { .. } => 16 + 1 + QUEUE_MSG_LEN,
-        Command::Fetch { .. } => 16 + 4,
-        Command::Ack { .. } => 16 + 16,
-        Command::Delete { .. } => 16,
-        Command::Peek { .. } | Command::AckUpTo { .. } => 16 + 16,
-    };
-    Some(1 + 8 + body)
 }
 
 /// Ed25519's group order L, little endian.
@@ -1500,9 +3481,11 @@ fn add_le(a: &[u8], b: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-fn gen_relay_requests() -> Vec<RequestCase> {
+fn gen_relay_commands() -> Vec<CommandCase> {
     let mut rng = seeded(3);
     let mut out = Vec::new();
+    let hash: [u8; 32] = random(&mut rng);
+    let other_hash: [u8; 32] = random(&mut rng);
     let key = SigningKey::from_bytes(&random(&mut rng));
     let other = SigningKey::from_bytes(&random(&mut rng));
     let mut queue_msg = vec![0x02];
@@ -1523,9 +3506,18 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             true,
         ),
         (
-            "CREATE on an open relay: empty access key",
+            "CREATE on an open relay: an empty access key",
             Command::Create {
                 access_key: None,
+                recipient_auth: key.verifying_key().to_bytes(),
+                recipient_dh: random(&mut rng),
+            },
+            true,
+        ),
+        (
+            "CREATE with the longest access key (64 bytes)",
+            Command::Create {
+                access_key: Some("k".repeat(64)),
                 recipient_auth: key.verifying_key().to_bytes(),
                 recipient_dh: random(&mut rng),
             },
@@ -1556,10 +3548,18 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             false,
         ),
         (
-            "FETCH with a long-poll wait",
-            Command::Fetch {
+            "SUB with a window of 64",
+            Command::Subscribe {
                 recipient_id: random(&mut rng),
-                wait_ms: 25_000,
+                window: 64,
+            },
+            true,
+        ),
+        (
+            "SUB with a window of 0 (the relay makes it 1)",
+            Command::Subscribe {
+                recipient_id: random(&mut rng),
+                window: 0,
             },
             true,
         ),
@@ -1572,21 +3572,6 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             true,
         ),
         (
-            "DELETE",
-            Command::Delete {
-                recipient_id: random(&mut rng),
-            },
-            true,
-        ),
-        (
-            "PEEK",
-            Command::Peek {
-                recipient_id: random(&mut rng),
-                after: random(&mut rng),
-            },
-            true,
-        ),
-        (
             "ACK_UPTO",
             Command::AckUpTo {
                 recipient_id: random(&mut rng),
@@ -1594,146 +3579,249 @@ fn gen_relay_requests() -> Vec<RequestCase> {
             },
             true,
         ),
+        (
+            "DELETE, whatever the queue holds",
+            Command::Delete {
+                recipient_id: random(&mut rng),
+                if_empty: false,
+            },
+            true,
+        ),
+        (
+            "DELETE only if empty",
+            Command::Delete {
+                recipient_id: random(&mut rng),
+                if_empty: true,
+            },
+            true,
+        ),
+        (
+            "UNSUB: unsigned",
+            Command::Unsubscribe {
+                sub_tag: 0x0102_0304,
+            },
+            false,
+        ),
+        (
+            "CHECK: unsigned",
+            Command::Check {
+                recipient_id: random(&mut rng),
+            },
+            false,
+        ),
     ];
-    let mut fetch = None;
-    for (comment, cmd, signed) in commands {
-        let time_ms = 1_767_225_600_000 + u64::from(rng.next_u32());
-        let enc: [u8; 32] = random(&mut rng);
+    let mut sub = None;
+    for (i, (comment, cmd, signed)) in commands.into_iter().enumerate() {
+        let tag = if i == 0 { 0xFFFF_FFFF } else { i as u32 };
         let signer = signed.then_some(&key);
-        let pt = Request::encode(&cmd, time_ms, &enc, signer);
-        assert_eq!(pt.len(), REQUEST_LEN);
-        let req = Request::decode(&pt).unwrap();
-        assert!(req.command == cmd && req.time_ms == time_ms);
-        let signed_len = signature_offset(&cmd);
+        let rec = checked_command(tag, &cmd, &hash, signer);
+        let req = decode_command(&rec).unwrap();
+        assert_eq!((req.tag, &req.command), (tag, &cmd));
+        let n = signature_offset(&cmd);
         let signature = signer.map(|k| {
-            let n = signed_len.unwrap();
-            let sig = k.sign(&signed_message(&enc, &pt, n)).to_bytes();
-            assert_eq!(&pt[n..n + 64], &sig);
+            let n = n.unwrap();
+            let sig = k
+                .sign(&wire_ref::signed_message(&hash, &rec[..n]))
+                .to_bytes();
+            assert_eq!(&rec[n..], &sig);
             assert_eq!(req.signature, Some(sig));
-            assert!(req.verify(&pt, &enc, key.verifying_key().as_bytes()));
+            assert!(req.verify(&hash, key.verifying_key().as_bytes()));
+            assert!(!req.verify(&other_hash, key.verifying_key().as_bytes()));
             sig
         });
-        if matches!(cmd, Command::Fetch { .. }) {
-            fetch = Some((cmd.clone(), time_ms, enc, pt.clone()));
+        if signer.is_none() {
+            assert_eq!(req.signature, None);
         }
-        out.push(RequestCase {
+        if matches!(cmd, Command::Subscribe { window: 64, .. }) {
+            sub = Some((tag, cmd.clone(), rec.clone()));
+        }
+        out.push(CommandCase {
             comment: comment.into(),
             result: "valid".into(),
-            command: Some(CommandFields::of(&cmd)),
-            time_ms: Some(time_ms),
-            enc: Some(hex(&enc)),
+            command: Some(CommandFields::of(tag, &cmd)),
+            session_hash: o(&hash),
             signing_key: signer.map(|k| hex(k.as_bytes())),
             verifying_key: signer.map(|k| hex(k.verifying_key().as_bytes())),
-            signed_len: signed_len.filter(|_| signed),
+            signed_len: n.filter(|_| signed),
             signature: signature.map(|s| hex(&s)),
             valid_signature: signed.then_some(true),
-            plaintext: Padded::of(&pt),
-            error: None,
+            record: Padded::of(&rec),
+            ..Default::default()
         });
     }
 
-    // Requests that decode but whose signature the relay must refuse.
-    let (cmd, time_ms, enc, pt) = fetch.unwrap();
+    // Records that decode, but whose signature the relay must refuse.
+    let (tag, cmd, rec) = sub.unwrap();
     let n = signature_offset(&cmd).unwrap();
-    let mut non_canonical = pt.clone();
-    let s_plus_l = add_le(&pt[n + 32..n + 64], &ED25519_L);
-    non_canonical[n + 32..n + 64].copy_from_slice(&s_plus_l);
-    let mut weak = pt.clone();
-    // The identity point as R, and S = 0: [S]B = R + [k]A holds for A = identity.
+    let mut non_canonical = rec.clone();
+    non_canonical[n + 32..].copy_from_slice(&add_le(&rec[n + 32..], &ED25519_L));
     let mut identity = [0u8; 32];
     identity[0] = 1;
+    let mut weak = rec.clone();
     weak[n..n + 32].copy_from_slice(&identity);
-    weak[n + 32..n + 64].fill(0);
-    // (comment, plaintext, signer, verifying key)
-    type Refused<'a> = (&'a str, Vec<u8>, Option<&'a SigningKey>, Key);
-    let cases: Vec<Refused> = vec![
+    weak[n + 32..].fill(0);
+    let mut zero = rec.clone();
+    zero[n..].fill(0);
+    // y = p + 1 = 2^255 - 18: a non-canonical encoding of the identity.
+    let mut identity_non_canonical = [0xffu8; 32];
+    identity_non_canonical[0] = 0xee;
+    identity_non_canonical[31] = 0x7f;
+    // y = 2 is not the y of any point: this key does not decode.
+    let mut off_curve = [0u8; 32];
+    off_curve[0] = 2;
+    assert!(ed25519_dalek::VerifyingKey::from_bytes(&off_curve).is_err());
+    let vk_non_canonical = ed25519_dalek::VerifyingKey::from_bytes(&identity_non_canonical)
+        .expect("a non-canonical encoding decodes");
+    assert!(vk_non_canonical.is_weak());
+    // (comment, record, signer, verifying key, session hash, signed for)
+    type Refused<'a> = (
+        &'a str,
+        Vec<u8>,
+        Option<&'a SigningKey>,
+        Key,
+        Key,
+        Option<Key>,
+    );
+    let vk = key.verifying_key().to_bytes();
+    let refused: Vec<Refused> = vec![
         (
-            "FETCH signed by another key than the one the relay holds",
-            pt.clone(),
+            "SUB signed for another session: the same record does not verify in this one",
+            rec.clone(),
+            None,
+            vk,
+            other_hash,
+            Some(hash),
+        ),
+        (
+            "SUB signed by another key than the one the relay holds",
+            rec.clone(),
             Some(&key),
             other.verifying_key().to_bytes(),
+            hash,
+            None,
         ),
         (
-            "FETCH whose signature scalar S is replaced by S + L (non-canonical; malleable under lax Ed25519)",
+            "SUB whose signature scalar S is replaced by S + L (non-canonical; malleable under lax Ed25519)",
             non_canonical,
             None,
-            key.verifying_key().to_bytes(),
+            vk,
+            hash,
+            None,
         ),
         (
-            "FETCH with R = identity, S = 0 against the identity public key: verifies any message under cofactorless lax rules; strict verification refuses the small-order key",
+            "SUB with R = identity, S = 0 against the identity public key: verifies any message under \
+             cofactorless lax rules; strict verification refuses the small-order key",
             weak,
             None,
             identity,
+            hash,
+            None,
+        ),
+        (
+            "SUB with an all-zero signature field: a signed command is never taken as unsigned",
+            zero,
+            None,
+            vk,
+            hash,
+            None,
+        ),
+        (
+            "a verifying key that is a non-canonical encoding (y = p + 1) of the identity: it decodes, \
+             and is refused as of small order",
+            rec.clone(),
+            None,
+            identity_non_canonical,
+            hash,
+            None,
+        ),
+        (
+            "a verifying key that does not decode (no point has y = 2)",
+            rec.clone(),
+            None,
+            off_curve,
+            hash,
+            None,
         ),
     ];
-    for (comment, p, signer, vk) in cases {
-        let req = Request::decode(&p).unwrap();
-        assert!(!req.verify(&p, &enc, &vk), "{comment}");
-        out.push(RequestCase {
+    for (comment, r, signer, vk, h, signed_for) in refused {
+        let req = decode_command(&r).unwrap();
+        assert_eq!(req.command, cmd);
+        assert!(!req.verify(&h, &vk), "{comment}");
+        if let Some(f) = signed_for {
+            assert!(req.verify(&f, &key.verifying_key().to_bytes()));
+        }
+        out.push(CommandCase {
             comment: comment.into(),
             result: "valid".into(),
-            command: Some(CommandFields::of(&cmd)),
-            time_ms: Some(time_ms),
-            enc: Some(hex(&enc)),
+            command: Some(CommandFields::of(tag, &cmd)),
+            session_hash: o(&h),
+            signed_for: signed_for.map(|f| hex(&f)),
             signing_key: signer.map(|k| hex(k.as_bytes())),
-            verifying_key: Some(hex(&vk)),
+            verifying_key: o(&vk),
             signed_len: Some(n),
-            signature: Some(hex(&p[n..n + 64])),
+            signature: o(&r[n..]),
             valid_signature: Some(false),
-            plaintext: Padded::of(&p),
-            error: None,
+            record: Padded::of(&r),
+            ..Default::default()
         });
     }
 
-    // Plaintexts the relay must refuse to parse.
-    let info = Request::encode(&Command::Info, 1, &[0; 32], None);
-    let create = Request::encode(
+    // Records that must not decode.
+    let info = command_record(1, &Command::Info, &hash, None);
+    let create = command_record(
+        2,
         &Command::Create {
             access_key: Some("k".into()),
             recipient_auth: [1; 32],
             recipient_dh: [2; 32],
         },
-        1,
-        &[0; 32],
+        &hash,
         Some(&key),
     );
-    let send = Request::encode(
+    let send = command_record(
+        3,
         &Command::Send {
             sender_id: [5; 16],
             message: [vec![1], vec![0; QUEUE_MSG_LEN - 1]].concat(),
         },
-        1,
-        &[0; 32],
+        &hash,
         None,
+    );
+    let delete = command_record(
+        4,
+        &Command::Delete {
+            recipient_id: [6; 16],
+            if_empty: true,
+        },
+        &hash,
+        Some(&key),
     );
     let with = |b: &[u8], at: usize, v: u8| {
         let mut b = b.to_vec();
         b[at] = v;
         b
     };
-    let mut long_key = vec![0x02, 0, 0, 0, 0, 0, 0, 0, 1, 65];
+    let mut long_key = vec![0x02, 0, 0, 0, 5, 65];
     long_key.extend(vec![b'a'; 65]);
-    long_key.resize(REQUEST_LEN, 0);
-    let mut bad_utf8 = create.clone();
-    bad_utf8[10] = 0xff;
+    long_key.extend([0u8; 32 + 32 + 64]);
     let mut sig_on_unsigned = send.clone();
-    sig_on_unsigned[1 + 8 + 16 + 1 + QUEUE_MSG_LEN] = 1;
-    let fetch_cut = pt[..n + 63].to_vec();
+    let last = sig_on_unsigned.len() - 1;
+    sig_on_unsigned[last] = 1;
     let invalid: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            "command 0x00 does not exist",
+            "command 0x00 does not exist (in a frame it starts the padding)",
             with(&info, 0, 0x00),
             "unknown_command",
         ),
         (
-            "command 0x0a does not exist",
-            with(&info, 0, 0x0a),
+            "command 0x0b does not exist",
+            with(&info, 0, 0x0b),
             "unknown_command",
         ),
         (
-            "a non-zero byte in the padding",
-            with(&info, 9, 1),
-            "bad_padding",
+            "command 0xff does not exist",
+            with(&info, 0, 0xff),
+            "unknown_command",
         ),
         (
             "CREATE with a 65-byte access key",
@@ -1742,624 +3830,194 @@ fn gen_relay_requests() -> Vec<RequestCase> {
         ),
         (
             "CREATE with an access key that is not UTF-8",
-            bad_utf8,
+            with(&create, 6, 0xff),
             "invalid: access key",
         ),
         (
-            "SEND with signed flag 2",
-            with(&send, 1 + 8 + 16, 2),
-            "invalid: signed flag",
+            "SEND with flag 2",
+            with(&send, 5 + 16, 2),
+            "invalid: send flag",
         ),
         (
             "unsigned SEND with a non-zero signature field",
             sig_on_unsigned,
-            "invalid: unsigned request with a signature",
-        ),
-        ("FETCH cut off inside its signature", fetch_cut, "truncated"),
-        ("empty input", vec![], "truncated"),
-    ];
-    for (comment, p, err) in invalid {
-        expect_err(Request::decode(&p), wire_err, err, comment);
-        out.push(RequestCase {
-            comment: comment.into(),
-            result: "invalid".into(),
-            command: None,
-            time_ms: None,
-            enc: None,
-            signing_key: None,
-            verifying_key: None,
-            signed_len: None,
-            signature: None,
-            valid_signature: None,
-            plaintext: Padded::of(&p),
-            error: Some(err.into()),
-        });
-    }
-    out
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ReplyFields {
-    /// OK, INFO, QUEUE, MESSAGE, EMPTY or ERROR.
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_version: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_version: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub open: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_pending: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_wait_ms: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recipient_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sender_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay_dh: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub msg_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub received_at: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Padded>,
-    /// The error code's name (see README).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
-}
-
-impl ReplyFields {
-    pub fn of(r: &Reply) -> Self {
-        let k = |kind: &str| Self {
-            kind: kind.into(),
-            ..Default::default()
-        };
-        match r {
-            Reply::Ok => k("OK"),
-            Reply::Empty => k("EMPTY"),
-            Reply::Info(i) => Self {
-                min_version: Some(i.min_version),
-                max_version: Some(i.max_version),
-                open: Some(i.open),
-                max_pending: Some(i.max_pending),
-                ttl_secs: Some(i.ttl_secs),
-                max_wait_ms: Some(i.max_wait_ms),
-                ..k("INFO")
-            },
-            Reply::Queue {
-                recipient_id,
-                sender_id,
-                relay_dh,
-            } => Self {
-                recipient_id: o(recipient_id),
-                sender_id: o(sender_id),
-                relay_dh: o(relay_dh),
-                ..k("QUEUE")
-            },
-            Reply::Message {
-                msg_id,
-                received_at,
-                body,
-            } => Self {
-                msg_id: o(msg_id),
-                received_at: Some(*received_at),
-                body: Some(Padded::of(body)),
-                ..k("MESSAGE")
-            },
-            Reply::Error(c) => Self {
-                code: Some(error_code_name(*c).into()),
-                ..k("ERROR")
-            },
-        }
-    }
-
-    pub fn to_reply(&self) -> Reply {
-        let h16 = |v: &Option<String>| arr::<16>(v.as_deref().expect("16-byte field"));
-        match self.kind.as_str() {
-            "OK" => Reply::Ok,
-            "EMPTY" => Reply::Empty,
-            "INFO" => Reply::Info(RelayInfo {
-                min_version: self.min_version.expect("min_version"),
-                max_version: self.max_version.expect("max_version"),
-                open: self.open.expect("open"),
-                max_pending: self.max_pending.expect("max_pending"),
-                ttl_secs: self.ttl_secs.expect("ttl_secs"),
-                max_wait_ms: self.max_wait_ms.expect("max_wait_ms"),
-            }),
-            "QUEUE" => Reply::Queue {
-                recipient_id: h16(&self.recipient_id),
-                sender_id: h16(&self.sender_id),
-                relay_dh: arr(self.relay_dh.as_deref().expect("relay_dh")),
-            },
-            "MESSAGE" => Reply::Message {
-                msg_id: h16(&self.msg_id),
-                received_at: self.received_at.expect("received_at"),
-                body: self.body.as_ref().expect("body").bytes(),
-            },
-            "ERROR" => Reply::Error(error_code(self.code.as_deref().expect("code"))),
-            k => panic!("reply kind {k}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResponseCase {
-    pub comment: String,
-    pub result: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<ReplyFields>,
-    pub plaintext: Padded,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-fn gen_relay_responses() -> Vec<ResponseCase> {
-    let mut rng = seeded(4);
-    let mut out = Vec::new();
-    let mut body = random_vec(&mut rng, 48);
-    body.resize(DELIVERED_LEN, 0);
-    let mut replies: Vec<(String, Reply)> = vec![
-        ("OK".into(), Reply::Ok),
-        ("EMPTY: no message pending".into(), Reply::Empty),
-        (
-            "INFO of an open relay".into(),
-            Reply::Info(RelayInfo {
-                min_version: 1,
-                max_version: 1,
-                open: true,
-                max_pending: 1000,
-                ttl_secs: 1_209_600,
-                max_wait_ms: 30_000,
-            }),
+            "invalid: unsigned send signature",
         ),
         (
-            "INFO of a relay that needs an access key to create queues".into(),
-            Reply::Info(RelayInfo {
-                min_version: 1,
-                max_version: 3,
-                open: false,
-                max_pending: 0xdead_beef,
-                ttl_secs: 7,
-                max_wait_ms: 0,
-            }),
+            "DELETE with if_empty 2",
+            with(&delete, 5 + 16, 2),
+            "invalid: delete flag",
         ),
         (
-            "QUEUE: a new queue's ids and the relay's X25519 key for it".into(),
-            Reply::Queue {
-                recipient_id: random(&mut rng),
-                sender_id: random(&mut rng),
-                relay_dh: random(&mut rng),
-            },
+            "DELETE cut off inside its signature",
+            delete[..delete.len() - 1].to_vec(),
+            "truncated",
         ),
         (
-            "MESSAGE: a pending message (the body is DELIVERED_LEN bytes of delivery ciphertext; here mostly zeros)".into(),
-            Reply::Message {
-                msg_id: random(&mut rng),
-                received_at: 1_767_225_600,
-                body,
-            },
-        ),
-    ];
-    for c in ERROR_CODES {
-        replies.push((format!("ERROR {}", error_code_name(c)), Reply::Error(c)));
-    }
-    let mut ok = Vec::new();
-    for (comment, reply) in replies {
-        let time_ms = 1_767_225_600_000 + u64::from(rng.next_u32());
-        let resp = Response { time_ms, reply };
-        let pt = resp.encode();
-        assert_eq!(pt.len(), RESPONSE_LEN);
-        assert_eq!(Response::decode(&pt).unwrap(), resp);
-        ok.push(pt.clone());
-        out.push(ResponseCase {
-            comment,
-            result: "valid".into(),
-            time_ms: Some(time_ms),
-            reply: Some(ReplyFields::of(&resp.reply)),
-            plaintext: Padded::of(&pt),
-            error: None,
-        });
-    }
-    let with = |i: usize, at: usize, v: u8| {
-        let mut b = ok[i].clone();
-        b[at] = v;
-        b
-    };
-    let invalid: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "kind 0x00 does not exist",
-            with(0, 0, 0x00),
-            "unknown_response",
-        ),
-        (
-            "kind 0x85 does not exist",
-            with(0, 0, 0x85),
-            "unknown_response",
-        ),
-        (
-            "kind 0x04 is a command code, not a response",
-            with(0, 0, 0x04),
-            "unknown_response",
-        ),
-        (
-            "INFO with open flag 2",
-            with(2, 11, 2),
-            "invalid: open flag",
-        ),
-        ("ERROR with code 0", with(6, 9, 0), "invalid: error code"),
-        ("ERROR with code 9", with(6, 9, 9), "invalid: error code"),
-        (
-            "a non-zero byte in the padding",
-            with(1, 9, 1),
-            "bad_padding",
-        ),
-        (
-            "MESSAGE cut off inside its body",
-            ok[5][..9 + 16 + 8 + 100].to_vec(),
+            "INFO cut off inside its tag",
+            info[..3].to_vec(),
             "truncated",
         ),
         ("empty input", vec![], "truncated"),
     ];
-    for (comment, p, err) in invalid {
-        expect_err(Response::decode(&p), wire_err, err, comment);
-        out.push(ResponseCase {
+    for (comment, r, err) in invalid {
+        expect_err(decode_command(&r), wire_err, err, comment);
+        out.push(CommandCase {
             comment: comment.into(),
             result: "invalid".into(),
-            time_ms: None,
-            reply: None,
-            plaintext: Padded::of(&p),
+            record: Padded::of(&r),
             error: Some(err.into()),
+            ..Default::default()
         });
     }
     out
 }
 
-// ---------------------------------------------------------------------------
-// request_seal.json
-// ---------------------------------------------------------------------------
+// --- relay_replies.json ----------------------------------------------------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SealCase {
+pub struct ReplyCase {
     pub comment: String,
     pub result: String,
-    /// The relay's X25519 identity secret; `relay_public` goes in its address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay_public: Option<String>,
-    /// The 32 random bytes the client draws: HPKE's ikmE.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ikm_e: Option<String>,
-    /// DeriveKeyPair(ikmE): the ephemeral secret and its public key `enc`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sk_e: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enc: Option<String>,
-    /// HPKE intermediate values (RFC 9180 §5.1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shared_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_nonce: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exporter_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<Padded>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block: Option<String>,
-    /// Export("tern/v1 relay response", 32).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_key: Option<String>,
-    /// The relay's 32 random bytes that start the response block.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_nonce: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response: Option<Padded>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_block: Option<String>,
-    // Invalid cases: derived from valid case `of_case`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub of_case: Option<usize>,
-    /// "request" (the relay opens `block`) or "response" (the client opens `response_block`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mutation: Option<Mutation>,
-    /// Use this case's keys instead: a request is opened by this case's
-    /// relay, a response with this case's response key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys_of_case: Option<usize>,
+    pub reply: Option<ReplyFields>,
+    pub record: Padded,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-fn gen_request_seal() -> Vec<SealCase> {
-    let mut rng = seeded(5);
+fn gen_relay_replies() -> Vec<ReplyCase> {
+    let mut rng = seeded(4);
     let mut out = Vec::new();
-    let signer = SigningKey::from_bytes(&random(&mut rng));
-    let specs: Vec<(&str, Command, bool, Reply)> = vec![
+    let mut delivered = random_vec(&mut rng, 64);
+    delivered.resize(DELIVERED_LEN, 0);
+    let mut replies: Vec<(String, Reply)> = vec![
+        ("OK".into(), Reply::Ok),
         (
-            "INFO, answered with INFO",
-            Command::Info,
-            false,
-            Reply::Info(RelayInfo {
-                min_version: 1,
-                max_version: 1,
-                open: true,
-                max_pending: 1000,
-                ttl_secs: 1_209_600,
-                max_wait_ms: 30_000,
-            }),
+            "INFO: the relay's version range and policy".into(),
+            Reply::Info(default_relay_info()),
         ),
         (
-            "a signed FETCH (its signature covers enc), answered with EMPTY",
-            Command::Fetch {
-                recipient_id: random(&mut rng),
-                wait_ms: 20_000,
-            },
-            true,
-            Reply::Empty,
-        ),
-        (
-            "CREATE, answered with QUEUE",
-            Command::Create {
-                access_key: Some("s3cret".into()),
-                recipient_auth: signer.verifying_key().to_bytes(),
-                recipient_dh: random(&mut rng),
-            },
-            true,
+            "QUEUE: the answer to CREATE".into(),
             Reply::Queue {
                 recipient_id: random(&mut rng),
                 sender_id: random(&mut rng),
                 relay_dh: random(&mut rng),
             },
         ),
+        (
+            "MSG: a pushed message, received_at rounded down to the hour".into(),
+            Reply::Message {
+                msg_id: random(&mut rng),
+                received_at: 1_767_225_600,
+                body: delivered,
+            },
+        ),
+        (
+            "IDLE: the subscription has pushed everything there is".into(),
+            Reply::Idle,
+        ),
+        ("ENDED: the subscribed queue is gone".into(), Reply::Ended),
+        ("COUNT: the answer to CHECK".into(), Reply::Count(1000)),
     ];
-    let mut identities = Vec::new();
-    for (comment, cmd, signed, reply) in specs {
-        let relay_secret: [u8; 32] = random(&mut rng);
-        let identity = RelayIdentity::from_secret(&relay_secret);
-        let relay_public = identity.public();
-        assert_eq!(relay_public, refc::x25519_public(&relay_secret));
-        let ikm_e: [u8; 32] = random(&mut rng);
-        let mut frng = FixedRng::new(&ikm_e);
-        let sealer = RequestSealer::new(&relay_public, &mut frng).unwrap();
-        frng.assert_used_up("RequestSealer::new");
-        let enc = *sealer.enc();
-        let (sk_e, pk_e) = refc::hpke::derive_keypair(&ikm_e);
-        assert_eq!(pk_e, enc, "HPKE DeriveKeyPair");
-        let time_ms = 1_767_225_600_000 + u64::from(rng.next_u32());
-        let request = Request::encode(&cmd, time_ms, &enc, signed.then_some(&signer));
-        let (block, client_key) = sealer.seal(&request).unwrap();
-
-        let (enc2, ss) = refc::hpke::encap(&sk_e, &relay_public);
-        assert_eq!(enc2, enc);
-        assert_eq!(refc::hpke::decap(&relay_secret, &enc), ss);
-        let ctx = refc::hpke::key_schedule(&ss, HPKE_INFO);
-        let mut ref_block = vec![seal::TRANSPORT_VERSION];
-        ref_block.extend_from_slice(&enc);
-        ref_block.extend(ctx.seal_first(&[seal::TRANSPORT_VERSION], &request));
-        assert_eq!(ref_block, block, "request block");
-        assert_eq!(block.len(), BLOCK_LEN);
-
-        let opened = open_request(&identity, &block).unwrap();
-        assert_eq!(opened.plaintext, request);
-        assert_eq!(opened.enc, enc);
-        let response = Response {
-            time_ms: time_ms + 17,
-            reply,
-        }
-        .encode();
-        let response_nonce: [u8; 32] = random(&mut rng);
-        let response_block = opened
-            .response_key
-            .seal_response_with_nonce(&response, &response_nonce)
-            .unwrap();
-        let response_key = ctx.export(RESPONSE_EXPORT, 32);
-        assert_eq!(
-            refc::response_seal(&response_key, &enc, &response_nonce, &response),
-            response_block,
-            "response block"
-        );
-        assert_eq!(client_key.open_response(&response_block).unwrap(), response);
-        identities.push(identity);
-        out.push(SealCase {
-            comment: comment.into(),
+    for c in ERROR_CODES {
+        replies.push((format!("ERROR {} ({})", c as u8, c.name()), Reply::Error(c)));
+    }
+    for (i, (comment, reply)) in replies.into_iter().enumerate() {
+        let tag = 0x0100_0000 + i as u32;
+        let rec = checked_reply(tag, &reply);
+        assert_eq!(decode_reply(&rec).unwrap(), (tag, reply.clone()));
+        out.push(ReplyCase {
+            comment,
             result: "valid".into(),
-            relay_secret: o(&relay_secret),
-            relay_public: o(&relay_public),
-            ikm_e: o(&ikm_e),
-            sk_e: o(&sk_e),
-            enc: o(&enc),
-            shared_secret: o(&ss),
-            key: o(&ctx.key),
-            base_nonce: o(&ctx.base_nonce),
-            exporter_secret: o(&ctx.exporter_secret),
-            request: Some(Padded::of(&request)),
-            block: o(&block),
-            response_key: o(&response_key),
-            response_nonce: o(&response_nonce),
-            response: Some(Padded::of(&response)),
-            response_block: o(&response_block),
-            of_case: None,
-            target: None,
-            mutation: None,
-            keys_of_case: None,
+            reply: Some(ReplyFields::of(tag, &reply)),
+            record: Padded::of(&rec),
             error: None,
         });
     }
-
-    // (comment, of_case, target, mutation, keys_of_case, error)
-    type Invalid<'a> = (
-        &'a str,
-        usize,
-        &'a str,
-        Option<Mutation>,
-        Option<usize>,
-        &'a str,
-    );
-    let invalid: Vec<Invalid> = vec![
+    let ok = reply_record(1, &Reply::Ok);
+    let info = reply_record(1, &Reply::Info(default_relay_info()));
+    let with = |b: &[u8], at: usize, v: u8| {
+        let mut b = b.to_vec();
+        b[at] = v;
+        b
+    };
+    let error = |code: u8| [&ok[..], &[code]].concat();
+    let invalid: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            "transport version 2",
-            0,
-            "request",
-            xor(0, 0x03),
-            None,
-            "version",
+            "reply kind 0x87 does not exist",
+            with(&ok, 0, 0x87),
+            "unknown_reply",
         ),
         (
-            "transport version 0",
-            0,
-            "request",
-            xor(0, 0x01),
-            None,
-            "version",
+            "reply kind 0x7f does not exist",
+            with(&ok, 0, 0x7f),
+            "unknown_reply",
         ),
         (
-            "a flipped bit in enc",
-            0,
-            "request",
-            xor(1, 0x01),
-            None,
-            "open",
+            "reply kind 0x00 does not exist",
+            with(&ok, 0, 0x00),
+            "unknown_reply",
         ),
         (
-            "enc's top bit flipped: X25519 ignores it, but HPKE binds the enc bytes",
-            0,
-            "request",
-            xor(32, 0x80),
-            None,
-            "open",
+            "ERROR code 0 does not exist",
+            with(&error(0), 0, 0xFF),
+            "unknown_error",
         ),
         (
-            "a flipped bit in the ciphertext",
-            0,
-            "request",
-            xor(1000, 0x40),
-            None,
-            "open",
+            "ERROR code 13 does not exist",
+            with(&error(13), 0, 0xFF),
+            "unknown_error",
         ),
         (
-            "a flipped bit in the padding's ciphertext",
-            1,
-            "request",
-            xor(BLOCK_LEN - 17, 0x01),
-            None,
-            "open",
+            "ERROR code 255 does not exist",
+            with(&error(255), 0, 0xFF),
+            "unknown_error",
         ),
         (
-            "a flipped bit in the tag",
-            1,
-            "request",
-            xor(BLOCK_LEN - 1, 0x80),
-            None,
-            "open",
+            "INFO with open = 2",
+            with(&info, 5 + 2, 2),
+            "invalid: open flag",
         ),
         (
-            "one byte short",
-            0,
-            "request",
-            Some(Mutation::Truncate { len: BLOCK_LEN - 1 }),
-            None,
-            "length",
+            "INFO with min_version 0",
+            with(&info, 5, 0),
+            "invalid: relay versions",
         ),
         (
-            "one byte too many",
-            0,
-            "request",
-            Some(Mutation::Append { hex: "00".into() }),
-            None,
-            "length",
+            "INFO with min_version 3 above max_version 2",
+            with(&info, 5, 3),
+            "invalid: relay versions",
         ),
         (
-            "a block sealed to another relay (case 1's block opened by case 0's relay)",
-            1,
-            "request",
-            None,
-            Some(0),
-            "open",
+            "INFO cut off inside unsecured_ttl_secs",
+            info[..info.len() - 1].to_vec(),
+            "truncated",
         ),
         (
-            "a response with a flipped bit",
-            0,
-            "response",
-            xor(7, 0x01),
-            None,
-            "open",
+            "MSG cut off inside its body",
+            reply_record(
+                1,
+                &Reply::Message {
+                    msg_id: [1; 16],
+                    received_at: 0,
+                    body: vec![7; DELIVERED_LEN],
+                },
+            )[..5 + 16 + 8 + 100]
+                .to_vec(),
+            "truncated",
         ),
-        (
-            "a response with a flipped bit in the tag",
-            2,
-            "response",
-            xor(BLOCK_LEN - 1, 0x01),
-            None,
-            "open",
-        ),
-        (
-            "a response one byte short",
-            0,
-            "response",
-            Some(Mutation::Truncate { len: BLOCK_LEN - 1 }),
-            None,
-            "length",
-        ),
-        (
-            "case 1's response opened with case 0's response key",
-            1,
-            "response",
-            None,
-            Some(0),
-            "open",
-        ),
+        ("ERROR without its code", with(&ok, 0, 0xFF), "truncated"),
+        ("empty input", vec![], "truncated"),
     ];
-    for (comment, of, target, mutation, other, err) in invalid {
-        let base = &out[of];
-        let mut_ = |b: &[u8]| mutation.as_ref().map_or(b.to_vec(), |m| m.apply(b));
-        if target == "request" {
-            let block = mut_(&unhex(base.block.as_ref().unwrap()));
-            let id = &identities[other.unwrap_or(of)];
-            expect_err(open_request(id, &block), seal_err, err, comment);
-        } else {
-            let rb = mut_(&unhex(base.response_block.as_ref().unwrap()));
-            let k = open_request(
-                &identities[other.unwrap_or(of)],
-                &unhex(out[other.unwrap_or(of)].block.as_ref().unwrap()),
-            )
-            .unwrap()
-            .response_key;
-            expect_err(k.open_response(&rb), seal_err, err, comment);
-        }
-        out.push(SealCase {
+    for (comment, r, err) in invalid {
+        expect_err(decode_reply(&r), wire_err, err, comment);
+        out.push(ReplyCase {
             comment: comment.into(),
             result: "invalid".into(),
-            relay_secret: None,
-            relay_public: None,
-            ikm_e: None,
-            sk_e: None,
-            enc: None,
-            shared_secret: None,
-            key: None,
-            base_nonce: None,
-            exporter_secret: None,
-            request: None,
-            block: None,
-            response_key: None,
-            response_nonce: None,
-            response: None,
-            response_block: None,
-            of_case: Some(of),
-            target: Some(target.into()),
-            mutation,
-            keys_of_case: other,
+            reply: None,
+            record: Padded::of(&r),
             error: Some(err.into()),
         });
     }
@@ -2375,6 +4033,13 @@ fn gen_request_seal() -> Vec<SealCase> {
 pub struct HandshakeCase {
     pub comment: String,
     pub result: String,
+    /// The binary form of the invitation the handshake answers (§4.1) and
+    /// `SHA-256("tern/v1 invitation" || invitation)`, the first input of the
+    /// transcript.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation_hash: Option<String>,
     /// X25519 secrets (32 bytes, clamped when used). The inviter's pair is
     /// present when the inviter side is to be computed, the joiner's when the
     /// joiner side is (the joiner draws J then E from its RNG).
@@ -2444,13 +4109,32 @@ fn handshake_secrets(rng: &mut StdRng) -> [[u8; 32]; 4] {
     [random(rng), random(rng), random(rng), random(rng)]
 }
 
+/// The invitation of handshake case `secrets`: its keys `I` and `R` and one
+/// queue on a fixed relay (no random bytes drawn, so the cases keep theirs).
+pub fn handshake_invitation(secrets: &[[u8; 32]; 4]) -> Vec<u8> {
+    Invitation {
+        invitation_key: public_of(&secrets[0]),
+        ratchet_key: public_of(&secrets[1]),
+        queues: vec![SendQueue {
+            relay: format!("tern://{}@192.0.2.1:5223", key_text(&[0x5a; 32]))
+                .parse()
+                .unwrap(),
+            sender_id: [0x11; 16],
+        }],
+    }
+    .encode()
+}
+
 fn agreement_for(secrets: &[[u8; 32]; 4]) -> (Agreement, Agreement) {
+    let h = refc::invitation_hash(&handshake_invitation(secrets));
     let inviter = InviterSecrets {
         invitation: DhKeyPair::from_secret(Secret32(secrets[0])),
         ratchet: DhKeyPair::from_secret(Secret32(secrets[1])),
+        invitation_hash: h,
     };
     let mut frng = FixedRng::new(&[secrets[2], secrets[3]].concat());
     let j = joiner_agree(
+        &h,
         &inviter.invitation.public(),
         &inviter.ratchet.public(),
         &mut frng,
@@ -2481,7 +4165,9 @@ fn gen_handshake() -> Vec<HandshakeCase> {
             refc::x25519(&s[3], &p[1]),
         ];
         assert_eq!(dh[0], refc::x25519(&s[1], &p[2]));
-        let th = refc::transcript(&p[0], &p[1], &p[2], &p[3]);
+        let binary = handshake_invitation(&s);
+        let h = refc::invitation_hash(&binary);
+        let th = refc::transcript(&h, &p[0], &p[1], &p[2], &p[3]);
         assert_eq!(th, i.keys.transcript());
         let k = refc::handshake_keys(&th, dh);
         for a in [&i, &j] {
@@ -2496,6 +4182,8 @@ fn gen_handshake() -> Vec<HandshakeCase> {
         out.push(HandshakeCase {
             comment: comment.into(),
             result: "valid".into(),
+            invitation: o(&binary),
+            invitation_hash: o(&h),
             invitation_secret: o(&s[0]),
             inviter_ratchet_secret: o(&s[1]),
             joiner_identity_secret: o(&s[2]),
@@ -2523,6 +4211,7 @@ fn gen_handshake() -> Vec<HandshakeCase> {
     let inviter = InviterSecrets {
         invitation: DhKeyPair::from_secret(Secret32(s[0])),
         ratchet: DhKeyPair::from_secret(Secret32(s[1])),
+        invitation_hash: [0; 32],
     };
     let inviter_side: Vec<(&str, [u8; 32], [u8; 32])> = vec![
         (
@@ -2576,7 +4265,7 @@ fn gen_handshake() -> Vec<HandshakeCase> {
     for (comment, ik, rk) in joiner_side {
         let mut frng = FixedRng::new(&[s[2], s[3]].concat());
         expect_err(
-            joiner_agree(&ik, &rk, &mut frng),
+            joiner_agree(&[0; 32], &ik, &rk, &mut frng),
             proto_err,
             "key_agreement",
             comment,
@@ -2682,9 +4371,13 @@ pub struct RatchetInitFields {
     /// The responder's ratchet key pair (R in the handshake).
     pub responder_ratchet_secret: String,
     pub responder_ratchet_key: String,
-    /// The 32 bytes the initiator draws for its first ratchet key.
+    /// The 32 bytes the initiator draws for its first ratchet key, then the
+    /// 64 (`d || z`) it draws for its first ML-KEM-768 key pair, and that
+    /// pair's encapsulation key (published in every header of its chain).
     pub initiator_ratchet_secret: String,
     pub initiator_ratchet_key: String,
+    pub initiator_kem_seed: String,
+    pub initiator_kem_key: String,
     /// The initiator's first DH ratchet output, and KDF_RK of it.
     pub initiator_dh_output: String,
     pub initiator_root_key: String,
@@ -2698,6 +4391,11 @@ pub struct HeaderFields {
     pub dh: String,
     pub pn: u32,
     pub n: u32,
+    /// The sender's ML-KEM encapsulation key.
+    pub ek: String,
+    /// The ciphertext of the sender's chain (flag 1), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct: Option<String>,
 }
 
 /// The key schedule of a DH ratchet step on receipt of a new ratchet key.
@@ -2714,6 +4412,22 @@ pub struct DhStepFields {
     pub sending_chain_key: String,
     pub next_sending_header_key: String,
     pub root_key: String,
+    /// The ciphertext in the received header and the secret it decapsulates
+    /// to with the receiver's key, mixed into the receiving root step;
+    /// absent only for the initiator's first chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_ciphertext: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_kem_secret: Option<String>,
+    /// The receiver's new ML-KEM key pair (the 64 bytes drawn after the
+    /// ratchet secret) and its encapsulation key; the 32 bytes `m` drawn
+    /// last, encapsulated to the sender's key: the ciphertext and secret of
+    /// the sending root step.
+    pub new_kem_seed: String,
+    pub new_kem_key: String,
+    pub kem_m: String,
+    pub sent_ciphertext: String,
+    pub sent_kem_secret: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -2747,7 +4461,8 @@ pub struct RatchetStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutation: Option<Mutation>,
     /// decrypt: the 32 bytes drawn for the new ratchet key when the message
-    /// starts a new receiving chain.
+    /// starts a new receiving chain (then `dh_ratchet.new_kem_seed` and
+    /// `dh_ratchet.kem_m` are drawn, 96 bytes more).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratchet_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -2782,6 +4497,9 @@ fn b64_32(v: &Value) -> Option<[u8; 32]> {
 /// The parts of a ratchet's state the vectors describe, read from its
 /// serialized form (the store's format).
 struct View {
+    kem_seed: Option<Vec<u8>>,
+    kem_ek: Vec<u8>,
+    kem_ct: Vec<u8>,
     dhs_secret: [u8; 32],
     dhs_public: [u8; 32],
     dhr: Option<[u8; 32]>,
@@ -2797,7 +4515,14 @@ struct View {
 fn view(r: &Ratchet) -> View {
     let v = serde_json::to_value(r).expect("ratchet state serializes");
     let n = |f: &str| v[f].as_u64().expect("counter") as u32;
+    let bytes = |f: &str| {
+        v[f].as_str()
+            .map(|s| BASE64URL_NOPAD.decode(s.as_bytes()).expect("base64url"))
+    };
     View {
+        kem_seed: bytes("kem"),
+        kem_ek: bytes("kem_ek").unwrap_or_default(),
+        kem_ct: bytes("kem_ct").unwrap_or_default(),
         dhs_secret: b64_32(&v["dhs"]["secret"]).expect("dhs.secret"),
         dhs_public: b64_32(&v["dhs"]["public"]).expect("dhs.public"),
         dhr: b64_32(&v["dhr"]),
@@ -2811,12 +4536,16 @@ fn view(r: &Ratchet) -> View {
     }
 }
 
+/// A message: its bytes, and the sender's DH key, encapsulation key and
+/// chain ciphertext when it was sent.
+type SentMessage = (Vec<u8>, [u8; 32], Vec<u8>, Vec<u8>);
+
 struct Conversation {
     rng: StdRng,
     init: RatchetInitFields,
     ad: [u8; 32],
     parties: [Ratchet; 2],
-    sent: Vec<(Vec<u8>, [u8; 32])>,
+    sent: Vec<SentMessage>,
     steps: Vec<RatchetStep>,
 }
 
@@ -2827,10 +4556,12 @@ fn party(p: usize) -> String {
 impl Conversation {
     fn new(mut rng: StdRng, init: RatchetInit, responder_secret: [u8; 32]) -> Self {
         let initiator_secret: [u8; 32] = random(&mut rng);
+        let kem_seed: [u8; 64] = random(&mut rng);
         let bob = DhKeyPair::from_secret(Secret32(responder_secret));
-        let mut frng = FixedRng::new(&initiator_secret);
+        let mut frng = FixedRng::new(&[&initiator_secret[..], &kem_seed].concat());
         let alice = Ratchet::init_initiator(&init, &bob.public(), &mut frng).unwrap();
         frng.assert_used_up("init_initiator");
+        assert_eq!(view(&alice).kem_ek, refc::kem_keygen(&kem_seed));
         let dh = refc::x25519(&initiator_secret, &bob.public());
         let (rk, ck, nhk) = refc::kdf_rk(&init.root_key.0, &dh);
         let a = view(&alice);
@@ -2844,6 +4575,8 @@ impl Conversation {
             responder_ratchet_key: hex(&bob.public()),
             initiator_ratchet_secret: hex(&initiator_secret),
             initiator_ratchet_key: hex(&public_of(&initiator_secret)),
+            initiator_kem_seed: hex(&kem_seed),
+            initiator_kem_key: hex(&refc::kem_keygen(&kem_seed)),
             initiator_dh_output: hex(&dh),
             initiator_root_key: hex(&rk),
             initiator_sending_chain_key: hex(&ck),
@@ -2869,13 +4602,19 @@ impl Conversation {
         let ck = before.cks.expect("sending chain");
         let hk = before.hks.expect("sending header key");
         let (_, mk) = refc::kdf_ck(&ck);
-        let header = refc::header(&before.dhs_public, before.pn, before.ns);
+        let ct = (!before.kem_ct.is_empty()).then_some(&before.kem_ct[..]);
+        let header = refc::header(&before.dhs_public, before.pn, before.ns, &before.kem_ek, ct);
         assert_eq!(
             refc::ratchet_message(&hk, &nonce, &header, &self.ad, &mk, plaintext),
             bytes,
             "ratchet message"
         );
-        self.sent.push((bytes.clone(), before.dhs_public));
+        self.sent.push((
+            bytes.clone(),
+            before.dhs_public,
+            before.kem_ek.clone(),
+            before.kem_ct.clone(),
+        ));
         self.steps.push(RatchetStep {
             op: "encrypt".into(),
             party: party(p),
@@ -2889,6 +4628,8 @@ impl Conversation {
                 dh: hex(&before.dhs_public),
                 pn: before.pn,
                 n: before.ns,
+                ek: hex(&before.kem_ek),
+                ct: ct.map(hex),
             }),
             bytes: o(&bytes),
             ..Default::default()
@@ -2932,9 +4673,10 @@ impl Conversation {
 
     fn recv(&mut self, p: usize, m: usize, mutation: Option<Mutation>, expect: Result<(), &str>) {
         let before = view(&self.parties[p]);
-        let candidate: [u8; 32] = random(&mut self.rng);
-        let mut frng = FixedRng::new(&candidate);
-        let (bytes, sender_dh) = self.sent[m].clone();
+        let drawn: [u8; 128] = random(&mut self.rng);
+        let candidate: [u8; 32] = drawn[..32].try_into().unwrap();
+        let mut frng = FixedRng::new(&drawn);
+        let (bytes, sender_dh, sender_ek, sender_ct) = self.sent[m].clone();
         let input = mutation.as_ref().map_or(bytes.clone(), |x| x.apply(&bytes));
         let res = self.parties[p].decrypt(&input, &mut frng);
         let used = frng.used();
@@ -2955,19 +4697,31 @@ impl Conversation {
                     .unwrap();
                 assert_eq!(Some(hex(&pt)), sent.plaintext);
                 step.plaintext = o(&pt);
-                // A DH ratchet step draws 32 bytes; a message of the current
+                // A DH ratchet step draws 128 bytes (X25519 secret, ML-KEM
+                // seed, encapsulation message); a message of the current
                 // chain or a late one of an old chain draws none.
-                assert!(used == 0 || used == 32, "drew {used} random bytes");
+                assert!(used == 0 || used == 128, "drew {used} random bytes");
                 if before.dhr == Some(sender_dh) {
                     assert_eq!(used, 0, "a message of the current chain");
                 }
-                if used == 32 {
+                if used == 128 {
                     let after = view(&self.parties[p]);
                     let dh_r = refc::x25519(&before.dhs_secret, &sender_dh);
-                    let (rk1, ckr, nhkr) = refc::kdf_rk(&before.rk, &dh_r);
+                    let received = (!sender_ct.is_empty()).then(|| {
+                        let seed = before.kem_seed.as_ref().expect("a key to decapsulate with");
+                        (sender_ct.clone(), refc::kem_decaps(seed, &sender_ct))
+                    });
+                    let (rk1, ckr, nhkr) =
+                        refc::kdf_rk_pq(&before.rk, &dh_r, received.as_ref().map(|r| &r.1));
                     let new_pub = public_of(&candidate);
+                    let new_seed = &drawn[32..96];
+                    let kem_m: [u8; 32] = drawn[96..].try_into().unwrap();
+                    let new_ek = refc::kem_keygen(new_seed);
+                    let (sent_ct, sent_ss) = refc::kem_encaps(&sender_ek, &kem_m);
+                    assert_eq!(after.kem_ek, new_ek, "new encapsulation key");
+                    assert_eq!(after.kem_ct, sent_ct, "the new chain's ciphertext");
                     let dh_s = refc::x25519(&candidate, &sender_dh);
-                    let (rk2, cks, nhks) = refc::kdf_rk(&rk1, &dh_s);
+                    let (rk2, cks, nhks) = refc::kdf_rk_pq(&rk1, &dh_s, Some(&sent_ss));
                     assert_eq!(after.rk, rk2);
                     assert_eq!(after.cks, Some(cks));
                     assert_eq!(after.nhks, nhks);
@@ -2987,6 +4741,13 @@ impl Conversation {
                         sending_chain_key: hex(&cks),
                         next_sending_header_key: hex(&nhks),
                         root_key: hex(&rk2),
+                        received_ciphertext: received.as_ref().map(|r| hex(&r.0)),
+                        received_kem_secret: received.as_ref().map(|r| hex(&r.1)),
+                        new_kem_seed: hex(new_seed),
+                        new_kem_key: hex(&new_ek),
+                        kem_m: hex(&kem_m),
+                        sent_ciphertext: hex(&sent_ct),
+                        sent_kem_secret: hex(&sent_ss),
                     });
                 }
             }
@@ -2998,6 +4759,35 @@ impl Conversation {
             (Err(e), Ok(())) => panic!("message {m}: {e}"),
         }
         self.steps.push(step);
+    }
+
+    /// A downgraded answer: what a responder that ignores the initiator's
+    /// encapsulation key would send in reply to message `m` (its first
+    /// chain), built with the reference from the responder's state `before`
+    /// it received `m`: an X25519-only root step and a header with flag 0.
+    fn forge_classical_answer(&mut self, before: &View, m: usize, plaintext: &[u8]) -> usize {
+        let (_, sender_dh, _, _) = self.sent[m].clone();
+        let dh_r = refc::x25519(&before.dhs_secret, &sender_dh);
+        let (rk1, _, _) = refc::kdf_rk(&before.rk, &dh_r);
+        let x: [u8; 32] = random(&mut self.rng);
+        let seed: [u8; 64] = random(&mut self.rng);
+        let nonce: [u8; 24] = random(&mut self.rng);
+        let (_, cks, _) = refc::kdf_rk(&rk1, &refc::x25519(&x, &sender_dh));
+        let (_, mk) = refc::kdf_ck(&cks);
+        let ek = refc::kem_keygen(&seed);
+        let header = refc::header(&public_of(&x), 0, 0, &ek, None);
+        let bytes = refc::ratchet_message(&before.nhks, &nonce, &header, &self.ad, &mk, plaintext);
+        self.sent
+            .push((bytes.clone(), public_of(&x), ek, Vec::new()));
+        self.steps.push(RatchetStep {
+            op: "forged".into(),
+            party: party(B),
+            message: Some(self.sent.len() - 1),
+            plaintext: o(plaintext),
+            bytes: o(&bytes),
+            ..Default::default()
+        });
+        self.sent.len() - 1
     }
 
     fn finish(self, comment: &str) -> RatchetCase {
@@ -3138,6 +4928,31 @@ fn gen_ratchet() -> Vec<RatchetCase> {
     out.push(c.finish(
         "the receiver skips at most 1000 message keys in one step: n = 1000 as the first message \
          is accepted, a gap of 1001 is refused",
+    ));
+
+    // Case 5: downgrade refusal, and skipped messages across KEM steps.
+    let mut rng = seeded(20);
+    let (init, bob) = random_init(&mut rng);
+    let mut c = Conversation::new(rng, init, bob);
+    let m0 = c.send(A, b"hello with my encapsulation key");
+    let before = view(&c.parties[B]);
+    c.recv(B, m0, None, Ok(()));
+    let f = c.forge_classical_answer(&before, m0, b"an answer without a ciphertext");
+    c.recv(A, f, None, Err("downgrade"));
+    let r: Vec<usize> = (0..3u8).map(|i| c.send(B, &[b'r', b'0' + i])).collect();
+    c.recv(A, r[2], None, Ok(()));
+    let n: Vec<usize> = (0..2u8).map(|i| c.send(A, &[b'n', b'0' + i])).collect();
+    c.recv(B, n[1], None, Ok(()));
+    let q = c.send(B, b"third KEM step");
+    c.recv(A, q, None, Ok(()));
+    c.recv(A, r[0], None, Ok(()));
+    c.recv(B, n[0], None, Ok(()));
+    c.recv(A, r[1], None, Ok(()));
+    out.push(c.finish(
+        "a responder's answer whose header carries no ML-KEM ciphertext, although the initiator \
+         published its encapsulation key, is refused as a downgrade (state unchanged); then \
+         messages skipped across three hybrid steps (each chain's first message lost, later \
+         ones first) all decrypt late",
     ));
     out
 }
@@ -3633,9 +5448,9 @@ fn gen_queue_layer() -> Vec<QueueCase> {
     );
     let invalid: Vec<Invalid> = vec![
         (
-            "type 0x03 does not exist",
+            "type 0x05 does not exist",
             0,
-            xor(0, 0x01),
+            xor(0, 0x07),
             None,
             None,
             "unknown_type",
@@ -3733,6 +5548,9 @@ fn gen_queue_layer() -> Vec<QueueCase> {
                 queue_msg::open_message(&Secret32(cs_), &sid_, &sealed).map(|_| ())
             }
             QueueMessage::ConnRequest { .. } => Ok(()),
+            QueueMessage::Resync { kind, sealed } => {
+                queue_msg::open_sealed(&Secret32(cs_), &sid_, kind, &sealed).map(|_| ())
+            }
         });
         expect_err(got, proto_err, err, comment);
         out.push(QueueCase {
@@ -3803,12 +5621,12 @@ fn gen_delivery() -> Vec<DeliveryCase> {
         let rs: [u8; 32] = random(&mut rng);
         let cs: [u8; 32] = random(&mut rng);
         let (rp, cp) = (public_of(&rs), public_of(&cs));
-        let qs = seal::queue_secret(&x25519_dalek::StaticSecret::from(rs), &cp).unwrap();
-        let qs2 = seal::queue_secret(&x25519_dalek::StaticSecret::from(cs), &rp).unwrap();
+        let qs = delivery::queue_secret(&x25519_dalek::StaticSecret::from(rs), &cp).unwrap();
+        let qs2 = delivery::queue_secret(&x25519_dalek::StaticSecret::from(cs), &rp).unwrap();
         assert_eq!(*qs, *qs2);
         assert_eq!(*qs, refc::x25519(&rs, &cp));
         let msg_id: [u8; 16] = random(&mut rng);
-        let ct = seal::delivery_seal(&qs, &msg_id, &msg);
+        let ct = delivery::delivery_seal(&qs, &msg_id, &msg);
         let (key, nonce) = refc::delivery_cipher(&qs, &msg_id);
         assert_eq!(refc::chacha_seal(&key, &nonce, &msg_id, &msg), ct);
         out.push(DeliveryCase {
@@ -3895,8 +5713,8 @@ fn gen_delivery() -> Vec<DeliveryCase> {
         let qs_ = qs.unwrap_or_else(|| arr(base.queue_secret.as_ref().unwrap()));
         let id_ = id.unwrap_or_else(|| arr(base.msg_id.as_ref().unwrap()));
         expect_err(
-            seal::delivery_open(&qs_, &id_, &input),
-            seal_err,
+            delivery::delivery_open(&qs_, &id_, &input),
+            delivery_err,
             err,
             comment,
         );
@@ -3923,8 +5741,8 @@ fn gen_delivery() -> Vec<DeliveryCase> {
         ),
     ] {
         expect_err(
-            seal::queue_secret(&x25519_dalek::StaticSecret::from(rs), &p),
-            seal_err,
+            delivery::queue_secret(&x25519_dalek::StaticSecret::from(rs), &p),
+            delivery_err,
             "key_agreement",
             comment,
         );
@@ -4252,7 +6070,7 @@ fn gen_hello() -> Vec<HelloCase> {
             "hello",
             "a GIF avatar",
             gif,
-            "invalid: avatar: a PNG or JPEG of at most 12 KiB",
+            "invalid: avatar: a PNG or JPEG of at most 11 KiB",
         ),
         (
             "hello",
@@ -5302,7 +7120,7 @@ fn gen_device() -> Vec<DeviceCase> {
     let inv = fields.to_invitation();
     let binary = device_ref::invitation(&fields, 3);
     let link = inv.to_device_link();
-    assert_eq!(link, format!("TERN:{}", BASE32_NOPAD.encode(&binary)));
+    assert_eq!(link, link_ref::link(&binary));
     let mut as_contact = inv.encode();
     assert_eq!(as_contact, device_ref::invitation(&fields, 1));
     as_contact[1] = 3;
@@ -5347,6 +7165,255 @@ fn gen_device() -> Vec<DeviceCase> {
 // Driver
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// resync.json: ratchet resynchronisation (PROTOCOL.md §6.7)
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncCase {
+    pub comment: String,
+    /// The connection: its transcript hash and connection secret, and the
+    /// sender id of the queue the two messages are sealed for.
+    pub transcript: String,
+    pub connection_secret: String,
+    pub sender_id: String,
+    /// The offer: the 64 bytes the offering side draws (I' then R'), their
+    /// public keys, the 64 it draws next for an ML-KEM-768 key pair and its
+    /// encapsulation key EK', its head (the last envelope of the other
+    /// direction it holds), the body, the queue layer nonce and the queue
+    /// message.
+    pub offer_secrets: String,
+    pub offer_invitation_key: String,
+    pub offer_ratchet_key: String,
+    pub offer_kem_seed: String,
+    pub offer_kem_key: String,
+    pub offer_head_seq: u64,
+    pub offer_head_hash: String,
+    pub offer_body: String,
+    pub offer_nonce: String,
+    pub offer_message: Padded,
+    /// The accept: the 64 bytes the accepting side draws (J' then E'),
+    /// their public keys, the key schedule, then what it draws to start the
+    /// new ratchet (its first ratchet key, an ML-KEM key pair, the message
+    /// `m` it encapsulates to EK') with the resulting ciphertext and secret
+    /// and first root step, and the RESYNCED envelope (its head of the
+    /// offerer's direction) as the first ratchet message, with its header
+    /// nonce.
+    pub accept_secrets: String,
+    pub accept_identity_key: String,
+    pub accept_ephemeral_key: String,
+    pub dh1: String,
+    pub dh2: String,
+    pub dh3: String,
+    pub resync_transcript: String,
+    pub root_key: String,
+    pub header_key_initiator: String,
+    pub header_key_responder: String,
+    pub initiator_ratchet_secret: String,
+    pub initiator_kem_seed: String,
+    pub initiator_kem_key: String,
+    pub initiator_kem_m: String,
+    pub offer_ciphertext: String,
+    pub offer_kem_secret: String,
+    pub first_chain_key: String,
+    pub resynced_head_seq: u64,
+    pub resynced_head_hash: String,
+    pub resynced: EnvelopeFields,
+    pub header_nonce: String,
+    pub ratchet_message: String,
+    pub accept_nonce: String,
+    pub accept_message: Padded,
+}
+
+/// The RESYNCED control body (§10.1 type 7).
+pub fn resynced_body(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut b = vec![7u8];
+    b.extend(seq.to_be_bytes());
+    b.extend(hash);
+    b
+}
+
+fn gen_resync() -> Vec<ResyncCase> {
+    use tern::proto::handshake::{resync_accepter_agree, resync_offerer_agree};
+    let mut rng = seeded(19);
+    let th: [u8; 32] = random(&mut rng);
+    let cs: [u8; 32] = random(&mut rng);
+    let sender_id: [u8; 16] = random(&mut rng);
+    let offer_secrets: [u8; 64] = random(&mut rng);
+    let offer_kem: [u8; 64] = random(&mut rng);
+    let offer_head = (5u64, random::<32>(&mut rng));
+    let offer_nonce: [u8; 24] = random(&mut rng);
+    let accept_secrets: [u8; 64] = random(&mut rng);
+    let initiator_secret: [u8; 32] = random(&mut rng);
+    let initiator_kem: [u8; 64] = random(&mut rng);
+    let initiator_m: [u8; 32] = random(&mut rng);
+    let resynced_head = (3u64, random::<32>(&mut rng));
+    let env_id: [u8; 16] = random(&mut rng);
+    let header_nonce: [u8; 24] = random(&mut rng);
+    let accept_nonce: [u8; 24] = random(&mut rng);
+
+    // The offer.
+    let mut frng = FixedRng::new(&offer_secrets);
+    let offer = InviterSecrets::generate(&mut frng);
+    frng.assert_used_up("offer keys");
+    let offer_ek = refc::kem_keygen(&offer_kem);
+    let (ip, rp) = (offer.invitation.public(), offer.ratchet.public());
+    assert_eq!(
+        ip,
+        refc::x25519_public(&offer_secrets[..32].try_into().unwrap())
+    );
+    assert_eq!(
+        rp,
+        refc::x25519_public(&offer_secrets[32..].try_into().unwrap())
+    );
+    let mut offer_body = ip.to_vec();
+    offer_body.extend(rp);
+    offer_body.extend(&offer_ek);
+    offer_body.extend(offer_head.0.to_be_bytes());
+    offer_body.extend(offer_head.1);
+    let mut frng = FixedRng::new(&offer_nonce);
+    let offer_message = queue_msg::seal_payload(
+        &Secret32(cs),
+        &sender_id,
+        &queue_msg::resync_payload(0x03, &offer_body),
+        &mut frng,
+    )
+    .unwrap();
+    frng.assert_used_up("offer seal");
+    let qk = refc::queue_key(&cs, &sender_id);
+    assert_eq!(
+        refc::queue_seal_typed(&qk, &offer_nonce, 0x03, &offer_body, QUEUE_MSG_LEN),
+        offer_message
+    );
+
+    // The accept.
+    let mut frng = FixedRng::new(&accept_secrets);
+    let (init, jp, ep) = resync_accepter_agree(&th, &Secret32(cs), &ip, &rp, &mut frng).unwrap();
+    frng.assert_used_up("accept keys");
+    let (js, es): ([u8; 32], [u8; 32]) = (
+        accept_secrets[..32].try_into().unwrap(),
+        accept_secrets[32..].try_into().unwrap(),
+    );
+    let dh = [
+        refc::x25519(&js, &rp),
+        refc::x25519(&es, &ip),
+        refc::x25519(&es, &rp),
+    ];
+    let salt = refc::sha256(&[b"tern/v1 resync transcript", &th, &ip, &rp, &jp, &ep]);
+    let k = refc::resync_keys(&salt, dh, &cs);
+    assert_eq!(
+        (
+            init.root_key.0,
+            init.header_key_initiator.0,
+            init.header_key_responder.0,
+            init.ad
+        ),
+        (k[0], k[1], k[2], th)
+    );
+    let offerer_init = resync_offerer_agree(&offer, &th, &Secret32(cs), &jp, &ep).unwrap();
+    assert_eq!(offerer_init.root_key, init.root_key);
+    let mut frng = FixedRng::new(&[&initiator_secret[..], &initiator_kem, &initiator_m].concat());
+    let mut ratchet = Ratchet::init_initiator_pq(&init, &rp, Some(&offer_ek), &mut frng).unwrap();
+    frng.assert_used_up("init_initiator_pq");
+    let env = Envelope {
+        version: 1,
+        kind: Kind::Control,
+        id: env_id,
+        seq: offer_head.0 + 1,
+        prev: offer_head.1,
+        sent_at_ms: 1_764_000_000_000,
+        body: resynced_body(resynced_head.0, &resynced_head.1),
+    };
+    let mut frng = FixedRng::new(&header_nonce);
+    let ratchet_message = ratchet.encrypt(&env.encode().unwrap(), &mut frng).unwrap();
+    frng.assert_used_up("encrypt");
+    let (offer_ct, offer_ss) = refc::kem_encaps(&offer_ek, &initiator_m);
+    let (_, ck, _) = refc::kdf_rk_pq(
+        &k[0],
+        &refc::x25519(&initiator_secret, &rp),
+        Some(&offer_ss),
+    );
+    let (_, mk) = refc::kdf_ck(&ck);
+    let initiator_ek = refc::kem_keygen(&initiator_kem);
+    let header = refc::header(
+        &public_of(&initiator_secret),
+        0,
+        0,
+        &initiator_ek,
+        Some(&offer_ct),
+    );
+    assert_eq!(
+        refc::ratchet_message(
+            &k[1],
+            &header_nonce,
+            &header,
+            &th,
+            &mk,
+            &env.encode().unwrap()
+        ),
+        ratchet_message
+    );
+    let mut accept_body = jp.to_vec();
+    accept_body.extend(ep);
+    accept_body.extend(&ratchet_message);
+    let mut frng = FixedRng::new(&accept_nonce);
+    let accept_message = queue_msg::seal_payload(
+        &Secret32(cs),
+        &sender_id,
+        &queue_msg::resync_payload(0x04, &accept_body),
+        &mut frng,
+    )
+    .unwrap();
+    frng.assert_used_up("accept seal");
+    assert_eq!(
+        refc::queue_seal_typed(&qk, &accept_nonce, 0x04, &accept_body, QUEUE_MSG_LEN),
+        accept_message
+    );
+    vec![ResyncCase {
+        comment: "an offer and its accept: the accepting side continues its chain from the \
+                  offer's head (seq 6 after 5) with RESYNCED carrying its own head (3)"
+            .into(),
+        transcript: hex(&th),
+        connection_secret: hex(&cs),
+        sender_id: hex(&sender_id),
+        offer_secrets: hex(&offer_secrets),
+        offer_invitation_key: hex(&ip),
+        offer_ratchet_key: hex(&rp),
+        offer_kem_seed: hex(&offer_kem),
+        offer_kem_key: hex(&offer_ek),
+        offer_head_seq: offer_head.0,
+        offer_head_hash: hex(&offer_head.1),
+        offer_body: hex(&offer_body),
+        offer_nonce: hex(&offer_nonce),
+        offer_message: Padded::of(&offer_message),
+        accept_secrets: hex(&accept_secrets),
+        accept_identity_key: hex(&jp),
+        accept_ephemeral_key: hex(&ep),
+        dh1: hex(&dh[0]),
+        dh2: hex(&dh[1]),
+        dh3: hex(&dh[2]),
+        resync_transcript: hex(&salt),
+        root_key: hex(&k[0]),
+        header_key_initiator: hex(&k[1]),
+        header_key_responder: hex(&k[2]),
+        initiator_ratchet_secret: hex(&initiator_secret),
+        initiator_kem_seed: hex(&initiator_kem),
+        initiator_kem_key: hex(&initiator_ek),
+        initiator_kem_m: hex(&initiator_m),
+        offer_ciphertext: hex(&offer_ct),
+        offer_kem_secret: hex(&offer_ss),
+        first_chain_key: hex(&ck),
+        resynced_head_seq: resynced_head.0,
+        resynced_head_hash: hex(&resynced_head.1),
+        resynced: EnvelopeFields::of(&env),
+        header_nonce: hex(&header_nonce),
+        ratchet_message: hex(&ratchet_message),
+        accept_nonce: hex(&accept_nonce),
+        accept_message: Padded::of(&accept_message),
+    }]
+}
+
 fn json<T: Serialize>(cases: &[T]) -> String {
     let mut s = serde_json::to_string_pretty(cases).expect("serializable");
     s.push('\n');
@@ -5358,9 +7425,10 @@ pub fn generate() -> Vec<(&'static str, String)> {
     vec![
         ("relay_address.json", json(&gen_relay_address())),
         ("invitation.json", json(&gen_invitation())),
-        ("relay_requests.json", json(&gen_relay_requests())),
-        ("relay_responses.json", json(&gen_relay_responses())),
-        ("request_seal.json", json(&gen_request_seal())),
+        ("session.json", json(&gen_session())),
+        ("frames.json", json(&gen_frames())),
+        ("relay_commands.json", json(&gen_relay_commands())),
+        ("relay_replies.json", json(&gen_relay_replies())),
         ("handshake.json", json(&gen_handshake())),
         ("security_code.json", json(&gen_security_code())),
         ("ratchet.json", json(&gen_ratchet())),
@@ -5370,6 +7438,7 @@ pub fn generate() -> Vec<(&'static str, String)> {
         ("delivery.json", json(&gen_delivery())),
         ("hello.json", json(&gen_hello())),
         ("device.json", json(&gen_device())),
+        ("resync.json", json(&gen_resync())),
     ]
 }
 

@@ -3,13 +3,15 @@
 //! - [`proto`]: the sans-IO protocol core (invitations, handshake, double
 //!   ratchet, envelopes, security codes). Bytes and state in, bytes and state out.
 //! - [`store`]: the encrypted profile store.
-//! - the relay and its wire protocol live in the `tern-relay` crate.
+//! - [`net`]: relay sessions; the wire protocol itself is the `tern-wire`
+//!   crate, and the relay server the `tern-relay` crate (linked only for
+//!   `tern relay serve`, with the `relay-server` feature).
 #![forbid(unsafe_code)]
 
 pub mod proto;
 pub mod store;
 
-pub use tern_relay as relay;
+pub use tern_wire as wire;
 pub mod cli;
 pub mod client;
 pub mod net;

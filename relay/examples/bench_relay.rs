@@ -7,13 +7,14 @@
 //!
 //! Every relay is a separate process (`tern relay serve --listen
 //! 127.0.0.1:0 --data TMP`), so its peak memory and CPU time can be read from
-//! `/proc/<pid>`. Clients are threads of this process speaking HTTP/1.1 with
-//! keep-alive, sealing every request with HPKE and signing it with Ed25519
-//! exactly as `tern` does. Only 127.0.0.1 is ever contacted, and every loop is
-//! bounded in count and in time.
+//! `/proc/<pid>`. Clients are threads of this process, each with its own
+//! relay session (WebSocket, Noise + ML-KEM handshake) signing every command
+//! with Ed25519 exactly as `tern` does. Only 127.0.0.1 is ever contacted, and
+//! every loop is bounded in count and in time.
 //!
 //! Results go to stdout as Markdown; progress goes to stderr.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,24 +24,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
 use rand::RngCore;
-use tern_relay::seal::{self, RequestSealer};
-use tern_relay::wire::{Command, Id, Reply, Request, Response, QUEUE_MSG_LEN};
 use tern_relay::RelayAddress;
+use tern_wire::delivery::{delivery_open, delivery_seal, queue_secret};
+use tern_wire::frame::{parse_commands, parse_replies, FrameBuilder};
+use tern_wire::{ClientHandshake, Command, Id, Reply, Request, ServerHandshake, QUEUE_MSG_LEN};
+use tungstenite::{Message, WebSocket};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 // ---------------------------------------------------------------- utilities
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn err(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
@@ -157,102 +153,123 @@ fn reap(child: &mut Child, limit: Duration) {
     let _ = child.wait();
 }
 
-// ------------------------------------------------------------------- HTTP
+// --------------------------------------------------------------- sessions
 
-/// One keep-alive HTTP/1.1 connection.
-struct Conn {
-    reader: BufReader<TcpStream>,
+/// One relay session on a blocking socket: WebSocket, handshake, frames.
+struct Session {
+    ws: WebSocket<TcpStream>,
+    session: tern_wire::Session,
+    next_tag: u32,
+    /// Records read while waiting for another.
+    pending: VecDeque<(u32, Reply)>,
 }
 
-impl Conn {
-    fn connect(addr: SocketAddr) -> io::Result<Conn> {
+impl Session {
+    fn connect(addr: SocketAddr, relay_key: &[u8; 32]) -> io::Result<Session> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Conn {
-            reader: BufReader::with_capacity(20 * 1024, s),
+        let (mut ws, _) = tungstenite::client::client(format!("ws://{addr}/v2"), s)
+            .map_err(|e| err(format!("upgrade: {e}")))?;
+        let (hs, msg1) =
+            ClientHandshake::start(relay_key, &mut OsRng).map_err(|e| err(e.to_string()))?;
+        ws.send(Message::Binary(msg1.into()))
+            .map_err(|e| err(e.to_string()))?;
+        let msg2 = match ws.read().map_err(|e| err(e.to_string()))? {
+            Message::Binary(b) => b,
+            other => return Err(err(format!("handshake answered {other:?}"))),
+        };
+        let (session, _) = hs.finish(&msg2).map_err(|e| err(e.to_string()))?;
+        Ok(Session {
+            ws,
+            session,
+            next_tag: 1,
+            pending: VecDeque::new(),
         })
     }
 
-    fn write_post(&mut self, body: &[u8]) -> io::Result<()> {
-        let mut req = format!(
-            "POST /v1 HTTP/1.1\r\nHost: relay\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        self.reader.get_mut().write_all(&req)
+    /// Sends commands in as few frames as they fit; returns their tags.
+    fn submit(&mut self, cmds: &[(&Command, Option<&SigningKey>)]) -> io::Result<Vec<u32>> {
+        let mut frames = FrameBuilder::new();
+        let mut tags = Vec::with_capacity(cmds.len());
+        for (cmd, key) in cmds {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let mut rec = Vec::with_capacity(16_200);
+            Request::encode(tag, cmd, self.session.hash(), *key, &mut rec);
+            frames.push(&rec);
+            tags.push(tag);
+        }
+        for f in frames.finish() {
+            let m = self.session.seal(&f).map_err(|e| err(e.to_string()))?;
+            self.ws
+                .send(Message::Binary(m.into()))
+                .map_err(|e| err(e.to_string()))?;
+        }
+        Ok(tags)
     }
 
-    fn read_response(&mut self) -> io::Result<(u16, Vec<u8>)> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+    /// The next record, waiting up to `wait` (`None` on time-out).
+    fn next(&mut self, wait: Duration) -> io::Result<Option<(u32, Reply)>> {
+        if let Some(r) = self.pending.pop_front() {
+            return Ok(Some(r));
         }
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| err(format!("bad status line {line:?}")))?;
-        let mut len = 0usize;
+        self.ws
+            .get_ref()
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
         loop {
-            let mut h = String::new();
-            if self.reader.read_line(&mut h)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = h.split_once(':') {
-                if n.trim().eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().map_err(|_| err("bad content-length"))?;
+            match self.ws.read() {
+                Ok(Message::Binary(b)) => {
+                    let f = self.session.open(&b).map_err(|e| err(e.to_string()))?;
+                    let mut records: VecDeque<(u32, Reply)> =
+                        parse_replies(&f).map_err(|e| err(e.to_string()))?.into();
+                    let first = records.pop_front();
+                    self.pending.extend(records);
+                    if first.is_some() {
+                        return Ok(first);
+                    }
                 }
+                Ok(Message::Close(_)) => return Err(err("the relay closed the session")),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(err(e.to_string())),
             }
         }
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body)?;
-        Ok((status, body))
+    }
+
+    /// Waits for the reply tagged `tag` (other records are kept).
+    fn wait_for(&mut self, tag: u32) -> io::Result<Reply> {
+        if let Some(i) = self.pending.iter().position(|(t, _)| *t == tag) {
+            return Ok(self.pending.remove(i).expect("found").1);
+        }
+        let mut kept = VecDeque::new();
+        loop {
+            match self.next(Duration::from_secs(60))? {
+                Some((t, r)) if t == tag => {
+                    kept.extend(self.pending.drain(..));
+                    self.pending = kept;
+                    return Ok(r);
+                }
+                Some(other) => kept.push_back(other),
+                None => return Err(err("no answer within 60 s")),
+            }
+        }
+    }
+
+    fn call(&mut self, cmd: &Command, key: Option<&SigningKey>) -> io::Result<Reply> {
+        let tag = self.submit(&[(cmd, key)])?[0];
+        self.wait_for(tag)
     }
 }
 
 // ------------------------------------------------------------ tern client
-
-/// Seals `cmd` for the relay; returns the block and its response key.
-fn seal_request(
-    relay_key: &[u8; 32],
-    cmd: &Command,
-    signer: Option<&SigningKey>,
-) -> io::Result<(Vec<u8>, seal::ResponseKey)> {
-    let sealer = RequestSealer::new(relay_key, &mut OsRng).map_err(|e| err(e.to_string()))?;
-    let pt = Request::encode(cmd, now_ms(), sealer.enc(), signer);
-    sealer.seal(&pt).map_err(|e| err(e.to_string()))
-}
-
-fn open_reply(rkey: &seal::ResponseKey, status: u16, body: &[u8]) -> io::Result<Reply> {
-    if status != 200 {
-        return Err(err(format!("HTTP {status}")));
-    }
-    let pt = rkey
-        .open_response(body)
-        .map_err(|e| err(format!("response does not open: {e}")))?;
-    Ok(Response::decode(&pt)
-        .map_err(|e| err(format!("response does not decode: {e}")))?
-        .reply)
-}
-
-/// One sealed request on a keep-alive connection.
-fn call(
-    conn: &mut Conn,
-    relay_key: &[u8; 32],
-    cmd: &Command,
-    signer: Option<&SigningKey>,
-) -> io::Result<Reply> {
-    let (block, rkey) = seal_request(relay_key, cmd, signer)?;
-    conn.write_post(&block)?;
-    let (status, body) = conn.read_response()?;
-    open_reply(&rkey, status, &body)
-}
 
 /// Keys shared by many queues: the relay only sees public keys, so reusing
 /// them changes nothing on its side and saves client CPU when creating
@@ -280,13 +297,13 @@ struct Queue {
     secret: [u8; 32],
 }
 
-fn create_queue(conn: &mut Conn, relay_key: &[u8; 32], keys: &Keys) -> io::Result<Queue> {
+fn create_queue(conn: &mut Session, keys: &Keys) -> io::Result<Queue> {
     let cmd = Command::Create {
         access_key: None,
         recipient_auth: keys.recipient.verifying_key().to_bytes(),
         recipient_dh: PublicKey::from(&keys.dh).to_bytes(),
     };
-    match call(conn, relay_key, &cmd, Some(&keys.recipient))? {
+    match conn.call(&cmd, Some(&keys.recipient))? {
         Reply::Queue {
             recipient_id,
             sender_id,
@@ -294,18 +311,18 @@ fn create_queue(conn: &mut Conn, relay_key: &[u8; 32], keys: &Keys) -> io::Resul
         } => Ok(Queue {
             recipient_id,
             sender_id,
-            secret: *seal::queue_secret(&keys.dh, &relay_dh).map_err(|e| err(e.to_string()))?,
+            secret: *queue_secret(&keys.dh, &relay_dh).map_err(|e| err(e.to_string()))?,
         }),
         other => Err(err(format!("CREATE answered {other:?}"))),
     }
 }
 
-fn secure_queue(conn: &mut Conn, relay_key: &[u8; 32], keys: &Keys, q: &Queue) -> io::Result<()> {
+fn secure_queue(conn: &mut Session, keys: &Keys, q: &Queue) -> io::Result<()> {
     let cmd = Command::Secure {
         recipient_id: q.recipient_id,
         sender_auth: keys.sender.verifying_key().to_bytes(),
     };
-    match call(conn, relay_key, &cmd, Some(&keys.recipient))? {
+    match conn.call(&cmd, Some(&keys.recipient))? {
         Reply::Ok => Ok(()),
         other => Err(err(format!("SECURE answered {other:?}"))),
     }
@@ -326,12 +343,12 @@ fn create_queues(
             let keys = Arc::clone(keys);
             let count = n / threads + usize::from(t < n % threads);
             thread::spawn(move || -> io::Result<Vec<Queue>> {
-                let mut conn = Conn::connect(addr)?;
+                let mut conn = Session::connect(addr, &relay_key)?;
                 let mut out = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let q = create_queue(&mut conn, &relay_key, &keys)?;
+                    let q = create_queue(&mut conn, &keys)?;
                     if secure {
-                        secure_queue(&mut conn, &relay_key, &keys, &q)?;
+                        secure_queue(&mut conn, &keys, &q)?;
                     }
                     out.push(q);
                 }
@@ -597,8 +614,7 @@ fn seq_of(m: &[u8]) -> u64 {
 }
 
 struct TernSender {
-    conn: Conn,
-    relay_key: [u8; 32],
+    conn: Session,
     keys: Arc<Keys>,
     queue: Queue,
     message: Vec<u8>,
@@ -611,55 +627,64 @@ impl SendSide for TernSender {
             sender_id: self.queue.sender_id,
             message: self.message.clone(),
         };
-        match call(
-            &mut self.conn,
-            &self.relay_key,
-            &cmd,
-            Some(&self.keys.sender),
-        )? {
+        match self.conn.call(&cmd, Some(&self.keys.sender))? {
             Reply::Ok => Ok(()),
             other => Err(err(format!("SEND answered {other:?}"))),
         }
     }
 }
 
+/// A subscribed recipient: the relay pushes each message as it arrives;
+/// each is acknowledged without waiting for the answer.
 struct TernRecipient {
-    conn: Conn,
-    relay_key: [u8; 32],
+    conn: Session,
     keys: Arc<Keys>,
     queue: Queue,
-    /// A message that came with the last ACK's answer.
-    next: Option<(Id, Vec<u8>)>,
+    sub_tag: u32,
     current: Option<Id>,
 }
 
 impl TernRecipient {
-    fn take(&mut self, msg_id: Id, body: &[u8]) -> io::Result<u64> {
-        let m = seal::delivery_open(&self.queue.secret, &msg_id, body)
-            .map_err(|_| err("delivered message does not open"))?;
-        self.current = Some(msg_id);
-        Ok(seq_of(&m))
+    fn subscribe(mut conn: Session, keys: Arc<Keys>, queue: Queue) -> io::Result<Self> {
+        let cmd = Command::Subscribe {
+            recipient_id: queue.recipient_id,
+            window: 64,
+        };
+        let sub_tag = conn.submit(&[(&cmd, Some(&keys.recipient))])?[0];
+        match conn.wait_for(sub_tag)? {
+            Reply::Ok => {}
+            other => return Err(err(format!("SUB answered {other:?}"))),
+        }
+        Ok(TernRecipient {
+            conn,
+            keys,
+            queue,
+            sub_tag,
+            current: None,
+        })
     }
 }
 
 impl RecvSide for TernRecipient {
     fn recv(&mut self, wait: Duration) -> io::Result<Option<u64>> {
-        if let Some((id, body)) = self.next.take() {
-            return self.take(id, &body).map(Some);
-        }
-        let cmd = Command::Fetch {
-            recipient_id: self.queue.recipient_id,
-            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
-        };
-        match call(
-            &mut self.conn,
-            &self.relay_key,
-            &cmd,
-            Some(&self.keys.recipient),
-        )? {
-            Reply::Message { msg_id, body, .. } => self.take(msg_id, &body).map(Some),
-            Reply::Empty => Ok(None),
-            other => Err(err(format!("FETCH answered {other:?}"))),
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.conn.next(left)? {
+                Some((tag, Reply::Message { msg_id, body, .. })) if tag == self.sub_tag => {
+                    let m = delivery_open(&self.queue.secret, &msg_id, &body)
+                        .map_err(|_| err("delivered message does not open"))?;
+                    self.current = Some(msg_id);
+                    return Ok(Some(seq_of(&m)));
+                }
+                // IDLE, and the answers to acknowledgements.
+                Some((_, Reply::Idle | Reply::Ok)) => {}
+                Some((_, other)) => return Err(err(format!("the session said {other:?}"))),
+                None => return Ok(None),
+            }
         }
     }
 
@@ -671,19 +696,8 @@ impl RecvSide for TernRecipient {
             recipient_id: self.queue.recipient_id,
             msg_id,
         };
-        match call(
-            &mut self.conn,
-            &self.relay_key,
-            &cmd,
-            Some(&self.keys.recipient),
-        )? {
-            Reply::Message { msg_id, body, .. } => {
-                self.next = Some((msg_id, body));
-                Ok(())
-            }
-            Reply::Empty => Ok(()),
-            other => Err(err(format!("ACK answered {other:?}"))),
-        }
+        self.conn.submit(&[(&cmd, Some(&self.keys.recipient))])?;
+        Ok(())
     }
 }
 
@@ -969,8 +983,19 @@ fn measure(
     Ok(row)
 }
 
+/// Relay flags for benchmarks: one address (127.0.0.1) makes every queue
+/// and holds every connection, which the defaults would (rightly) limit.
+const BENCH_RELAY_FLAGS: &[&str] = &[
+    "--max-connections-per-address",
+    "100000",
+    "--create-rate-per-connection",
+    "1000000/1000000",
+    "--create-rate-per-address",
+    "1000000/1000000",
+];
+
 fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result<Row> {
-    let relay = RelayProc::start(tern, base, &format!("relay-{pairs}"), &[])?;
+    let relay = RelayProc::start(tern, base, &format!("relay-{pairs}"), BENCH_RELAY_FLAGS)?;
     let keys = Keys::generate();
     let queues = create_queues(relay.addr, relay.key, &keys, pairs, 8, true)?;
     let (addr, relay_key) = (relay.addr, relay.key);
@@ -980,20 +1005,16 @@ fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result
         let q = queues[i];
         Ok((
             Box::new(TernSender {
-                conn: Conn::connect(addr)?,
-                relay_key,
+                conn: Session::connect(addr, &relay_key)?,
                 keys: Arc::clone(&keys),
                 queue: q,
                 message: message.clone(),
             }),
-            Box::new(TernRecipient {
-                conn: Conn::connect(addr)?,
-                relay_key,
-                keys: Arc::clone(&keys),
-                queue: q,
-                next: None,
-                current: None,
-            }),
+            Box::new(TernRecipient::subscribe(
+                Session::connect(addr, &relay_key)?,
+                Arc::clone(&keys),
+                q,
+            )?),
         ))
     };
     let pid = relay.pid;
@@ -1008,7 +1029,7 @@ fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result
 fn redis_level(bin: &Path, base: &Path, fsync: &str, pairs: usize, plan: &Plan) -> io::Result<Row> {
     let redis = RedisProc::start(bin, base, &format!("redis-{fsync}-{pairs}"), fsync)?;
     let addr = redis.addr;
-    // 16 KiB values: the size of a tern request block on the wire.
+    // 16 KiB values: the size of a queue message on the wire.
     let mut message = vec![0u8; 16 * 1024];
     OsRng.fill_bytes(&mut message);
     let make = move |i: usize| -> io::Result<(Box<dyn SendSide>, Box<dyn RecvSide>)> {
@@ -1080,7 +1101,7 @@ fn throughput(
     );
     println!(
         "{} runs of {:.1} s per row (after a {:.1} s warm-up); figures are median (min–max) over runs. \
-         Latency is SEND start → delivery (FETCH or ACK answer) at the recipient. \
+         Latency is SEND start → the message pushed to the subscribed recipient. \
          CPU is per delivered message, server process and client threads (this driver) apart.\n",
         plan.runs,
         plan.length.as_secs_f64(),
@@ -1169,67 +1190,160 @@ fn micros(n: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// The relay's cryptographic work for one message, timed in this process on
-/// one core: what a SEND, a FETCH that finds the message and an ACK cost the
-/// relay before any database or network work.
+/// one core: what a SEND, the push of the message and its ACK cost the relay
+/// before any database or network work, and what a session costs to set up.
 fn crypto_breakdown() -> io::Result<()> {
-    let identity = seal::RelayIdentity::generate(&mut OsRng);
-    let relay_key = identity.public();
+    let relay_secret = StaticSecret::random_from_rng(OsRng);
+    let relay_key = PublicKey::from(&relay_secret).to_bytes();
+    let info = tern_wire::RelayInfo {
+        min_version: 2,
+        max_version: 2,
+        open: true,
+        max_pending: 1000,
+        ttl_secs: 3600,
+        max_window: 64,
+        max_subscriptions: 4096,
+        unsecured_ttl_secs: 86_400,
+    };
     let keys = Keys::generate();
     let mut message = vec![0u8; QUEUE_MSG_LEN];
     OsRng.fill_bytes(&mut message);
-    let cmd = Command::Send {
-        sender_id: [7; 16],
-        message: message.clone(),
+    let (hs, msg1) =
+        ClientHandshake::start(&relay_key, &mut OsRng).map_err(|e| err(e.to_string()))?;
+    let (mut relay_side, msg2, _) =
+        ServerHandshake::respond(&relay_secret.to_bytes(), &msg1, &info, &mut OsRng)
+            .map_err(|e| err(e.to_string()))?;
+    let (mut client_side, _) = hs.finish(&msg2).map_err(|e| err(e.to_string()))?;
+    let hash = *client_side.hash();
+    let frame_of = |cmd: &Command, key: Option<&SigningKey>| {
+        let mut rec = Vec::new();
+        Request::encode(1, cmd, &hash, key, &mut rec);
+        let mut f = FrameBuilder::new();
+        f.push(&rec);
+        f.finish().remove(0)
     };
-    let (block, _) = seal_request(&relay_key, &cmd, Some(&keys.sender))?;
-    let opened = seal::open_request(&identity, &block).map_err(|e| err(e.to_string()))?;
-    let req = Request::decode(&opened.plaintext).map_err(|e| err(e.to_string()))?;
+    let send_frame = frame_of(
+        &Command::Send {
+            sender_id: [7; 16],
+            message: message.clone(),
+        },
+        Some(&keys.sender),
+    );
+    let ack_frame = frame_of(
+        &Command::Ack {
+            recipient_id: [8; 16],
+            msg_id: [9; 16],
+        },
+        Some(&keys.recipient),
+    );
+    let sent = client_side
+        .seal(&send_frame)
+        .map_err(|e| err(e.to_string()))?;
+    let req = parse_commands(&send_frame)
+        .map_err(|e| err(e.to_string()))?
+        .remove(0);
     let sender_pk = keys.sender.verifying_key().to_bytes();
-    let response = Response {
-        time_ms: now_ms(),
-        reply: Reply::Ok,
-    }
-    .encode();
+    let delivered = delivery_seal(&[9; 32], &[1; 16], &message);
+    let push_frame = {
+        let mut rec = Vec::new();
+        Reply::Message {
+            msg_id: [1; 16],
+            received_at: 0,
+            body: delivered.clone(),
+        }
+        .encode(1, &mut rec);
+        let mut f = FrameBuilder::new();
+        f.push(&rec);
+        f.finish().remove(0)
+    };
+    let ok_frame = {
+        let mut rec = Vec::new();
+        Reply::Ok.encode(1, &mut rec);
+        let mut f = FrameBuilder::new();
+        f.push(&rec);
+        f.finish().remove(0)
+    };
     let n = 2_000;
-    let open = micros(n, || {
-        let _ = seal::open_request(&identity, &block);
+    // Transport messages carry counter nonces: open each in a fresh copy
+    // of the stream by sealing as many as are opened.
+    let mut sealed_sends: Vec<Vec<u8>> = (0..n * 2)
+        .map(|_| client_side.seal(&send_frame).unwrap_or_default())
+        .collect();
+    let _ = sent;
+    sealed_sends.reverse();
+    let open_send = micros(n, || {
+        let m = sealed_sends.pop().unwrap_or_default();
+        let _ = relay_side.open(&m);
     });
     let decode = micros(n, || {
-        let _ = Request::decode(&opened.plaintext);
+        let _ = parse_commands(&send_frame);
     });
     let verify = micros(n, || {
-        assert!(req.verify(&opened.plaintext, &opened.enc, &sender_pk));
-    });
-    let respond = micros(n, || {
-        let _ = opened.response_key.seal_response(&response);
+        assert!(req.verify(&hash, &sender_pk));
     });
     let deliver = micros(n, || {
-        let _ = seal::delivery_seal(&[9; 32], &[1; 16], &message);
+        let _ = delivery_seal(&[9; 32], &[1; 16], &message);
     });
-    let client_seal = micros(n, || {
-        let _ = seal_request(&relay_key, &cmd, Some(&keys.sender));
+    let seal_push = micros(n, || {
+        let _ = relay_side.seal(&push_frame);
     });
-    let per_request = open + decode + verify + respond;
+    let seal_ok = micros(n, || {
+        let _ = relay_side.seal(&ok_frame);
+    });
+    let mut sealed_acks: Vec<Vec<u8>> = (0..n * 2)
+        .map(|_| client_side.seal(&ack_frame).unwrap_or_default())
+        .collect();
+    sealed_acks.reverse();
+    let open_ack = micros(n, || {
+        let m = sealed_acks.pop().unwrap_or_default();
+        let _ = relay_side.open(&m);
+    });
+    let relay_handshake = micros(200, || {
+        let (_, m1) = ClientHandshake::start(&relay_key, &mut OsRng).expect("start");
+        let _ = ServerHandshake::respond(&relay_secret.to_bytes(), &m1, &info, &mut OsRng);
+    }) - micros(200, || {
+        let _ = ClientHandshake::start(&relay_key, &mut OsRng);
+    });
+    let client_handshake = micros(200, || {
+        let (c, m1) = ClientHandshake::start(&relay_key, &mut OsRng).expect("start");
+        let (_, m2, _) = ServerHandshake::respond(&relay_secret.to_bytes(), &m1, &info, &mut OsRng)
+            .expect("respond");
+        let _ = c.finish(&m2);
+    }) - relay_handshake;
+    let client_sign = micros(n, || {
+        let _ = frame_of(
+            &Command::Send {
+                sender_id: [7; 16],
+                message: message.clone(),
+            },
+            Some(&keys.sender),
+        );
+    });
+    let per_message =
+        open_send + decode + verify + seal_ok + deliver + seal_push + open_ack + verify + seal_ok;
     println!("### Where a relay's CPU goes: cryptography per message\n");
     println!(
         "Timed in one thread of the driver after the runs: µs of CPU per call (the thread's on-CPU \
-         time from /proc/thread-self/schedstat, mean of 2,000 calls). \
-         One delivered message costs the relay three requests (SEND, FETCH, ACK), each opened, \
-         decoded, signature-checked and answered with a sealed 16 KiB block, plus one delivery \
-         seal of the 16,000-byte message.\n"
+         time from /proc/thread-self/schedstat, mean of 2,000 calls). One delivered message costs the \
+         relay a SEND frame opened, decoded, its signature checked and answered (a 1 KiB frame), the \
+         delivery seal of the 16,000-byte message, the push of it sealed in a frame, and an ACK opened, \
+         checked and answered. A session costs one handshake, once per connection.\n"
     );
     println!("| step | µs |");
     println!("|---|---:|");
-    println!("| open a request block (HPKE X25519 + ChaCha20-Poly1305, 16 KiB) | {open:.1} |");
-    println!("| decode the request | {decode:.1} |");
+    println!("| open a SEND frame (ChaCha20-Poly1305, 17 KiB) | {open_send:.1} |");
+    println!("| decode the frame's records | {decode:.1} |");
     println!("| Ed25519 verify_strict | {verify:.1} |");
-    println!("| seal the 16 KiB response (HKDF + ChaCha20-Poly1305 + nonce from the OS) | {respond:.1} |");
+    println!("| seal a 1 KiB answer frame | {seal_ok:.1} |");
     println!("| delivery seal of the message (HKDF + ChaCha20-Poly1305) | {deliver:.1} |");
+    println!("| seal the push frame (17 KiB) | {seal_push:.1} |");
+    println!("| open an ACK frame (1 KiB) | {open_ack:.1} |");
     println!(
-        "| **relay crypto per delivered message** (3 × request + 1 delivery seal) | **{:.0}** |",
-        3.0 * per_request + deliver
+        "| **relay crypto per delivered message** (SEND + push + ACK, two signatures) | **{per_message:.0}** |"
     );
-    println!("| client: seal + sign one request (for comparison) | {client_seal:.1} |");
+    println!("| relay: one session handshake (X25519 ×2, ML-KEM-768 encapsulation) | {relay_handshake:.0} |");
+    println!("| client: one session handshake (key generation, X25519 ×2, decapsulation) | {client_handshake:.0} |");
+    println!("| client: encode and sign one SEND (for comparison) | {client_sign:.1} |");
     println!();
     Ok(())
 }
@@ -1266,7 +1380,7 @@ fn send_latency(
     queues: &[Queue],
     n: usize,
 ) -> io::Result<Vec<f64>> {
-    let mut conn = Conn::connect(relay.addr)?;
+    let mut conn = Session::connect(relay.addr, &relay.key)?;
     let mut message = vec![0u8; QUEUE_MSG_LEN];
     OsRng.fill_bytes(&mut message);
     let mut out = Vec::with_capacity(n);
@@ -1281,7 +1395,7 @@ fn send_latency(
             message: message.clone(),
         };
         let t = Instant::now();
-        match call(&mut conn, &relay.key, &cmd, Some(&keys.sender))? {
+        match conn.call(&cmd, Some(&keys.sender))? {
             Reply::Ok => {}
             other => return Err(err(format!("SEND answered {other:?}"))),
         }
@@ -1290,13 +1404,13 @@ fn send_latency(
     Ok(sorted(out))
 }
 
-/// Sequential INFO requests on a fresh connection; latencies in ms.
+/// Sequential INFO commands on a fresh session; latencies in ms.
 fn info_latency(relay: &RelayProc, n: usize) -> io::Result<Vec<f64>> {
-    let mut conn = Conn::connect(relay.addr)?;
+    let mut conn = Session::connect(relay.addr, &relay.key)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        match call(&mut conn, &relay.key, &Command::Info, None)? {
+        match conn.call(&Command::Info, None)? {
             Reply::Info(_) => {}
             other => return Err(err(format!("INFO answered {other:?}"))),
         }
@@ -1307,30 +1421,46 @@ fn info_latency(relay: &RelayProc, n: usize) -> io::Result<Vec<f64>> {
 
 /// Empties the queues `send_latency` filled (so their pages are reused).
 fn drain(relay: &RelayProc, keys: &Keys, queues: &[Queue]) -> io::Result<()> {
-    let mut conn = Conn::connect(relay.addr)?;
+    let mut conn = Session::connect(relay.addr, &relay.key)?;
     for q in queues {
-        let mut reply = call(
-            &mut conn,
-            &relay.key,
-            &Command::Fetch {
-                recipient_id: q.recipient_id,
-                wait_ms: 0,
-            },
-            Some(&keys.recipient),
-        )?;
         for _ in 0..10_000 {
-            let Reply::Message { msg_id, .. } = reply else {
-                break;
+            let check = Command::Check {
+                recipient_id: q.recipient_id,
             };
-            reply = call(
-                &mut conn,
-                &relay.key,
-                &Command::Ack {
+            if conn.call(&check, None)? == Reply::Count(0) {
+                break;
+            }
+            // Each look at the head: a fresh subscription, ACK_UPTO the run.
+            let sub = Command::Subscribe {
+                recipient_id: q.recipient_id,
+                window: 64,
+            };
+            let tag = conn.submit(&[(&sub, Some(&keys.recipient))])?[0];
+            let mut last = None;
+            let mut got = 0;
+            loop {
+                match conn.wait_for(tag)? {
+                    Reply::Ok => {}
+                    Reply::Message { msg_id, .. } => {
+                        last = Some(msg_id);
+                        got += 1;
+                        // A full window: no IDLE comes before the ACK.
+                        if got == 64 {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let unsub = Command::Unsubscribe { sub_tag: tag };
+            conn.call(&unsub, None)?;
+            if let Some(msg_id) = last {
+                let ack = Command::AckUpTo {
                     recipient_id: q.recipient_id,
                     msg_id,
-                },
-                Some(&keys.recipient),
-            )?;
+                };
+                conn.call(&ack, Some(&keys.recipient))?;
+            }
         }
     }
     Ok(())
@@ -1352,15 +1482,15 @@ struct WaiterFigures {
     refused: usize,
 }
 
-/// Parks `n` long-poll FETCHes (one connection each, distinct queues), then
-/// measures the relay and serves other clients while they wait.
+/// Holds `n` idle subscribed sessions (one connection each, distinct
+/// queues), then measures the relay and serves other clients while they
+/// wait; at the end each session must still answer.
 fn park_waiters(
     relay: &RelayProc,
     keys: &Arc<Keys>,
     queues: &[Queue],
     secured: &[Queue],
     n: usize,
-    wait_ms: u32,
 ) -> io::Result<WaiterFigures> {
     let n = n.min(queues.len());
     let threads = 4;
@@ -1374,22 +1504,19 @@ fn park_waiters(
                 .copied()
                 .collect();
             let (addr, key, keys) = (relay.addr, relay.key, Arc::clone(keys));
-            thread::spawn(move || -> io::Result<Vec<(Conn, seal::ResponseKey)>> {
+            thread::spawn(move || -> io::Result<Vec<Session>> {
                 let mut out = Vec::with_capacity(mine.len());
                 for q in mine {
-                    let mut conn = Conn::connect(addr)?;
-                    conn.reader
-                        .get_ref()
-                        .set_read_timeout(Some(Duration::from_millis(
-                            u64::from(wait_ms) + 30_000,
-                        )))?;
-                    let cmd = Command::Fetch {
+                    let mut conn = Session::connect(addr, &key)?;
+                    let cmd = Command::Subscribe {
                         recipient_id: q.recipient_id,
-                        wait_ms,
+                        window: 64,
                     };
-                    let (block, rkey) = seal_request(&key, &cmd, Some(&keys.recipient))?;
-                    conn.write_post(&block)?;
-                    out.push((conn, rkey));
+                    let tag = conn.submit(&[(&cmd, Some(&keys.recipient))])?[0];
+                    // OK (or an error for an unsecured queue, which the
+                    // relay subscribes all the same).
+                    conn.wait_for(tag)?;
+                    out.push(conn);
                 }
                 Ok(out)
             })
@@ -1400,22 +1527,18 @@ fn park_waiters(
         waiting.extend(h.join().map_err(|_| err("waiter thread panicked"))??);
     }
     let parked_in = t0.elapsed().as_secs_f64();
-    // Let the relay open and park the last requests.
     thread::sleep(Duration::from_millis(1500));
     let fds = open_fds(relay.pid);
     let threads_now = relay.threads();
     let rss = relay.rss_mib();
     let info = info_latency(relay, 200)?;
     let send = send_latency(relay, keys, secured, 200)?;
-    // Every waiter should now get an empty answer at its deadline.
+    // Every session is still there and answers.
     let mut answered = 0;
     let mut refused = 0;
-    for (mut conn, rkey) in waiting {
-        match conn
-            .read_response()
-            .and_then(|(status, body)| open_reply(&rkey, status, &body))
-        {
-            Ok(Reply::Empty) | Ok(Reply::Message { .. }) => answered += 1,
+    for mut conn in waiting {
+        match conn.call(&Command::Info, None) {
+            Ok(Reply::Info(_)) => answered += 1,
             _ => refused += 1,
         }
     }
@@ -1448,7 +1571,7 @@ fn scale(tern: &Path, quick: bool) -> io::Result<()> {
         })
         .unwrap_or_default();
     let base = tempfile::Builder::new().prefix("tern-bench-").tempdir()?;
-    let relay = RelayProc::start(tern, base.path(), "relay-scale", &[])?;
+    let relay = RelayProc::start(tern, base.path(), "relay-scale", BENCH_RELAY_FLAGS)?;
     let keys = Keys::generate();
     let rss_empty = relay.rss_mib();
     let disk_empty = relay.db_bytes();
@@ -1481,7 +1604,7 @@ fn scale(tern: &Path, quick: bool) -> io::Result<()> {
     println!("### Scale: {large} queues\n");
     println!(
         "One relay; {small} queues created, then grown to {large} with CREATE requests from 16 connections \
-         ({create_rate:.0} CREATE/s). SEND latency: 500 sequential 16 KiB SENDs from one keep-alive client, \
+         ({create_rate:.0} CREATE/s). SEND latency: 500 sequential 16 KiB SENDs from one session, \
          round-robin over 100 secured queues. Memory is the relay's VmRSS; disk is relay.db + -wal + -shm.\n"
     );
     println!("| queues | relay RSS MiB | disk MiB | SEND p50 / p99 ms |");
@@ -1518,22 +1641,21 @@ fn scale(tern: &Path, quick: bool) -> io::Result<()> {
     );
     let mut figures = Vec::new();
     for &n in waiter_levels {
-        progress(&format!("parking {n} long-poll FETCHes"));
-        let wait_ms = if n > 5_000 { 25_000 } else { 10_000 };
-        figures.push(park_waiters(&relay, &keys, &plain, &probes, n, wait_ms)?);
+        progress(&format!("holding {n} idle subscribed sessions"));
+        figures.push(park_waiters(&relay, &keys, &plain, &probes, n)?);
     }
     let info_idle = info_latency(&relay, 200)?;
     let send_idle = send_latency(&relay, &keys, &probes, 200)?;
     drain(&relay, &keys, &probes)?;
 
-    println!("### Scale: idle long-poll waiters\n");
+    println!("### Scale: idle subscribed sessions\n");
     println!(
-        "Each waiter is its own connection with a FETCH parked on its own queue (relay with {large} queues, \
-         open-file limit {fd_limit}). While they wait, another client sends 200 INFO and then 200 SEND \
-         requests one after another. \"answered\" counts waiters that got their empty answer at the \
-         deadline; \"refused\" counts any that got an error, a 503 or a closed connection.\n"
+        "Each is its own connection (WebSocket, session handshake) holding a subscription to its own queue \
+         (relay with {large} queues, open-file limit {fd_limit}). While they wait, another client sends 200 INFO \
+         and then 200 SEND commands one after another. \"answered\" counts sessions that still answer an \
+         INFO at the end; \"refused\" any that got an error or a closed connection.\n"
     );
-    println!("| waiters | time to park s | relay fds | relay threads | relay RSS MiB | INFO p50 / p99 ms | SEND p50 / p99 ms | answered | refused |");
+    println!("| sessions | time to open s | relay fds | relay threads | relay RSS MiB | INFO p50 / p99 ms | SEND p50 / p99 ms | answered | refused |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
         "| 0 (before) | – | {} | {} | {:.1} | {} | {} | – | – |",

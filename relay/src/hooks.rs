@@ -15,19 +15,20 @@
 //!
 //! Hook points, in the order a request meets them:
 //!
-//! 1. [`RelayHooks::on_request`]: every request body (also those that do not
-//!    open), with the opened plaintext when it opens. See only.
+//! 1. [`RelayHooks::on_request`]: every WebSocket message of a session after
+//!    its handshake (also those that do not open), with the frame plaintext
+//!    when it opens. See only.
 //! 2. [`RelayHooks::on_send`]: a SEND the relay has authorised and is about
 //!    to store. Store it, drop it silently, replace it, or store other
 //!    messages too (in the same queue or in any queue named by sender id).
-//! 3. [`RelayHooks::on_deliver`]: a message about to be delivered in a FETCH
-//!    or ACK reply. Pass it, replace the queue message (the relay re-seals it
+//! 3. [`RelayHooks::on_deliver`]: a message about to be pushed to a
+//!    subscription. Pass it, replace the queue message (the relay re-seals it
 //!    for the recipient under a message id of the hook's choice), replace the
-//!    delivered ciphertext itself, or hide it (answer EMPTY).
-//! 4. [`RelayHooks::on_response`]: the reply about to be sealed. Pass it,
-//!    delay it, replace the whole HTTP body with arbitrary bytes, seal a
-//!    plaintext of the hook's choice instead (authentic but arbitrary), or
-//!    answer a bare HTTP 400.
+//!    delivered ciphertext itself, or hide it (push nothing).
+//! 4. [`RelayHooks::on_response`]: a reply record about to be sealed into a
+//!    frame. Pass it, delay it, send arbitrary bytes as a WebSocket message
+//!    instead, seal a record of the hook's choice instead (authentic but
+//!    arbitrary), or close the session.
 //!
 //! Hooks run on the relay's worker threads, so they must be `Send + Sync`;
 //! a hook that sleeps holds a worker (there are [`ServeConfig::workers`]).
@@ -37,17 +38,18 @@
 
 use std::time::Duration;
 
-use crate::store::QueueRef;
-use crate::wire::{Id, Reply};
+use tern_wire::{Id, Reply};
 
-/// Whatever arrived in a POST body, as the relay sees it.
+use crate::store::QueueRef;
+
+/// A WebSocket message of a session, as the relay sees it.
 pub struct RequestView<'a> {
-    /// The HTTP body as received (normally one 16,384-byte sealed block).
-    pub block: &'a [u8],
-    /// The opened request plaintext, if the block opened.
-    pub plaintext: Option<&'a [u8]>,
-    /// The command name (`"SEND"`, `"FETCH"`, …) if the plaintext parses.
-    pub command: Option<&'static str>,
+    /// The message as received (normally one encrypted frame).
+    pub message: &'a [u8],
+    /// The frame plaintext, if the message opened.
+    pub frame: Option<&'a [u8]>,
+    /// The names of its commands (`"SEND"`, `"SUB"`, …) if the frame parses.
+    pub commands: Vec<&'static str>,
 }
 
 /// A SEND the relay has authorised and is about to store.
@@ -100,11 +102,9 @@ pub enum SendAction {
     Replace(Vec<Upload>),
 }
 
-/// A message about to be delivered in a FETCH or ACK reply.
+/// A message about to be pushed to a subscription.
 pub struct DeliverView<'a> {
     pub queue: QueueRef,
-    /// `"FETCH"`, `"ACK"`, `"PEEK"` or `"ACK_UPTO"`.
-    pub command: &'static str,
     pub msg_id: &'a Id,
     /// Seconds since the Unix epoch, rounded down to the hour.
     pub received_at: u64,
@@ -128,14 +128,16 @@ pub enum DeliverAction {
     /// Deliver these exact delivered-ciphertext bytes (normally 16,016)
     /// under `msg_id`, with no re-sealing: e.g. a flipped byte.
     Raw { msg_id: Id, delivered: Vec<u8> },
-    /// Pretend the queue is empty (answer EMPTY).
+    /// Push nothing (as if the queue held no more).
     Hide,
 }
 
-/// The reply about to be sealed and sent.
+/// A reply record about to be sealed into a frame and sent.
 pub struct ResponseView<'a> {
-    /// The command being answered, when known.
+    /// The command being answered (`"SUB"` for pushes), when known.
     pub command: Option<&'static str>,
+    /// The tag the reply carries.
+    pub tag: u32,
     pub reply: &'a Reply,
 }
 
@@ -145,19 +147,19 @@ pub enum ResponseAction {
     Pass,
     /// Seal and send it after this long (the worker thread sleeps).
     Delay(Duration),
-    /// Send these bytes as the HTTP 200 body instead of the sealed block.
+    /// Send these bytes as a WebSocket message instead of the frame that
+    /// would carry the reply (the client cannot open them).
     Replace(Vec<u8>),
-    /// Seal this response plaintext instead of the reply's: an authentic
-    /// answer with any content the relay likes. It must be `RESPONSE_LEN`
-    /// bytes, or a bare HTTP 400 goes out.
+    /// Seal this reply record instead: an authentic answer with any content
+    /// the relay likes (a malformed record makes a malformed frame).
     Plaintext(Vec<u8>),
-    /// Answer a bare HTTP 400, as for a block that does not open.
+    /// Close the session instead of answering.
     Reject,
 }
 
 /// A malicious relay's behaviour. Every method has an honest default.
 pub trait RelayHooks: Send + Sync + 'static {
-    /// Sees every request body.
+    /// Sees every session message.
     fn on_request(&self, _request: &RequestView<'_>) {}
 
     /// Decides what an authorised SEND stores.
@@ -165,7 +167,7 @@ pub trait RelayHooks: Send + Sync + 'static {
         SendAction::Store
     }
 
-    /// Decides what a FETCH or ACK delivers.
+    /// Decides what a subscription pushes.
     fn on_deliver(&self, _delivery: &DeliverView<'_>) -> DeliverAction {
         DeliverAction::Pass
     }

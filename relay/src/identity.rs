@@ -15,7 +15,36 @@ use zeroize::Zeroizing;
 
 use crate::error::RelayError;
 use crate::log::warning;
-use crate::seal::RelayIdentity;
+
+/// The relay's X25519 identity key pair: the public half is pinned in the
+/// relay's address, the secret half answers session handshakes.
+pub struct RelayIdentity {
+    secret: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+}
+
+impl RelayIdentity {
+    pub fn generate(rng: &mut OsRng) -> Self {
+        let s = x25519_dalek::StaticSecret::random_from_rng(rng);
+        Self::from_secret(&Zeroizing::new(s.to_bytes()))
+    }
+
+    pub fn from_secret(secret: &[u8; 32]) -> Self {
+        let s = x25519_dalek::StaticSecret::from(*secret);
+        Self {
+            public: x25519_dalek::PublicKey::from(&s).to_bytes(),
+            secret: Zeroizing::new(*secret),
+        }
+    }
+
+    pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        self.secret.clone()
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.public
+    }
+}
 
 pub(crate) const IDENTITY_FILE: &str = "identity.key";
 const IDENTITY_TMP: &str = "identity.key.tmp";

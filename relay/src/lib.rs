@@ -1,16 +1,8 @@
-//! The tern relay and the wire protocol it shares with clients.
-//!
-//! The sans-IO part ([`address`], [`codec`], [`seal`], [`wire`]) turns bytes into
-//! bytes and is used by both sides; the server part holds queues durably and
-//! answers HTTP.
+//! The tern relay server: blind, durable one-directional queues behind
+//! forward-secret sessions over WebSocket. The wire protocol it speaks is the
+//! `tern-wire` crate, shared with the client.
 #![forbid(unsafe_code)]
 
-pub mod address;
-pub mod codec;
-pub mod seal;
-pub mod wire;
-
-// The server: `tern relay serve`.
 pub mod config;
 pub mod error;
 mod event_loop;
@@ -18,15 +10,16 @@ pub mod handler;
 pub mod hooks;
 pub mod http;
 mod identity;
+mod jobs;
+pub mod limits;
 mod lock;
 mod log;
 mod page;
-mod replay;
 pub mod server;
 pub mod store;
 mod waiters;
 
-pub use address::{RelayAddress, Transport};
-pub use config::ServeConfig;
+pub use config::{AccessKey, ServeConfig};
 pub use error::RelayError;
 pub use server::{load_address, shutdown_on_signals, Server, ShutdownHandle};
+pub use tern_wire::{RelayAddress, Transport};

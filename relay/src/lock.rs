@@ -1,7 +1,8 @@
 //! One relay per data directory.
 //!
-//! Two relays on one directory would each keep their own replay cache, so a
-//! block accepted by one could be replayed to the other. The lock is an
+//! Two relays on one SQLite directory would not wake each other's
+//! subscriptions (a SEND through one would wait unseen by a subscriber of
+//! the other until it resubscribed), so only one may serve it. The lock is an
 //! exclusive SQLite lock on `relay.lock`, held for the life of the relay:
 //! SQLite already does portable file locking without `unsafe`, and the
 //! operating system drops the lock when the process dies, even by SIGKILL.

@@ -4,7 +4,7 @@
 use qrcode::render::svg;
 use qrcode::{EcLevel, QrCode};
 
-use crate::address::RelayAddress;
+use tern_wire::address::RelayAddress;
 
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -73,7 +73,7 @@ pub fn render(address: &RelayAddress, open: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::address::Host;
+    use tern_wire::address::Host;
 
     #[test]
     fn never_shows_the_access_key() {

@@ -1,19 +1,21 @@
-//! The relay's HTTP/1.1 server.
+//! The relay server.
 //!
 //! Threads:
 //!
 //! - one event loop (the thread that calls [`Server::run`]) owns every socket
-//!   through `mio`: it accepts, reads requests, writes responses, enforces
-//!   timeouts and parks long-poll FETCHes. A parked FETCH costs a socket and a
-//!   few dozen bytes, never a thread, so tens of thousands can wait at once;
-//! - a pool of workers ([`ServeConfig::workers`]) opens, checks and executes
-//!   request blocks (the CPU and disk work) and hands outcomes back;
+//!   through `mio`: it accepts, reads HTTP heads and WebSocket messages,
+//!   writes replies and pushes, and enforces timeouts. An idle subscribed
+//!   session costs a socket and a few kilobytes, never a thread, so tens of
+//!   thousands can wait at once;
+//! - a pool of workers ([`ServeConfig::workers`]) runs session handshakes and
+//!   executes frames of commands (the CPU and disk work) and hands the
+//!   results back;
 //! - the store's writer thread, which group-commits writes;
-//! - a maintenance thread that purges expired messages periodically.
+//! - a maintenance thread that purges expired messages and queues and
+//!   measures the database periodically.
 //!
-//! Connections are small state machines (see [`State`]); the event loop never
-//! blocks and never panics on input, and every state that waits on the
-//! client has a deadline.
+//! The event loop never blocks and never panics on input, and every state
+//! that waits on the client has a deadline.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -24,21 +26,22 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
-use mio::{Interest, Poll, Token, Waker};
+use mio::{Interest, Poll, Waker};
+use tern_wire::address::{Host, RelayAddress, Transport};
 
-use crate::address::{Host, RelayAddress};
 use crate::config::ServeConfig;
 use crate::error::RelayError;
 use crate::event_loop::EventLoop;
-use crate::handler::{Handler, Outcome, Policy, Wait};
+use crate::handler::{Handler, Policy};
 use crate::identity;
+use crate::jobs::{ticket, Job, LoopEvent, LISTENER, WAKER};
 use crate::lock::DirLock;
 use crate::log::{error, info, warning};
 use crate::page;
 use crate::store::{Store, DB_FILE};
 
-pub(crate) const LISTENER: Token = Token(0);
-pub(crate) const WAKER: Token = Token(1);
+/// The file in the data directory that holds the address `serve` printed.
+pub const ADDRESS_FILE: &str = "address";
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> u64 {
@@ -50,8 +53,8 @@ pub(crate) fn now_ms() -> u64 {
 
 /// The host to print for a listen address: the bound IP, or loopback when
 /// bound to the unspecified address (0.0.0.0 → 127.0.0.1, :: → ::1), since
-/// "0.0.0.0" cannot be connected to. Operators behind NAT or with several
-/// interfaces replace the host with their public one when sharing it.
+/// "0.0.0.0" cannot be connected to. Operators behind NAT, a front or with
+/// several interfaces give `--public-address`.
 fn advertised_host(ip: IpAddr) -> Host {
     match ip {
         IpAddr::V4(a) if a.is_unspecified() => Host::V4(Ipv4Addr::LOCALHOST),
@@ -64,9 +67,50 @@ fn advertised_host(ip: IpAddr) -> Host {
     }
 }
 
+/// The public part of a relay address, as an operator writes it:
+/// `HOST[:PORT]` (plain `tern://`), or `https://HOST[:PORT][/PATH]` for a
+/// relay behind an HTTPS front (`tern+https://`).
+pub struct PublicAddress {
+    pub transport: Transport,
+    pub host: Host,
+    pub port: Option<u16>,
+    pub path: String,
+}
+
+/// Parses `--public-address` through the relay address parser itself, so
+/// that it accepts exactly what an address can say.
+pub fn public_host(text: &str) -> Result<PublicAddress, RelayError> {
+    let bad = || {
+        RelayError::Config(format!(
+            "the public address {text:?} is not HOST[:PORT] or https://HOST[:PORT][/PATH]"
+        ))
+    };
+    let text = text.trim();
+    let (scheme, rest) = match text.strip_prefix("https://") {
+        Some(r) => ("tern+https://", r),
+        None => ("tern://", text.strip_prefix("http://").unwrap_or(text)),
+    };
+    let dummy = data_encoding::BASE64URL_NOPAD.encode(&[0u8; 32]);
+    let explicit_port = {
+        let authority = rest.split('/').next().unwrap_or("");
+        let after_v6 = authority.rsplit(']').next().unwrap_or(authority);
+        after_v6.contains(':')
+    };
+    let parsed: RelayAddress = format!("{scheme}{dummy}@{rest}")
+        .parse()
+        .map_err(|_| bad())?;
+    Ok(PublicAddress {
+        transport: parsed.transport,
+        host: parsed.host,
+        port: explicit_port.then_some(parsed.port),
+        path: parsed.path,
+    })
+}
+
 fn make_address(
     key: [u8; 32],
     addr: SocketAddr,
+    public: Option<&str>,
     access_key: Option<String>,
 ) -> Result<RelayAddress, RelayError> {
     if addr.port() == 0 {
@@ -75,25 +119,62 @@ fn make_address(
         ));
     }
     let mut a = RelayAddress::new(advertised_host(addr.ip()), addr.port(), key);
+    if let Some(p) = public {
+        let p = public_host(p)?;
+        a.transport = p.transport;
+        a.host = p.host;
+        a.port = p.port.unwrap_or(match p.transport {
+            Transport::Http => addr.port(),
+            Transport::Https => 443,
+        });
+        a.path = p.path;
+    }
     a.access_key = access_key;
     Ok(a)
 }
 
 /// The address of the relay whose data directory is `data_dir`, for
-/// `tern relay address`: reads the existing identity only, creates nothing.
-/// The host follows the same rule as [`Server::address`].
+/// `tern relay address`: what `tern relay serve` printed last (it keeps it
+/// in the data directory), or, for a relay that never ran, the address it
+/// would print for `listen`. Reads only; creates nothing.
 pub fn load_address(
     data_dir: &Path,
     access_key: Option<String>,
     listen: SocketAddr,
 ) -> Result<RelayAddress, RelayError> {
-    let mut cfg = ServeConfig::new(listen, data_dir);
-    cfg.access_key = access_key;
-    cfg.validate()?;
     let identity = identity::load(data_dir)?.ok_or_else(|| RelayError::NoIdentity {
         path: identity::identity_path(data_dir),
     })?;
-    make_address(identity.public(), listen, cfg.access_key)
+    if let Ok(text) = std::fs::read_to_string(data_dir.join(ADDRESS_FILE)) {
+        if let Ok(mut a) = text.trim().parse::<RelayAddress>() {
+            if a.key == identity.public() {
+                if access_key.is_some() {
+                    a.access_key = access_key;
+                }
+                return Ok(a);
+            }
+        }
+    }
+    make_address(identity.public(), listen, None, access_key)
+}
+
+/// Remembers the address `serve` prints, so that `tern relay address`
+/// prints the same. Written atomically; the access key is kept too (the
+/// file is the operator's, mode 0600, beside the identity key).
+fn save_address(data_dir: &Path, address: &RelayAddress) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = data_dir.join(".address.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{address}")?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, data_dir.join(ADDRESS_FILE))
 }
 
 /// Makes [`Server::run`] return: stops accepting, lets in-flight requests
@@ -136,40 +217,6 @@ pub fn shutdown_on_signals(handle: ShutdownHandle) -> Result<(), RelayError> {
     Ok(())
 }
 
-/// Work for the pool.
-pub(crate) enum Job {
-    Request {
-        token: usize,
-        serial: u32,
-        body: Vec<u8>,
-    },
-    Resume {
-        token: usize,
-        serial: u32,
-        wait: Wait,
-        last: bool,
-    },
-}
-
-/// What the other threads tell the event loop.
-pub(crate) enum LoopEvent {
-    Done {
-        token: usize,
-        serial: u32,
-        outcome: Outcome,
-    },
-    Wake(u64),
-}
-
-/// Identifies one request on one connection to the long-poll registry.
-pub(crate) fn ticket(token: usize, serial: u32) -> u64 {
-    ((token as u64) << 32) | u64::from(serial)
-}
-
-pub(crate) fn unticket(t: u64) -> (usize, u32) {
-    ((t >> 32) as usize, t as u32)
-}
-
 /// A bound relay, ready to [`run`](Server::run).
 pub struct Server {
     cfg: ServeConfig,
@@ -205,30 +252,54 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let local = listener.local_addr()?;
-        let address = make_address(identity.public(), local, cfg.access_key.clone())?;
+        let address = make_address(
+            identity.public(),
+            local,
+            cfg.public_address.as_deref(),
+            cfg.address_key(),
+        )?;
+        if let Err(e) = save_address(&cfg.data_dir, &address) {
+            warning!("could not remember the relay's address in the data directory: {e}");
+        }
 
         let (events_tx, events_rx) = mpsc::channel();
         let wake_tx = events_tx.clone();
         let wake_waker = Arc::clone(&waker);
         let policy = Policy {
-            access_key: cfg.access_key.clone(),
+            access_keys: cfg.access_keys.clone(),
             ttl_secs: u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX),
             max_pending: cfg.max_pending,
-            max_wait_ms: u32::try_from(cfg.max_wait.as_millis()).unwrap_or(u32::MAX),
+            max_data_bytes: cfg.max_data_bytes,
+            max_open_queues: cfg.max_open_queues,
+            unsecured_days: cfg.unsecured_days,
+            create_rate_connection: cfg.create_rate_connection,
+            create_rate_address: cfg.create_rate_address,
+            max_subscriptions: cfg.max_subscriptions,
+            max_window: cfg.max_window,
+            session_push_budget: cfg.session_push_budget,
         };
         let handler = Handler::new(
-            identity,
+            identity.secret_bytes(),
             store,
             policy,
-            now_ms(),
-            Box::new(move |t| {
-                if wake_tx.send(LoopEvent::Wake(t)).is_ok() {
+            Box::new(move |ticket, queue, gone| {
+                if wake_tx
+                    .send(LoopEvent::Wake {
+                        ticket,
+                        queue,
+                        gone,
+                    })
+                    .is_ok()
+                {
                     let _ = wake_waker.wake();
                 }
             }),
         )
         .with_hooks(cfg.hooks.clone());
-        let page = page::render(&address, cfg.access_key.is_none()).into_bytes();
+        if let Err(e) = handler.measure() {
+            warning!("could not measure the database: {e}");
+        }
+        let page = page::render(&address, cfg.access_keys.is_empty()).into_bytes();
         let mut cfg = cfg;
         cfg.max_connections = connection_cap(cfg.max_connections);
         Ok(Server {
@@ -247,7 +318,8 @@ impl Server {
     }
 
     /// `tern://KEY[:ACCESS]@HOST:PORT` with the port actually bound. The host
-    /// is the bound IP, or loopback if bound to 0.0.0.0 / [::].
+    /// is the public address if one was given, else the bound IP, or
+    /// loopback if bound to 0.0.0.0 / [::].
     pub fn address(&self) -> RelayAddress {
         self.address.clone()
     }
@@ -284,7 +356,7 @@ impl Server {
         info!(
             "relay listening on {} ({} for new queues)",
             listener.local_addr()?,
-            if cfg.access_key.is_none() {
+            if cfg.access_keys.is_empty() {
                 "open"
             } else {
                 "access key needed"
@@ -384,51 +456,68 @@ fn worker_loop(
             rx.recv()
         };
         let Ok(job) = job else { return };
-        let (token, serial, outcome) = match job {
-            Job::Request {
+        let event = match job {
+            Job::Handshake {
                 token,
                 serial,
-                body,
-            } => {
-                let out = handler.handle(&body, now_ms(), ticket(token, serial));
-                (token, serial, out)
-            }
-            Job::Resume {
+                origin,
+                msg1,
+            } => LoopEvent::Handshaken {
                 token,
                 serial,
-                wait,
-                last,
+                result: handler.handshake(&msg1, ticket(token, serial), origin).ok(),
+            },
+            Job::Process {
+                token,
+                serial,
+                mut state,
+                messages,
+                wakes,
             } => {
-                let out = handler.resume(wait, now_ms(), ticket(token, serial), last);
-                (token, serial, out)
+                let out = handler.process(&mut state, &messages, &wakes, now_ms());
+                LoopEvent::Processed {
+                    token,
+                    serial,
+                    state,
+                    messages: out.messages,
+                    close: out.close,
+                }
             }
         };
-        if events
-            .send(LoopEvent::Done {
-                token,
-                serial,
-                outcome,
-            })
-            .is_err()
-        {
-            // The event loop is gone (shutdown grace expired); nothing to answer.
+        if let Err(mpsc::SendError(event)) = events.send(event) {
+            // The event loop is gone (shutdown grace expired).
+            if let LoopEvent::Processed { state, .. } = event {
+                handler.end_session(&state);
+            }
             continue;
         }
         let _ = waker.wake();
     }
 }
 
+/// How often the database size (the high-water mark's input) is measured.
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
 fn maintenance_loop(handler: &Handler, every: Duration, stop: &Receiver<()>) {
+    let mut until_purge = Duration::ZERO;
     loop {
-        match handler.purge(now_ms()) {
-            Ok(0) => {}
-            Ok(n) => info!("deleted {n} expired messages"),
-            Err(e) => error!("purging expired messages failed: {e}"),
+        if until_purge.is_zero() {
+            match handler.purge(now_ms()) {
+                Ok((0, 0)) => {}
+                Ok((m, q)) => info!("deleted {m} expired messages and {q} expired queues"),
+                Err(e) => error!("purging expired messages failed: {e}"),
+            }
+            if let Err(e) = handler.checkpoint() {
+                warning!("truncating the database log failed: {e}");
+            }
+            until_purge = every;
         }
-        if let Err(e) = handler.checkpoint() {
-            warning!("truncating the database log failed: {e}");
+        if let Err(e) = handler.measure() {
+            warning!("measuring the database failed: {e}");
         }
-        match stop.recv_timeout(every) {
+        let pause = MEASURE_EVERY.min(until_purge);
+        until_purge -= pause;
+        match stop.recv_timeout(pause) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }

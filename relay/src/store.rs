@@ -7,10 +7,13 @@
 //! queues(id           random 63-bit row id, not a creation counter
 //!        recipient_hash SHA-256 of the recipient id (the id itself is never stored)
 //!        sender_hash    SHA-256 of the sender id
-//!        recipient_auth Ed25519 key that signs FETCH/ACK/SECURE/DELETE
+//!        recipient_auth Ed25519 key that signs SUB/ACK/SECURE/DELETE
 //!        queue_secret   X25519(relay queue key, recipient key): encrypts deliveries
 //!        sender_auth    Ed25519 key that signs SEND, once the queue is secured
-//!        unsigned_used  whether the one unsigned SEND has been accepted)
+//!        unsigned_used  whether the one unsigned SEND has been accepted
+//!        key_id         which access key created it (a hash), for quotas; NULL on an open relay
+//!        day            the day (Unix days) it was created or last used, for expiry only:
+//!                       never finer than a day, updated at most once a day)
 //! messages(id         random row id, so row order says nothing about arrival order
 //!          queue_id, seq  FIFO position within its queue only
 //!          msg_id     the relay's random 16-byte message id
@@ -18,7 +21,8 @@
 //!          body       delivery_seal(queue_secret, msg_id, message): never the uploaded bytes)
 //! ```
 //!
-//! No addresses, no activity times, no counters. Deleted rows are overwritten
+//! No addresses, no activity times finer than the day that expiry needs, no
+//! counters. Deleted rows are overwritten
 //! (`secure_delete`), and the WAL is truncated periodically.
 //!
 //! All writes go through one writer thread that batches whatever requests are
@@ -52,11 +56,11 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::log::error;
-use crate::wire::Id;
+use tern_wire::Id;
 
 /// The file name of the queue database inside the data directory.
 pub const DB_FILE: &str = "relay.db";
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Upper bound on operations per transaction, so one commit never holds
 /// replies back for long.
 const MAX_BATCH: usize = 256;
@@ -70,7 +74,9 @@ CREATE TABLE IF NOT EXISTS queues (
     recipient_auth BLOB NOT NULL,
     queue_secret BLOB NOT NULL,
     sender_auth BLOB,
-    unsigned_used INTEGER NOT NULL DEFAULT 0
+    unsigned_used INTEGER NOT NULL DEFAULT 0,
+    key_id INTEGER,
+    day INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
@@ -83,6 +89,15 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_fifo ON messages(queue_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages(queue_id, msg_id);
 CREATE INDEX IF NOT EXISTS messages_expiry ON messages(received_hour);
+CREATE INDEX IF NOT EXISTS queues_key ON queues(key_id);
+CREATE INDEX IF NOT EXISTS queues_day ON queues(day);
+";
+
+/// From schema 1 (before quotas and queue expiry): existing queues count as
+/// used today, so none of them expires sooner than a new one would.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE queues ADD COLUMN key_id INTEGER;
+ALTER TABLE queues ADD COLUMN day INTEGER NOT NULL DEFAULT 0;
 ";
 
 #[derive(Debug, Clone, Error)]
@@ -113,6 +128,8 @@ pub struct QueueRow {
     pub queue_secret: Zeroizing<[u8; 32]>,
     pub sender_auth: Option<[u8; 32]>,
     pub unsigned_used: bool,
+    /// The day it was created or last used (see the module docs).
+    pub day: i64,
 }
 
 pub struct NewQueue {
@@ -120,11 +137,27 @@ pub struct NewQueue {
     pub sender_hash: [u8; 32],
     pub recipient_auth: [u8; 32],
     pub queue_secret: Zeroizing<[u8; 32]>,
+    /// The access key it was created with, if any (a hash of it).
+    pub key_id: Option<i64>,
+    /// Most queues `key_id` (or, without one, all keyless queues) may have.
+    pub max_queues: u64,
+    pub day: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created(QueueRef),
+    /// The ids collide with an existing queue: draw new ones.
+    Collision,
+    /// The access key (or the open relay) has as many queues as allowed.
+    Quota,
 }
 
 /// A pending message, as stored (already encrypted for the recipient).
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredMessage {
+    /// FIFO position within its queue.
+    pub seq: i64,
     pub msg_id: Id,
     pub received_hour: i64,
     pub body: Vec<u8>,
@@ -147,6 +180,8 @@ pub struct NewMessage {
     pub max_pending: u32,
     /// Messages with `received_hour <= expired_upto` do not count.
     pub expired_upto: i64,
+    /// Today, to mark the queue used.
+    pub day: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,20 +197,17 @@ pub enum SecureOutcome {
     Auth,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOutcome {
+    Deleted,
     NoMessage,
-    /// The message was deleted; this is the next pending one, if any.
-    Next(Option<StoredMessage>),
 }
 
-impl AckOutcome {
-    /// `None` for [`AckOutcome::NoMessage`], else the next message if any.
-    pub fn next(self) -> Option<Option<StoredMessage>> {
-        match self {
-            AckOutcome::NoMessage => None,
-            AckOutcome::Next(m) => Some(m),
-        }
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    /// `if_empty` was asked and a live message is there.
+    NotEmpty,
 }
 
 /// The last `received_hour` that is expired at `now_secs`: a message is live
@@ -184,6 +216,23 @@ pub fn expired_upto(now_secs: u64, ttl_secs: u64) -> i64 {
     let limit = i128::from(now_secs) - i128::from(ttl_secs);
     let hour = limit.div_euclid(3600);
     i64::try_from(hour).unwrap_or(i64::MIN)
+}
+
+/// A write handed to the writer thread; [`Pending::wait`] returns its result
+/// once the transaction that carried it has committed. Submitting several
+/// before waiting for any lets them share one commit.
+pub struct Pending<R>(Receiver<Result<R, StoreError>>);
+
+impl<R> Pending<R> {
+    pub fn wait(self) -> Result<R, StoreError> {
+        self.0.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    fn failed(e: StoreError) -> Self {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let _ = tx.send(Err(e));
+        Pending(rx)
+    }
 }
 
 /// A handle to the store; clones share the writer thread and reader pool.
@@ -237,6 +286,12 @@ impl Store {
         if version > SCHEMA_VERSION {
             return Err(StoreError::Schema(version));
         }
+        if version == 1 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_1_TO_2} UPDATE queues SET day = {}; COMMIT;",
+                today()
+            ))?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
 
@@ -280,33 +335,18 @@ impl Store {
         Ok(result?)
     }
 
-    /// Runs `f` in the writer's next transaction and returns its result once
-    /// that transaction is committed.
-    fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    /// Runs `f` in the writer's next transaction; the result comes once that
+    /// transaction is committed. `Lazy` operations (whose loss in a power
+    /// cut is harmless, see the module docs) let their batch skip the fsync
+    /// unless another operation in it needs one.
+    fn submit<R, F>(&self, durability: Durability, f: F) -> Pending<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
-        self.write_with(Durability::Durable, f)
-    }
-
-    /// [`Store::write`] for operations whose loss in a power cut is harmless
-    /// (see the module docs): their batch skips the fsync unless another
-    /// operation in it needs one.
-    fn write_lazy<R, F>(&self, f: F) -> Result<R, StoreError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
-    {
-        self.write_with(Durability::Lazy, f)
-    }
-
-    fn write_with<R, F>(&self, durability: Durability, f: F) -> Result<R, StoreError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
-    {
-        let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
+        let Some(writer) = self.inner.writer.as_ref() else {
+            return Pending::failed(StoreError::Closed);
+        };
         let (reply, result) = mpsc::sync_channel(1);
         let job = Box::new(Op {
             f: Some(f),
@@ -314,8 +354,10 @@ impl Store {
             result: None,
             reply,
         });
-        writer.send(job).map_err(|_| StoreError::Closed)?;
-        result.recv().unwrap_or(Err(StoreError::Closed))
+        if writer.send(job).is_err() {
+            return Pending::failed(StoreError::Closed);
+        }
+        Pending(result)
     }
 
     pub fn queue_by_recipient(
@@ -329,26 +371,64 @@ impl Store {
         self.read(|c| queue_where(c, "sender_hash", sender_hash))
     }
 
-    /// The oldest live message of `queue`.
-    pub fn oldest_message(
+    /// Up to `limit` live messages of `queue` queued after position
+    /// `after_seq` (0: from the start), oldest first.
+    pub fn messages_after(
         &self,
         queue: QueueRef,
+        after_seq: i64,
         expired_upto: i64,
-    ) -> Result<Option<StoredMessage>, StoreError> {
-        self.read(|c| oldest(c, queue, expired_upto))
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT seq, msg_id, received_hour, body FROM messages
+                 WHERE queue_id = ?1 AND seq > ?2 AND received_hour > ?3 ORDER BY seq LIMIT ?4",
+            )?
+            .query_map(
+                params![queue, after_seq, expired_upto, limit as i64],
+                stored_message,
+            )?
+            .collect()
+        })
     }
 
-    /// Inserts a queue; `None` if its ids collide with an existing queue
-    /// (the caller draws new ones).
-    pub fn create_queue(&self, q: NewQueue) -> Result<Option<QueueRef>, StoreError> {
-        self.write(move |c| {
+    /// Whether message `msg_id` is still in `queue` (live or expired).
+    pub fn has_message(&self, queue: QueueRef, msg_id: &Id) -> Result<bool, StoreError> {
+        self.read(|c| seq_of(c, queue, msg_id).map(|s| s.is_some()))
+    }
+
+    /// How many live messages `queue` holds.
+    pub fn count_live(&self, queue: QueueRef, expired_upto: i64) -> Result<u32, StoreError> {
+        self.read(|c| live_count(c, queue, expired_upto))
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Inserts a queue, unless its ids collide or the quota is used up.
+    pub fn create_queue(&self, q: NewQueue) -> Pending<CreateOutcome> {
+        self.submit(Durability::Durable, move |c| {
+            let count: i64 = match q.key_id {
+                Some(k) => c
+                    .prepare_cached("SELECT count(*) FROM queues WHERE key_id = ?1")?
+                    .query_row([k], |r| r.get(0))?,
+                None => c
+                    .prepare_cached("SELECT count(*) FROM queues WHERE key_id IS NULL")?
+                    .query_row([], |r| r.get(0))?,
+            };
+            if u64::try_from(count).unwrap_or(0) >= q.max_queues {
+                return Ok(CreateOutcome::Quota);
+            }
             let id = (OsRng.next_u64() >> 1) as i64;
             let n = c.prepare_cached(
-                "INSERT OR IGNORE INTO queues (id, recipient_hash, sender_hash, recipient_auth, queue_secret)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR IGNORE INTO queues (id, recipient_hash, sender_hash, recipient_auth, queue_secret, key_id, day)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![id, q.recipient_hash, q.sender_hash, q.recipient_auth, &q.queue_secret[..]])?;
-            Ok((n == 1).then_some(id))
+            .execute(params![id, q.recipient_hash, q.sender_hash, q.recipient_auth, &q.queue_secret[..], q.key_id, q.day])?;
+            Ok(if n == 1 {
+                CreateOutcome::Created(id)
+            } else {
+                CreateOutcome::Collision
+            })
         })
     }
 
@@ -357,8 +437,9 @@ impl Store {
         &self,
         queue: QueueRef,
         sender_auth: [u8; 32],
-    ) -> Result<SecureOutcome, StoreError> {
-        self.write(move |c| {
+        day: i64,
+    ) -> Pending<SecureOutcome> {
+        self.submit(Durability::Durable, move |c| {
             let current: Option<Option<[u8; 32]>> = c
                 .prepare_cached("SELECT sender_auth FROM queues WHERE id = ?1")?
                 .query_row([queue], |r| r.get(0))
@@ -368,8 +449,8 @@ impl Store {
                 Some(Some(k)) if k == sender_auth => SecureOutcome::Secured,
                 Some(Some(_)) => SecureOutcome::Auth,
                 Some(None) => {
-                    c.prepare_cached("UPDATE queues SET sender_auth = ?2 WHERE id = ?1")?
-                        .execute(params![queue, sender_auth])?;
+                    c.prepare_cached("UPDATE queues SET sender_auth = ?2, day = ?3 WHERE id = ?1")?
+                        .execute(params![queue, sender_auth, day])?;
                     SecureOutcome::Secured
                 }
             })
@@ -379,13 +460,13 @@ impl Store {
     /// Appends a message, re-checking authorisation and the quota inside the
     /// transaction so concurrent SENDs cannot both take the last slot or both
     /// use the one unsigned message.
-    pub fn send(&self, m: NewMessage) -> Result<SendOutcome, StoreError> {
-        self.write(move |c| {
-            let row: Option<(Option<[u8; 32]>, bool)> = c
-                .prepare_cached("SELECT sender_auth, unsigned_used FROM queues WHERE id = ?1")?
-                .query_row([m.queue], |r| Ok((r.get(0)?, r.get(1)?)))
+    pub fn send(&self, m: NewMessage) -> Pending<SendOutcome> {
+        self.submit(Durability::Durable, move |c| {
+            let row: Option<(Option<[u8; 32]>, bool, i64)> = c
+                .prepare_cached("SELECT sender_auth, unsigned_used, day FROM queues WHERE id = ?1")?
+                .query_row([m.queue], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            let Some((sender_auth, unsigned_used)) = row else {
+            let Some((sender_auth, unsigned_used, day)) = row else {
                 return Ok(SendOutcome::Auth);
             };
             let allowed = match m.auth {
@@ -395,12 +476,7 @@ impl Store {
             if !allowed {
                 return Ok(SendOutcome::Auth);
             }
-            let pending: i64 = c
-                .prepare_cached(
-                    "SELECT count(*) FROM messages WHERE queue_id = ?1 AND received_hour > ?2",
-                )?
-                .query_row(params![m.queue, m.expired_upto], |r| r.get(0))?;
-            if pending >= i64::from(m.max_pending) {
+            if live_count(c, m.queue, m.expired_upto)? >= i64::from(m.max_pending) {
                 return Ok(SendOutcome::QueueFull);
             }
             let seq: i64 = c
@@ -424,86 +500,118 @@ impl Store {
                 c.prepare_cached("UPDATE queues SET unsigned_used = 1 WHERE id = ?1")?
                     .execute([m.queue])?;
             }
+            // A message (the handshake's first one included) counts as use:
+            // an invitation that was answered waits for its inviter anew.
+            if day < m.day {
+                c.prepare_cached("UPDATE queues SET day = ?2 WHERE id = ?1")?
+                    .execute(params![m.queue, m.day])?;
+            }
             Ok(SendOutcome::Stored)
         })
     }
 
-    /// Deletes message `msg_id` and returns the next live one.
-    pub fn ack(
-        &self,
-        queue: QueueRef,
-        msg_id: Id,
-        expired_upto: i64,
-    ) -> Result<AckOutcome, StoreError> {
-        self.write_lazy(move |c| {
+    /// Marks a secured queue used today (a recipient reading it).
+    pub fn touch(&self, queue: QueueRef, day: i64) -> Pending<()> {
+        self.submit(Durability::Lazy, move |c| {
+            c.prepare_cached(
+                "UPDATE queues SET day = ?2 WHERE id = ?1 AND day < ?2 AND sender_auth IS NOT NULL",
+            )?
+            .execute(params![queue, day])?;
+            Ok(())
+        })
+    }
+
+    /// Deletes message `msg_id`.
+    pub fn ack(&self, queue: QueueRef, msg_id: Id) -> Pending<AckOutcome> {
+        self.submit(Durability::Lazy, move |c| {
             let n = c
                 .prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND msg_id = ?2")?
                 .execute(params![queue, msg_id])?;
-            if n == 0 {
-                return Ok(AckOutcome::NoMessage);
-            }
-            Ok(AckOutcome::Next(oldest(c, queue, expired_upto)?))
+            Ok(if n == 0 {
+                AckOutcome::NoMessage
+            } else {
+                AckOutcome::Deleted
+            })
         })
     }
 
     /// Deletes message `msg_id` and every message queued before it, live or
-    /// expired, and returns the next live one. Messages queued later keep
-    /// their place: the FIFO position (`seq`) only grows while a queue holds
-    /// messages, so nothing can slip in before `msg_id` after it was read.
-    pub fn ack_up_to(
-        &self,
-        queue: QueueRef,
-        msg_id: Id,
-        expired_upto: i64,
-    ) -> Result<AckOutcome, StoreError> {
-        self.write_lazy(move |c| {
+    /// expired. Messages queued later keep their place: the FIFO position
+    /// (`seq`) only grows while a queue holds messages, so nothing can slip
+    /// in before `msg_id` after it was read.
+    pub fn ack_up_to(&self, queue: QueueRef, msg_id: Id) -> Pending<AckOutcome> {
+        self.submit(Durability::Lazy, move |c| {
             let Some(seq) = seq_of(c, queue, &msg_id)? else {
                 return Ok(AckOutcome::NoMessage);
             };
             c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
                 .execute(params![queue, seq])?;
-            Ok(AckOutcome::Next(oldest(c, queue, expired_upto)?))
+            Ok(AckOutcome::Deleted)
         })
     }
 
-    /// The oldest live message queued after message `after`; `None` in the
-    /// outer option if `after` is not in the queue (acknowledged meanwhile).
-    pub fn message_after(
+    /// Removes a queue and everything in it (with `if_empty`, only if it
+    /// holds no live message).
+    pub fn delete_queue(
         &self,
         queue: QueueRef,
-        after: Id,
+        if_empty: bool,
         expired_upto: i64,
-    ) -> Result<Option<Option<StoredMessage>>, StoreError> {
-        self.read(|c| {
-            let Some(seq) = seq_of(c, queue, &after)? else {
-                return Ok(None);
-            };
-            c.prepare_cached(
-                "SELECT msg_id, received_hour, body FROM messages
-                 WHERE queue_id = ?1 AND seq > ?2 AND received_hour > ?3 ORDER BY seq LIMIT 1",
-            )?
-            .query_row(params![queue, seq, expired_upto], stored_message)
-            .optional()
-            .map(Some)
-        })
-    }
-
-    /// Removes a queue and everything in it.
-    pub fn delete_queue(&self, queue: QueueRef) -> Result<(), StoreError> {
-        self.write(move |c| {
+    ) -> Pending<DeleteOutcome> {
+        self.submit(Durability::Durable, move |c| {
+            if if_empty && live_count(c, queue, expired_upto)? > 0 {
+                return Ok(DeleteOutcome::NotEmpty);
+            }
             c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
                 .execute([queue])?;
             c.prepare_cached("DELETE FROM queues WHERE id = ?1")?
                 .execute([queue])?;
-            Ok(())
+            Ok(DeleteOutcome::Deleted)
         })
     }
 
     /// Deletes every expired message; returns how many.
     pub fn purge_expired(&self, expired_upto: i64) -> Result<usize, StoreError> {
-        self.write_lazy(move |c| {
+        self.submit(Durability::Lazy, move |c| {
             c.prepare_cached("DELETE FROM messages WHERE received_hour <= ?1")?
                 .execute([expired_upto])
+        })
+        .wait()
+    }
+
+    /// Deletes queues never secured since before day `unsecured_before`, and
+    /// secured queues unused since before day `idle_before`, with their
+    /// messages; returns the ids of the deleted queues.
+    pub fn expire_queues(
+        &self,
+        unsecured_before: i64,
+        idle_before: i64,
+    ) -> Result<Vec<QueueRef>, StoreError> {
+        self.submit(Durability::Durable, move |c| {
+            let gone: Vec<QueueRef> = c
+                .prepare_cached(
+                    "SELECT id FROM queues WHERE (sender_auth IS NULL AND day < ?1) OR day < ?2",
+                )?
+                .query_map(params![unsecured_before, idle_before], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for q in &gone {
+                c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
+                    .execute([q])?;
+                c.prepare_cached("DELETE FROM queues WHERE id = ?1")?
+                    .execute([q])?;
+            }
+            Ok(gone)
+        })
+        .wait()
+    }
+
+    /// Bytes the database uses (pages in use, not free ones).
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
         })
     }
 
@@ -518,6 +626,25 @@ impl Store {
     }
 }
 
+/// Days since the Unix epoch, the only clock the store keeps.
+pub fn today() -> i64 {
+    day_of(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// The Unix day of `secs` seconds since the epoch.
+pub fn day_of(secs: u64) -> i64 {
+    i64::try_from(secs / 86_400).unwrap_or(i64::MAX)
+}
+
+fn live_count(c: &Connection, queue: QueueRef, expired_upto: i64) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT count(*) FROM messages WHERE queue_id = ?1 AND received_hour > ?2")?
+        .query_row(params![queue, expired_upto], |r| r.get(0))
+}
+
 fn queue_where(
     c: &Connection,
     column: &str,
@@ -525,7 +652,7 @@ fn queue_where(
 ) -> rusqlite::Result<Option<QueueRow>> {
     // `column` is one of two constants, never input.
     let sql = format!(
-        "SELECT id, recipient_auth, queue_secret, sender_auth, unsigned_used FROM queues WHERE {column} = ?1"
+        "SELECT id, recipient_auth, queue_secret, sender_auth, unsigned_used, day FROM queues WHERE {column} = ?1"
     );
     c.prepare_cached(&sql)?
         .query_row([hash], |r| {
@@ -535,6 +662,7 @@ fn queue_where(
                 queue_secret: Zeroizing::new(r.get(2)?),
                 sender_auth: r.get(3)?,
                 unsigned_used: r.get(4)?,
+                day: r.get(5)?,
             })
         })
         .optional()
@@ -542,23 +670,11 @@ fn queue_where(
 
 fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
-        msg_id: r.get(0)?,
-        received_hour: r.get(1)?,
-        body: r.get(2)?,
+        seq: r.get(0)?,
+        msg_id: r.get(1)?,
+        received_hour: r.get(2)?,
+        body: r.get(3)?,
     })
-}
-
-fn oldest(
-    c: &Connection,
-    queue: QueueRef,
-    expired_upto: i64,
-) -> rusqlite::Result<Option<StoredMessage>> {
-    c.prepare_cached(
-        "SELECT msg_id, received_hour, body FROM messages
-         WHERE queue_id = ?1 AND received_hour > ?2 ORDER BY seq LIMIT 1",
-    )?
-    .query_row(params![queue, expired_upto], stored_message)
-    .optional()
 }
 
 /// The FIFO position of message `msg_id` in `queue`, if it is there.
@@ -696,16 +812,23 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), S
 mod tests {
     use super::*;
 
+    fn new_queue(n: u8, key_id: Option<i64>, max_queues: u64) -> NewQueue {
+        NewQueue {
+            recipient_hash: [n; 32],
+            sender_hash: [n + 100; 32],
+            recipient_auth: [1; 32],
+            queue_secret: Zeroizing::new([2; 32]),
+            key_id,
+            max_queues,
+            day: 100,
+        }
+    }
+
     fn queue(store: &Store, n: u8) -> QueueRef {
-        store
-            .create_queue(NewQueue {
-                recipient_hash: [n; 32],
-                sender_hash: [n + 100; 32],
-                recipient_auth: [1; 32],
-                queue_secret: Zeroizing::new([2; 32]),
-            })
-            .unwrap()
-            .unwrap()
+        match store.create_queue(new_queue(n, None, 10)).wait().unwrap() {
+            CreateOutcome::Created(q) => q,
+            other => panic!("{other:?}"),
+        }
     }
 
     fn msg(queue: QueueRef, id: u8, auth: SendAuth, hour: i64) -> NewMessage {
@@ -717,7 +840,12 @@ mod tests {
             body: vec![id; 10],
             max_pending: 3,
             expired_upto: 0,
+            day: 101,
         }
+    }
+
+    fn ids(v: Vec<StoredMessage>) -> Vec<u8> {
+        v.into_iter().map(|m| m.msg_id[0]).collect()
     }
 
     #[test]
@@ -725,99 +853,105 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
         let q = queue(&store, 1);
+        let mut dup = new_queue(1, None, 10);
+        dup.sender_hash = [9; 32];
         assert_eq!(
-            store
-                .create_queue(NewQueue {
-                    recipient_hash: [1; 32],
-                    sender_hash: [9; 32],
-                    recipient_auth: [1; 32],
-                    queue_secret: Zeroizing::new([2; 32]),
-                })
-                .unwrap(),
-            None
+            store.create_queue(dup).wait().unwrap(),
+            CreateOutcome::Collision
         );
+        let send = |m| store.send(m).wait().unwrap();
+        assert_eq!(send(msg(q, 1, SendAuth::Unsigned, 10)), SendOutcome::Stored);
+        assert_eq!(send(msg(q, 2, SendAuth::Unsigned, 10)), SendOutcome::Auth);
         assert_eq!(
-            store.send(msg(q, 1, SendAuth::Unsigned, 10)).unwrap(),
-            SendOutcome::Stored
-        );
-        assert_eq!(
-            store.send(msg(q, 2, SendAuth::Unsigned, 10)).unwrap(),
+            send(msg(q, 2, SendAuth::Signed([5; 32]), 10)),
             SendOutcome::Auth
         );
-        assert_eq!(
-            store
-                .send(msg(q, 2, SendAuth::Signed([5; 32]), 10))
-                .unwrap(),
-            SendOutcome::Auth
-        );
-        assert_eq!(store.secure(q, [5; 32]).unwrap(), SecureOutcome::Secured);
-        assert_eq!(store.secure(q, [5; 32]).unwrap(), SecureOutcome::Secured);
-        assert_eq!(store.secure(q, [6; 32]).unwrap(), SecureOutcome::Auth);
-        for id in 2..=3 {
-            assert_eq!(
-                store
-                    .send(msg(q, id, SendAuth::Signed([5; 32]), 10))
-                    .unwrap(),
-                SendOutcome::Stored
-            );
+        let secure = |k| store.secure(q, k, 101).wait().unwrap();
+        assert_eq!(secure([5; 32]), SecureOutcome::Secured);
+        assert_eq!(secure([5; 32]), SecureOutcome::Secured);
+        assert_eq!(secure([6; 32]), SecureOutcome::Auth);
+        // Several writes submitted before any is waited for share a commit.
+        let pending: Vec<_> = (2..=3)
+            .map(|id| store.send(msg(q, id, SendAuth::Signed([5; 32]), 10)))
+            .collect();
+        for p in pending {
+            assert_eq!(p.wait().unwrap(), SendOutcome::Stored);
         }
         assert_eq!(
-            store
-                .send(msg(q, 4, SendAuth::Signed([5; 32]), 10))
-                .unwrap(),
+            send(msg(q, 4, SendAuth::Signed([5; 32]), 10)),
             SendOutcome::QueueFull
         );
-        assert_eq!(store.oldest_message(q, 0).unwrap().unwrap().msg_id, [1; 16]);
-        assert!(matches!(
-            store.ack(q, [9; 16], 0).unwrap(),
-            AckOutcome::NoMessage
-        ));
-        match store.ack(q, [1; 16], 0).unwrap() {
-            AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [2; 16]),
-            _ => panic!("expected the next message"),
-        }
-        // Reading ahead, then acknowledging the run read.
         assert_eq!(
-            store
-                .message_after(q, [2; 16], 0)
-                .unwrap()
-                .unwrap()
-                .unwrap()
-                .msg_id,
-            [3; 16]
+            ids(store.messages_after(q, 0, 0, 10).unwrap()),
+            vec![1, 2, 3]
         );
-        assert!(store
-            .message_after(q, [3; 16], 0)
-            .unwrap()
-            .unwrap()
-            .is_none());
-        assert!(store.message_after(q, [1; 16], 0).unwrap().is_none());
-        assert!(matches!(
-            store.ack_up_to(q, [1; 16], 0).unwrap(),
-            AckOutcome::NoMessage
-        ));
+        assert_eq!(store.count_live(q, 0).unwrap(), 3);
+        assert_eq!(store.ack(q, [9; 16]).wait().unwrap(), AckOutcome::NoMessage);
+        assert_eq!(store.ack(q, [1; 16]).wait().unwrap(), AckOutcome::Deleted);
+        let rest = store.messages_after(q, 0, 0, 1).unwrap();
+        assert_eq!(ids(rest.clone()), vec![2]);
         assert_eq!(
-            store
-                .send(msg(q, 4, SendAuth::Signed([5; 32]), 10))
-                .unwrap(),
+            ids(store.messages_after(q, rest[0].seq, 0, 10).unwrap()),
+            vec![3]
+        );
+        assert_eq!(
+            store.ack_up_to(q, [1; 16]).wait().unwrap(),
+            AckOutcome::NoMessage
+        );
+        assert_eq!(
+            send(msg(q, 4, SendAuth::Signed([5; 32]), 10)),
             SendOutcome::Stored
         );
-        match store.ack_up_to(q, [3; 16], 0).unwrap() {
-            AckOutcome::Next(Some(m)) => assert_eq!(m.msg_id, [4; 16]),
-            _ => panic!("expected the message queued after the run"),
-        }
         assert_eq!(
-            store
-                .send(msg(q, 5, SendAuth::Signed([5; 32]), 10))
-                .unwrap(),
-            SendOutcome::Stored
+            store.ack_up_to(q, [3; 16]).wait().unwrap(),
+            AckOutcome::Deleted
+        );
+        assert_eq!(ids(store.messages_after(q, 0, 0, 10).unwrap()), vec![4]);
+        assert_eq!(
+            store.delete_queue(q, true, 0).wait().unwrap(),
+            DeleteOutcome::NotEmpty
         );
         // Expired messages are neither delivered nor counted.
-        assert!(store.oldest_message(q, 10).unwrap().is_none());
-        assert_eq!(store.purge_expired(10).unwrap(), 2);
-        store.delete_queue(q).unwrap();
+        assert!(store.messages_after(q, 0, 10, 10).unwrap().is_empty());
+        assert_eq!(store.count_live(q, 10).unwrap(), 0);
+        assert_eq!(store.purge_expired(10).unwrap(), 1);
+        assert_eq!(
+            store.delete_queue(q, true, 0).wait().unwrap(),
+            DeleteOutcome::Deleted
+        );
         assert!(store.queue_by_recipient(&[1; 32]).unwrap().is_none());
         store.checkpoint().unwrap();
+        assert!(store.size_bytes().unwrap() > 0);
+    }
+
+    #[test]
+    fn quotas_per_access_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
+        let create = |n, key| store.create_queue(new_queue(n, key, 2)).wait().unwrap();
+        assert!(matches!(create(1, Some(7)), CreateOutcome::Created(_)));
+        assert!(matches!(create(2, Some(7)), CreateOutcome::Created(_)));
+        assert_eq!(create(3, Some(7)), CreateOutcome::Quota);
+        assert!(matches!(create(4, Some(8)), CreateOutcome::Created(_)));
+        assert!(matches!(create(5, None), CreateOutcome::Created(_)));
+    }
+
+    #[test]
+    fn unsecured_and_idle_queues_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
+        let unsecured = queue(&store, 1);
+        let secured = queue(&store, 2);
+        assert_eq!(
+            store.secure(secured, [5; 32], 100).wait().unwrap(),
+            SecureOutcome::Secured
+        );
+        // Day 100 is not before day 100: nothing goes.
+        assert!(store.expire_queues(100, 90).unwrap().is_empty());
+        assert_eq!(store.expire_queues(101, 90).unwrap(), vec![unsecured]);
+        store.touch(secured, 120).wait().unwrap();
+        assert!(store.expire_queues(121, 120).unwrap().is_empty());
+        assert_eq!(store.expire_queues(121, 121).unwrap(), vec![secured]);
     }
 
     #[test]

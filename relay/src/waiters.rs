@@ -1,10 +1,11 @@
-//! Long-poll waiters: which parked FETCH requests to wake when a queue gets a
-//! message.
+//! Subscriptions waiting for messages: which sessions to wake when a queue
+//! gets a message, or goes away.
 //!
-//! A FETCH registers its ticket *before* it looks for a message, and a SEND
-//! notifies only *after* its transaction is committed. So a message committed
-//! while the FETCH was looking is either seen by the look or triggers a wake:
-//! it is never missed. Tickets are opaque to this module; the server maps
+//! A SUB registers its session *before* it first looks for messages, and a
+//! SEND notifies only *after* its transaction is committed. So a message
+//! committed while the SUB was looking is either seen by the look or
+//! triggers a wake: it is never missed. Registrations stay until the
+//! session unsubscribes or ends. Tickets are opaque here; the server maps
 //! them back to connections.
 
 use std::collections::HashMap;
@@ -12,8 +13,8 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::store::QueueRef;
 
-/// Called with a ticket when its queue may have a message.
-pub type WakeFn = Box<dyn Fn(u64) + Send + Sync>;
+/// Called with a session's ticket, the queue, and whether the queue is gone.
+pub type WakeFn = Box<dyn Fn(u64, QueueRef, bool) + Send + Sync>;
 
 pub struct Waiters {
     map: Mutex<HashMap<QueueRef, Vec<u64>>>,
@@ -28,8 +29,12 @@ impl Waiters {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<QueueRef, Vec<u64>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn register(&self, queue: QueueRef, ticket: u64) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.lock();
         let list = map.entry(queue).or_default();
         if !list.contains(&ticket) {
             list.push(ticket);
@@ -37,7 +42,7 @@ impl Waiters {
     }
 
     pub fn cancel(&self, queue: QueueRef, ticket: u64) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.lock();
         if let Some(list) = map.get_mut(&queue) {
             list.retain(|t| *t != ticket);
             if list.is_empty() {
@@ -46,25 +51,24 @@ impl Waiters {
         }
     }
 
-    /// Wakes (and forgets) every waiter on `queue`.
+    /// Wakes every session subscribed to `queue` (they stay subscribed).
     pub fn notify(&self, queue: QueueRef) {
-        let tickets = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&queue);
+        let tickets = self.lock().get(&queue).cloned();
         for t in tickets.into_iter().flatten() {
-            (self.wake)(t);
+            (self.wake)(t, queue, false);
         }
     }
 
-    /// Number of registered waiters (for tests and diagnostics).
+    /// Wakes and forgets every session subscribed to `queue`: it was deleted.
+    pub fn notify_gone(&self, queue: QueueRef) {
+        let tickets = self.lock().remove(&queue);
+        for t in tickets.into_iter().flatten() {
+            (self.wake)(t, queue, true);
+        }
+    }
+
+    /// Number of registered subscriptions (for tests and diagnostics).
     pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(Vec::len)
-            .sum()
+        self.lock().values().map(Vec::len).sum()
     }
 }

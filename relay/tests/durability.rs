@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use tern_relay::address::Host;
-use tern_relay::wire::{ErrorCode, Reply};
-use tern_relay::{load_address, RelayError, ServeConfig, Server};
+use tern_relay::{load_address, AccessKey, RelayError, ServeConfig, Server};
+use tern_wire::address::Host;
+use tern_wire::frame::FrameBuilder;
+use tern_wire::{ErrorCode, Reply, Request};
 
 /// Every file under `dir`, read whole.
 fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -33,19 +34,6 @@ fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Drains a queue, acknowledging as it goes; returns the bodies in order.
-fn drain(c: &mut Client, q: &Queue) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut reply = c.request(&q.fetch(0), Some(&q.recipient_key));
-    while let Reply::Message { .. } = reply {
-        let (id, body) = q.open(&reply);
-        out.push(body);
-        reply = c.request(&q.ack(id), Some(&q.recipient_key));
-    }
-    assert_eq!(reply, Reply::Empty);
-    out
 }
 
 #[test]
@@ -73,21 +61,46 @@ fn restart_delivers_every_acknowledged_message_exactly_once() {
                 (q.clone(), acked.clone(), attempted.clone(), stop.clone());
             let addr = relay.addr;
             std::thread::spawn(move || {
-                let mut c = Client::new(addr, key);
+                let Ok(mut c) = Client::try_new(addr, key) else {
+                    return;
+                };
                 while !stop.load(Ordering::SeqCst) {
-                    let m = message();
-                    attempted.lock().unwrap().push(m.clone());
-                    let (block, rkey) =
-                        seal_request(&key, &q.send(&m), Some(&q.sender_key), now_ms());
-                    if c.conn.send_post(&block).is_err() {
-                        return;
+                    // Four SENDs a frame, so that commits are shared.
+                    let batch: Vec<Vec<u8>> = (0..4).map(|_| message()).collect();
+                    attempted.lock().unwrap().extend(batch.iter().cloned());
+                    let hash = c.hash();
+                    let mut frames = FrameBuilder::new();
+                    for (i, m) in batch.iter().enumerate() {
+                        let mut rec = Vec::new();
+                        Request::encode(
+                            i as u32 + 1,
+                            &q.send(m),
+                            &hash,
+                            Some(&q.sender_key),
+                            &mut rec,
+                        );
+                        frames.push(&rec);
                     }
-                    match c.conn.read_response() {
-                        Ok(r) if r.status == 200 => match open_response(&rkey, &r.body).reply {
-                            Reply::Ok => acked.lock().unwrap().push(m),
-                            other => panic!("SEND answered {other:?}"),
-                        },
-                        _ => return, // the relay closed the connection
+                    for f in frames.finish() {
+                        let sealed = c.seal(&f);
+                        if c.send_raw(sealed).is_err() {
+                            return;
+                        }
+                    }
+                    let mut answered = 0;
+                    while answered < batch.len() {
+                        let Ok(records) = c.read_frame() else {
+                            return; // the relay closed the session
+                        };
+                        for (tag, reply) in records {
+                            match reply {
+                                Reply::Ok => {
+                                    acked.lock().unwrap().push(batch[tag as usize - 1].clone())
+                                }
+                                other => panic!("SEND answered {other:?}"),
+                            }
+                            answered += 1;
+                        }
                     }
                 }
             })
@@ -107,7 +120,7 @@ fn restart_delivers_every_acknowledged_message_exactly_once() {
     let relay = Relay::start(dir.path(), |_| {});
     assert_eq!(relay.key(), key, "the identity survives a restart");
     let mut c = relay.client();
-    let delivered = drain(&mut c, &q);
+    let delivered = drain_acking(&mut c, &q);
     let mut count: HashMap<&[u8], usize> = HashMap::new();
     for d in &delivered {
         *count.entry(d.as_slice()).or_default() += 1;
@@ -124,12 +137,12 @@ fn restart_delivers_every_acknowledged_message_exactly_once() {
         assert!(attempted.contains(d));
         assert_eq!(count[d.as_slice()], 1);
     }
-    assert!(delivered.len() <= acked.len() + 6);
+    assert!(delivered.len() <= acked.len() + 6 * 4);
     // And after acknowledging, a restart delivers nothing again.
     relay.stop();
     let relay = Relay::start(dir.path(), |_| {});
     let mut c = relay.client();
-    assert_eq!(c.request(&q.fetch(0), Some(&q.recipient_key)), Reply::Empty);
+    assert_eq!(c.request(&q.check(), None), Reply::Count(0));
     relay.stop();
 }
 
@@ -146,7 +159,9 @@ fn nothing_readable_at_rest() {
     for m in &msgs {
         assert_eq!(c.request(&q.send(m), Some(&q.sender_key)), Reply::Ok);
     }
-    let delivered = c.request(&q.fetch(0), Some(&q.recipient_key));
+    let tag = c.submit(&[(q.sub(1), Some(&q.recipient_key))])[0];
+    assert_eq!(c.wait_for(tag), Reply::Ok);
+    let delivered = c.wait_for(tag);
     let Reply::Message {
         body: stored_form, ..
     } = &delivered
@@ -212,7 +227,7 @@ fn identity_file_address_and_single_instance() {
         Err(RelayError::NoIdentity { .. })
     ));
 
-    let relay = Relay::start(&data, |cfg| cfg.access_key = Some("k3y".into()));
+    let relay = Relay::start(&data, |cfg| cfg.access_keys = vec![AccessKey::new("k3y")]);
     let key_file = data.join("identity.key");
     let meta = std::fs::metadata(&key_file).unwrap();
     assert_eq!(meta.len(), 32);
@@ -227,16 +242,21 @@ fn identity_file_address_and_single_instance() {
     );
     assert_eq!(relay.address.access_key.as_deref(), Some("k3y"));
 
-    // `tern relay address` reads the same identity.
-    let a = load_address(&data, Some("k3y".into()), relay.addr).unwrap();
+    // `tern relay address` prints what `serve` printed.
+    let a = load_address(&data, None, "0.0.0.0:5223".parse().unwrap()).unwrap();
     assert_eq!(a, relay.address);
-    let unspecified = load_address(&data, None, "0.0.0.0:5223".parse().unwrap()).unwrap();
+    assert_eq!(a.access_key.as_deref(), Some("k3y"));
+    let fresh = dir.path().join("never-served");
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::copy(&key_file, fresh.join("identity.key")).unwrap();
+    // A relay that never ran: the address it would print for `listen`.
+    let unspecified = load_address(&fresh, None, "0.0.0.0:5223".parse().unwrap()).unwrap();
     assert_eq!(unspecified.host, Host::V4(Ipv4Addr::LOCALHOST));
     assert_eq!((unspecified.port, unspecified.key), (5223, relay.key()));
     assert_eq!(unspecified.access_key, None);
-    let v6 = load_address(&data, None, "[::]:5223".parse().unwrap()).unwrap();
+    let v6 = load_address(&fresh, None, "[::]:5223".parse().unwrap()).unwrap();
     assert!(v6.to_string().ends_with("@[::1]:5223"));
-    assert!(load_address(&data, None, "127.0.0.1:0".parse().unwrap()).is_err());
+    assert!(load_address(&fresh, None, "127.0.0.1:0".parse().unwrap()).is_err());
 
     // A second relay on the same directory is refused.
     let second = Server::bind(ServeConfig::new("127.0.0.1:0".parse().unwrap(), &data));
@@ -248,7 +268,7 @@ fn identity_file_address_and_single_instance() {
 
     // Bad configuration is refused with a message.
     let mut cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), &data);
-    cfg.access_key = Some("no spaces".into());
+    cfg.access_keys = vec![AccessKey::new("no spaces")];
     match Server::bind(cfg) {
         Err(e @ RelayError::Config(_)) => assert!(e.to_string().contains("access key")),
         Err(e) => panic!("{e}"),
@@ -274,9 +294,75 @@ fn deleted_queue_is_gone_after_restart() {
     relay.stop();
     let relay = Relay::start(dir.path(), |_| {});
     let mut c = relay.client();
+    assert_eq!(c.request(&q.check(), None), Reply::Error(ErrorCode::Auth));
+    relay.stop();
+}
+
+#[test]
+fn the_public_address_is_printed_and_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |cfg| {
+        cfg.public_address = Some("relay.example.org".into())
+    });
+    // The port of the listening socket, the host the operator gave.
+    assert_eq!(relay.address.host, Host::Name("relay.example.org".into()));
+    assert_eq!(relay.address.port, relay.addr.port());
+    let port = relay.addr.port();
+    relay.stop();
+    let a = load_address(dir.path(), None, "127.0.0.1:5223".parse().unwrap()).unwrap();
+    assert_eq!(a.host, Host::Name("relay.example.org".into()));
+    assert_eq!(a.port, port);
+
+    let relay = Relay::start(dir.path(), |cfg| {
+        cfg.public_address = Some("https://app.example.net/tern".into())
+    });
     assert_eq!(
-        c.request(&q.fetch(0), Some(&q.recipient_key)),
-        Reply::Error(ErrorCode::Auth)
+        relay.address.to_string(),
+        format!(
+            "tern+https://{}@app.example.net:443/tern",
+            data_encoding::BASE64URL_NOPAD.encode(&relay.key())
+        )
+    );
+    relay.stop();
+    let mut cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    cfg.public_address = Some("not a host".into());
+    assert!(matches!(Server::bind(cfg), Err(RelayError::Config(_))));
+}
+
+#[test]
+fn beyond_the_high_water_mark_new_queues_and_messages_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for the first messages only.
+    let relay = Relay::start(dir.path(), |cfg| cfg.max_data_bytes = 200_000);
+    let mut c = relay.client();
+    let q = secured_queue(&mut c);
+    let mut refused = None;
+    for i in 0..40 {
+        match c.request(&q.send(&message()), Some(&q.sender_key)) {
+            Reply::Ok => {}
+            Reply::Error(ErrorCode::Unavailable) => {
+                refused = Some(i);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let n = refused.expect("the relay kept taking messages past its high-water mark");
+    assert!(n >= 3, "refused after {n} messages");
+    let (cmd, key, _) = create_command(None);
+    assert_eq!(
+        c.request(&cmd, Some(&key)),
+        Reply::Error(ErrorCode::Unavailable)
+    );
+    // Deliveries still work, and make room again once measured.
+    let got = drain_acking(&mut c, &q);
+    assert_eq!(got.len(), n);
+    relay.stop();
+    let relay = Relay::start(dir.path(), |cfg| cfg.max_data_bytes = 200_000);
+    let mut c = relay.client();
+    assert_eq!(
+        c.request(&q.send(&message()), Some(&q.sender_key)),
+        Reply::Ok
     );
     relay.stop();
 }

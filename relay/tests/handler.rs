@@ -1,80 +1,122 @@
-//! The handler with an injected clock: freshness windows, TTL expiry and
-//! long-poll wake-ups, without sleeping and without sockets.
+//! The handler with an injected clock: TTL expiry, queue expiry and
+//! subscription wake-ups, without sleeping and without sockets.
 
 mod common;
 
 use std::sync::mpsc;
 
-use common::{message, seal_request};
+use common::message;
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
-use tern_relay::handler::{Handler, Outcome, Policy};
-use tern_relay::seal::{self, RelayIdentity, ResponseKey};
-use tern_relay::store::Store;
-use tern_relay::wire::{Command, ErrorCode, Reply, Response};
+use tern_relay::config::{DEFAULT_CREATE_RATE_ADDRESS, DEFAULT_CREATE_RATE_CONNECTION};
+use tern_relay::handler::{Handler, Policy, SessionState};
+use tern_relay::limits::Origin;
+use tern_relay::store::{QueueRef, Store};
+use tern_wire::delivery::{delivery_open, queue_secret};
+use tern_wire::frame::{parse_replies, FrameBuilder};
+use tern_wire::{ClientHandshake, Command, ErrorCode, Reply, Request, Session};
 use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
 const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
 /// 2024-01-01 00:10:00 UTC: ten minutes into an hour.
 const T0: u64 = 1_704_067_800_000;
 
 struct Fixture {
     handler: Handler,
-    key: [u8; 32],
-    wakes: mpsc::Receiver<u64>,
+    state: Box<SessionState>,
+    client: Session,
+    wakes: mpsc::Receiver<(u64, QueueRef, bool)>,
+    next_tag: u32,
     _dir: tempfile::TempDir,
+}
+
+fn policy() -> Policy {
+    Policy {
+        access_keys: Vec::new(),
+        ttl_secs: 2 * 3600,
+        max_pending: 2,
+        max_data_bytes: u64::MAX,
+        max_open_queues: 1000,
+        unsecured_days: 1,
+        create_rate_connection: DEFAULT_CREATE_RATE_CONNECTION,
+        create_rate_address: DEFAULT_CREATE_RATE_ADDRESS,
+        max_subscriptions: 16,
+        max_window: 8,
+        session_push_budget: 16,
+    }
 }
 
 fn fixture(policy: Policy) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("relay.db")).unwrap();
-    let identity = RelayIdentity::generate(&mut OsRng);
-    let key = identity.public();
+    let secret = StaticSecret::random_from_rng(OsRng);
+    let public = PublicKey::from(&secret).to_bytes();
     let (tx, wakes) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let handler = Handler::new(
-        identity,
+        Zeroizing::new(secret.to_bytes()),
         store,
         policy,
-        T0,
-        Box::new(move |t| {
-            let _ = tx.lock().unwrap().send(t);
+        Box::new(move |t, q, gone| {
+            let _ = tx.lock().unwrap().send((t, q, gone));
         }),
     );
+    let (hs, msg1) = ClientHandshake::start(&public, &mut OsRng).unwrap();
+    let (state, msg2) = handler
+        .handshake(&msg1, 42, Origin::of("127.0.0.1".parse().unwrap()))
+        .unwrap();
+    let (client, _) = hs.finish(&msg2).unwrap();
     Fixture {
         handler,
-        key,
+        state,
+        client,
         wakes,
+        next_tag: 1,
         _dir: dir,
     }
 }
 
-fn policy() -> Policy {
-    Policy {
-        access_key: None,
-        ttl_secs: 2 * 3600,
-        max_pending: 2,
-        max_wait_ms: 30_000,
-    }
-}
-
-fn reply(key: &ResponseKey, outcome: Outcome) -> Response {
-    match outcome {
-        Outcome::Reply(block) => Response::decode(&key.open_response(&block).unwrap()).unwrap(),
-        Outcome::Reject => panic!("rejected"),
-        Outcome::Wait(_) => panic!("unexpected wait"),
-    }
-}
-
 impl Fixture {
-    /// Sends `cmd` stamped `time_ms`, received by the relay at `now_ms`.
-    fn at(&self, cmd: &Command, signer: Option<&SigningKey>, time_ms: u64, now_ms: u64) -> Reply {
-        let (block, key) = seal_request(&self.key, cmd, signer, time_ms);
-        reply(&key, self.handler.handle(&block, now_ms, 0)).reply
+    /// Runs one job at `now_ms` with these commands and wakes; returns every
+    /// record it produced.
+    fn job(
+        &mut self,
+        cmds: &[(&Command, Option<&SigningKey>)],
+        wakes: &[(QueueRef, bool)],
+        now_ms: u64,
+    ) -> Vec<(u32, Reply)> {
+        let mut frames = FrameBuilder::new();
+        for (cmd, key) in cmds {
+            let mut rec = Vec::new();
+            Request::encode(self.next_tag, cmd, self.client.hash(), *key, &mut rec);
+            self.next_tag += 1;
+            frames.push(&rec);
+        }
+        let messages: Vec<Vec<u8>> = frames
+            .finish()
+            .iter()
+            .map(|f| self.client.seal(f).unwrap())
+            .collect();
+        let out = self
+            .handler
+            .process(&mut self.state, &messages, wakes, now_ms);
+        assert!(!out.close);
+        out.messages
+            .iter()
+            .flat_map(|m| parse_replies(&self.client.open(m).unwrap()).unwrap())
+            .collect()
     }
 
-    fn now(&self, cmd: &Command, signer: Option<&SigningKey>, now_ms: u64) -> Reply {
-        self.at(cmd, signer, now_ms, now_ms)
+    fn now(&mut self, cmd: &Command, key: Option<&SigningKey>, now_ms: u64) -> Reply {
+        let tag = self.next_tag;
+        let records = self.job(&[(cmd, key)], &[], now_ms);
+        records
+            .into_iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, r)| r)
+            .expect("an answer")
     }
 }
 
@@ -86,7 +128,7 @@ struct Q {
     secret: [u8; 32],
 }
 
-fn create(f: &Fixture, now: u64) -> Q {
+fn create(f: &mut Fixture, now: u64, secure: bool) -> Q {
     let rkey = SigningKey::generate(&mut OsRng);
     let dh = StaticSecret::random_from_rng(OsRng);
     let cmd = Command::Create {
@@ -107,13 +149,15 @@ fn create(f: &Fixture, now: u64) -> Q {
         sid: sender_id,
         rkey,
         skey: SigningKey::generate(&mut OsRng),
-        secret: *seal::queue_secret(&dh, &relay_dh).unwrap(),
+        secret: *queue_secret(&dh, &relay_dh).unwrap(),
     };
-    let secure = Command::Secure {
-        recipient_id: q.rid,
-        sender_auth: q.skey.verifying_key().to_bytes(),
-    };
-    assert_eq!(f.now(&secure, Some(&q.rkey), now), Reply::Ok);
+    if secure {
+        let cmd = Command::Secure {
+            recipient_id: q.rid,
+            sender_auth: q.skey.verifying_key().to_bytes(),
+        };
+        assert_eq!(f.now(&cmd, Some(&q.rkey), now), Reply::Ok);
+    }
     q
 }
 
@@ -124,59 +168,23 @@ fn send(q: &Q, m: &[u8]) -> Command {
     }
 }
 
-fn fetch(q: &Q, wait_ms: u32) -> Command {
-    Command::Fetch {
+fn sub(q: &Q) -> Command {
+    Command::Subscribe {
         recipient_id: q.rid,
-        wait_ms,
+        window: 8,
     }
 }
 
-#[test]
-fn freshness_window_boundaries() {
-    let f = fixture(policy());
-    let now = T0 + 10 * 60_000;
-    let info = |t| f.at(&Command::Info, None, t, now);
-    assert!(matches!(info(now - 60_000), Reply::Info(_)));
-    assert_eq!(info(now - 60_001), Reply::Error(ErrorCode::Stale));
-    assert!(matches!(info(now + 60_000), Reply::Info(_)));
-    assert_eq!(info(now + 60_001), Reply::Error(ErrorCode::Stale));
-    // Never earlier than the relay's start, even inside the window.
-    let just_started = T0 + 1000;
-    assert_eq!(
-        f.at(&Command::Info, None, T0 - 1, just_started),
-        Reply::Error(ErrorCode::Stale)
-    );
-    assert!(matches!(
-        f.at(&Command::Info, None, T0, just_started),
-        Reply::Info(_)
-    ));
-
-    // A replay is refused for as long as it would otherwise be fresh.
-    let (block, key) = seal_request(&f.key, &Command::Info, None, now);
-    assert!(matches!(
-        reply(&key, f.handler.handle(&block, now, 0)).reply,
-        Reply::Info(_)
-    ));
-    for later in [now, now + 1, now + 59_999, now + 60_000] {
-        let r = reply(&key, f.handler.handle(&block, later, 0));
-        assert_eq!(
-            r.reply,
-            Reply::Error(ErrorCode::Stale),
-            "at +{}",
-            later - now
-        );
-        assert_eq!(r.time_ms, later, "responses carry the relay's clock");
+fn check(q: &Q) -> Command {
+    Command::Check {
+        recipient_id: q.rid,
     }
-    assert_eq!(
-        reply(&key, f.handler.handle(&block, now + 600_000, 0)).reply,
-        Reply::Error(ErrorCode::Stale)
-    );
 }
 
 #[test]
 fn expired_messages_are_never_delivered_nor_counted() {
-    let f = fixture(policy());
-    let q = create(&f, T0);
+    let mut f = fixture(policy());
+    let q = create(&mut f, T0, true);
     let (a, b) = (message(), message());
     assert_eq!(f.now(&send(&q, &a), Some(&q.skey), T0), Reply::Ok);
     assert_eq!(f.now(&send(&q, &b), Some(&q.skey), T0), Reply::Ok);
@@ -188,103 +196,125 @@ fn expired_messages_are_never_delivered_nor_counted() {
     // Received in hour H (rounded down); with a two-hour TTL it is live until
     // H + 2h, i.e. 1h50 after T0.
     let live = T0 + HOUR_MS + 49 * 60_000;
-    match f.now(&fetch(&q, 0), Some(&q.rkey), live) {
-        Reply::Message {
-            msg_id,
-            received_at,
-            body,
-        } => {
-            assert_eq!(received_at, (T0 / HOUR_MS) * 3600);
-            assert_eq!(seal::delivery_open(&q.secret, &msg_id, &body).unwrap(), a);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(f.now(&check(&q), None, live), Reply::Count(2));
     let expired = T0 + 2 * HOUR_MS - 10 * 60_000;
-    assert_eq!(f.now(&fetch(&q, 0), Some(&q.rkey), expired), Reply::Empty);
-    // Expired messages free the quota even before they are purged.
+    assert_eq!(f.now(&check(&q), None, expired), Reply::Count(0));
+    // Expired messages free the quota even before they are purged...
     assert_eq!(
         f.now(&send(&q, &message()), Some(&q.skey), expired),
         Reply::Ok
     );
-    assert_eq!(f.handler.purge(expired).unwrap(), 2);
-    assert!(matches!(
-        f.now(&fetch(&q, 0), Some(&q.rkey), expired),
-        Reply::Message { .. }
-    ));
+    assert_eq!(f.handler.purge(expired).unwrap(), (2, 0));
+    // ...and are never pushed: only the new one is.
+    let records = f.job(&[(&sub(&q), Some(&q.rkey))], &[], expired);
+    let pushed: Vec<&Reply> = records
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| matches!(r, Reply::Message { .. }))
+        .collect();
+    assert_eq!(pushed.len(), 1);
+    if let Reply::Message {
+        msg_id,
+        received_at,
+        body,
+    } = pushed[0]
+    {
+        assert_eq!(*received_at, (expired / HOUR_MS) * 3600);
+        assert!(delivery_open(&q.secret, msg_id, body).is_ok());
+    }
+    let _ = (a, b);
 }
 
 #[test]
-fn long_poll_wakes_and_deadlines() {
-    let f = fixture(policy());
-    let q = create(&f, T0);
-    let now = T0 + 1000;
-
-    // Nothing there: the FETCH parks, with the deadline capped by policy.
-    let (block, key) = seal_request(&f.key, &fetch(&q, 90_000), Some(&q.rkey), now);
-    let Outcome::Wait(wait) = f.handler.handle(&block, now, 77) else {
-        panic!("expected a wait")
-    };
-    assert_eq!(wait.deadline_ms(), now + 30_000);
-    assert_eq!(f.handler.waiting(), 1);
-
-    // A SEND wakes ticket 77, and resuming finds the message.
-    let m = message();
-    assert_eq!(f.now(&send(&q, &m), Some(&q.skey), now + 10), Reply::Ok);
-    assert_eq!(f.wakes.try_recv(), Ok(77));
-    assert_eq!(f.handler.waiting(), 0);
-    let r = reply(&key, f.handler.resume(wait, now + 20, 77, false));
-    let Reply::Message { msg_id, body, .. } = r.reply else {
-        panic!("{:?}", r.reply)
-    };
-    assert_eq!(seal::delivery_open(&q.secret, &msg_id, &body).unwrap(), m);
-    let ack = Command::Ack {
-        recipient_id: q.rid,
-        msg_id,
-    };
-    assert_eq!(f.now(&ack, Some(&q.rkey), now + 30), Reply::Empty);
-
-    // At the deadline (or at shutdown) a parked FETCH gets EMPTY.
-    let (block, key) = seal_request(&f.key, &fetch(&q, 5_000), Some(&q.rkey), now + 40);
-    let Outcome::Wait(wait) = f.handler.handle(&block, now + 40, 78) else {
-        panic!("expected a wait")
-    };
-    let Outcome::Wait(wait) = f.handler.resume(wait, now + 1000, 78, false) else {
-        panic!("woken too early should wait again")
-    };
+fn subscriptions_are_woken_by_sends_and_deletes() {
+    let mut f = fixture(policy());
+    let q = create(&mut f, T0, true);
+    let records = f.job(&[(&sub(&q), Some(&q.rkey))], &[], T0);
     assert_eq!(
-        reply(&key, f.handler.resume(wait, now + 5_040, 78, false)).reply,
-        Reply::Empty
+        records.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+        vec![Reply::Ok, Reply::Idle]
     );
-    assert_eq!(f.handler.waiting(), 0);
-
-    // A cancelled waiter is not woken.
-    let (block, _) = seal_request(&f.key, &fetch(&q, 5_000), Some(&q.rkey), now + 50);
-    let Outcome::Wait(wait) = f.handler.handle(&block, now + 50, 79) else {
-        panic!("expected a wait")
-    };
-    f.handler.cancel(&wait, 79);
+    // A SEND, here on the same session for brevity, wakes the subscription.
+    let m = message();
+    assert_eq!(f.now(&send(&q, &m), Some(&q.skey), T0), Reply::Ok);
+    let (ticket, queue, gone) = f.wakes.try_recv().expect("a wake");
+    assert_eq!((ticket, gone), (42, false));
+    let records = f.job(&[], &[(queue, false)], T0);
+    match &records[..] {
+        [(_, Reply::Message { msg_id, body, .. }), (_, Reply::Idle)] => {
+            assert_eq!(delivery_open(&q.secret, msg_id, body).unwrap(), m);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A wake with nothing new pushes nothing.
+    assert!(f.job(&[], &[(queue, false)], T0).is_empty());
+    // Gone: the subscription ends.
+    let records = f.job(&[], &[(queue, true)], T0);
     assert_eq!(
-        f.now(&send(&q, &message()), Some(&q.skey), now + 60),
+        records.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+        vec![Reply::Ended]
+    );
+    assert_eq!(f.handler.subscriptions(), 0);
+}
+
+#[test]
+fn never_secured_and_idle_queues_expire() {
+    let mut f = fixture(policy());
+    let invitation = create(&mut f, T0, false);
+    let answered = create(&mut f, T0, false);
+    let used = create(&mut f, T0, true);
+    // The one unsigned message of a handshake counts as use, and reading
+    // keeps a secured queue alive.
+    assert_eq!(
+        f.now(&send(&answered, &message()), None, T0 + DAY_MS),
         Reply::Ok
     );
-    assert!(f.wakes.try_recv().is_err());
-
-    // wait_ms 0 never parks.
-    let (block, key) = seal_request(&f.key, &fetch(&q, 0), Some(&q.rkey), now + 70);
-    assert!(matches!(
-        reply(&key, f.handler.handle(&block, now + 70, 80)).reply,
-        Reply::Message { .. }
-    ));
+    let records = f.job(&[(&sub(&used), Some(&used.rkey))], &[], T0 + DAY_MS);
+    assert!(records.iter().any(|(_, r)| *r == Reply::Idle));
+    // A day later and a bit: the unanswered invitation's queue is gone.
+    assert_eq!(f.handler.purge(T0 + 2 * DAY_MS).unwrap().1, 1);
+    assert_eq!(
+        f.now(&check(&invitation), None, T0 + 2 * DAY_MS),
+        Reply::Error(ErrorCode::Auth)
+    );
+    // (its message expired with the two-hour TTL; the queue is still there)
+    assert_eq!(
+        f.now(&check(&answered), None, T0 + 2 * DAY_MS),
+        Reply::Count(0)
+    );
+    // Unused for the TTL (rounded up to a day), a secured queue goes too.
+    let records = f.job(&[(&sub(&used), Some(&used.rkey))], &[], T0 + 2 * DAY_MS);
+    assert!(records.iter().any(|(_, r)| *r == Reply::Idle));
+    assert_eq!(
+        f.handler.purge(T0 + 3 * DAY_MS).unwrap().1,
+        1,
+        "the answered, never secured one"
+    );
+    assert_eq!(f.now(&check(&used), None, T0 + 3 * DAY_MS), Reply::Count(0));
+    assert_eq!(f.handler.purge(T0 + 4 * DAY_MS).unwrap().1, 1);
+    assert_eq!(
+        f.now(&check(&used), None, T0 + 4 * DAY_MS),
+        Reply::Error(ErrorCode::Auth)
+    );
 }
 
 #[test]
-fn unopenable_blocks_are_rejected() {
-    let f = fixture(policy());
-    assert!(matches!(
-        f.handler.handle(&[0u8; 100], T0, 0),
-        Outcome::Reject
-    ));
-    let other = RelayIdentity::generate(&mut OsRng);
-    let (block, _) = seal_request(&other.public(), &Command::Info, None, T0);
-    assert!(matches!(f.handler.handle(&block, T0, 0), Outcome::Reject));
+fn one_bad_frame_ends_the_session_and_changes_nothing() {
+    let mut f = fixture(policy());
+    let q = create(&mut f, T0, true);
+    let mut rec = Vec::new();
+    Request::encode(
+        99,
+        &send(&q, &message()),
+        f.client.hash(),
+        Some(&q.skey),
+        &mut rec,
+    );
+    let mut frame = FrameBuilder::new();
+    frame.push(&rec);
+    let mut sealed = f.client.seal(&frame.finish()[0]).unwrap();
+    sealed[40] ^= 1;
+    let out = f.handler.process(&mut f.state, &[sealed], &[], T0);
+    assert!(out.close);
+    assert!(out.messages.is_empty());
 }

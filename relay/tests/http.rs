@@ -1,81 +1,65 @@
-//! The HTTP layer against hostile, broken and slow clients.
+//! The HTTP and WebSocket layers against hostile, broken and slow clients.
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
 use rand::rngs::OsRng;
 use rand::RngCore;
-use tern_relay::seal::BLOCK_LEN;
-use tern_relay::wire::{Command, Reply};
+use tern_relay::AccessKey;
+use tern_wire::session::{ClientHandshake, MSG1_LEN};
+use tern_wire::{Command, Reply};
+use tungstenite::Message;
 
 fn still_serving(relay: &Relay) {
     let mut c = relay.client();
     assert!(matches!(c.request(&Command::Info, None), Reply::Info(_)));
 }
 
+const UPGRADE: &str =
+    "GET /v2 HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
 #[test]
-fn oversized_and_wrongly_sized_bodies() {
+fn bodies_and_bad_heads_are_refused_from_the_head_alone() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
 
     // Announced as huge: refused on the head, the body is never read.
     let mut c = Conn::connect(relay.addr);
-    c.write_raw(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+    c.write_raw(b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
         .unwrap();
-    c.write_raw(&vec![7u8; 64 * 1024]).unwrap();
+    let _ = c.write_raw(&vec![7u8; 64 * 1024]);
     let r = c.read_response().unwrap();
     assert_eq!(r.status, 413);
     assert_eq!(r.header("connection"), Some("close"));
     assert!(c.closed_within(Duration::from_secs(5)));
 
-    let mut c = Conn::connect(relay.addr);
-    c.write_raw(
-        format!(
-            "POST /v1 HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            BLOCK_LEN + 1
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(c.read_response().unwrap().status, 413);
-
-    for len in [0, 1, BLOCK_LEN - 1] {
-        let mut c = Conn::connect(relay.addr);
-        let r = c.post(&vec![1u8; len]);
-        assert_eq!(r.status, 400, "length {len}");
-        assert!(r.body.is_empty());
-    }
-
-    // No Content-Length, or chunked: 411.
-    for head in [
-        "POST /v1 HTTP/1.1\r\nHost: x\r\n\r\n",
-        "POST /v1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    for (head, status) in [
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            411,
+        ),
+        ("GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", 400),
+        ("GET / HTTP/3\r\nHost: x\r\n\r\n", 505),
+        (&UPGRADE.replace("Version: 13", "Version: 12"), 426),
+        (&UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "AAAA"), 400),
+        ("GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n", 426),
     ] {
         let mut c = Conn::connect(relay.addr);
         c.write_raw(head.as_bytes()).unwrap();
-        assert_eq!(c.read_response().unwrap().status, 411);
+        assert_eq!(c.read_response().unwrap().status, status, "{head:?}");
     }
-
-    // A right-sized body of random bytes is not a sealed block: bare 400,
-    // and the connection stays open.
-    let mut c = Conn::connect(relay.addr);
-    let mut junk = vec![0u8; BLOCK_LEN];
-    OsRng.fill_bytes(&mut junk);
-    let r = c.post(&junk);
-    assert_eq!((r.status, r.body.len()), (400, 0));
-    assert_eq!(r.header("connection"), None);
-    junk[0] = 1;
-    assert_eq!(c.post(&junk).status, 400);
     still_serving(&relay);
     relay.stop();
 }
 
 #[test]
-fn garbage_and_truncated_requests() {
+fn garbage_before_and_after_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     // Short garbage can look like the start of a request: it is cut off by
     // the request timeout.
@@ -111,33 +95,65 @@ fn garbage_and_truncated_requests() {
         assert_eq!(r.status, 431);
     }
 
-    // Truncated: half a head, or a head and half a body, then hang up.
-    let (block, _) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-    for cut in [10, 60, 100 + BLOCK_LEN / 2] {
-        let mut s = TcpStream::connect(relay.addr).unwrap();
-        let mut req =
-            format!("POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: {BLOCK_LEN}\r\n\r\n")
-                .into_bytes();
-        req.extend_from_slice(&block);
-        s.write_all(&req[..cut]).unwrap();
-        drop(s);
+    // After the upgrade: raw bytes that are no WebSocket frame, a text
+    // message, a handshake of the wrong size, random handshake bytes, a
+    // message far over the limit. Each ends that connection, nothing else.
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(UPGRADE.as_bytes()).unwrap();
+    let mut head = [0u8; 129];
+    let n = s.read(&mut head).unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+    s.write_all(&[0xff; 64]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+
+    for msg in [
+        Message::Text("hello".into()),
+        Message::Binary(vec![1u8; 10].into()),
+        Message::Binary(vec![2u8; MSG1_LEN].into()),
+        Message::Binary(vec![3u8; 200_000].into()),
+    ] {
+        let mut ws = websocket(relay.addr);
+        let _ = ws.send(msg);
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        match ws.read() {
+            Ok(Message::Close(_)) | Err(_) => {}
+            Ok(other) => panic!("answered garbage with {other:?}"),
+        }
     }
+
+    // Truncated: half a head, half a handshake, then hang up.
+    for cut in [10, 60] {
+        let mut s = TcpStream::connect(relay.addr).unwrap();
+        s.write_all(&UPGRADE.as_bytes()[..cut]).unwrap();
+    }
+    let mut ws = websocket(relay.addr);
+    let (_, msg1) = ClientHandshake::start(&relay.key(), &mut OsRng).unwrap();
+    let _ = ws
+        .get_mut()
+        .write_all(&[0x82, 0x7e, 0x04, 0xd2, 1, 2, 3, 4]);
+    let _ = ws.get_mut().write_all(&msg1[..100]);
+    drop(ws);
     still_serving(&relay);
     relay.stop();
 }
 
 #[test]
-fn slow_and_idle_clients_are_cut_off() {
+fn slow_silent_and_idle_peers_are_cut_off_in_every_state() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |cfg| {
         cfg.request_timeout = Duration::from_millis(400);
         cfg.idle_timeout = Duration::from_millis(700);
+        cfg.subscribed_idle_timeout = Duration::from_millis(1200);
     });
 
-    // Slowloris: a request that trickles in never completes.
+    // Slowloris: a head that trickles in never completes.
     let mut c = Conn::connect(relay.addr);
     let start = Instant::now();
-    c.write_raw(b"POST /v1 HTTP/1.1\r\n").unwrap();
+    c.write_raw(b"GET / HTTP/1.1\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let _ = c.write_raw(b"Host: x\r\n");
     assert!(c.closed_within(Duration::from_secs(5)));
@@ -147,80 +163,54 @@ fn slow_and_idle_clients_are_cut_off() {
         "{took:?}"
     );
 
-    // A head with a body that stops halfway.
-    let mut c = Conn::connect(relay.addr);
-    c.write_raw(format!("POST /v1 HTTP/1.1\r\nContent-Length: {BLOCK_LEN}\r\n\r\n").as_bytes())
+    // Upgraded, but the handshake never comes.
+    let mut ws = websocket(relay.addr);
+    let start = Instant::now();
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    c.write_raw(&[0u8; 1000]).unwrap();
-    assert!(c.closed_within(Duration::from_secs(5)));
+    match ws.read() {
+        Ok(Message::Close(_)) | Err(_) => {}
+        Ok(other) => panic!("sent {other:?} before any handshake"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 
-    // Idle keep-alive connection.
+    // A session that says nothing.
     let mut c = relay.client();
     assert!(matches!(c.request(&Command::Info, None), Reply::Info(_)));
     let start = Instant::now();
-    assert!(c.conn.closed_within(Duration::from_secs(5)));
+    assert!(c.closed_within(Duration::from_secs(5)));
     assert!(start.elapsed() >= Duration::from_millis(600));
+
+    // A subscribed session lives longer, as long as it pings.
+    let mut c = relay.client();
+    let q = secured_queue(&mut c);
+    assert_eq!(c.request(&q.sub(1), Some(&q.recipient_key)), Reply::Ok);
+    assert_eq!(c.next().1, Reply::Idle);
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        c.request(&q.check(), None),
+        Reply::Count(0),
+        "alive after the plain idle timeout"
+    );
+    let start = Instant::now();
+    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(start.elapsed() >= Duration::from_millis(1000));
+
     still_serving(&relay);
     relay.stop();
 }
 
 #[test]
-fn keep_alive_pipelining_and_expect_continue() {
+fn operator_page_keep_alive_and_404() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
-
-    // Two requests in one write: two responses, in order.
-    let mut c = Conn::connect(relay.addr);
-    let (b1, k1) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-    let (b2, k2) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-    let mut both = Vec::new();
-    for b in [&b1, &b2] {
-        both.extend_from_slice(
-            format!("POST /v1 HTTP/1.1\r\nContent-Length: {BLOCK_LEN}\r\n\r\n").as_bytes(),
-        );
-        both.extend_from_slice(b);
-    }
-    c.write_raw(&both).unwrap();
-    for k in [&k1, &k2] {
-        let r = c.read_response().unwrap();
-        assert!(matches!(open_response(k, &r.body).reply, Reply::Info(_)));
-    }
-
-    // Expect: 100-continue gets the interim response before the body.
-    let mut c = Conn::connect(relay.addr);
-    let (b, k) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-    c.write_raw(
-        format!("POST /v1 HTTP/1.1\r\nContent-Length: {BLOCK_LEN}\r\nExpect: 100-continue\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut interim = [0u8; 25];
-    std::io::Read::read_exact(&mut c.stream(), &mut interim).unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
-    c.write_raw(&b).unwrap();
-    let r = c.read_response().unwrap();
-    assert!(matches!(open_response(&k, &r.body).reply, Reply::Info(_)));
-
-    // HTTP/1.0 and Connection: close end the connection after the response.
-    for version_and_header in ["HTTP/1.0\r\n", "HTTP/1.1\r\nConnection: close\r\n"] {
-        let mut c = Conn::connect(relay.addr);
-        let (b, _) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-        let mut req = format!("POST /v1 {version_and_header}Content-Length: {BLOCK_LEN}\r\n\r\n")
-            .into_bytes();
-        req.extend_from_slice(&b);
-        c.write_raw(&req).unwrap();
-        let r = c.read_response().unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(r.header("connection"), Some("close"));
-        assert!(c.closed_within(Duration::from_secs(5)));
-    }
-    relay.stop();
-}
-
-#[test]
-fn operator_page_and_404() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |cfg| cfg.access_key = Some("s3cret-key".into()));
+    let relay = Relay::start(dir.path(), |cfg| {
+        cfg.access_keys = vec![AccessKey::new("s3cret-key")]
+    });
     let mut c = Conn::connect(relay.addr);
     let r = c.get("/");
     assert_eq!(r.status, 200);
@@ -233,11 +223,10 @@ fn operator_page_and_404() {
     assert!(page.contains("Closed"));
 
     for req in [
-        "GET /v1 HTTP/1.1\r\n\r\n",
-        "GET /index.html HTTP/1.1\r\n\r\n",
-        "POST /v2 HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
-        "DELETE / HTTP/1.1\r\n\r\n",
-        "GET /v1/../ HTTP/1.1\r\n\r\n",
+        "GET /v1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n",
+        "DELETE / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /v2/../ HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
         c.write_raw(req.as_bytes()).unwrap();
         let r = c.read_response().unwrap();
@@ -246,11 +235,24 @@ fn operator_page_and_404() {
     }
     // Still the same keep-alive connection.
     assert_eq!(c.get("/").status, 200);
+    // HTTP/1.0 and Connection: close end the connection after the response.
+    for version_and_header in [
+        "HTTP/1.0\r\n",
+        "HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+    ] {
+        let mut c = Conn::connect(relay.addr);
+        c.write_raw(format!("GET / {version_and_header}\r\n").as_bytes())
+            .unwrap();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.closed_within(Duration::from_secs(5)));
+    }
     relay.stop();
 }
 
 #[test]
-fn connection_cap() {
+fn connection_caps_in_all_and_per_address() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |cfg| cfg.max_connections = 3);
     let mut held: Vec<Client> = (0..3).map(|_| relay.client()).collect();
@@ -267,18 +269,66 @@ fn connection_cap() {
     held.pop();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut c = relay.client();
-        let (b, k) = seal_request(&relay.key(), &Command::Info, None, now_ms());
-        if c.conn.send_post(&b).is_ok() {
-            if let Ok(r) = c.conn.read_response() {
-                if r.status == 200 {
-                    assert!(matches!(open_response(&k, &r.body).reply, Reply::Info(_)));
-                    break;
-                }
+        if let Ok(mut c) = Client::try_new(relay.addr, relay.key()) {
+            if matches!(c.request(&Command::Info, None), Reply::Info(_)) {
+                break;
             }
         }
         assert!(Instant::now() < deadline, "capacity never came back");
         std::thread::sleep(Duration::from_millis(50));
     }
+    relay.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |cfg| cfg.max_connections_per_address = 2);
+    let _a = relay.client();
+    let _b = relay.client();
+    let mut extra = Conn::connect(relay.addr);
+    if let Ok(r) = extra.read_response() {
+        assert_eq!(r.status, 503);
+    }
+    drop(_a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Client::try_new(relay.addr, relay.key()).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the address's capacity never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.stop();
+}
+
+#[test]
+fn thousands_of_sessions_opened_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |_| {});
+    let key = relay.key();
+    let addr = relay.addr;
+    // Half complete the handshake, half hang up after the upgrade or in it.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    if (i + t) % 2 == 0 {
+                        let mut c = Client::new(addr, key);
+                        if i % 10 == 0 {
+                            assert!(matches!(c.request(&Command::Info, None), Reply::Info(_)));
+                        }
+                    } else {
+                        let mut ws = websocket(addr);
+                        if i % 3 == 0 {
+                            let (_, msg1) = ClientHandshake::start(&key, &mut OsRng).unwrap();
+                            let _ = ws.send(Message::Binary(msg1.into()));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    still_serving(&relay);
     relay.stop();
 }

@@ -1,32 +1,30 @@
-//! The relay's command semantics, over real sockets.
+//! The relay's command semantics and session rules, over real sockets.
 
 mod common;
+
+use std::time::Duration;
 
 use common::*;
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
-use tern_relay::seal::{RelayIdentity, RequestSealer};
-use tern_relay::wire::{Command, ErrorCode, Reply, Request, DELIVERED_LEN};
+use tern_relay::AccessKey;
+use tern_wire::frame::FRAME_QUANTUM;
+use tern_wire::{Command, ErrorCode, Reply, Request, DELIVERED_LEN};
+use x25519_dalek::{PublicKey, StaticSecret};
 
 #[test]
-fn create_secure_send_fetch_ack_delete() {
+fn create_secure_send_subscribe_ack_delete() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
     let mut c = relay.client();
-
-    match c.request(&Command::Info, None) {
-        Reply::Info(i) => {
-            assert_eq!((i.min_version, i.max_version), (1, 1));
-            assert!(i.open);
-            assert_eq!(i.max_pending, 1000);
-            assert_eq!(i.ttl_secs, 21 * 24 * 3600);
-            assert_eq!(i.max_wait_ms, 30_000);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!((c.info.min_version, c.info.max_version), (2, 2));
+    assert!(c.info.open);
+    assert_eq!(c.info.max_pending, 1000);
+    assert_eq!(c.info.ttl_secs, 21 * 24 * 3600);
+    assert_eq!(c.request(&Command::Info, None), Reply::Info(c.info));
 
     let q = create_queue(&mut c, None);
-    // The connection request: one unsigned message before securing.
+    // The first handshake message: one unsigned message before securing.
     let hello = message();
     assert_eq!(c.request(&q.send(&hello), None), Reply::Ok);
     assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
@@ -34,8 +32,11 @@ fn create_secure_send_fetch_ack_delete() {
     assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
     let m2 = message();
     assert_eq!(c.request(&q.send(&m2), Some(&q.sender_key)), Reply::Ok);
+    assert_eq!(c.request(&q.check(), None), Reply::Count(2));
 
-    let first = c.request(&q.fetch(0), Some(&q.recipient_key));
+    let tag = c.submit(&[(q.sub(8), Some(&q.recipient_key))])[0];
+    assert_eq!(c.wait_for(tag), Reply::Ok);
+    let first = c.wait_for(tag);
     let (id1, body1) = q.open(&first);
     assert_eq!(body1, hello);
     if let Reply::Message {
@@ -50,27 +51,55 @@ fn create_secure_send_fetch_ack_delete() {
         );
         assert_eq!(received_at % 3600, 0);
     }
-    // FETCH does not remove: the same message comes again until acknowledged.
-    assert_eq!(
-        q.open(&c.request(&q.fetch(0), Some(&q.recipient_key))).0,
-        id1
-    );
-
-    let next = c.request(&q.ack(id1), Some(&q.recipient_key));
-    let (id2, body2) = q.open(&next);
+    let (id2, body2) = q.open(&c.wait_for(tag));
     assert_eq!(body2, m2);
     assert_ne!(id1, id2);
+    assert_eq!(c.wait_for(tag), Reply::Idle);
+
+    // A message arriving while subscribed is pushed at once, then IDLE again.
+    let mut sender = relay.client();
+    let m3 = message();
+    assert_eq!(sender.request(&q.send(&m3), Some(&q.sender_key)), Reply::Ok);
+    let (id3, body3) = q.open(&c.wait_for(tag));
+    assert_eq!(body3, m3);
+    assert_eq!(c.wait_for(tag), Reply::Idle);
+
+    assert_eq!(c.request(&q.ack(id1), Some(&q.recipient_key)), Reply::Ok);
     // A second ACK of the same id: nothing to delete.
     assert_eq!(
         c.request(&q.ack(id1), Some(&q.recipient_key)),
         Reply::Error(ErrorCode::NoMessage)
     );
-    assert_eq!(c.request(&q.ack(id2), Some(&q.recipient_key)), Reply::Empty);
-    assert_eq!(c.request(&q.fetch(0), Some(&q.recipient_key)), Reply::Empty);
-
-    assert_eq!(c.request(&q.delete(), Some(&q.recipient_key)), Reply::Ok);
     assert_eq!(
-        c.request(&q.fetch(0), Some(&q.recipient_key)),
+        c.request(&q.ack_upto(id3), Some(&q.recipient_key)),
+        Reply::Ok
+    );
+    let _ = id2;
+    assert_eq!(c.request(&q.check(), None), Reply::Count(0));
+    // Nothing is pushed twice on one session.
+    assert_eq!(c.next_within(Duration::from_millis(300)), None);
+
+    let if_empty = Command::Delete {
+        recipient_id: q.recipient_id,
+        if_empty: true,
+    };
+    assert_eq!(
+        sender.request(&q.send(&message()), Some(&q.sender_key)),
+        Reply::Ok
+    );
+    assert!(matches!(c.wait_for(tag), Reply::Message { .. }));
+    assert_eq!(c.wait_for(tag), Reply::Idle);
+    assert_eq!(
+        c.request(&if_empty, Some(&q.recipient_key)),
+        Reply::Error(ErrorCode::NotEmpty)
+    );
+    let del = c.submit(&[(q.delete(), Some(&q.recipient_key))])[0];
+    // The subscription ends with its queue.
+    assert_eq!(c.wait_for(tag), Reply::Ended);
+    assert_eq!(c.wait_for(del), Reply::Ok);
+    assert_eq!(c.request(&q.check(), None), Reply::Error(ErrorCode::Auth));
+    assert_eq!(
+        c.request(&q.sub(1), Some(&q.recipient_key)),
         Reply::Error(ErrorCode::Auth)
     );
     assert_eq!(
@@ -81,49 +110,32 @@ fn create_secure_send_fetch_ack_delete() {
 }
 
 #[test]
-fn peek_reads_ahead_and_ack_upto_acknowledges_the_run() {
+fn a_new_session_is_pushed_what_was_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
     let mut c = relay.client();
-    let q = create_queue(&mut c, None);
-    assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
-    let sent: Vec<Vec<u8>> = (0..4).map(|_| message()).collect();
-    for m in &sent[..3] {
+    let q = secured_queue(&mut c);
+    let sent: Vec<Vec<u8>> = (0..5).map(|_| message()).collect();
+    for m in &sent {
         assert_eq!(c.request(&q.send(m), Some(&q.sender_key)), Reply::Ok);
     }
-    let peek = |after| Command::Peek {
-        recipient_id: q.recipient_id,
-        after,
-    };
-    let up_to = |msg_id| Command::AckUpTo {
-        recipient_id: q.recipient_id,
-        msg_id,
-    };
-    // FETCH, then PEEK after each message read: the queue in order, intact.
-    let (id1, m1) = q.open(&c.request(&q.fetch(0), Some(&q.recipient_key)));
-    let (id2, m2) = q.open(&c.request(&peek(id1), Some(&q.recipient_key)));
-    let (id3, m3) = q.open(&c.request(&peek(id2), Some(&q.recipient_key)));
-    assert_eq!([m1, m2, m3], [&sent[0][..], &sent[1][..], &sent[2][..]]);
-    assert_eq!(c.request(&peek(id3), Some(&q.recipient_key)), Reply::Empty);
-    assert_eq!(
-        q.open(&c.request(&q.fetch(0), Some(&q.recipient_key))).0,
-        id1
-    );
-    // A message queued after the run is read is not acknowledged with it.
-    assert_eq!(c.request(&q.send(&sent[3]), Some(&q.sender_key)), Reply::Ok);
-    let next = c.request(&up_to(id2), Some(&q.recipient_key));
-    assert_eq!(q.open(&next).0, id3);
-    let (id4, m4) = q.open(&c.request(&up_to(id3), Some(&q.recipient_key)));
-    assert_eq!(m4, sent[3]);
-    // Gone: the ids acknowledged are not in the queue any more.
-    for cmd in [peek(id1), up_to(id2)] {
-        assert_eq!(
-            c.request(&cmd, Some(&q.recipient_key)),
-            Reply::Error(ErrorCode::NoMessage)
-        );
-    }
-    assert_eq!(c.request(&up_to(id4), Some(&q.recipient_key)), Reply::Empty);
-    assert_eq!(c.request(&q.fetch(0), Some(&q.recipient_key)), Reply::Empty);
+    // A window of 2: two pushed, then nothing until acknowledged.
+    let tag = c.submit(&[(q.sub(2), Some(&q.recipient_key))])[0];
+    assert_eq!(c.wait_for(tag), Reply::Ok);
+    let (a, _) = q.open(&c.wait_for(tag));
+    let (b, _) = q.open(&c.wait_for(tag));
+    assert_eq!(c.next_within(Duration::from_millis(300)), None);
+    assert_eq!(c.request(&q.ack_upto(b), Some(&q.recipient_key)), Reply::Ok);
+    let _ = a;
+    let (cid, cm) = q.open(&c.wait_for(tag));
+    assert_eq!(cm, sent[2]);
+    // The subscriber goes away mid-push: nothing is lost.
+    drop(c);
+    let mut again = relay.client();
+    let rest = drain(&mut again, &q);
+    let bodies: Vec<&Vec<u8>> = rest.iter().map(|(_, m)| m).collect();
+    assert_eq!(bodies, vec![&sent[2], &sent[3], &sent[4]]);
+    assert_eq!(rest[0].0, cid);
     relay.stop();
 }
 
@@ -146,11 +158,12 @@ fn unsigned_sends_are_limited_to_one_before_securing() {
         c.request(&q.send(&message()), None),
         Reply::Error(ErrorCode::Auth)
     );
-    // Signed by the wrong key, or signed before securing: refused too.
+    // Signed before securing: refused, as not secured yet; by the wrong
+    // key: refused.
     let q2 = create_queue(&mut c, None);
     assert_eq!(
         c.request(&q2.send(&message()), Some(&q2.sender_key)),
-        Reply::Error(ErrorCode::Auth)
+        Reply::Error(ErrorCode::NotSecured)
     );
     let stranger = SigningKey::generate(&mut OsRng);
     assert_eq!(
@@ -174,8 +187,7 @@ fn wrong_key_and_unknown_queue_look_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
     let mut c = relay.client();
-    let q = create_queue(&mut c, None);
-    assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
+    let q = secured_queue(&mut c);
     let wrong = SigningKey::generate(&mut OsRng);
     let unknown = [0x42u8; 16];
 
@@ -185,26 +197,25 @@ fn wrong_key_and_unknown_queue_look_the_same() {
                 recipient_id: rid,
                 sender_auth: [1; 32],
             },
-            Command::Fetch {
+            Command::Subscribe {
                 recipient_id: rid,
-                wait_ms: 0,
+                window: 1,
             },
             Command::Ack {
                 recipient_id: rid,
                 msg_id: [0; 16],
             },
-            Command::Delete { recipient_id: rid },
-            Command::Send {
-                sender_id: sid,
-                message: message(),
-            },
-            Command::Peek {
-                recipient_id: rid,
-                after: [0; 16],
-            },
             Command::AckUpTo {
                 recipient_id: rid,
                 msg_id: [0; 16],
+            },
+            Command::Delete {
+                recipient_id: rid,
+                if_empty: false,
+            },
+            Command::Send {
+                sender_id: sid,
+                message: message(),
             },
         ]
     };
@@ -216,100 +227,110 @@ fn wrong_key_and_unknown_queue_look_the_same() {
         let b = c.request(&unknown_cmd, Some(&wrong));
         assert_eq!(a, Reply::Error(ErrorCode::Auth), "{known:?}");
         assert_eq!(a, b, "{known:?}");
-        // Same plaintext apart from the relay's clock.
-        let with_time = |r: Reply| {
-            tern_relay::wire::Response {
-                time_ms: 0,
-                reply: r,
-            }
-            .encode()
-        };
-        assert_eq!(with_time(a), with_time(b));
     }
     // The queue is intact.
-    assert_eq!(c.request(&q.fetch(0), Some(&q.recipient_key)), Reply::Empty);
-    relay.stop();
-}
-
-#[test]
-fn replayed_block_is_stale() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
-    let mut c = relay.client();
-    let q = create_queue(&mut c, None);
-    let (block, key) = seal_request(&relay.key(), &q.send(&message()), None, now_ms());
-    let first = c.conn.post(&block);
-    assert_eq!(open_response(&key, &first.body).reply, Reply::Ok);
-    // Replayed on the same connection and on a new one.
-    let again = c.conn.post(&block);
-    assert_eq!(again.status, 200);
-    let resp = open_response(&key, &again.body);
-    assert_eq!(resp.reply, Reply::Error(ErrorCode::Stale));
-    let mut other = relay.client();
+    assert_eq!(c.request(&q.check(), None), Reply::Count(0));
     assert_eq!(
-        open_response(&key, &other.conn.post(&block).body).reply,
-        Reply::Error(ErrorCode::Stale)
+        c.request(&q.send(&message()), Some(&q.sender_key)),
+        Reply::Ok
     );
-    // Only one message was stored.
-    let m = c.request(&q.fetch(0), Some(&q.recipient_key));
-    let (id, _) = q.open(&m);
-    assert_eq!(c.request(&q.ack(id), Some(&q.recipient_key)), Reply::Empty);
     relay.stop();
 }
 
 #[test]
-fn stale_and_future_times_are_refused_with_the_relay_clock() {
+fn a_command_signed_for_one_session_is_refused_in_another() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
-    let mut c = relay.client();
-    let now = now_ms();
-    for t in [now - 120_000, now + 120_000, 0, u64::MAX] {
-        let resp = c.request_at(&Command::Info, None, t);
-        assert_eq!(resp.reply, Reply::Error(ErrorCode::Stale), "time {t}");
-        // The relay's clock comes back so the client can correct its own.
-        assert!(resp.time_ms.abs_diff(now_ms()) < 5_000);
+    let mut a = relay.client();
+    let mut b = relay.client();
+    let q = secured_queue(&mut a);
+    assert_eq!(
+        a.request(&q.send(&message()), Some(&q.sender_key)),
+        Reply::Ok
+    );
+    // A DELETE signed for session A, replayed inside session B.
+    let mut record = Vec::new();
+    Request::encode(
+        7,
+        &q.delete(),
+        &a.hash(),
+        Some(&q.recipient_key),
+        &mut record,
+    );
+    let mut frame = record.clone();
+    frame.resize(FRAME_QUANTUM, 0);
+    let sealed = b.seal(&frame);
+    b.send_raw(sealed).unwrap();
+    assert_eq!(b.wait_for(7), Reply::Error(ErrorCode::Auth));
+    assert_eq!(a.request(&q.check(), None), Reply::Count(1));
+    relay.stop();
+}
+
+#[test]
+fn replayed_reordered_truncated_or_flipped_frames_end_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |_| {});
+    let mut setup = relay.client();
+    let q = secured_queue(&mut setup);
+    let frame_with = |c: &mut Client, cmd: &Command, key: Option<&SigningKey>, tag: u32| {
+        let mut rec = Vec::new();
+        Request::encode(tag, cmd, &c.hash(), key, &mut rec);
+        rec.resize(rec.len().div_ceil(FRAME_QUANTUM) * FRAME_QUANTUM, 0);
+        c.seal(&rec)
+    };
+    type Mangle = fn(Vec<u8>, Vec<u8>) -> Vec<Vec<u8>>;
+    let cases: Vec<(&str, Mangle)> = vec![
+        ("replayed", |a, _| vec![a.clone(), a]),
+        ("reordered", |a, b| vec![b, a]),
+        ("truncated", |a, _| vec![a[..a.len() - 1].to_vec()]),
+        ("flipped", |mut a, _| {
+            a[20] ^= 1;
+            vec![a]
+        }),
+        ("empty", |_, _| vec![Vec::new()]),
+    ];
+    for (name, mangle) in cases {
+        let mut c = relay.client();
+        let a = frame_with(&mut c, &q.send(&message()), Some(&q.sender_key), 1);
+        let b = frame_with(&mut c, &q.send(&message()), Some(&q.sender_key), 2);
+        let msgs = mangle(a, b);
+        let honest_first = name == "replayed";
+        for m in msgs {
+            let _ = c.send_raw(m);
+        }
+        if honest_first {
+            // The first copy is executed and answered; the replay ends it.
+            assert_eq!(c.wait_for(1), Reply::Ok);
+        }
+        assert!(
+            c.closed_within(Duration::from_secs(5)),
+            "{name}: session ended"
+        );
+        let expected = u32::from(honest_first);
+        assert_eq!(
+            setup.request(&q.check(), None),
+            Reply::Count(expected),
+            "{name}"
+        );
+        if honest_first {
+            drain(&mut setup, &q).into_iter().for_each(|(id, _)| {
+                assert_eq!(setup.request(&q.ack(id), Some(&q.recipient_key)), Reply::Ok)
+            });
+        }
     }
-    // Within the window, but before the relay started (the replay cache does
-    // not survive restarts, so those are refused too).
-    let resp = c.request_at(&Command::Info, None, now - 30_000);
-    assert_eq!(resp.reply, Reply::Error(ErrorCode::Stale));
-    assert!(matches!(
-        c.request_at(&Command::Info, None, now + 30_000).reply,
-        Reply::Info(_)
-    ));
     relay.stop();
 }
 
 #[test]
-fn block_for_another_relay_gets_a_bare_400() {
+fn a_wrong_relay_key_learns_nothing_and_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |_| {});
+    let other = PublicKey::from(&StaticSecret::random_from_rng(OsRng)).to_bytes();
+    let err = Client::try_new(relay.addr, other).err().expect("refused");
+    assert!(!err.is_empty());
+    // The relay is still fine.
     let mut c = relay.client();
-    let other = RelayIdentity::generate(&mut OsRng);
-    let (block, _) = seal_request(&other.public(), &Command::Info, None, now_ms());
-    let resp = c.conn.post(&block);
-    assert_eq!(resp.status, 400);
-    assert!(resp.body.is_empty());
-    // The connection stays usable.
     assert!(matches!(c.request(&Command::Info, None), Reply::Info(_)));
-    relay.stop();
-}
-
-#[test]
-fn malformed_plaintext_is_a_sealed_bad_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
-    let mut c = relay.client();
-    let sealer = RequestSealer::new(&relay.key(), &mut OsRng).unwrap();
-    let mut pt = Request::encode(&Command::Info, now_ms(), sealer.enc(), None);
-    pt[0] = 0x7e; // unknown command
-    let (block, key) = sealer.seal(&pt).unwrap();
-    let resp = c.conn.post(&block);
-    assert_eq!(resp.status, 200);
-    assert_eq!(
-        open_response(&key, &resp.body).reply,
-        Reply::Error(ErrorCode::BadRequest)
-    );
     relay.stop();
 }
 
@@ -318,8 +339,7 @@ fn queue_quota() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |cfg| cfg.max_pending = 3);
     let mut c = relay.client();
-    let q = create_queue(&mut c, None);
-    assert_eq!(c.request(&q.secure(), Some(&q.recipient_key)), Reply::Ok);
+    let q = secured_queue(&mut c);
     for _ in 0..3 {
         assert_eq!(
             c.request(&q.send(&message()), Some(&q.sender_key)),
@@ -331,46 +351,41 @@ fn queue_quota() {
         Reply::Error(ErrorCode::QueueFull)
     );
     // Acknowledging makes room.
-    let (id, _) = q.open(&c.request(&q.fetch(0), Some(&q.recipient_key)));
-    assert!(matches!(
-        c.request(&q.ack(id), Some(&q.recipient_key)),
-        Reply::Message { .. }
-    ));
+    let got = drain(&mut c, &q);
+    assert_eq!(
+        c.request(&q.ack(got[0].0), Some(&q.recipient_key)),
+        Reply::Ok
+    );
     assert_eq!(
         c.request(&q.send(&message()), Some(&q.sender_key)),
         Reply::Ok
     );
-    match c.request(&Command::Info, None) {
-        Reply::Info(i) => assert_eq!(i.max_pending, 3),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(c.info.max_pending, 3);
     relay.stop();
 }
 
 #[test]
-fn access_key_gates_create_only() {
+fn access_keys_gate_create_only_and_have_quotas() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(dir.path(), |cfg| {
-        cfg.access_key = Some("Open-Sesame_1".into())
+        cfg.access_keys = vec![
+            AccessKey::new("Open-Sesame_1"),
+            AccessKey {
+                key: "friend".into(),
+                max_queues: 2,
+            },
+        ]
     });
     assert_eq!(relay.address.access_key.as_deref(), Some("Open-Sesame_1"));
     let mut c = relay.client();
-    match c.request(&Command::Info, None) {
-        Reply::Info(i) => assert!(!i.open),
-        other => panic!("{other:?}"),
-    }
+    assert!(!c.info.open);
     for bad in [
         None,
         Some("open-sesame_1"),
         Some("Open-Sesame_"),
         Some("Open-Sesame_12"),
     ] {
-        let key = SigningKey::generate(&mut OsRng);
-        let cmd = Command::Create {
-            access_key: bad.map(str::to_string),
-            recipient_auth: key.verifying_key().to_bytes(),
-            recipient_dh: [9; 32],
-        };
+        let (cmd, key, _) = create_command(bad);
         assert_eq!(
             c.request(&cmd, Some(&key)),
             Reply::Error(ErrorCode::Access),
@@ -378,12 +393,7 @@ fn access_key_gates_create_only() {
         );
     }
     // CREATE must be signed by the key it registers.
-    let key = SigningKey::generate(&mut OsRng);
-    let cmd = Command::Create {
-        access_key: Some("Open-Sesame_1".into()),
-        recipient_auth: key.verifying_key().to_bytes(),
-        recipient_dh: [9; 32],
-    };
+    let (cmd, _, _) = create_command(Some("Open-Sesame_1"));
     let stranger = SigningKey::generate(&mut OsRng);
     assert_eq!(
         c.request(&cmd, Some(&stranger)),
@@ -392,5 +402,91 @@ fn access_key_gates_create_only() {
     let q = create_queue(&mut c, Some("Open-Sesame_1"));
     // Sending needs no access key.
     assert_eq!(c.request(&q.send(&message()), None), Reply::Ok);
+    // The second key may have two queues.
+    create_queue(&mut c, Some("friend"));
+    create_queue(&mut c, Some("friend"));
+    let (cmd, key, _) = create_command(Some("friend"));
+    assert_eq!(c.request(&cmd, Some(&key)), Reply::Error(ErrorCode::Quota));
+    relay.stop();
+}
+
+#[test]
+fn queue_creation_is_rate_limited_per_connection_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |cfg| {
+        cfg.create_rate_connection = tern_relay::limits::Rate {
+            burst: 5,
+            per_minute: 1,
+        };
+        cfg.create_rate_address = tern_relay::limits::Rate {
+            burst: 8,
+            per_minute: 1,
+        };
+    });
+    let mut a = relay.client();
+    let create = |c: &mut Client| {
+        let (cmd, key, _) = create_command(None);
+        c.request(&cmd, Some(&key))
+    };
+    let first = create_queue(&mut a, None);
+    for _ in 0..4 {
+        assert!(matches!(create(&mut a), Reply::Queue { .. }));
+    }
+    assert_eq!(create(&mut a), Reply::Error(ErrorCode::RateLimited));
+    // A new connection from the same address has what the address has left.
+    let mut b = relay.client();
+    for _ in 0..3 {
+        assert!(matches!(create(&mut b), Reply::Queue { .. }));
+    }
+    assert_eq!(create(&mut b), Reply::Error(ErrorCode::RateLimited));
+    // Everything else still works.
+    assert_eq!(b.request(&first.check(), None), Reply::Count(0));
+    assert_eq!(
+        a.request(&first.secure(), Some(&first.recipient_key)),
+        Reply::Ok
+    );
+    relay.stop();
+}
+
+#[test]
+fn subscriptions_are_limited_per_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |cfg| cfg.max_subscriptions = 2);
+    let mut c = relay.client();
+    let qs: Vec<Queue> = (0..3).map(|_| secured_queue(&mut c)).collect();
+    assert_eq!(
+        c.request(&qs[0].sub(1), Some(&qs[0].recipient_key)),
+        Reply::Ok
+    );
+    assert_eq!(
+        c.request(&qs[1].sub(1), Some(&qs[1].recipient_key)),
+        Reply::Ok
+    );
+    assert_eq!(
+        c.request(&qs[2].sub(1), Some(&qs[2].recipient_key)),
+        Reply::Error(ErrorCode::Limit)
+    );
+    relay.stop();
+}
+
+#[test]
+fn a_frame_of_many_sends_is_answered_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), |_| {});
+    let mut c = relay.client();
+    let qs: Vec<Queue> = (0..12).map(|_| secured_queue(&mut c)).collect();
+    let cmds: Vec<(Command, Option<&SigningKey>)> = qs
+        .iter()
+        .map(|q| (q.send(&message()), Some(&q.sender_key)))
+        .collect();
+    let tags = c.submit(&cmds);
+    for t in tags {
+        assert_eq!(c.wait_for(t), Reply::Ok);
+    }
+    let checks: Vec<(Command, Option<&SigningKey>)> =
+        qs.iter().map(|q| (q.check(), None)).collect();
+    for t in c.submit(&checks) {
+        assert_eq!(c.wait_for(t), Reply::Count(1));
+    }
     relay.stop();
 }

@@ -18,6 +18,7 @@ use crate::proto::connection::Connection;
 use crate::proto::hello::Channel;
 use crate::proto::invitation::Invitation;
 use crate::proto::rekey::{parse_link, AnyInvitation, RekeyInvitation};
+use crate::proto::ProtoError;
 
 /// Accept an invitation given as a link, on stdin, or as a picture of its QR code
 #[derive(Debug, clap::Args)]
@@ -82,8 +83,10 @@ pub fn read_any_invitation(
         }
         Some(l) => l.to_string(),
     };
-    let inv = parse_link(&text)
-        .map_err(|e| fail(BAD_INVITATION, format!("not a usable invitation: {e}")))?;
+    let inv = parse_link(&text).map_err(|e| match e {
+        ProtoError::LinkDamaged => fail(BAD_INVITATION, e.to_string()),
+        e => fail(BAD_INVITATION, format!("not a usable invitation: {e}")),
+    })?;
     Ok((inv, Channel::Shared))
 }
 

@@ -15,7 +15,7 @@ use crate::proto::connection::{ConnState, SecurityLevel};
 use crate::proto::hello::{Profile, MAX_NAME};
 use crate::proto::text::name_problem;
 
-/// List contacts: state, security level, relays and last activity
+/// List contacts: state, security level, post-quantum protection, relays and last activity
 #[derive(Debug, clap::Args)]
 #[command(
     args_conflicts_with_subcommands = true,
@@ -71,6 +71,16 @@ pub enum Action {
     },
 }
 
+/// A contact's state as shown: its connection's, or "gone" once the contact
+/// deleted the connection (its queues refuse everything we send).
+pub fn contact_state(c: &Contact) -> &'static str {
+    if c.peer_gone {
+        "gone"
+    } else {
+        state_word(c.conn.state)
+    }
+}
+
 pub fn state_word(s: ConnState) -> &'static str {
     match s {
         ConnState::Invited => "invited",
@@ -116,6 +126,9 @@ struct Listed {
     connections: Vec<serde_json::Value>,
     /// When the newest connection of the group was made.
     newest_ms: u64,
+    /// Every connection of the group has the hybrid (ML-KEM) handshake and
+    /// ratchet: what is sent to the contact goes to all of them.
+    post_quantum: bool,
 }
 
 fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
@@ -142,6 +155,7 @@ fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
                 trust: Trust::Level(SecurityLevel::Shared),
                 connections: Vec::new(),
                 newest_ms: 0,
+                post_quantum: false,
             }),
         }
     }
@@ -152,6 +166,7 @@ fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
             .collect();
         l.trust = group_trust(&records, &members);
         l.newest_ms = members.iter().map(|m| m.created_ms).max().unwrap_or(0);
+        l.post_quantum = members.iter().all(|m| m.conn.post_quantum());
         l.connections = members
             .iter()
             .map(|m| {
@@ -164,6 +179,7 @@ fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
                     "security": security,
                     "introduced_by_device": by,
                     "added_by_contact": m.added_via.is_some(),
+                    "post_quantum": m.conn.post_quantum(),
                     "since": time(m.created_ms),
                 })
             })
@@ -180,6 +196,14 @@ fn security(l: &Listed) -> (&'static str, String) {
             format!("met through your device {d}, not verified here: compare security codes"),
         ),
         Trust::Level(lv) => (security_word(*lv), security_note(*lv).to_string()),
+    }
+}
+
+fn pq_word(post_quantum: bool) -> &'static str {
+    if post_quantum {
+        "post-quantum"
+    } else {
+        "classical"
     }
 }
 
@@ -205,7 +229,7 @@ fn print_json(l: &Listed) {
     };
     json(&json!({
         "name": c.name,
-        "state": state_word(c.conn.state),
+        "state": contact_state(c),
         "security": security(l).0,
         "introduced_by_device": introduced_by,
         "connections": l.connections,
@@ -217,6 +241,7 @@ fn print_json(l: &Listed) {
         "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
         "pending_jobs": c.jobs.len() + c.outbox.len(),
         "devices": l.devices,
+        "post_quantum": l.post_quantum,
         "profile": l.profile.as_ref().map(|p| json!({
             "name": p.name,
             "status": p.status,
@@ -239,10 +264,11 @@ fn print_short(l: &Listed) {
         String::new()
     };
     line(&format!(
-        "{} {} {} last {}  rotated {}{devices}  ({why})",
+        "{} {} {} {} last {}  rotated {}{devices}  ({why})",
         pad(&text(&c.name), 20),
-        pad(state_word(c.conn.state), 10),
+        pad(contact_state(c), 10),
         pad(word, 10),
+        pad(pq_word(l.post_quantum), 12),
         time(c.last_activity_ms),
         rotated(c).as_deref().unwrap_or("never"),
     ));
@@ -276,8 +302,9 @@ fn print_long(l: &Listed) {
         }
         None => field("their name:", "(no profile received yet)"),
     }
-    field("state:", state_word(c.conn.state));
+    field("state:", contact_state(c));
     field("security:", &format!("{word} ({why})"));
+    field("protection:", pq_word(l.post_quantum));
     field("devices:", &l.devices.to_string());
     field("receive via:", &ours.join(", "));
     field("send via:", &theirs.join(", "));

@@ -9,7 +9,7 @@ use super::exit::{fail, BAD_INVITATION, FAILURE, TRY_AGAIN, UNKNOWN_CONTACT, USA
 use super::output::{json, line, note, pad, stdin_is_terminal, stdout_is_terminal, text, time};
 use super::{qr, unlock, Cli};
 use crate::client::devices::default_device_name;
-use crate::client::fetch::{Event, FetchOptions};
+use crate::client::fetch::{Event, FetchOptions, Shown};
 use crate::client::jobs::reached_a_relay;
 use crate::client::model::{Contact, IndexEntry, Job, Settings, INDEX, SETTINGS};
 use crate::client::{now, Client, ClientError};
@@ -330,9 +330,13 @@ fn run_confirm(cli: &Cli, name: Option<&str>, yes: bool, wait: Option<u64>) -> a
         ..FetchOptions::default()
     };
     client.fetch(&opts, &mut |e| match e {
-        Event::Warning(w) => note(&format!("warning: {w}")),
-        Event::Notice(_) | Event::Pending(_) => {}
-        _ => {}
+        Event::Warning(w) => {
+            note(&format!("warning: {w}"));
+            Shown::Yes
+        }
+        // Messages are for `tern recv`: they stay in the inbox.
+        Event::Message { .. } => Shown::Later,
+        _ => Shown::Yes,
     })?;
     let Ok(link) = client.contact(&link.id) else {
         return Err(fail(
@@ -438,11 +442,16 @@ fn wait_for(
         ..FetchOptions::default()
     };
     loop {
-        client.fetch(&opts, &mut |e| match e {
-            Event::Notice(n) => note(&n),
-            Event::Warning(w) => note(&format!("warning: {w}")),
-            Event::Connected { contact } => note(&format!("connected with device {contact}")),
-            _ => {}
+        client.fetch(&opts, &mut |e| {
+            match e {
+                Event::Notice(n) => note(&n),
+                Event::Warning(w) => note(&format!("warning: {w}")),
+                Event::Connected { contact } => note(&format!("connected with device {contact}")),
+                // Texts wait for the next `tern recv`.
+                Event::Message { .. } => return Shown::Later,
+                _ => {}
+            }
+            Shown::Yes
         })?;
         if done(&client.contact(id)?) {
             return Ok(true);
@@ -450,8 +459,8 @@ fn wait_for(
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        // Loopback or not, a relay answers a FETCH in milliseconds: polling
-        // the one connection twice a second is cheap and needs no thread.
+        // Each round is a CHECK per queue on the pooled session (no new
+        // handshake): polling the one connection twice a second is cheap.
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -467,7 +476,7 @@ fn run_join(
 ) -> anyhow::Result<()> {
     let mut given = Vec::new();
     for r in relays {
-        let a: tern_relay::address::RelayAddress = r
+        let a: tern_wire::address::RelayAddress = r
             .parse()
             .map_err(|e| fail(USAGE, format!("--relay {r}: {e}")))?;
         given.push(a.to_string());

@@ -1,7 +1,7 @@
 //! Exit codes. They are part of tern's interface: scripts branch on them,
 //! and the man page lists them. Never renumber.
 
-use tern_relay::wire::ErrorCode;
+use tern_wire::ErrorCode;
 
 use crate::client::ClientError;
 use crate::net::NetError;
@@ -19,7 +19,8 @@ pub const UNKNOWN_CONTACT: u8 = 3;
 pub const CODE_MISMATCH: u8 = 4;
 /// Wrong passphrase, or no way to ask for one (stdin is not a terminal).
 pub const LOCKED: u8 = 5;
-/// Not a usable invitation: bad link, no QR code in the image, wrong version.
+/// Not a usable invitation: damaged or bad link, no QR code in the image,
+/// wrong version.
 pub const BAD_INVITATION: u8 = 6;
 /// No profile in the home directory: run `tern init`.
 pub const NO_PROFILE: u8 = 7;
@@ -92,6 +93,7 @@ fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
     if let Some(e) = cause.downcast_ref::<ProtoError>() {
         return match e {
             ProtoError::NotAnInvitation
+            | ProtoError::LinkDamaged
             | ProtoError::UnsupportedVersion(_)
             | ProtoError::UnsupportedInvitation(_)
             | ProtoError::Address(_) => Some(BAD_INVITATION),

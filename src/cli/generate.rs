@@ -41,7 +41,7 @@ No contact by that name (for \fBtern device remove\fR: no device by that name).
 Wrong passphrase or retired key, or a passphrase is needed and there is no terminal to ask on (no \fB\-\-passphrase\-file\fR, \fBTERN_PASSPHRASE_FILE\fR or \fB\-\-identity\fR given).
 .TP
 \fB6\fR
-Not a usable invitation: a malformed link, an image without a QR code, a newer protocol version, a device link given to \fBtern accept\fR or a contact invitation given to \fBtern device join\fR, or one already used.
+Not a usable invitation: a damaged link (a mistyped, missing or extra character: its checksum does not match), a malformed link, an image without a QR code, a newer protocol version, a device link given to \fBtern accept\fR or a contact invitation given to \fBtern device join\fR, or one already used.
 .TP
 \fB7\fR
 No profile in the home directory: run \fBtern init\fR.
@@ -79,7 +79,13 @@ The relay's data directory, as \fBtern relay serve \-\-data\fR.
 Base of the default profile and relay directories.
 .TP
 \fBNO_COLOR\fR
-QR codes on the terminal are drawn without colours.
+QR codes on the terminal are drawn without colours: the light modules in the text colour, so that a dark terminal shows a normal dark\-on\-light code (a light terminal shows it light on dark, which tern and most phones also read).
+.TP
+\fBCOLORFGBG\fR
+As set by rxvt, Konsole and others (\fIforeground\fR;\fIbackground\fR): with NO_COLOR and a light background (7 or 9\-15), the dark modules are drawn instead.
+.TP
+\fBCOLUMNS\fR, \fBLINES\fR
+When both are set, the size of the terminal a QR code must fit (else the size of the terminal on standard output). A code that does not fit is not drawn: tern says how much room it needs and offers \fB\-\-png\fR and \fB\-\-link\fR.
 "#;
 
 const JSON: &str = r#".SH "JSON OUTPUT"

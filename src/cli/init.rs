@@ -1,7 +1,7 @@
 //! `tern init`: create a profile.
 
-use tern_relay::address::RelayAddress;
-use tern_relay::wire::{Command, Reply};
+use tern_wire::address::RelayAddress;
+use tern_wire::{Command, Reply};
 
 use super::exit::{fail, USAGE};
 use super::output::note;
@@ -92,13 +92,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         Ok(())
     })?;
     note(&format!("profile created in {}", home.display()));
-    check_relays(&relays);
+    check_relays(&relays, cli.proxy.clone());
     Ok(())
 }
 
 /// Warns about relays that do not answer; not fatal, they may come up later.
-fn check_relays(relays: &[RelayAddress]) {
-    let net = RelayClient::new(false);
+fn check_relays(relays: &[RelayAddress], proxy: Option<crate::net::Proxy>) {
+    let net = RelayClient::with_proxy(false, proxy);
     for r in relays {
         match net.call(r, &Command::Info, None) {
             Ok(Reply::Info(info)) if !info.open && r.access_key.is_none() => note(&format!(

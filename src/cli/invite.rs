@@ -4,15 +4,17 @@
 use std::path::PathBuf;
 
 use rand::rngs::OsRng;
-use tern_relay::wire::Command;
+use tern_wire::Command;
 
 use super::exit::{fail, USAGE};
 use super::output::{json, line, note, stdout_is_terminal};
 use super::{files, qr, unlock, Cli};
 use crate::client::model::{Contact, MAX_PENDING_REKEYS};
-use crate::client::{new_contact_id, now, Client};
+use crate::client::{new_contact_id, now, Client, MAX_RELAYS_PER_CONNECTION};
 use crate::proto::connection::{ConnState, Connection, RecvQueue};
 use crate::proto::hello::Channel;
+use crate::proto::invitation::{Invitation, SendQueue};
+use crate::proto::keys::Secret32;
 use crate::proto::rekey::RekeyInvitation;
 
 /// Make a one-time invitation: a QR code to show, a link or a PNG file
@@ -29,7 +31,9 @@ pub struct Args {
     /// with ones exchanged through this invitation (useless to anyone else)
     #[arg(long, value_name = "CONTACT")]
     pub rekey: Option<String>,
-    /// Show a QR code on the terminal (the default when stdout is a terminal)
+    /// Show a QR code on the terminal (the default when stdout is a terminal
+    /// and the code fits it; refused, before anything is made, when it
+    /// cannot fit)
     #[arg(long)]
     pub qr: bool,
     /// Print the link (the default when stdout is not a terminal)
@@ -64,8 +68,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         files::create_parents(path)?;
     }
     let mut client = unlock::open(cli)?;
-    let show_qr =
+    let wants_qr =
         args.qr || (!args.link && !args.json && args.png.is_none() && stdout_is_terminal());
+    let show_qr = wants_qr && qr_fits(&client, args)?;
     // Only a code shown on a screen can have been scanned in person.
     let channel = if show_qr {
         Channel::Screen
@@ -111,12 +116,17 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             "png": args.png.as_ref().map(|p| p.display().to_string()),
         }));
     } else if show_qr {
-        let art = qr::terminal(&link, std::env::var_os("NO_COLOR").is_none())?;
-        print!("{art}");
         note(&format!(
-            "one-time invitation for {name}: let them scan it with `tern accept --image`, or give them the link below"
+            "one-time invitation for {name}: let them scan the code below with `tern accept --image`, \
+             or give them this link:"
         ));
         line(&link);
+        note(&format!(
+            "then run `tern recv --wait 60` to complete the connection ({name})"
+        ));
+        // Last, so that the whole code stays on screen.
+        qr::show(&link, "use --png FILE or --link")?;
+        return Ok(());
     } else if args.link || args.png.is_none() {
         line(&link);
     }
@@ -132,9 +142,65 @@ fn delete_queues<'a>(client: &Client, queues: impl Iterator<Item = &'a RecvQueue
     for q in queues {
         let delete = Command::Delete {
             recipient_id: q.recipient_id,
+            if_empty: false,
         };
-        if let Err(e) = client.net.call(&q.relay, &delete, Some(&q.signing_key())) {
+        if let Err(e) = client.net.call_for(
+            &q.relay,
+            Some(&q.recipient_id),
+            &delete,
+            Some(&q.signing_key()),
+        ) {
             note(&format!("warning: could not delete a queue: {e}"));
+        }
+    }
+}
+
+/// Whether the QR code will fit this terminal, decided before anything is
+/// made (the channel depends on it): from a stand-in link as long as the
+/// real one will be, over the same relays. An explicit `--qr` that cannot
+/// fit is refused; the default falls back to the link.
+fn qr_fits(client: &Client, args: &Args) -> anyhow::Result<bool> {
+    let Some(size) = qr::terminal_size() else {
+        return Ok(true);
+    };
+    let queues: Vec<SendQueue> = client
+        .settings()?
+        .relay_addresses()
+        .into_iter()
+        .take(MAX_RELAYS_PER_CONNECTION)
+        .map(|relay| SendQueue {
+            relay,
+            sender_id: [0; 16],
+        })
+        .collect();
+    if queues.is_empty() {
+        // Making the invitation will say there is no relay.
+        return Ok(true);
+    }
+    let stand_in = Invitation {
+        invitation_key: [0; 32],
+        ratchet_key: [0; 32],
+        queues,
+    };
+    let link = match args.rekey {
+        Some(_) => RekeyInvitation::seal(&stand_in, &Secret32([0; 32]), &mut OsRng).to_link(),
+        None => stand_in.to_link(),
+    };
+    match qr::terminal_fit(&link, qr::Palette::from_env(), Some(size))? {
+        Ok(_) => Ok(true),
+        Err(small) if args.qr => Err(fail(
+            USAGE,
+            format!(
+                "{small}: enlarge the window (or use a smaller font), or use --png FILE or --link; \
+                 no invitation was made"
+            ),
+        )),
+        Err(small) => {
+            note(&format!(
+                "{small}: showing the link instead (for the code, enlarge the window and run \
+                 `tern invite --qr`, or write a picture with --png FILE)"
+            ));
+            Ok(false)
         }
     }
 }

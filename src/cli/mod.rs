@@ -18,6 +18,7 @@ pub mod output;
 pub mod profile;
 pub mod qr;
 pub mod recv;
+#[cfg(feature = "relay-server")]
 pub mod relay;
 pub mod relays;
 pub mod rotate;
@@ -62,6 +63,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "TERN_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
 
+    /// Connect to relays through this SOCKS5 proxy, such as Tor:
+    /// socks5h://HOST:PORT resolves relay host names at the proxy (with
+    /// --isolate, each queue gets credentials of its own, so Tor keeps
+    /// them on separate circuits)
+    #[arg(long, global = true, env = "TERN_PROXY", value_name = "URL", value_parser = parse_proxy)]
+    pub proxy: Option<crate::net::Proxy>,
     /// Accept a new passphrase that the strength check (zxcvbn) finds
     /// easy to guess
     #[arg(long, global = true)]
@@ -88,9 +95,14 @@ pub enum Command {
     Rotate(rotate::Args),
     Key(key::Args),
     Device(device::Args),
+    #[cfg(feature = "relay-server")]
     Relay(relay::Args),
     #[command(hide = true)]
     Generate(generate::Args),
+}
+
+fn parse_proxy(text: &str) -> Result<crate::net::Proxy, String> {
+    crate::net::Proxy::parse(text)
 }
 
 /// The profile directory: --home, $TERN_HOME, or the XDG data directory.
@@ -143,6 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(a) => rotate::run(&cli, a),
         Command::Key(a) => key::run(&cli, a),
         Command::Device(a) => device::run(&cli, a),
+        #[cfg(feature = "relay-server")]
         Command::Relay(a) => relay::run(a),
         Command::Generate(a) => generate::run(a),
     }

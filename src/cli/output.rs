@@ -75,6 +75,13 @@ pub fn json(v: &serde_json::Value) {
     write_line(&json_text(v));
 }
 
+/// Writes one line to stdout and flushes it, and says whether that worked:
+/// for output that counts as delivered only once written (`tern recv`).
+pub fn try_line(s: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{s}").and_then(|_| out.flush())
+}
+
 pub fn stdout_is_terminal() -> bool {
     io::stdout().is_terminal()
 }

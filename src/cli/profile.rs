@@ -24,7 +24,7 @@ pub struct Args {
     /// A status line shown to contacts (up to 512 bytes; may span lines)
     #[arg(long)]
     pub status: Option<String>,
-    /// A PNG or JPEG of at most 12 KiB
+    /// A PNG or JPEG of at most 11 KiB
     #[arg(long, value_name = "FILE")]
     pub avatar: Option<PathBuf>,
     /// Remove the avatar

@@ -5,10 +5,10 @@ use std::time::Duration;
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
-use super::exit::{fail, NOTHING_RECEIVED, TRY_AGAIN};
-use super::output::{body, json, line, note, text, time};
+use super::exit::{fail, FAILURE, NOTHING_RECEIVED, TRY_AGAIN};
+use super::output::{body, json_text, note, text, time, try_line};
 use super::{unlock, Cli};
-use crate::client::fetch::{Event, FetchOptions};
+use crate::client::fetch::{Event, FetchOptions, Shown};
 use crate::client::model::{Direction, HistoryEntry};
 use crate::client::now;
 use crate::proto::envelope::ChainStatus;
@@ -97,48 +97,56 @@ pub fn message_lines(who: &str, entry: &HistoryEntry) -> Vec<String> {
     out
 }
 
-/// Prints one event; `me` is this profile's name (the `from` of what our
-/// devices sent).
-pub fn print_event(e: &Event, as_json: bool, me: &str) {
+/// Shows one event; `me` is this profile's name (the `from` of what our
+/// devices sent). Messages (and, with `--json`, every event) go to stdout,
+/// where output is what counts as delivery; notes go to stderr. `Err` only
+/// for stdout.
+pub fn print_event(e: &Event, as_json: bool, me: &str) -> std::io::Result<()> {
     match e {
         Event::Message {
             contact,
             entry,
             chain,
+            ..
         } => {
             if as_json {
                 let mut entry = entry.clone();
                 entry.received_at_ms.get_or_insert_with(now);
-                json(&message_json(contact, me, &entry, Some(chain_word(*chain))));
-            } else {
-                // What another device of ours sent shows as ours.
-                // A copy says which of our devices it came from.
-                let who = match (entry.dir, &entry.device) {
-                    (Direction::In, None) => contact.clone(),
-                    (Direction::In, Some(d)) => format!("{contact} (via your device {d})"),
-                    (Direction::Out, None) => format!("you → {contact}"),
-                    (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
-                };
-                for l in message_lines(&who, entry) {
-                    line(&l);
-                }
+                return try_line(&json_text(&message_json(
+                    contact,
+                    me,
+                    &entry,
+                    Some(chain_word(*chain)),
+                )));
             }
+            // What another device of ours sent shows as ours.
+            // A copy says which of our devices it came from.
+            let who = match (entry.dir, &entry.device) {
+                (Direction::In, None) => contact.clone(),
+                (Direction::In, Some(d)) => format!("{contact} (via your device {d})"),
+                (Direction::Out, None) => format!("you → {contact}"),
+                (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
+            };
+            // One write, so that a message is shown whole or not at all.
+            return try_line(&message_lines(&who, entry).join("\n"));
         }
         Event::Connected { contact } => {
             if as_json {
-                json(&json!({"type": "connected", "contact": contact, "from": contact}));
-            } else {
-                note(&format!("{contact} is connected"));
+                return try_line(&json_text(
+                    &json!({"type": "connected", "contact": contact, "from": contact}),
+                ));
             }
+            note(&format!("{contact} is connected"));
         }
         Event::ProfileUpdated { contact } => {
             if as_json {
-                json(&json!({"type": "profile", "contact": contact, "from": contact}));
-            } else {
-                note(&format!(
-                    "{contact} updated their profile (see `tern contacts {contact}`)"
+                return try_line(&json_text(
+                    &json!({"type": "profile", "contact": contact, "from": contact}),
                 ));
             }
+            note(&format!(
+                "{contact} updated their profile (see `tern contacts {contact}`)"
+            ));
         }
         Event::Unsupported { contact, kind } => {
             note(&format!(
@@ -146,9 +154,17 @@ pub fn print_event(e: &Event, as_json: bool, me: &str) {
             ));
         }
         Event::Warning(w) => note(&format!("warning: {w}")),
+        Event::Refused {
+            contact,
+            what,
+            reason,
+        } => note(&format!(
+            "warning: dropped a {what} from {contact} that breaks the protocol's rules: {reason}"
+        )),
         Event::Notice(n) => note(n),
         Event::Pending(_) => {}
     }
+    Ok(())
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
@@ -165,8 +181,30 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     let as_json = args.json;
     let me = client.settings()?.profile.name;
-    let summary = client.fetch(&opts, &mut |e| print_event(&e, as_json, &me))?;
-    if summary.queues > 0 && summary.errors.len() >= summary.queues && summary.messages == 0 {
+    // A message counts as delivered only once written and flushed; the
+    // first write error ends the run, and what was not written is written
+    // by the next `tern recv`.
+    let mut write_error = None;
+    let summary = client.fetch(&opts, &mut |e| match print_event(&e, as_json, &me) {
+        Ok(()) => Shown::Yes,
+        Err(err) => {
+            write_error.get_or_insert(err);
+            Shown::Failed
+        }
+    })?;
+    if let Some(err) = write_error {
+        // A reader that went away (`tern recv | head -1`) is no error.
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(fail(
+            FAILURE,
+            format!(
+                "could not write to standard output ({err}); what was not written is kept and shown by the next `tern recv`"
+            ),
+        ));
+    }
+    if summary.all_relays_failed() && summary.messages == 0 {
         return Err(fail(
             TRY_AGAIN,
             "no relay could be reached; try again later",

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_relay::config::ServeConfig;
+use tern_relay::config::{self, AccessKey, ServeConfig};
+use tern_relay::limits::Rate;
 use tern_relay::server::{load_address, shutdown_on_signals, Server};
 
 use super::exit::{fail, USAGE};
@@ -27,8 +28,9 @@ pub struct Common {
     /// [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]
     #[arg(long, value_name = "DIR", env = "TERN_RELAY_DATA")]
     pub data: Option<PathBuf>,
-    /// A file holding the access key needed to create queues (sending never
-    /// needs it); it becomes part of the address you hand out
+    /// A file of access keys needed to create queues (sending never needs
+    /// one): one key a line, optionally followed by the most queues it may
+    /// have; the first key becomes part of the address you hand out
     #[arg(long, value_name = "FILE")]
     pub access_key_file: Option<PathBuf>,
     /// Address and port to listen on; the PORT environment variable, as set
@@ -46,18 +48,50 @@ pub enum Action {
     Serve {
         #[command(flatten)]
         common: Common,
-        /// Delete undelivered messages after this many days
+        /// Delete undelivered messages after this many days; a queue unused
+        /// for as long is deleted too
         #[arg(long, value_name = "DAYS", default_value_t = 21)]
         ttl_days: u64,
         /// Most messages waiting in one queue; senders get "queue full" past it
-        #[arg(long, value_name = "N", default_value_t = tern_relay::config::DEFAULT_MAX_PENDING)]
+        #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_PENDING)]
         max_pending: u32,
-        /// Longest long-poll a client may ask for, in seconds
-        #[arg(long, value_name = "SECS", default_value_t = 30)]
-        max_wait: u64,
         /// Most simultaneous connections
-        #[arg(long, value_name = "N", default_value_t = tern_relay::config::DEFAULT_MAX_CONNECTIONS)]
+        #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
+        /// Most simultaneous connections from one address (an IPv6 /64)
+        #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+        max_connections_per_address: u32,
+        /// Beyond this database size, in MiB, new queues and messages are
+        /// refused ("temporarily unavailable") until deliveries make room
+        #[arg(long, value_name = "MIB", default_value_t = config::DEFAULT_MAX_DATA_BYTES >> 20)]
+        max_data_mib: u64,
+        /// Most queues created without an access key, in all
+        #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_OPEN_QUEUES)]
+        max_open_queues: u64,
+        /// Days a queue that was never secured lives: an invitation must be
+        /// answered within it (0: for ever)
+        #[arg(long, value_name = "DAYS", default_value_t = config::DEFAULT_UNSECURED_DAYS)]
+        unsecured_days: u32,
+        /// The host clients reach this relay at, when it is not the listen
+        /// address: HOST[:PORT] (behind NAT, on 0.0.0.0), or
+        /// https://HOST[:PORT][/PATH] behind an HTTPS front; remembered in
+        /// --data for `tern relay address`
+        #[arg(long, value_name = "ADDR", env = "TERN_RELAY_PUBLIC_ADDRESS")]
+        public_address: Option<String>,
+        /// Behind a reverse proxy or PaaS router you trust: the header it
+        /// puts the client's address in (X-Forwarded-For), so that the
+        /// per-address limits count clients rather than the front
+        #[arg(long, value_name = "HEADER", env = "TERN_RELAY_FORWARDED_HEADER")]
+        forwarded_header: Option<String>,
+        /// Threads that run handshakes and execute commands
+        #[arg(long, value_name = "N", default_value_t = config::DEFAULT_WORKERS)]
+        workers: usize,
+        /// Queues one connection may create: BURST/PER_MINUTE
+        #[arg(long, value_name = "RATE", value_parser = parse_rate, default_value = "128/60")]
+        create_rate_per_connection: Rate,
+        /// Queues one address (an IPv6 /64) may create: BURST/PER_MINUTE
+        #[arg(long, value_name = "RATE", value_parser = parse_rate, default_value = "512/240")]
+        create_rate_per_address: Rate,
     },
     /// Print the address of the relay in --data
     #[command(after_help = "Example:\n  tern relay address --data /var/lib/tern-relay")]
@@ -67,12 +101,33 @@ pub enum Action {
     },
 }
 
-fn read_access_key(path: Option<&Path>) -> anyhow::Result<Option<String>> {
-    let Some(path) = path else { return Ok(None) };
+/// `BURST/PER_MINUTE`, as the creation rate flags take it.
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let bad =
+        || format!("{text:?} is not BURST/PER_MINUTE (two whole numbers, the burst at least 1)");
+    let (b, m) = text.split_once('/').ok_or_else(bad)?;
+    let burst: u32 = b.trim().parse().map_err(|_| bad())?;
+    let per_minute: u32 = m.trim().parse().map_err(|_| bad())?;
+    if burst == 0 {
+        return Err(bad());
+    }
+    Ok(Rate { burst, per_minute })
+}
+
+fn read_access_keys(path: Option<&Path>) -> anyhow::Result<Vec<AccessKey>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
     let raw = std::fs::read_to_string(path)
         .with_context(|| format!("reading the access key file {}", path.display()))?;
-    let key = raw.trim().to_string();
-    Ok(Some(key))
+    let keys = AccessKey::parse_file(&raw)?;
+    if keys.is_empty() {
+        return Err(fail(
+            USAGE,
+            format!("the access key file {} holds no key", path.display()),
+        ));
+    }
+    Ok(keys)
 }
 
 fn listen_addr(common: &Common) -> anyhow::Result<SocketAddr> {
@@ -100,15 +155,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             common,
             ttl_days,
             max_pending,
-            max_wait,
             max_connections,
+            max_connections_per_address,
+            max_data_mib,
+            max_open_queues,
+            unsecured_days,
+            public_address,
+            forwarded_header,
+            workers,
+            create_rate_per_connection,
+            create_rate_per_address,
         } => {
             let mut cfg = ServeConfig::new(listen_addr(common)?, data_dir(common)?);
-            cfg.access_key = read_access_key(common.access_key_file.as_deref())?;
+            cfg.access_keys = read_access_keys(common.access_key_file.as_deref())?;
             cfg.ttl = Duration::from_secs(ttl_days.saturating_mul(86_400));
             cfg.max_pending = *max_pending;
-            cfg.max_wait = Duration::from_secs(*max_wait);
             cfg.max_connections = *max_connections;
+            cfg.max_connections_per_address = *max_connections_per_address;
+            cfg.max_data_bytes = max_data_mib.saturating_mul(1 << 20);
+            cfg.max_open_queues = *max_open_queues;
+            cfg.unsecured_days = *unsecured_days;
+            cfg.public_address = public_address.clone();
+            cfg.forwarded_header = forwarded_header.clone();
+            cfg.workers = *workers;
+            cfg.create_rate_connection = *create_rate_per_connection;
+            cfg.create_rate_address = *create_rate_per_address;
             let server = Server::bind(cfg)?;
             line(&server.address().to_string());
             shutdown_on_signals(server.shutdown_handle())?;
@@ -116,7 +187,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             Ok(())
         }
         Action::Address { common } => {
-            let access = read_access_key(common.access_key_file.as_deref())?;
+            let access = read_access_keys(common.access_key_file.as_deref())?
+                .into_iter()
+                .next()
+                .map(|k| k.key);
             line(&load_address(&data_dir(common)?, access, listen_addr(common)?)?.to_string());
             Ok(())
         }

@@ -1,8 +1,8 @@
 //! `tern relays`: the relays you receive on.
 
 use serde_json::json;
-use tern_relay::address::RelayAddress;
-use tern_relay::wire::{Command, Reply};
+use tern_wire::address::RelayAddress;
+use tern_wire::{Command, Reply};
 
 use super::exit::{code_for, fail, FAILURE, USAGE};
 use super::output::{json, line, note, text};

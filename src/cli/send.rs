@@ -6,7 +6,7 @@ use anyhow::Context;
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
-use super::exit::{fail, FAILURE, TRY_AGAIN, USAGE};
+use super::exit::{fail, FAILURE, GONE, TRY_AGAIN, USAGE};
 use super::output::{json, note, stdin_is_terminal};
 use super::{unlock, Cli};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
@@ -136,6 +136,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             "{name} has not completed the connection yet; the message will go out once they do (run `tern recv`)"
         ));
         return Ok(());
+    }
+    if outcome.gone && !outcome.delivered {
+        return Err(fail(
+            GONE,
+            format!(
+                "{} deleted this connection: the message cannot reach them (it is kept; `tern forget {}` removes them here)",
+                args.contact, args.contact
+            ),
+        ));
     }
     if !outcome.delivered {
         let why = outcome.report.describe();

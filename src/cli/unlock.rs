@@ -187,7 +187,7 @@ pub fn home(cli: &Cli) -> anyhow::Result<PathBuf> {
 pub fn open(cli: &Cli) -> anyhow::Result<Client> {
     let home = home(cli)?;
     let key = key_source(cli, &home)?;
-    Ok(Client::open(&home, key)?)
+    Ok(Client::open(&home, key, cli.proxy.clone())?)
 }
 
 #[cfg(test)]

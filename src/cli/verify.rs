@@ -1,14 +1,19 @@
 //! `tern verify`: compare security codes out of band.
 
+use std::path::{Path, PathBuf};
+
 use super::exit::{fail, CODE_MISMATCH, USAGE};
 use super::output::{json, line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
 use crate::proto::security_code::codes_match;
 
+/// What the QR code of a security code holds before the digits.
+const CODE_PREFIX: &str = "TERN-CODE:";
+
 /// Show a contact's security code, or compare it with theirs
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern verify bob                       # show the code (and its QR code)\n  tern verify bob '12345 67890 …'        # compare with the code Bob reads out\n\nA mismatch exits with status 4: someone may have swapped the invitation."
+    after_help = "Examples:\n  tern verify bob                       # show the code (and its QR code)\n  tern verify bob '12345 67890 …'        # compare with the code Bob reads out\n  tern verify bob --image bob-code.jpg  # compare with a picture of Bob's screen\n\nA mismatch exits with status 4: someone may have swapped the invitation."
 )]
 pub struct Args {
     /// The contact's name (see `tern contacts`)
@@ -18,6 +23,11 @@ pub struct Args {
     /// Print one JSON object: the code, or whether the codes match
     #[arg(long)]
     pub json: bool,
+    /// A picture (photo or screenshot, PNG or JPEG) of the QR code that
+    /// `tern verify` shows on the contact's screen, to compare instead of
+    /// digits
+    #[arg(long, value_name = "FILE", conflicts_with = "code")]
+    pub image: Option<PathBuf>,
 }
 
 /// Digits of a code as typed: `Some` only for something that is a code
@@ -37,15 +47,24 @@ fn parse_code(typed: &str) -> Option<String> {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let theirs = match &args.code {
-        Some(typed) => Some(parse_code(typed).ok_or_else(|| {
+    let theirs = match (&args.code, &args.image) {
+        (Some(typed), _) => Some(parse_code(typed).ok_or_else(|| {
             fail(
                 USAGE,
                 "that is not a security code: a code is 30 digits in six groups \
                  (`tern verify CONTACT` shows yours); nothing was compared",
             )
         })?),
-        None => None,
+        (None, Some(path)) => Some(parse_code(&code_in_picture(path)?).ok_or_else(|| {
+            fail(
+                USAGE,
+                format!(
+                    "the QR code in {} does not hold a whole security code; nothing was compared",
+                    path.display()
+                ),
+            )
+        })?),
+        (None, None) => None,
     };
     let mut client = unlock::open(cli)?;
     let id = client.contact_id(&args.contact)?;
@@ -84,13 +103,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         }
         None => {
             if stdout_is_terminal() {
-                print!(
-                    "{}",
-                    qr::terminal(
-                        &format!("TERN-CODE:{}", ours.replace(' ', "")),
-                        std::env::var_os("NO_COLOR").is_none()
-                    )?
-                );
+                qr::show(
+                    &format!("{CODE_PREFIX}{}", ours.replace(' ', "")),
+                    "compare the digits below",
+                )?;
             }
             for (_, code) in &codes {
                 line(code);
@@ -137,5 +153,32 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             note(&format!("codes match: {} is verified", args.contact));
             Ok(())
         }
+    }
+}
+
+/// The security code in a picture of the QR code `tern verify` shows
+/// (`TERN-CODE:` and the digits). A picture without one is a usage error,
+/// not a mismatch: it says nothing about the connection.
+fn code_in_picture(path: &Path) -> anyhow::Result<String> {
+    let text = qr::read_picture(path)
+        .map_err(|e| fail(USAGE, e))?
+        .ok_or_else(|| {
+            fail(
+                USAGE,
+                format!(
+                    "no QR code found in {}: try a sharper, closer picture, or compare the digits",
+                    path.display()
+                ),
+            )
+        })?;
+    match text.get(..CODE_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(CODE_PREFIX) => Ok(text[CODE_PREFIX.len()..].to_string()),
+        _ => Err(fail(
+            USAGE,
+            format!(
+                "the QR code in {} is not a security code (the one `tern verify` shows)",
+                path.display()
+            ),
+        )),
     }
 }

@@ -14,9 +14,9 @@
 
 use data_encoding::HEXLOWER;
 use rand::rngs::OsRng;
-use tern_relay::wire::{Command, ErrorCode};
+use tern_wire::{Command, ErrorCode};
 
-use super::fetch::Event;
+use super::events::Event;
 use super::jobs::{flush_outbox, push_request};
 use super::model::{
     contact_key, group_info_key, group_name_key, group_seen, history_log, AddWatch, Announced,
@@ -290,7 +290,7 @@ fn announcement(c: &Contact) -> Option<DeviceMsg> {
 }
 
 /// The ids of every receiving queue of connection `c`.
-pub(crate) fn queue_ids(c: &Contact) -> Vec<tern_relay::wire::Id> {
+pub(crate) fn queue_ids(c: &Contact) -> Vec<tern_wire::Id> {
     c.all_recv_queues().map(|q| q.recipient_id).collect()
 }
 
@@ -301,7 +301,7 @@ pub(crate) fn queue_ids(c: &Contact) -> Vec<tern_relay::wire::Id> {
 pub(crate) fn announce_if_changed(
     tx: &Tx<'_>,
     c: &mut Contact,
-    before: &[tern_relay::wire::Id],
+    before: &[tern_wire::Id],
     now: u64,
 ) -> Result<Vec<String>, ClientError> {
     if c.conn.state != ConnState::Connected || c.removed || queue_ids(c) == before {
@@ -955,6 +955,7 @@ pub(crate) fn on_device_message(
                     contact: name,
                     entry,
                     chain: crate::proto::envelope::ChainStatus::InOrder,
+                    delivery: None,
                 });
             }
         }
@@ -1109,7 +1110,7 @@ pub(crate) fn device_link_copied(tx: &Tx<'_>, c: &mut Contact) -> Result<Vec<Eve
 pub(crate) fn hold_request(
     tx: &Tx<'_>,
     c: &mut Contact,
-    recipient_id: &tern_relay::wire::Id,
+    recipient_id: &tern_wire::Id,
     message: &[u8],
     profile: &Profile,
     now: u64,
@@ -1289,7 +1290,7 @@ impl Client {
         expires_ms: u64,
     ) -> Result<(String, String), ClientError> {
         let queues = self.create_queues()?;
-        let (conn, invitation) = Connection::invite(queues, channel, &mut OsRng);
+        let (conn, invitation) = Connection::invite_device(queues, channel, &mut OsRng);
         let id = new_contact_id();
         let name = format!("new-device-{}", &id[..6]);
         let mut record = Contact::new(id, name.clone(), true, conn, now());
@@ -1321,7 +1322,7 @@ impl Client {
         let settings = self.settings()?;
         let queues = self.create_queues()?;
         let t = now();
-        let (conn, request) = Connection::accept(
+        let (conn, request) = Connection::accept_device(
             invitation,
             queues,
             &device_profile(&settings),
@@ -1456,10 +1457,12 @@ impl Client {
         let mut left = Vec::new();
         for q in queues {
             let signer = ed25519_dalek::SigningKey::from_bytes(q.auth.as_bytes());
-            match self.net.call(
+            match self.net.call_for(
                 &q.relay,
+                Some(&q.recipient_id),
                 &Command::Delete {
                     recipient_id: q.recipient_id,
+                    if_empty: false,
                 },
                 Some(&signer),
             ) {

@@ -1,27 +1,34 @@
-//! Receiving: fetch from every queue of every contact, store what arrives in
-//! a store transaction, and only then acknowledge it to its relay.
+//! Receiving: subscribe to every queue, store what the relays push in store
+//! transactions, and only then acknowledge it.
 //!
-//! Network work happens on worker threads (one per queue while long-polling,
-//! a small pool otherwise); all store work happens on the calling thread, so
-//! the store sees a single writer per process. A worker reads a run of up to
-//! [`READ_AHEAD`] messages of its queue (FETCH, then PEEK after each), the
-//! calling thread stores every run waiting for it in one transaction, each
-//! message in a savepoint of its own, and the worker then acknowledges the
-//! stored part of its run in one request (ACK_UPTO). A long queue therefore
-//! costs one commit and one acknowledgement per run, not per message.
+//! One session per relay (per queue with `--isolate`) carries every
+//! subscription to that relay; the relays push messages as they arrive and
+//! say IDLE when a queue has nothing more for now. Everything pushed that
+//! is waiting is stored in one transaction, each message in a savepoint of
+//! its own, and each queue's stored run is acknowledged with one ACK_UPTO.
+//! Without `--wait` or `--follow`, queues are first asked how much they
+//! hold (CHECK, unsigned and cheap), and only those holding something are
+//! subscribed: the cost of a `tern recv` grows with what arrived, not with
+//! the number of contacts.
+//!
+//! A message counts as delivered to the caller only once the caller says it
+//! was written out: every new message goes into an inbox log in the same
+//! transaction that stores it, and leaves it when shown. What a broken pipe
+//! or a full disk kept from being shown is shown by the next run.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
-use tern_relay::address::RelayAddress;
-use tern_relay::seal::delivery_open;
-use tern_relay::wire::{Command, ErrorCode, Id, Reply};
+use serde::{Deserialize, Serialize};
+use tern_wire::address::RelayAddress;
+use tern_wire::delivery::delivery_open;
+use tern_wire::{Command, ErrorCode, Id, Reply};
 
+pub use super::events::{Event, Shown};
 use super::jobs::{
     flush_outbox, peer_left_old_connection, push_actions, push_actions_for, settle_old_connection,
 };
@@ -30,48 +37,47 @@ use super::model::{
     SETTINGS,
 };
 use super::{abort, unwrap_abort, Client, ClientError};
-use crate::net::{NetError, RelayClient};
+use crate::net::{Call, NetError, SubEvent, SubSpec, Subscription, Targeted};
 use crate::proto::connection::{ConnState, Incoming};
 use crate::proto::envelope::ChainStatus;
 use crate::proto::keys::Secret32;
 use crate::proto::ProtoError;
 use crate::store::{StoreError, Tx};
 
-/// Longest single long-poll asked of a relay; relays cap it too.
-const POLL_SLICE_MS: u32 = 25_000;
-/// Queues fetched at once when draining without waiting.
-const DRAIN_THREADS: usize = 8;
-/// In `--follow`, how often to look for new contacts and pending jobs.
+/// Messages pushed to one subscription before it waits for an
+/// acknowledgement: a run stored in one commit. At 16 KiB each, 1 MiB.
+const WINDOW: u16 = 64;
+/// In `--wait` and `--follow`, how often to look for new contacts, new
+/// queues and pending jobs.
 const RESCAN: Duration = Duration::from_secs(5);
+/// Beyond this many messages in a batch, no more are added to it, so that
+/// no message waits long for the others' commit.
+const MAX_BATCH: usize = 128;
+/// Unusable messages in a row after which a queue is left alone for the
+/// rest of the run. Legitimate traffic never comes close: copies arrive once
+/// per queue, and handshake or rotation steps are a handful.
+const MAX_USELESS_IN_A_ROW: u32 = 64;
+/// Reconnecting to a relay that went away: first after this, doubling up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Without `--wait`, how long the relays may say nothing before the run
+/// ends without them (what one command may take).
+const QUIET_LIMIT: Duration = Duration::from_secs(15);
+/// The log of messages stored but not yet shown to the caller.
+pub const INBOX: &str = "inbox";
 
-/// Something the user should hear about.
-#[derive(Debug, Clone)]
-pub enum Event {
-    Message {
-        contact: String,
-        entry: HistoryEntry,
-        chain: ChainStatus,
-    },
-    Connected {
-        contact: String,
-    },
-    ProfileUpdated {
-        contact: String,
-    },
-    Unsupported {
-        contact: String,
-        kind: u8,
-    },
-    Warning(String),
-    /// Progress worth a line on stderr (a handshake step, say).
-    Notice(String),
-    /// Internal: this record has new work to upload (not shown).
-    Pending(String),
+/// A message stored and not yet shown, as the inbox keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Undelivered {
+    contact_id: String,
+    entry: HistoryEntry,
+    chain: ChainStatus,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
-    /// Long-poll up to this long for the first message.
+    /// Wait up to this long for the first message (or connection).
     pub wait: Option<Duration>,
     /// Keep receiving until interrupted.
     pub follow: bool,
@@ -84,14 +90,21 @@ pub struct FetchSummary {
     pub messages: usize,
     /// Connections that completed.
     pub connected: usize,
-    /// Contacts that received something since their jobs last ran.
+    /// Contacts that received something in this run, and since the
+    /// receiving loop last looked.
     touched: HashSet<String>,
-    /// Queues that could not be fetched.
+    recent: HashSet<String>,
+    /// Relays that could not be reached, and other failures.
     pub errors: Vec<NetError>,
     pub queues: usize,
+    /// Distinct relays the queues are on, and how many of them failed.
+    pub relays: usize,
+    failed_relays: HashSet<String>,
+    /// The caller could not show an event: receiving stopped there.
+    pub output_failed: bool,
 }
 
-/// One queue to fetch from.
+/// One queue to receive from.
 struct QueueRef {
     contact_id: String,
     relay: RelayAddress,
@@ -100,26 +113,9 @@ struct QueueRef {
     queue_secret: Secret32,
 }
 
-impl QueueRef {
-    fn key(&self) -> (String, Id) {
-        (self.contact_id.clone(), self.recipient_id)
-    }
-}
-
-enum FromWorker {
-    /// A run of messages from one queue, oldest first, to store together.
-    Delivery(Vec<Delivered>),
-    Failed {
-        error: NetError,
-    },
-    /// Something the jobs thread has to say.
-    Event(Event),
-    /// The queue's relay delivered too many unusable messages in a row.
-    Flooded {
-        queue: Arc<QueueRef>,
-    },
-    Done,
-}
+/// What names the session a queue's subscription rides on: its relay, and
+/// the queue itself with `--isolate`.
+type SessionKey = (String, Option<Id>);
 
 /// What the main thread made of a delivered message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,235 +124,183 @@ enum Verdict {
     Used,
     /// Dropped: a copy already seen, junk, a replay.
     Useless,
-    /// Not stored (the store failed): must not be acknowledged.
-    NotStored,
 }
 
-/// A delivered message waiting to be stored, and its worker waiting to hear
-/// whether to acknowledge it.
+/// A pushed message waiting to be stored.
 struct Delivered {
-    queue: Arc<QueueRef>,
+    token: usize,
     msg_id: Id,
     body: Vec<u8>,
-    ack: Sender<Verdict>,
 }
 
-/// Most messages a worker reads ahead of its acknowledgement (with PEEK),
-/// to be stored in one commit and acknowledged with one ACK_UPTO. At 16 KiB
-/// each, a run costs at most 1 MiB of memory.
-const READ_AHEAD: usize = 64;
+/// Every queue being received from, and the sessions they ride on.
+struct Watch {
+    queues: Vec<Arc<QueueRef>>,
+    by_queue: HashMap<(String, Id), usize>,
+    /// Per token: pushed everything for now (IDLE), or done for this run.
+    idle: Vec<bool>,
+    done: Vec<bool>,
+    useless: Vec<u32>,
+    session_of: Vec<SessionKey>,
+    sessions: HashMap<SessionKey, Subscription>,
+    /// Sessions lost, with when to try again and how long to wait after.
+    lost: HashMap<SessionKey, (Instant, Duration)>,
+    /// Relays said to be unreachable, so that it is said once.
+    warned: HashSet<String>,
+    events: Sender<SubEvent>,
+    /// Lost sessions are reconnected (`--wait`, `--follow`); otherwise
+    /// their queues are done for this run.
+    retry: bool,
+}
 
-/// Messages read ahead with PEEK and not yet acknowledged, across all the
-/// workers of this process: 8 MiB at most, however many queues a `recv
-/// --follow` watches and however long their backlogs.
-static READ_AHEAD_BUDGET: AtomicUsize = AtomicUsize::new(512);
+fn session_key(q: &QueueRef, isolate: bool) -> SessionKey {
+    (
+        q.relay.without_access_key().to_string(),
+        isolate.then_some(q.recipient_id),
+    )
+}
 
-/// Places taken from [`READ_AHEAD_BUDGET`], given back when dropped.
-struct ReadAhead(usize);
+impl FetchSummary {
+    /// Every relay failed (and so nothing could be received).
+    pub fn all_relays_failed(&self) -> bool {
+        self.relays > 0 && self.failed_relays.len() >= self.relays
+    }
 
-impl ReadAhead {
-    fn take_one(&mut self) -> bool {
-        let taken = READ_AHEAD_BUDGET
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        self.0 += usize::from(taken);
-        taken
+    fn failed(&mut self, relay: &RelayAddress, e: NetError) {
+        self.failed_relays.insert(relay.label());
+        self.errors.push(e);
     }
 }
 
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        READ_AHEAD_BUDGET.fetch_add(self.0, Ordering::AcqRel);
+impl Watch {
+    fn new(events: Sender<SubEvent>, retry: bool) -> Self {
+        Self {
+            queues: Vec::new(),
+            by_queue: HashMap::new(),
+            idle: Vec::new(),
+            done: Vec::new(),
+            useless: Vec::new(),
+            session_of: Vec::new(),
+            sessions: HashMap::new(),
+            lost: HashMap::new(),
+            warned: HashSet::new(),
+            events,
+            retry,
+        }
     }
-}
 
-/// Beyond this many messages in a batch, no more runs are added to it, so
-/// that no message waits long for the others' commit.
-const MAX_BATCH: usize = 64;
+    /// Adds queues not watched yet; returns their tokens.
+    fn add(&mut self, queues: Vec<Arc<QueueRef>>, isolate: bool) -> Vec<usize> {
+        let mut added = Vec::new();
+        for q in queues {
+            let key = (q.contact_id.clone(), q.recipient_id);
+            if self.by_queue.contains_key(&key) {
+                continue;
+            }
+            let token = self.queues.len();
+            self.by_queue.insert(key, token);
+            self.session_of.push(session_key(&q, isolate));
+            self.queues.push(q);
+            self.idle.push(false);
+            self.done.push(false);
+            self.useless.push(0);
+            added.push(token);
+        }
+        added
+    }
 
-/// Unusable messages in a row after which a queue is left alone for the
-/// rest of the run. Legitimate traffic never comes close: copies arrive once
-/// per queue, and handshake or rotation steps are a handful.
-const MAX_USELESS_IN_A_ROW: u32 = 64;
-
-#[derive(Clone, Copy)]
-struct Mode {
-    wait_ms: u32,
-    keep_polling: bool,
-}
-
-fn worker(
-    net: &RelayClient,
-    q: Arc<QueueRef>,
-    mode: Mode,
-    stop: &AtomicBool,
-    out: &Sender<FromWorker>,
-) {
-    let fetch = |wait_ms| {
-        net.call(
-            &q.relay,
-            &Command::Fetch {
-                recipient_id: q.recipient_id,
-                wait_ms,
-            },
-            Some(&q.signer),
-        )
-    };
-    let mut reply = fetch(mode.wait_ms);
-    let mut backoff = Duration::from_millis(500);
-    let mut useless_in_a_row = 0;
-    // Until the relay shows that it predates PEEK (it answers BadRequest).
-    let mut can_peek = true;
-    loop {
-        match reply {
-            Ok(Reply::Message { msg_id, body, .. }) => {
-                // Read ahead, so that the run is stored in one commit and
-                // acknowledged in one request instead of one of each per
-                // message. (Handing it over in chunks, to store one while
-                // reading the next, measured no faster on two cores: the
-                // same wall time with chunks of 8, 16 or 32, and more CPU
-                // for the extra commits.)
-                // Whatever stops the reading (nothing more yet, an error
-                // the next request will meet again) ends the run there.
-                let first = msg_id;
-                let mut run = vec![(msg_id, body)];
-                // Held until the run is acknowledged (or abandoned).
-                let mut held = ReadAhead(0);
-                if can_peek {
-                    std::thread::scope(|s| {
-                        // Each PEEK waits for the relay; meanwhile a helper
-                        // on the other core sets up the next one's HPKE
-                        // context. It stops when `contexts` is dropped.
-                        let (ready, contexts) = mpsc::sync_channel(1);
-                        let relay = &q.relay;
-                        s.spawn(move || {
-                            while let Some(p) = net.prepare(relay) {
-                                if ready.send(p).is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                        while run.len() < READ_AHEAD
-                            && !stop.load(Ordering::Relaxed)
-                            && held.take_one()
-                        {
-                            let peek = Command::Peek {
-                                recipient_id: q.recipient_id,
-                                after: run[run.len() - 1].0,
-                            };
-                            let prepared = contexts.recv().ok();
-                            match net.call_prepared(&q.relay, &peek, Some(&q.signer), prepared) {
-                                Ok(Reply::Message { msg_id, body, .. }) => run.push((msg_id, body)),
-                                // A relay that predates PEEK: one message at a time.
-                                Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
-                                    can_peek = false;
-                                    break;
-                                }
-                                _ => break,
-                            }
-                        }
-                    });
+    /// Subscribes `tokens`, grouped by session; a relay that cannot be
+    /// reached is reported and, when `retry`, tried again later.
+    fn subscribe(
+        &mut self,
+        client: &Client,
+        tokens: &[usize],
+        summary: &mut FetchSummary,
+        on_event: &mut dyn FnMut(Event),
+    ) {
+        let retry = self.retry;
+        let mut groups: HashMap<SessionKey, Vec<usize>> = HashMap::new();
+        for &t in tokens {
+            groups
+                .entry(self.session_of[t].clone())
+                .or_default()
+                .push(t);
+        }
+        for (key, group) in groups {
+            let specs: Vec<SubSpec> = group
+                .iter()
+                .map(|&t| SubSpec {
+                    token: t,
+                    recipient_id: self.queues[t].recipient_id,
+                    key: self.queues[t].signer.clone(),
+                    window: WINDOW,
+                })
+                .collect();
+            let relay = self.queues[group[0]].relay.clone();
+            let result = match self.sessions.get(&key).filter(|s| !s.is_lost()) {
+                Some(s) => s.add(specs, &self.events).map(|()| None),
+                None => client
+                    .net
+                    .subscribe(&relay, key.1.as_ref(), specs, &self.events)
+                    .map(Some),
+            };
+            match result {
+                Ok(Some(sub)) => {
+                    self.sessions.insert(key.clone(), sub);
+                    self.back_again(&relay, on_event);
                 }
-                let mut verdicts = Vec::with_capacity(run.len());
-                let batch = run
-                    .into_iter()
-                    .map(|(msg_id, body)| {
-                        let (ack, verdict) = mpsc::channel();
-                        verdicts.push((msg_id, verdict));
-                        Delivered {
-                            queue: q.clone(),
-                            msg_id,
-                            body,
-                            ack,
-                        }
-                    })
-                    .collect();
-                if out.send(FromWorker::Delivery(batch)).is_err() {
-                    return;
-                }
-                // The ACK waits for the main thread's commit; meanwhile, on
-                // the other core, set up the HPKE context it will be sealed
-                // with.
-                let prepared = net.prepare(&q.relay);
-                // What is acknowledged ends before the first message that
-                // was not stored, or that makes one useless message too many.
-                let mut last = None;
-                let mut stop_here = false;
-                let mut flooded = false;
-                for (msg_id, verdict) in verdicts {
-                    match verdict.recv() {
-                        Ok(Verdict::Used) => useless_in_a_row = 0,
-                        Ok(Verdict::Useless) => useless_in_a_row += 1,
-                        Ok(Verdict::NotStored) | Err(_) => {
-                            stop_here = true;
-                            break;
-                        }
-                    }
-                    if useless_in_a_row > MAX_USELESS_IN_A_ROW {
-                        flooded = true;
-                        break;
-                    }
-                    last = Some(msg_id);
-                }
-                if let Some(last) = last {
-                    // ACK_UPTO only after a PEEK succeeded, so an old relay
-                    // never sees it.
-                    let ack = if last == first {
-                        Command::Ack {
-                            recipient_id: q.recipient_id,
-                            msg_id: last,
-                        }
+                Ok(None) => {}
+                Err(e) => {
+                    self.unreachable(&relay, &e, on_event);
+                    if retry && e.is_transient() {
+                        let backoff = self.lost.get(&key).map_or(FIRST_BACKOFF, |(_, b)| *b);
+                        self.lost.insert(
+                            key,
+                            (Instant::now() + backoff, (backoff * 2).min(MAX_BACKOFF)),
+                        );
                     } else {
-                        Command::AckUpTo {
-                            recipient_id: q.recipient_id,
-                            msg_id: last,
+                        for &t in &group {
+                            self.done[t] = true;
                         }
-                    };
-                    reply = net.call_prepared(&q.relay, &ack, Some(&q.signer), prepared);
-                } else {
-                    reply = Ok(Reply::Empty);
-                }
-                if flooded {
-                    // A relay that feeds junk or replays without end must
-                    // not keep `tern recv` (or a cron job) running for ever.
-                    let _ = out.send(FromWorker::Flooded { queue: q.clone() });
-                    let _ = out.send(FromWorker::Done);
-                    return;
-                }
-                if stop_here {
-                    return;
-                }
-                if matches!(&reply, Err(e) if e.code() == Some(ErrorCode::NoMessage)) {
-                    // Acknowledged meanwhile by another tern process.
-                    reply = fetch(0);
+                    }
+                    summary.failed(&relay, e);
                 }
             }
-            Ok(_) => {
-                if mode.keep_polling && !stop.load(Ordering::Relaxed) {
-                    reply = fetch(mode.wait_ms);
-                } else {
-                    let _ = out.send(FromWorker::Done);
-                    return;
-                }
-            }
-            // The queue is gone: deleted by a rotation or re-key that another
-            // tern process completed after this list was made.
-            Err(error) if error.code() == Some(ErrorCode::Auth) => {
-                let _ = out.send(FromWorker::Done);
-                return;
-            }
-            Err(error) => {
-                let retry =
-                    mode.keep_polling && error.is_transient() && !stop.load(Ordering::Relaxed);
-                let _ = out.send(FromWorker::Failed { error });
-                if !retry {
-                    let _ = out.send(FromWorker::Done);
-                    return;
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                reply = fetch(mode.wait_ms);
-            }
+        }
+    }
+
+    /// Says once that a relay is unreachable, with the time.
+    fn unreachable(&mut self, relay: &RelayAddress, e: &NetError, on_event: &mut dyn FnMut(Event)) {
+        if self.warned.insert(relay.label()) {
+            on_event(Event::Warning(format!(
+                "{e} (at {}); still trying",
+                crate::time::rfc3339(super::now())
+            )));
+        }
+    }
+
+    /// Says that a relay said to be unreachable is back.
+    fn back_again(&mut self, relay: &RelayAddress, on_event: &mut dyn FnMut(Event)) {
+        if self.warned.remove(&relay.label()) {
+            on_event(Event::Notice(format!(
+                "relay {} is reachable again (at {})",
+                relay.label(),
+                crate::time::rfc3339(super::now())
+            )));
+        }
+    }
+
+    /// Every live token is idle or done.
+    fn settled(&self) -> bool {
+        (0..self.queues.len()).all(|t| self.idle[t] || self.done[t])
+    }
+
+    fn ack(&mut self, token: usize, msg_id: Id) {
+        let q = &self.queues[token];
+        if let Some(sub) = self.sessions.get(&self.session_of[token]) {
+            // A session gone meanwhile: the queue gets the message again on
+            // the next one, and the seen-set drops it.
+            let _ = sub.ack_upto(q.recipient_id, msg_id, &q.signer);
         }
     }
 }
@@ -368,67 +312,135 @@ impl Client {
             if only.is_some_and(|id| id != c.id) {
                 continue;
             }
-            let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
-            let rekey = c.rekeys.iter().flat_map(|r| r.recv_queues.iter());
-            for q in c.conn.all_recv_queues().chain(old).chain(rekey) {
-                out.push(Arc::new(QueueRef {
-                    contact_id: c.id.clone(),
-                    relay: q.relay.clone(),
-                    recipient_id: q.recipient_id,
-                    signer: q.signing_key(),
-                    queue_secret: q.queue_secret.clone(),
-                }));
+            out.extend(contact_queue_refs(&c));
+        }
+        Ok(out)
+    }
+
+    /// The queues of these contacts only.
+    fn queue_refs_of(&self, ids: &[String]) -> Result<Vec<Arc<QueueRef>>, ClientError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Ok(c) = self.contact(id) {
+                out.extend(contact_queue_refs(&c));
             }
         }
         Ok(out)
     }
 
-    /// Fetches, stores and acknowledges messages, reporting each through
+    /// Messages stored by an earlier run and never shown (`only`: of one
+    /// contact), oldest first.
+    fn undelivered(&self, only: Option<&str>) -> Result<Vec<Event>, ClientError> {
+        let entries: Vec<(u64, Undelivered)> =
+            self.store.read(|tx| tx.head_after(INBOX, 0, usize::MAX))?;
+        let mut out = Vec::new();
+        for (seq, u) in entries {
+            if only.is_some_and(|id| id != u.contact_id) {
+                continue;
+            }
+            let contact = match self.contact(&u.contact_id) {
+                Ok(c) => c.name,
+                // Forgotten since: still show what it sent.
+                Err(_) => "(forgotten contact)".to_string(),
+            };
+            out.push(Event::Message {
+                contact,
+                entry: u.entry,
+                chain: u.chain,
+                delivery: Some(seq),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets inbox entries that were shown.
+    fn delivered(&mut self, seqs: &[u64]) -> Result<(), ClientError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .transaction(|tx| tx.remove_log_entries(INBOX, seqs))?;
+        Ok(())
+    }
+
+    /// Receives, stores and acknowledges messages, showing each through
     /// `on_event` as soon as it is stored.
     pub fn fetch(
         &mut self,
         opts: &FetchOptions,
-        on_event: &mut dyn FnMut(Event),
+        on_event: &mut dyn FnMut(Event) -> Shown,
     ) -> Result<FetchSummary, ClientError> {
         let mut summary = FetchSummary::default();
         let only = opts.contact_id.as_deref();
         let waiting = opts.follow || opts.wait.is_some();
         if let Some(e) = self.removed_error()? {
             // Nothing new can come; finish deleting what it still holds.
-            self.run_all_jobs(only, on_event)?;
+            self.run_all_jobs(only, &mut |e| {
+                let _ = on_event(e);
+            })?;
             return Err(e);
         }
         // Invitations and device links past their time are void.
-        self.withdraw_expired(on_event)?;
+        self.withdraw_expired(&mut |e| {
+            let _ = on_event(e);
+        })?;
+        // First what an earlier run stored and could not show.
+        let mut shown = Vec::new();
+        for e in self.undelivered(only)? {
+            let seq = match &e {
+                Event::Message { delivery, .. } => *delivery,
+                _ => None,
+            };
+            match on_event(e) {
+                Shown::Yes => shown.extend(seq),
+                Shown::Later => {}
+                Shown::Failed => {
+                    summary.output_failed = true;
+                    self.delivered(&shown)?;
+                    return Ok(summary);
+                }
+            }
+        }
+        self.delivered(&shown)?;
         if !waiting {
             // Work left over from earlier commands (outbox, handshake
             // steps), and queue rotations that are due. (When waiting, a
             // thread of its own does this, so that receiving never waits
             // for an upload to a slow relay.)
-            self.run_all_jobs(only, on_event)?;
-            self.rotate_due(only, on_event)?;
+            self.run_all_jobs(only, &mut |e| {
+                let _ = on_event(e);
+            })?;
+            self.rotate_due(only, &mut |e| {
+                let _ = on_event(e);
+            })?;
         }
-
         let queues = self.queue_refs(only)?;
         summary.queues = queues.len();
+        summary.relays = queues
+            .iter()
+            .map(|q| q.relay.label())
+            .collect::<HashSet<_>>()
+            .len();
+        self.receive(opts, queues, &mut summary, on_event)?;
         if waiting {
-            // A long-poll answers at once when something is waiting, so no
-            // separate first pass: it would hold everything up for as long
-            // as the slowest relay takes to answer.
-            if !queues.is_empty() {
-                self.long_poll(opts, queues, &mut summary, on_event)?;
-            }
-            self.run_all_jobs(only, on_event)?;
+            self.run_all_jobs(only, &mut |e| {
+                let _ = on_event(e);
+            })?;
             // A peer may have asked for a rotation in what just arrived.
-            self.rotate_due(only, on_event)?;
+            self.rotate_due(only, &mut |e| {
+                let _ = on_event(e);
+            })?;
         } else {
-            self.drain(&queues, &mut summary, on_event)?;
-            // Everything else ran before the drain: only the contacts that
-            // just received something can have new work (a handshake step,
-            // a rotation the peer asked for). No need to read every record.
+            // Everything else ran before: only the contacts that just
+            // received something can have new work (a handshake step, a
+            // rotation the peer asked for). No need to read every record.
             let touched: Vec<String> = std::mem::take(&mut summary.touched).into_iter().collect();
-            self.run_jobs_of(&touched, on_event)?;
-            self.rotate_due_of(&touched, on_event)?;
+            self.run_jobs_of(&touched, &mut |e| {
+                let _ = on_event(e);
+            })?;
+            self.rotate_due_of(&touched, &mut |e| {
+                let _ = on_event(e);
+            })?;
         }
         if let Some(e) = self.removed_error()? {
             return Err(e);
@@ -453,10 +465,10 @@ impl Client {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ClientError> {
         let ids: Vec<String> = self
-            .contacts()?
+            .index()?
             .into_iter()
-            .filter(|c| only.is_none_or(|id| id == c.id))
-            .map(|c| c.id)
+            .filter(|e| only.is_none_or(|id| id == e.id))
+            .map(|e| e.id)
             .collect();
         self.run_jobs_of(&ids, on_event)
     }
@@ -484,102 +496,261 @@ impl Client {
             for e in report.errors {
                 on_event(Event::Warning(format!("could not deliver yet: {e}")));
             }
+            for n in report.notices {
+                on_event(Event::Warning(n));
+            }
         }
         Ok(())
     }
 
-    /// Empties every queue once, without waiting.
-    fn drain(
-        &mut self,
-        queues: &[Arc<QueueRef>],
+    /// Asks each relay, in one round trip, which of these queues hold
+    /// anything; returns those that do. A queue the relay does not know is
+    /// gone (deleted by another tern process, or expired) and left out.
+    fn holding(
+        &self,
+        queues: Vec<Arc<QueueRef>>,
         summary: &mut FetchSummary,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<(), ClientError> {
-        let todo = Mutex::new(queues.to_vec());
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel();
-        let threads = queues.len().min(DRAIN_THREADS);
-        let net = self.net.clone();
-        std::thread::scope(|s| -> Result<(), ClientError> {
-            for _ in 0..threads {
-                let tx = tx.clone();
-                let (todo, stop, net) = (&todo, &stop, &net);
-                s.spawn(move || loop {
-                    let next = todo.lock().ok().and_then(|mut t| t.pop());
-                    let Some(q) = next else { break };
-                    worker(
-                        net,
-                        q,
-                        Mode {
-                            wait_ms: 0,
-                            keep_polling: false,
-                        },
-                        stop,
-                        &tx,
-                    );
-                });
+    ) -> Vec<Arc<QueueRef>> {
+        let calls = queues
+            .iter()
+            .map(|q| Targeted {
+                relay: &q.relay,
+                queue: Some(q.recipient_id),
+                call: Call {
+                    command: Command::Check {
+                        recipient_id: q.recipient_id,
+                    },
+                    key: None,
+                },
+            })
+            .collect();
+        let replies = self.net.run_all(calls);
+        let mut out = Vec::new();
+        let mut failed_relays = HashSet::new();
+        for (q, r) in queues.into_iter().zip(replies) {
+            match r {
+                Ok(Reply::Count(0)) => {}
+                Ok(Reply::Count(_)) => out.push(q),
+                Ok(_)
+                | Err(NetError::Refused {
+                    code: ErrorCode::Auth,
+                    ..
+                }) => {}
+                Err(e) => {
+                    if failed_relays.insert(q.relay.label()) {
+                        on_event(Event::Warning(e.to_string()));
+                        summary.failed(&q.relay, e);
+                    }
+                }
             }
-            drop(tx);
-            let result = self.consume(&rx, None, summary, on_event);
-            stop.store(true, Ordering::Relaxed);
-            // Unblock workers waiting for an answer: dropping the receiver
-            // makes their sends fail.
-            drop(rx);
-            result
-        })
+        }
+        out
     }
 
-    /// Long-polls every queue, one thread each, until the first message
-    /// (`--wait`) or forever (`--follow`).
-    fn long_poll(
+    /// The receiving loop itself.
+    fn receive(
         &mut self,
         opts: &FetchOptions,
-        mut queues: Vec<Arc<QueueRef>>,
+        queues: Vec<Arc<QueueRef>>,
         summary: &mut FetchSummary,
-        on_event: &mut dyn FnMut(Event),
+        on_event: &mut dyn FnMut(Event) -> Shown,
     ) -> Result<(), ClientError> {
+        let waiting = opts.follow || opts.wait.is_some();
         let deadline = opts
             .wait
             .filter(|_| !opts.follow)
             .map(|w| Instant::now() + w);
-        let wait_ms = match deadline {
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(POLL_SLICE_MS as u128) as u32,
-            None => POLL_SLICE_MS,
-        };
-        let stop = Arc::new(AtomicBool::new(false));
+        let isolate = self.net.isolates();
         let (tx, rx) = mpsc::channel();
-        let mut started: HashSet<(String, Id)> = HashSet::new();
-        let shared_net = self.net.clone();
-        let spawn = |q: Arc<QueueRef>, started: &mut HashSet<_>| {
-            if !started.insert(q.key()) {
-                return;
+        let mut watch = Watch::new(tx, waiting);
+        // Every queue is known to the watch, so that only queues made during
+        // the run count as new; without waiting, only those holding
+        // something are subscribed.
+        let all = watch.add(queues.clone(), isolate);
+        let tokens = if waiting {
+            all
+        } else {
+            let holding: HashSet<(String, Id)> = self
+                .holding(queues, summary, &mut |e| {
+                    let _ = on_event(e);
+                })
+                .into_iter()
+                .map(|q| (q.contact_id.clone(), q.recipient_id))
+                .collect();
+            let (hold, empty): (Vec<usize>, Vec<usize>) = all.into_iter().partition(|&t| {
+                let q = &watch.queues[t];
+                holding.contains(&(q.contact_id.clone(), q.recipient_id))
+            });
+            for t in empty {
+                watch.done[t] = true;
             }
-            let (net, stop, tx) = (shared_net.clone(), stop.clone(), tx.clone());
-            let mode = Mode {
-                wait_ms,
-                keep_polling: opts.follow,
-            };
-            // Detached on purpose: a `--wait` that got its message returns
-            // without waiting for the other long-polls to time out. A message
-            // such a poll receives afterwards is not acknowledged, so the
-            // relay delivers it again next time.
-            std::thread::spawn(move || worker(&net, q, mode, &stop, &tx));
+            hold
         };
-        for q in queues.drain(..) {
-            spawn(q, &mut started);
-        }
+        watch.subscribe(self, &tokens, summary, &mut |e| {
+            let _ = on_event(e);
+        });
         // Uploads and rotations run beside the receiving, on their own store
         // handle: told which contacts just received something, and on every
         // rescan tick for everything else.
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let jobs = if waiting {
+            Some(self.jobs_thread(opts.contact_id.clone(), said.clone())?)
+        } else {
+            None
+        };
+        let mut next_rescan = Instant::now() + RESCAN;
+        let before = summary.messages + summary.connected;
+        let result = loop {
+            let now = Instant::now();
+            let progress = summary.messages + summary.connected > before;
+            if !waiting && watch.settled() {
+                break Ok(());
+            }
+            if waiting && !opts.follow && progress && watch.settled() {
+                break Ok(());
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                break Ok(());
+            }
+            let mut limit = [Some(next_rescan), deadline]
+                .into_iter()
+                .flatten()
+                .chain(watch.lost.values().map(|(t, _)| *t))
+                .min()
+                .map(|t| t.saturating_duration_since(now));
+            if !waiting {
+                // Everything subscribed answers IDLE at once: a relay quiet
+                // for as long as a command may take is given up for this run.
+                limit = Some(QUIET_LIMIT);
+            }
+            let first = match limit {
+                Some(d) => match rx.recv_timeout(d) {
+                    Ok(e) => Some(e),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break Ok(()),
+                },
+                None => rx.recv().ok(),
+            };
+            if first.is_none() && !waiting {
+                // Nothing from relays that should answer at once.
+                for t in 0..watch.queues.len() {
+                    watch.done[t] = true;
+                }
+                break Ok(());
+            }
+            let mut batch = Vec::new();
+            let mut others = Vec::new();
+            let mut next = first;
+            while let Some(e) = next.take() {
+                match e {
+                    SubEvent::Message {
+                        token,
+                        msg_id,
+                        body,
+                        ..
+                    } => batch.push(Delivered {
+                        token,
+                        msg_id,
+                        body,
+                    }),
+                    other => others.push(other),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                if let Err(e) = self.store_batch(&mut watch, batch, summary, on_event) {
+                    break Err(e);
+                }
+                if summary.output_failed {
+                    break Ok(());
+                }
+            }
+            for e in others {
+                self.on_sub_event(&mut watch, e, summary, &mut |e| {
+                    let _ = on_event(e);
+                });
+            }
+            for e in std::mem::take(&mut *said.lock().unwrap_or_else(PoisonError::into_inner)) {
+                let _ = on_event(e);
+            }
+            // (summary.touched keeps them all: the jobs after a plain
+            // receive run for every contact that received something.)
+            let touched: Vec<String> = std::mem::take(&mut summary.recent).into_iter().collect();
+            if !touched.is_empty() {
+                if let Some(j) = &jobs {
+                    let _ = j.send(touched.clone());
+                }
+                // A handshake step or a rotation may have made new queues:
+                // receive from them at once (they are not on the list yet).
+                if let Ok(refs) = self.queue_refs_of(&touched) {
+                    let new = watch.add(refs, isolate);
+                    watch.subscribe(self, &new, summary, &mut |e| {
+                        let _ = on_event(e);
+                    });
+                }
+            }
+            let now = Instant::now();
+            let retry: Vec<SessionKey> = watch
+                .lost
+                .iter()
+                .filter(|(_, (t, _))| *t <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in retry {
+                let tokens: Vec<usize> = (0..watch.queues.len())
+                    .filter(|&t| watch.session_of[t] == key && !watch.done[t])
+                    .collect();
+                watch.sessions.remove(&key);
+                watch.subscribe(self, &tokens, summary, &mut |e| {
+                    let _ = on_event(e);
+                });
+                if !watch.sessions.contains_key(&key) {
+                    continue;
+                }
+                watch.lost.remove(&key);
+            }
+            if waiting && now >= next_rescan {
+                next_rescan = now + RESCAN;
+                // Contacts made meanwhile by other tern commands, and new
+                // queues of jobs that ran on the jobs thread.
+                if let Ok(refs) = self.queue_refs(opts.contact_id.as_deref()) {
+                    let new = watch.add(refs, isolate);
+                    watch.subscribe(self, &new, summary, &mut |e| {
+                        let _ = on_event(e);
+                    });
+                }
+            }
+        };
+        // The last acknowledgements are out before the run ends (a process
+        // that exits first would leave them unsent: harmless, but each would
+        // come again): one answered command behind them on each session.
+        let barriers: Vec<_> = watch
+            .sessions
+            .values()
+            .filter_map(Subscription::barrier)
+            .collect();
+        for rx in barriers {
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
+        drop(jobs);
+        result
+    }
+
+    /// Starts the thread that runs uploads and rotations while receiving;
+    /// what it has to say waits in `said` for the receiving loop.
+    fn jobs_thread(
+        &self,
+        only: Option<String>,
+        said: Arc<Mutex<Vec<Event>>>,
+    ) -> Result<Sender<Vec<String>>, ClientError> {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Vec<String>>();
         let mut jobs_client = self.another_handle()?;
-        let (only, events_tx) = (opts.contact_id.clone(), tx.clone());
         std::thread::spawn(move || {
             let mut emit = |e: Event| {
-                let _ = events_tx.send(FromWorker::Event(e));
+                said.lock().unwrap_or_else(PoisonError::into_inner).push(e);
             };
             let mut everything = true;
             loop {
@@ -609,202 +780,210 @@ impl Client {
                 }
             }
         });
-        let before = summary.messages + summary.connected;
-        let result = loop {
-            let limit = if opts.follow {
-                Some(RESCAN)
-            } else {
-                deadline.map(|d| d.saturating_duration_since(Instant::now()))
-            };
-            match self.consume_one(&rx, limit, summary, on_event) {
-                Ok(true) => {
-                    if !opts.follow && summary.messages + summary.connected > before {
-                        // Collect what arrives right behind the first message.
-                        let _ =
-                            self.consume(&rx, Some(Duration::from_millis(300)), summary, on_event);
-                        break Ok(());
-                    }
-                }
-                Ok(false) => {
-                    if !opts.follow {
-                        break Ok(());
-                    }
-                    // Pick up contacts made meanwhile by other tern commands,
-                    // and new queues from rotations.
-                    for q in self.queue_refs(opts.contact_id.as_deref())? {
-                        spawn(q, &mut started);
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-            let touched: Vec<String> = std::mem::take(&mut summary.touched).into_iter().collect();
-            if !touched.is_empty() {
-                let _ = jobs_tx.send(touched);
-            }
-        };
-        stop.store(true, Ordering::Relaxed);
-        result
+        Ok(jobs_tx)
     }
 
-    /// Handles worker messages until all workers are done, or until nothing
-    /// arrived for `idle`.
-    fn consume(
+    fn on_sub_event(
         &mut self,
-        rx: &Receiver<FromWorker>,
-        idle: Option<Duration>,
+        watch: &mut Watch,
+        e: SubEvent,
         summary: &mut FetchSummary,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<(), ClientError> {
-        while self.consume_one(rx, idle, summary, on_event)? {}
-        Ok(())
-    }
-
-    /// Handles one worker message; `false` when the channel closed or `idle` passed.
-    fn consume_one(
-        &mut self,
-        rx: &Receiver<FromWorker>,
-        idle: Option<Duration>,
-        summary: &mut FetchSummary,
-        on_event: &mut dyn FnMut(Event),
-    ) -> Result<bool, ClientError> {
-        let msg = match idle {
-            Some(d) => match rx.recv_timeout(d) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    return Ok(false)
+    ) {
+        match e {
+            SubEvent::Message { .. } => {}
+            SubEvent::Subscribed { .. } => {}
+            SubEvent::Idle { token } => watch.idle[token] = true,
+            // The queue was deleted (by a rotation or re-key, here or in
+            // another tern process): nothing more comes from it.
+            SubEvent::Ended { token } => watch.done[token] = true,
+            SubEvent::Refused { token, reply } => {
+                watch.done[token] = true;
+                // Auth: the queue is gone already, as above.
+                if reply != Reply::Error(ErrorCode::Auth) {
+                    on_event(Event::Warning(format!(
+                        "relay {} refused to deliver a queue: {reply:?}",
+                        watch.queues[token].relay.label()
+                    )));
                 }
-            },
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => return Ok(false),
-            },
-        };
-        let FromWorker::Delivery(_) = msg else {
-            self.handle_other(msg, summary, on_event);
-            return Ok(true);
-        };
-        // Whatever else has already been delivered (other queues' workers
-        // kept fetching while the last batch was stored) goes into the same
-        // transaction: one commit, one fsync, for all of them.
-        let mut batch = Vec::new();
-        let mut others = Vec::new();
-        let mut next = Some(msg);
-        while let Some(m) = next.take() {
-            match m {
-                FromWorker::Delivery(run) => batch.extend(run),
-                other => others.push(other),
             }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
+            SubEvent::Lost { token, error } => {
+                let key = watch.session_of[token].clone();
+                if watch.lost.contains_key(&key) || !watch.sessions.contains_key(&key) {
+                    return;
+                }
+                watch.sessions.remove(&key);
+                let relay = watch.queues[token].relay.clone();
+                let e = NetError::Unreachable {
+                    relay: relay.label(),
+                    reason: error,
+                };
+                watch.unreachable(&relay, &e, on_event);
+                let tokens: Vec<usize> = (0..watch.queues.len())
+                    .filter(|&t| watch.session_of[t] == key)
+                    .collect();
+                for t in tokens {
+                    watch.idle[t] = false;
+                    if !watch.retry {
+                        watch.done[t] = true;
+                    }
+                }
+                if watch.retry {
+                    watch
+                        .lost
+                        .insert(key, (Instant::now() + FIRST_BACKOFF, FIRST_BACKOFF * 2));
+                }
+                summary.failed(&relay, e);
             }
         }
-        let result = self.store_batch(batch, summary, on_event);
-        for m in others {
-            self.handle_other(m, summary, on_event);
-        }
-        result.map(|()| true)
     }
 
-    /// Stores a batch of delivered messages in one transaction, each in a
-    /// savepoint of its own, then tells each worker whether to acknowledge
-    /// its message and reports what arrived. A message whose storing failed
-    /// changes nothing and is not acknowledged; the others are committed and
-    /// acknowledged as usual, and the first failure is returned afterwards.
+    /// Stores a batch of pushed messages in one transaction, each in a
+    /// savepoint of its own, puts new texts in the inbox, acknowledges each
+    /// queue's stored run, and shows what arrived. A failure to store
+    /// changes nothing and acknowledges nothing: the relays keep every
+    /// message of the batch.
     fn store_batch(
         &mut self,
+        watch: &mut Watch,
         batch: Vec<Delivered>,
         summary: &mut FetchSummary,
-        on_event: &mut dyn FnMut(Event),
+        on_event: &mut dyn FnMut(Event) -> Shown,
     ) -> Result<(), ClientError> {
         let now = super::now();
         // Decrypting needs no store: done before taking the write lock.
         let opened: Vec<Option<Vec<u8>>> = batch
             .iter()
-            .map(|d| delivery_open(d.queue.queue_secret.as_bytes(), &d.msg_id, &d.body).ok())
+            .map(|d| {
+                let q = &watch.queues[d.token];
+                delivery_open(q.queue_secret.as_bytes(), &d.msg_id, &d.body).ok()
+            })
             .collect();
+        let queues = &watch.queues;
         let linking = self.linking.clone();
-        let committed = self.store.transaction(|tx| {
-            Ok(batch
-                .iter()
-                .zip(&opened)
-                .map(|(d, message)| match message {
-                    Some(m) => tx.savepoint(|tx| process(tx, &d.queue, m, now, linking.as_deref())),
-                    None => Ok(vec![Event::Warning(format!(
-                        "relay {} delivered a message that does not decrypt; dropped",
-                        d.queue.relay.label()
-                    ))]),
-                })
-                .collect::<Vec<_>>())
-        });
-        let outcomes = match committed {
-            Ok(o) => o,
-            Err(e) => {
-                // Nothing was stored, so nothing is acknowledged: the relays
-                // keep every message of the batch.
-                for d in &batch {
-                    let _ = d.ack.send(Verdict::NotStored);
-                }
-                return Err(unwrap_abort(e));
-            }
-        };
-        let mut first_error = None;
-        for (d, outcome) in batch.iter().zip(outcomes) {
-            summary.touched.insert(d.queue.contact_id.clone());
-            match outcome {
-                Ok(events) => {
-                    let useless = events.iter().all(|e| matches!(e, Event::Warning(_)));
-                    let _ = d.ack.send(if useless {
-                        Verdict::Useless
-                    } else {
-                        Verdict::Used
-                    });
-                    for e in events {
-                        match e {
-                            Event::Message { .. } => summary.messages += 1,
-                            // `--wait` also ends when a connection completes:
-                            // that is what `tern invite` tells people to wait for.
-                            Event::Connected { .. } => summary.connected += 1,
-                            Event::Pending(id) => {
-                                summary.touched.insert(id);
-                                continue;
-                            }
-                            _ => {}
+        let outcomes = self
+            .store
+            .transaction(|tx| {
+                let mut out = Vec::with_capacity(batch.len());
+                for (d, message) in batch.iter().zip(&opened) {
+                    let q = &queues[d.token];
+                    let mut events = match message {
+                        Some(m) => tx.savepoint(|tx| process(tx, q, m, now, linking.as_deref()))?,
+                        None => vec![Event::Warning(format!(
+                            "relay {} delivered a message that does not decrypt; dropped",
+                            q.relay.label()
+                        ))],
+                    };
+                    // New texts wait in the inbox until they are shown.
+                    for e in &mut events {
+                        if let Event::Message {
+                            entry,
+                            chain,
+                            delivery,
+                            ..
+                        } = e
+                        {
+                            let seq = tx.append(
+                                INBOX,
+                                &Undelivered {
+                                    contact_id: q.contact_id.clone(),
+                                    entry: entry.clone(),
+                                    chain: *chain,
+                                },
+                            )?;
+                            *delivery = Some(seq);
                         }
-                        on_event(e);
                     }
+                    out.push(events);
                 }
-                Err(e) => {
-                    // Not stored, so not acknowledged: the relay keeps it.
-                    let _ = d.ack.send(Verdict::NotStored);
-                    first_error.get_or_insert(unwrap_abort(e));
+                Ok(out)
+            })
+            .map_err(unwrap_abort)?;
+        // Committed: acknowledge each queue's run with one command, after
+        // the last message of it.
+        let mut last: HashMap<usize, Id> = HashMap::new();
+        let mut shown = Vec::new();
+        for (d, events) in batch.iter().zip(outcomes) {
+            summary
+                .touched
+                .insert(watch.queues[d.token].contact_id.clone());
+            summary
+                .recent
+                .insert(watch.queues[d.token].contact_id.clone());
+            let useless = events.iter().all(|e| matches!(e, Event::Warning(_)));
+            let verdict = if useless {
+                Verdict::Useless
+            } else {
+                Verdict::Used
+            };
+            match verdict {
+                Verdict::Used => watch.useless[d.token] = 0,
+                Verdict::Useless => watch.useless[d.token] += 1,
+            }
+            last.insert(d.token, d.msg_id);
+            for e in events {
+                match &e {
+                    Event::Message { .. } => summary.messages += 1,
+                    // `--wait` also ends when a connection completes: that
+                    // is what `tern invite` tells people to wait for.
+                    Event::Connected { .. } => summary.connected += 1,
+                    Event::Pending(id) => {
+                        summary.touched.insert(id.clone());
+                        summary.recent.insert(id.clone());
+                        continue;
+                    }
+                    _ => {}
+                }
+                let seq = match &e {
+                    Event::Message { delivery, .. } => *delivery,
+                    _ => None,
+                };
+                if summary.output_failed {
+                    continue;
+                }
+                match on_event(e) {
+                    Shown::Yes => shown.extend(seq),
+                    Shown::Later => {}
+                    Shown::Failed => summary.output_failed = true,
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        for (token, msg_id) in last {
+            watch.ack(token, msg_id);
+            if watch.useless[token] > MAX_USELESS_IN_A_ROW && !watch.done[token] {
+                // A relay that feeds junk or replays without end must not
+                // keep `tern recv` (or a cron job) running for ever.
+                watch.done[token] = true;
+                let _ = on_event(Event::Warning(format!(
+                    "relay {} keeps delivering messages that cannot be used (junk or replays); \
+                     stopped reading that queue for now",
+                    watch.queues[token].relay.label()
+                )));
+            }
+        }
+        self.delivered(&shown)
     }
+}
 
-    fn handle_other(
-        &mut self,
-        msg: FromWorker,
-        summary: &mut FetchSummary,
-        on_event: &mut dyn FnMut(Event),
-    ) {
-        match msg {
-            // Handled by `store_batch`.
-            FromWorker::Delivery(_) => {}
-            FromWorker::Event(e) => on_event(e),
-            FromWorker::Flooded { queue } => on_event(Event::Warning(format!(
-                "relay {} keeps delivering messages that cannot be used (junk or replays); \
-                 stopped reading that queue for now",
-                queue.relay.label()
-            ))),
-            FromWorker::Failed { error } => {
-                on_event(Event::Warning(error.to_string()));
-                summary.errors.push(error);
-            }
-            FromWorker::Done => {}
-        }
-    }
+/// The receiving queues of one contact: every connection's (current,
+/// rotating, retired; the one a re-key replaced; re-key invitations').
+fn contact_queue_refs(c: &Contact) -> Vec<Arc<QueueRef>> {
+    let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
+    let rekey = c.rekeys.iter().flat_map(|r| r.recv_queues.iter());
+    c.conn
+        .all_recv_queues()
+        .chain(old)
+        .chain(rekey)
+        .map(|q| {
+            Arc::new(QueueRef {
+                contact_id: c.id.clone(),
+                relay: q.relay.clone(),
+                recipient_id: q.recipient_id,
+                signer: q.signing_key(),
+                queue_secret: q.queue_secret.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Processes a device link request kept by [`super::devices::hold_request`]
@@ -968,6 +1147,9 @@ fn process(
     let was_connected = which != Which::Current || state_before == ConnState::Connected;
     tx.mark_seen(&seen, &received.digest)?;
     c.last_activity_ms = now;
+    // The peer is there after all (its relays refused our messages for a
+    // while): deliveries go on.
+    c.peer_gone = false;
     let mut events = Vec::new();
     // Other records this message made work for (device messages).
     let mut others: Vec<String> = Vec::new();
@@ -1056,6 +1238,7 @@ fn process(
                     contact: c.name.clone(),
                     entry,
                     chain,
+                    delivery: None,
                 });
             } else {
                 // Another device of ours copied it here first.
@@ -1079,6 +1262,11 @@ fn process(
         Incoming::ProfileUpdated { .. } => events.push(Event::ProfileUpdated {
             contact: c.name.clone(),
         }),
+        Incoming::Refused { what, reason } => events.push(Event::Refused {
+            contact: c.name.clone(),
+            what,
+            reason: reason.to_string(),
+        }),
         Incoming::Unsupported { kind } => events.push(Event::Unsupported {
             contact: c.name.clone(),
             kind,
@@ -1099,6 +1287,23 @@ fn process(
                 .map_err(abort)?,
             )
         }
+        Incoming::ResyncStarted { reason } => events.push(Event::Warning(format!(
+            "a message from {} did not fit the conversation ({reason}): the two sides' \
+             encryption lost step, as it does when a profile is restored from a backup or \
+             copied; restarting it with them",
+            c.name
+        ))),
+        Incoming::Resynced(r) if r.forked => events.push(Event::Warning(format!(
+            "another copy of this profile (a restored backup, a VM snapshot or a copied home) \
+             sent messages to {} in your name, so your side of the conversation forked; \
+             encryption with them was restarted and {} of your messages sent again. Use each \
+             profile from one place only (`tern device link` adds a device)",
+            c.name, r.resent
+        ))),
+        Incoming::Resynced(r) => events.push(Event::Notice(format!(
+            "encryption with {} was restarted after it lost step; {} message(s) sent again",
+            c.name, r.resent
+        ))),
         Incoming::RotationRequested => c.rotation_wanted = true,
         Incoming::RotationStep => {}
         // The retired queues' deletion came as actions.

@@ -8,13 +8,15 @@
 
 use std::collections::{HashMap, HashSet};
 
+use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
-use tern_relay::wire::{Command, ErrorCode, Id, Reply};
+use tern_wire::address::RelayAddress;
+use tern_wire::{Command, ErrorCode, Id, Reply};
 
 use super::model::{Contact, Job, Queued};
 use super::{Client, ClientError};
-use crate::net::NetError;
-use crate::proto::connection::{Action, ConnState, Connection, RecvQueue};
+use crate::net::{Call, NetError, Targeted};
+use crate::proto::connection::{Action, ConnState};
 
 /// Unacknowledged work older than this is given up: the relays' own TTL has
 /// passed, so the peer could not get it anyway.
@@ -28,6 +30,8 @@ pub struct JobReport {
     /// Unsigned uploads (connection requests) that every queue refused and
     /// none ever took: the invitation was used up or withdrawn.
     pub refused: Vec<[u8; 16]>,
+    /// Permanent failures, said once: the peer's queues are gone.
+    pub notices: Vec<String>,
 }
 
 impl JobReport {
@@ -210,6 +214,9 @@ impl Client {
         let mut delivered: HashMap<(u32, [u8; 16]), Vec<Id>> = HashMap::new();
         // (generation, envelope id) that some queue took in this run
         let mut accepted: HashSet<(u32, [u8; 16])> = HashSet::new();
+        // First every command of every job, then all of them at once: one
+        // round trip per relay session, however many jobs there are.
+        let mut ops: Vec<Op> = Vec::new();
         for job in &contact.jobs {
             let generation = job.generation();
             let Some(conn) = contact.conn_for(generation) else {
@@ -225,33 +232,40 @@ impl Client {
                         done_queue_jobs.push((generation, *recipient_id));
                         continue;
                     };
-                    let cmd = Command::Secure {
-                        recipient_id: q.recipient_id,
-                        sender_auth,
-                    };
-                    // A failure does not hold back the jobs after it: the peer's
-                    // signed sends to this queue are refused until it is
-                    // secured (this job is retried), and reach us through
-                    // the other queues meanwhile; one relay that is down must
-                    // not stall the conversation.
-                    match self.net.call(&q.relay, &cmd, Some(&q.signing_key())) {
-                        Ok(_) => done_queue_jobs.push((generation, *recipient_id)),
-                        Err(e) => report.errors.push(e),
-                    }
+                    ops.push(Op {
+                        relay: q.relay.clone(),
+                        queue: q.recipient_id,
+                        command: Command::Secure {
+                            recipient_id: q.recipient_id,
+                            sender_auth,
+                        },
+                        key: Some(q.signing_key()),
+                        kind: OpKind::Secure {
+                            generation,
+                            recipient_id: *recipient_id,
+                        },
+                    });
                 }
                 Job::DeleteQueue { recipient_id, .. } => {
                     let Some(q) = conn.recv_queue(recipient_id) else {
                         done_queue_jobs.push((generation, *recipient_id));
                         continue;
                     };
-                    match self.delete_if_empty(q) {
-                        Ok(true) => {
-                            done_queue_jobs.push((generation, *recipient_id));
-                            forget.push((generation, *recipient_id));
-                        }
-                        Ok(false) => {}
-                        Err(e) => report.errors.push(e),
-                    }
+                    // Deleted only if empty, checked by the relay in one
+                    // step: a message still there is received first.
+                    ops.push(Op {
+                        relay: q.relay.clone(),
+                        queue: q.recipient_id,
+                        command: Command::Delete {
+                            recipient_id: q.recipient_id,
+                            if_empty: true,
+                        },
+                        key: Some(q.signing_key()),
+                        kind: OpKind::Delete {
+                            generation,
+                            recipient_id: *recipient_id,
+                        },
+                    });
                 }
                 Job::Deliver {
                     envelope_id,
@@ -259,35 +273,146 @@ impl Client {
                     signed,
                     raw,
                     pending,
-                    delivered_any,
                     ..
                 } => {
-                    let outcomes = self.deliver(conn, payload, *signed, *raw, pending);
-                    let tried = outcomes.len();
-                    let done = delivered.entry((generation, *envelope_id)).or_default();
-                    let mut refused = 0;
-                    for (sender_id, outcome) in outcomes {
-                        match outcome {
-                            Ok(()) => {
-                                done.push(sender_id);
-                                accepted.insert((generation, *envelope_id));
+                    delivered.entry((generation, *envelope_id)).or_default();
+                    for &i in pending {
+                        let Some(q) = conn.peer_queues.get(i) else {
+                            continue;
+                        };
+                        let message = if *raw {
+                            payload.clone()
+                        } else {
+                            match conn.queue_message(i, payload, &mut OsRng) {
+                                Ok(m) => m,
+                                Err(_) => continue,
                             }
-                            // An unsigned upload refused: the queue already
-                            // holds its one unsigned message (our earlier try,
-                            // whose answer was lost) or is gone. Either way
-                            // retrying cannot help.
-                            Err(e) if !*signed && e.code() == Some(ErrorCode::Auth) => {
-                                done.push(sender_id);
-                                refused += 1;
-                            }
-                            Err(e) => report.errors.push(e),
-                        }
-                    }
-                    if tried > 0 && refused == tried && !*delivered_any {
-                        report.refused.push(*envelope_id);
+                        };
+                        ops.push(Op {
+                            relay: q.relay.clone(),
+                            queue: q.sender_id,
+                            command: Command::Send {
+                                sender_id: q.sender_id,
+                                message,
+                            },
+                            key: signed.then(|| q.signing_key()),
+                            kind: OpKind::Deliver {
+                                generation,
+                                envelope_id: *envelope_id,
+                                sender_id: q.sender_id,
+                                signed: *signed,
+                            },
+                        });
                     }
                 }
             }
+        }
+        let results = self.execute(&ops);
+        // Per (generation, envelope id): queues tried, and refused because
+        // the queue is gone.
+        let mut tried: HashMap<(u32, [u8; 16]), (usize, usize)> = HashMap::new();
+        for (op, result) in ops.iter().zip(results) {
+            match &op.kind {
+                // A failure does not hold back the jobs after it: the peer's
+                // signed sends to this queue are refused until it is
+                // secured (this job is retried), and reach us through the
+                // other queues meanwhile; one relay that is down must not
+                // stall the conversation.
+                OpKind::Secure {
+                    generation,
+                    recipient_id,
+                } => match result {
+                    Ok(_) => done_queue_jobs.push((*generation, *recipient_id)),
+                    Err(e) => report.errors.push(e),
+                },
+                OpKind::Delete {
+                    generation,
+                    recipient_id,
+                } => match result {
+                    // Gone already counts as done (an earlier run's answer
+                    // was lost).
+                    Ok(_)
+                    | Err(NetError::Refused {
+                        code: ErrorCode::Auth,
+                        ..
+                    }) => {
+                        done_queue_jobs.push((*generation, *recipient_id));
+                        forget.push((*generation, *recipient_id));
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::NotEmpty) => {}
+                    Err(e) => report.errors.push(e),
+                },
+                OpKind::Deliver {
+                    generation,
+                    envelope_id,
+                    sender_id,
+                    signed,
+                } => {
+                    let key = (*generation, *envelope_id);
+                    let count = tried.entry(key).or_default();
+                    count.0 += 1;
+                    let done = delivered.entry(key).or_default();
+                    match result {
+                        Ok(_) => {
+                            done.push(*sender_id);
+                            accepted.insert(key);
+                        }
+                        // Refused: an unsigned upload finds the queue used
+                        // (our earlier try, whose answer was lost) or gone;
+                        // a signed one finds it gone (the relay says
+                        // NotSecured for a queue not secured yet). Either
+                        // way retrying cannot help.
+                        Err(NetError::Refused {
+                            code: ErrorCode::Auth,
+                            ..
+                        }) => {
+                            // An unsigned upload is not needed there (our
+                            // earlier try took the slot, or the queue was
+                            // secured); a signed one stays, tried again.
+                            if !*signed {
+                                done.push(*sender_id);
+                            }
+                            count.1 += 1;
+                        }
+                        Err(e) => report.errors.push(e),
+                    }
+                }
+            }
+        }
+        // Whether the peer's queues (of the current connection) are gone:
+        // Some(true) when every delivery of this run was refused as to a
+        // queue that does not exist, Some(false) when one got through.
+        let mut gone: Option<bool> = None;
+        for job in &contact.jobs {
+            let Job::Deliver {
+                envelope_id,
+                signed,
+                delivered_any,
+                generation,
+                ..
+            } = job
+            else {
+                continue;
+            };
+            let key = (*generation, *envelope_id);
+            let Some(&(n, refused)) = tried.get(&key) else {
+                continue;
+            };
+            if *signed && *generation == contact.generation && n > 0 {
+                // Every queue of the peer refused it as unknown: the peer
+                // deleted the connection (forgot us, or was removed).
+                let all_refused = refused == n && !accepted.contains(&key);
+                gone = Some(gone.unwrap_or(true) && all_refused);
+            }
+            if n > 0 && refused == n && !*delivered_any && !accepted.contains(&key) && !*signed {
+                report.refused.push(*envelope_id);
+            }
+        }
+        if gone == Some(true) && !contact.peer_gone {
+            report.notices.push(format!(
+                "{} deleted this connection: nothing you send reaches them any more                  (`tern forget {}` removes them here)",
+                contact.name, contact.name
+            ));
         }
         let now = super::now();
         let waiting = self.update_contact(id, |_, c| {
@@ -349,6 +474,12 @@ impl Client {
                     }
                 }
             });
+            // Said once; the deliveries are kept and tried again quietly, so
+            // that a relay that lied (or a peer that comes back through a
+            // restored relay) costs nothing.
+            if let Some(g) = gone {
+                c.peer_gone = g;
+            }
             settle_old_connection(c, now)?;
             Ok(c.jobs.len())
         })?;
@@ -358,67 +489,48 @@ impl Client {
         Ok(report)
     }
 
-    /// Deletes a retired queue on its relay if nothing is waiting in it;
-    /// `Ok(false)` if a message still is (the next fetch takes it first).
-    fn delete_if_empty(&self, q: &RecvQueue) -> Result<bool, NetError> {
-        let key = q.signing_key();
-        let fetch = Command::Fetch {
-            recipient_id: q.recipient_id,
-            wait_ms: 0,
-        };
-        match self.net.call(&q.relay, &fetch, Some(&key)) {
-            Ok(Reply::Empty) => {}
-            Ok(_) => return Ok(false),
-            // Gone already (deleted by an earlier run whose answer was lost).
-            Err(e) if e.code() == Some(ErrorCode::Auth) => return Ok(true),
-            Err(e) => return Err(e),
-        }
-        let delete = Command::Delete {
-            recipient_id: q.recipient_id,
-        };
-        match self.net.call(&q.relay, &delete, Some(&key)) {
-            Ok(_) => Ok(true),
-            Err(e) if e.code() == Some(ErrorCode::Auth) => Ok(true),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Uploads one payload to the given peer queues in parallel.
-    fn deliver(
-        &self,
-        conn: &Connection,
-        payload: &[u8],
-        signed: bool,
-        raw: bool,
-        queues: &[usize],
-    ) -> Vec<(Id, Result<(), NetError>)> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = queues
-                .iter()
-                .filter_map(|&i| {
-                    let q = conn.peer_queues.get(i)?;
-                    let message = if raw {
-                        payload.to_vec()
-                    } else {
-                        conn.queue_message(i, payload, &mut OsRng).ok()?
-                    };
-                    let net = &self.net;
-                    Some(s.spawn(move || {
-                        let key = signed.then(|| q.signing_key());
-                        let cmd = Command::Send {
-                            sender_id: q.sender_id,
-                            message,
-                        };
-                        (
-                            q.sender_id,
-                            net.call(&q.relay, &cmd, key.as_ref()).map(|_| ()),
-                        )
-                    }))
+    /// Runs the commands, one round trip per relay session.
+    fn execute(&self, ops: &[Op]) -> Vec<Result<Reply, NetError>> {
+        self.net.run_all(
+            ops.iter()
+                .map(|op| Targeted {
+                    relay: &op.relay,
+                    queue: Some(op.queue),
+                    call: Call {
+                        command: op.command.clone(),
+                        key: op.key.as_ref(),
+                    },
                 })
-                .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
-        })
+                .collect(),
+        )
     }
+}
+
+/// One relay command of a job run.
+struct Op {
+    relay: RelayAddress,
+    /// The queue it is for: with `--isolate`, its own session.
+    queue: Id,
+    command: Command,
+    key: Option<SigningKey>,
+    kind: OpKind,
+}
+
+enum OpKind {
+    Secure {
+        generation: u32,
+        recipient_id: Id,
+    },
+    Delete {
+        generation: u32,
+        recipient_id: Id,
+    },
+    Deliver {
+        generation: u32,
+        envelope_id: [u8; 16],
+        sender_id: Id,
+        signed: bool,
+    },
 }
 
 /// Stores the job that uploads a connection request (the joiner's first

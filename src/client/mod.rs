@@ -8,6 +8,7 @@
 //! has committed.
 
 pub mod devices;
+pub mod events;
 pub mod fetch;
 pub mod jobs;
 pub mod model;
@@ -19,8 +20,8 @@ use std::path::Path;
 use data_encoding::HEXLOWER;
 use rand::rngs::OsRng;
 use rand::RngCore;
-use tern_relay::address::RelayAddress;
-use tern_relay::wire::{Command, Reply};
+use tern_wire::address::RelayAddress;
+use tern_wire::{Command, Reply};
 use thiserror::Error;
 
 use crate::net::{now_ms, NetError, RelayClient};
@@ -47,8 +48,8 @@ pub enum ClientError {
     NameTaken(String),
     #[error("the profile has no relays: add one with `tern relays add ADDRESS`")]
     NoRelays,
-    #[error("no relay could be reached ({0}); try again later")]
-    AllRelaysFailed(String),
+    #[error("no relay could create a queue ({reasons}){}", if *.transient { "; try again later" } else { "" })]
+    AllRelaysFailed { reasons: String, transient: bool },
     #[error("{0}")]
     Invalid(String),
     /// Permanent: this device is no longer part of the profile.
@@ -64,7 +65,7 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Net(e) => e.is_transient(),
-            ClientError::AllRelaysFailed(_) => true,
+            ClientError::AllRelaysFailed { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -104,7 +105,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn open(home: &Path, key: KeySource) -> Result<Self, ClientError> {
+    /// Opens the profile in `home`; relay connections go through `proxy`
+    /// if one is given.
+    pub fn open(
+        home: &Path,
+        key: KeySource,
+        proxy: Option<crate::net::Proxy>,
+    ) -> Result<Self, ClientError> {
         let store = Store::open(home, key)?;
         let isolate = store
             .read(|tx| tx.get::<Settings>(SETTINGS))?
@@ -112,7 +119,7 @@ impl Client {
             .unwrap_or(false);
         Ok(Self {
             store,
-            net: std::sync::Arc::new(RelayClient::new(isolate)),
+            net: std::sync::Arc::new(RelayClient::with_proxy(isolate, proxy)),
             linking: None,
         })
     }
@@ -240,14 +247,25 @@ impl Client {
         for r in results {
             match r {
                 Ok(q) => queues.push(q),
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e),
             }
         }
         if queues.is_empty() {
-            return Err(ClientError::AllRelaysFailed(errors.join("; ")));
+            return Err(ClientError::AllRelaysFailed {
+                reasons: errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                // Worth trying later only if some relay may say yes then.
+                transient: errors.iter().any(ClientError::is_transient),
+            });
         }
         for e in errors {
-            eprintln!("tern: warning: {}", crate::proto::text::escape_text(&e));
+            eprintln!(
+                "tern: warning: {}",
+                crate::proto::text::escape_text(&e.to_string())
+            );
         }
         Ok(queues)
     }
@@ -376,8 +394,11 @@ pub fn now() -> u64 {
 fn create_queue(net: &RelayClient, relay: &RelayAddress) -> Result<RecvQueue, ClientError> {
     let keys = QueueKeys::generate(&mut OsRng);
     let signer = ed25519_dalek::SigningKey::from_bytes(keys.auth.as_bytes());
-    let reply = net.call(
+    // A queue of its own session with --isolate (it has no id yet: a fresh
+    // one names the session).
+    let reply = net.call_for(
         relay,
+        Some(&random_id()),
         &Command::Create {
             access_key: relay.access_key.clone(),
             recipient_auth: keys.auth_public(),

@@ -4,8 +4,8 @@
 //! names people give them (those live inside the encrypted values).
 
 use serde::{Deserialize, Serialize};
-use tern_relay::address::RelayAddress;
-use tern_relay::wire::Id;
+use tern_wire::address::RelayAddress;
+use tern_wire::Id;
 
 use crate::proto::connection::Connection;
 use crate::proto::envelope::Kind;
@@ -357,6 +357,10 @@ pub struct Contact {
     /// Device records: removed; kept until its queues are deleted.
     #[serde(default, skip_serializing_if = "is_false")]
     pub removed: bool,
+    /// The peer deleted this connection: every queue of it refuses our
+    /// messages. Shown as "gone"; nothing more is sent.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub peer_gone: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_jobs: Vec<DeviceTask>,
     /// Connections with a contact's device: ADDs forwarded for our other
@@ -459,6 +463,7 @@ impl Contact {
             root_code: None,
             pending_groups: Vec::new(),
             announced: Vec::new(),
+            peer_gone: false,
             removed: false,
             device_jobs: Vec::new(),
             elder: false,

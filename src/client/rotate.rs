@@ -5,7 +5,7 @@
 use rand::rngs::OsRng;
 use rand::Rng;
 
-use super::fetch::Event;
+use super::events::Event;
 use super::jobs::{push_actions, JobReport};
 use super::model::{Contact, Job};
 use super::{now, Client, ClientError};

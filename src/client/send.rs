@@ -17,6 +17,9 @@ pub struct SendOutcome {
     pub delivered: bool,
     /// Waiting for the handshake to complete.
     pub awaiting_connection: bool,
+    /// Every connection of the contact refused it as gone: the contact
+    /// deleted the conversation (see [`Contact::peer_gone`]).
+    pub gone: bool,
     pub report: JobReport,
 }
 
@@ -84,12 +87,16 @@ impl Client {
             .map_err(unwrap_abort)?;
         let mut report = JobReport::default();
         let mut delivered = false;
+        let mut gone = !members.is_empty();
         for m in &members {
             let r = self.run_jobs(m)?;
-            delivered |= reached_a_relay(&self.contact(m)?, &msg_id);
+            let c = self.contact(m)?;
+            delivered |= reached_a_relay(&c, &msg_id);
+            gone &= c.peer_gone;
             report.waiting += r.waiting;
             report.errors.extend(r.errors);
             report.refused.extend(r.refused);
+            report.notices.extend(r.notices);
         }
         for d in devices {
             // Copies for our other devices: best effort now, retried later.
@@ -102,6 +109,7 @@ impl Client {
             id: msg_id,
             delivered: connected && delivered,
             awaiting_connection: !connected,
+            gone,
             report,
         })
     }

@@ -24,13 +24,13 @@
 use ed25519_dalek::SigningKey;
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
-use tern_relay::address::RelayAddress;
-use tern_relay::wire::Id;
+use tern_wire::address::RelayAddress;
+use tern_wire::Id;
 
 use super::envelope::{ChainError, ChainReceiver, ChainSender, ChainStatus, Envelope, Kind};
-use super::handshake::{joiner_agree, HandshakeKeys, InviterSecrets};
+use super::handshake::{invitation_hash, joiner_agree, HandshakeKeys, InviterSecrets};
 use super::hello::{negotiate, Channel, Hello, HelloReply, Profile};
-use super::invitation::{Invitation, SendQueue};
+use super::invitation::{Invitation, SendQueue, KIND_CONTACT, KIND_DEVICE};
 use super::keys::{b64, DhKeyPair, Secret32};
 use super::queue_msg::{self, QueueMessage};
 use super::ratchet::Ratchet;
@@ -130,7 +130,7 @@ impl PeerQueue {
 
 pub mod address_text {
     use serde::{Deserialize, Deserializer, Serializer};
-    use tern_relay::address::RelayAddress;
+    use tern_wire::address::RelayAddress;
 
     pub fn serialize<S: Serializer>(a: &RelayAddress, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&a.to_string())
@@ -239,10 +239,25 @@ pub enum Incoming {
         /// Its place in the sender's chain (§7.5).
         seq: u64,
     },
+    /// An authentic envelope whose body is invalid (a profile update with a
+    /// control character, a text that is not UTF-8): dropped, but part of
+    /// the history.
+    Refused {
+        what: &'static str,
+        reason: ProtoError,
+    },
     /// A kind this version does not know; the user is told to upgrade.
     Unsupported {
         kind: u8,
     },
+    /// A message from the peer fits neither ratchet: the two lost step (a
+    /// state rolled back on either side, PROTOCOL.md §6.7). A resync offer
+    /// is on its way; the user should hear why.
+    ResyncStarted {
+        reason: ProtoError,
+    },
+    /// The ratchet was restarted by a resync (§6.7); what it found.
+    Resynced(super::resync::ResyncReport),
     /// Handshake bookkeeping with nothing to show.
     Nothing,
 }
@@ -296,7 +311,36 @@ pub struct Connection {
     /// This side made the invitation (as opposed to accepting one).
     #[serde(default)]
     pub inviter: bool,
+    /// Our resync offer not yet accepted (§6.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<super::resync::ResyncOffer>,
+    /// The ratchet a resync replaced, still reading what the peer sent on
+    /// it before it switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Ratchet>,
+    /// When the last resync completed (ms).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_resync_ms: u64,
+    /// Our latest texts, to send again if a resync shows the peer lacks them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resend: Vec<super::resync::Sent>,
+    /// Digest prefixes of the latest messages accepted: tells a copy (the
+    /// same message through another relay) from a different message at a
+    /// position already used, which only a forked sender makes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    recent: Vec<Digest16>,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The first 16 bytes of a message digest, base64url in the store.
+#[derive(Clone, Copy, Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct Digest16(#[serde(with = "b64")] [u8; 16]);
+
+/// How many digests [`Connection::recent`] holds.
+const RECENT_DIGESTS: usize = 32;
 
 pub(crate) fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
     let mut id = [0u8; 16];
@@ -305,18 +349,40 @@ pub(crate) fn random_id<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; 16] {
 }
 
 impl Connection {
-    /// Inviter: a new one-time invitation over our freshly created queues.
+    /// Inviter: a new one-time contact invitation (kind 1) over our freshly
+    /// created queues; re-key invitations seal one of these (§11).
     pub fn invite<R: RngCore + CryptoRng>(
         recv_queues: Vec<RecvQueue>,
         channel: Channel,
         rng: &mut R,
     ) -> (Connection, Invitation) {
-        let secrets = InviterSecrets::generate(rng);
+        Self::invite_as(KIND_CONTACT, recv_queues, channel, rng)
+    }
+
+    /// Inviter: a device link (kind 3, PROTOCOL.md §12.2); show it with
+    /// [`Invitation::to_device_link`].
+    pub fn invite_device<R: RngCore + CryptoRng>(
+        recv_queues: Vec<RecvQueue>,
+        channel: Channel,
+        rng: &mut R,
+    ) -> (Connection, Invitation) {
+        Self::invite_as(KIND_DEVICE, recv_queues, channel, rng)
+    }
+
+    fn invite_as<R: RngCore + CryptoRng>(
+        kind: u8,
+        recv_queues: Vec<RecvQueue>,
+        channel: Channel,
+        rng: &mut R,
+    ) -> (Connection, Invitation) {
+        let mut secrets = InviterSecrets::generate(rng);
         let invitation = Invitation {
             invitation_key: secrets.invitation.public(),
             ratchet_key: secrets.ratchet.public(),
             queues: recv_queues.iter().map(RecvQueue::send_queue).collect(),
         };
+        // The transcript covers the invitation exactly as shown (§5.2).
+        secrets.invitation_hash = invitation_hash(&invitation.encode_as(kind));
         let conn = Connection {
             invitation: Some(secrets),
             inviter: true,
@@ -335,7 +401,52 @@ impl Connection {
         now_ms: u64,
         rng: &mut R,
     ) -> Result<(Connection, Vec<u8>), ProtoError> {
-        let agreement = joiner_agree(&invitation.invitation_key, &invitation.ratchet_key, rng)?;
+        Self::accept_as(
+            KIND_CONTACT,
+            invitation,
+            recv_queues,
+            profile,
+            channel,
+            now_ms,
+            rng,
+        )
+    }
+
+    /// Joiner of a device link (kind 3): as [`Connection::accept`].
+    pub fn accept_device<R: RngCore + CryptoRng>(
+        invitation: &Invitation,
+        recv_queues: Vec<RecvQueue>,
+        profile: &Profile,
+        channel: Channel,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Connection, Vec<u8>), ProtoError> {
+        Self::accept_as(
+            KIND_DEVICE,
+            invitation,
+            recv_queues,
+            profile,
+            channel,
+            now_ms,
+            rng,
+        )
+    }
+
+    fn accept_as<R: RngCore + CryptoRng>(
+        kind: u8,
+        invitation: &Invitation,
+        recv_queues: Vec<RecvQueue>,
+        profile: &Profile,
+        channel: Channel,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Connection, Vec<u8>), ProtoError> {
+        let agreement = joiner_agree(
+            &invitation_hash(&invitation.encode_as(kind)),
+            &invitation.invitation_key,
+            &invitation.ratchet_key,
+            rng,
+        )?;
         let mut ratchet =
             Ratchet::init_initiator(&agreement.ratchet, &invitation.ratchet_key, rng)?;
         let peer_queues: Vec<PeerQueue> = invitation
@@ -407,6 +518,11 @@ impl Connection {
             retired_queues: Vec::new(),
             last_rotated_ms: 0,
             inviter: false,
+            resync: None,
+            previous: None,
+            last_resync_ms: 0,
+            resend: Vec::new(),
+            recent: Vec::new(),
         }
     }
 
@@ -432,6 +548,15 @@ impl Connection {
                 recipient_id: q.recipient_id,
             })
             .collect()
+    }
+
+    /// Whether messages both ways are protected by a hybrid (X25519 and
+    /// ML-KEM-768) key agreement: true once a round trip on the ratchet has
+    /// happened (PROTOCOL.md §6.2); a connection request and the joiner's
+    /// messages before the reply are X25519 only.
+    pub fn post_quantum(&self) -> bool {
+        self.state == ConnState::Connected
+            && self.ratchet.as_ref().is_some_and(Ratchet::post_quantum)
     }
 
     /// The security code, once the handshake keys are known.
@@ -485,6 +610,7 @@ impl Connection {
         let env = chain.next(version, kind, id, now_ms, body)?;
         let ratchet_msg = ratchet.encrypt(&env.encode()?, rng)?;
         self.chain_out = chain;
+        self.keep_for_resend(&env);
         Ok(Action::Deliver {
             envelope_id: id,
             ratchet_msg,
@@ -504,12 +630,7 @@ impl Connection {
             .as_ref()
             .ok_or(ProtoError::NotReady)?;
         let q = self.peer_queues.get(i).ok_or(ProtoError::NotReady)?;
-        Ok(queue_msg::seal_message(
-            secret,
-            &q.sender_id,
-            ratchet_msg,
-            rng,
-        ))
+        queue_msg::seal_payload(secret, &q.sender_id, ratchet_msg, rng)
     }
 
     /// The digest identifying `message` (arrived on our queue `queue`) across
@@ -524,6 +645,25 @@ impl Connection {
                 let ratchet_msg = queue_msg::open_message(secret, &q.sender_id, &sealed).ok()?;
                 Some(queue_msg::digest(&ratchet_msg))
             }
+            QueueMessage::Resync { kind, sealed } => {
+                let secret = self.connection_secret.as_ref()?;
+                let q = self.recv_queue(queue)?;
+                let body = queue_msg::open_sealed(secret, &q.sender_id, kind, &sealed).ok()?;
+                Some(queue_msg::digest(&body))
+            }
+        }
+    }
+
+    fn seen_recently(&self, digest: &[u8; 32]) -> bool {
+        self.recent.iter().any(|d| d.0 == digest[..16])
+    }
+
+    fn note_digest(&mut self, digest: &[u8; 32]) {
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&digest[..16]);
+        self.recent.push(Digest16(d));
+        if self.recent.len() > RECENT_DIGESTS {
+            self.recent.remove(0);
         }
     }
 
@@ -596,15 +736,70 @@ impl Connection {
                 let secret = self.connection_secret.as_ref().ok_or(ProtoError::Decrypt)?;
                 let ratchet_msg = queue_msg::open_message(secret, &sender_id, &sealed)?;
                 let digest = queue_msg::digest(&ratchet_msg);
-                let env = self.decrypt_envelope(&ratchet_msg, rng)?;
-                let (incoming, actions) = self.apply(env, now_ms, rng)?;
+                if self.seen_recently(&digest) {
+                    return Err(ProtoError::Duplicate);
+                }
+                let (incoming, actions) = self.receive_ratchet_msg(&ratchet_msg, now_ms, rng)?;
+                self.note_digest(&digest);
                 Ok(Received {
                     incoming,
                     actions,
                     digest,
                 })
             }
+            QueueMessage::Resync { kind, sealed } => {
+                let secret = self.connection_secret.as_ref().ok_or(ProtoError::Decrypt)?;
+                let body = queue_msg::open_sealed(secret, &sender_id, kind, &sealed)?;
+                if self.seen_recently(&queue_msg::digest(&body)) {
+                    return Err(ProtoError::Duplicate);
+                }
+                let r = self.receive_resync(kind, &body, now_ms, rng)?;
+                self.note_digest(&r.digest);
+                Ok(r)
+            }
         }
+    }
+
+    /// A ratchet message that the queue layer authenticated: the current
+    /// ratchet, else the one a resync replaced (what the peer sent before
+    /// it switched); if neither can place it, the ratchets lost step and a
+    /// resync starts (§6.7).
+    fn receive_ratchet_msg<R: RngCore + CryptoRng>(
+        &mut self,
+        ratchet_msg: &[u8],
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<(Incoming, Vec<Action>), ProtoError> {
+        if self.resync.is_some() {
+            // Our resync offer is out: what the old ratchet still carries
+            // may extend a forked history, and taking it would move our head
+            // past the fork. The peer sends its texts again from our head
+            // once it has answered (§6.7).
+            return Err(ProtoError::Duplicate);
+        }
+        let base = self.clone();
+        let e = match self
+            .decrypt_envelope(ratchet_msg, rng)
+            .and_then(|env| self.apply(env, now_ms, rng))
+        {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        *self = base;
+        if let Some(mut previous) = self.previous.clone() {
+            if let Ok(padded) = previous.decrypt(ratchet_msg, rng) {
+                // Sent before the peer switched: taken if it still fits the
+                // chain, else its text came again on the new ratchet.
+                let env = Envelope::decode(&padded)?;
+                self.previous = Some(previous);
+                return self.apply(env, now_ms, rng);
+            }
+        }
+        if !self.lost_step(&e) {
+            return Err(e);
+        }
+        let actions = self.start_resync(now_ms, rng)?;
+        Ok((Incoming::ResyncStarted { reason: e }, actions))
     }
 
     fn decrypt_envelope<R: RngCore + CryptoRng>(
@@ -637,7 +832,7 @@ impl Connection {
         self.chain_in.check(&env).map_err(chain_err)?;
         let hello = Hello::decode(&env.body)?;
         if hello.sender_keys.len() != self.recv_queues.len() {
-            return Err(tern_relay::codec::CodecError::Invalid("one sender key per queue").into());
+            return Err(tern_wire::codec::CodecError::Invalid("one sender key per queue").into());
         }
         let version = negotiate(
             (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
@@ -712,7 +907,7 @@ impl Connection {
                 let reply = HelloReply::decode(&env.body)?;
                 if reply.sender_keys.len() != self.recv_queues.len() {
                     return Err(
-                        tern_relay::codec::CodecError::Invalid("one sender key per queue").into(),
+                        tern_wire::codec::CodecError::Invalid("one sender key per queue").into(),
                     );
                 }
                 self.version = negotiate(
@@ -741,23 +936,39 @@ impl Connection {
                 let profile = self.peer_profile.clone().unwrap_or_default();
                 (Incoming::Connected { profile }, Vec::new())
             }
-            (ConnState::Connected, Kind::Text) => {
-                let text = String::from_utf8(env.body.clone())
-                    .map_err(|_| tern_relay::codec::CodecError::Invalid("UTF-8 text"))?;
-                (
+            // An authentic envelope whose body breaks its rules is the
+            // peer's doing, not a relay's: refused, but it stays part of the
+            // history (recorded in the chain), so what follows links up.
+            (ConnState::Connected, Kind::Text) => match String::from_utf8(env.body.clone()) {
+                Ok(text) => (
                     Incoming::Text {
                         envelope: env.clone(),
                         text,
                         chain,
                     },
                     Vec::new(),
-                )
-            }
-            (ConnState::Connected, Kind::Profile) => {
-                let profile = Profile::from_bytes(&env.body)?;
-                self.peer_profile = Some(profile.clone());
-                (Incoming::ProfileUpdated { profile }, Vec::new())
-            }
+                ),
+                Err(_) => (
+                    Incoming::Refused {
+                        what: "message",
+                        reason: tern_wire::codec::CodecError::Invalid("UTF-8 text").into(),
+                    },
+                    Vec::new(),
+                ),
+            },
+            (ConnState::Connected, Kind::Profile) => match Profile::from_bytes(&env.body) {
+                Ok(profile) => {
+                    self.peer_profile = Some(profile.clone());
+                    (Incoming::ProfileUpdated { profile }, Vec::new())
+                }
+                Err(reason) => (
+                    Incoming::Refused {
+                        what: "profile update",
+                        reason,
+                    },
+                    Vec::new(),
+                ),
+            },
             (ConnState::Connected, Kind::Control) => self.apply_control(&env.body, now_ms, rng)?,
             (ConnState::Connected, Kind::Receipt) => (Incoming::Nothing, Vec::new()),
             (ConnState::Connected, Kind::Device) => (
@@ -779,7 +990,7 @@ impl Connection {
     }
 }
 
-fn chain_err(e: ChainError) -> ProtoError {
+pub(crate) fn chain_err(e: ChainError) -> ProtoError {
     match e {
         ChainError::Duplicate => ProtoError::Duplicate,
         ChainError::Mismatch => ProtoError::ChainMismatch,
@@ -978,6 +1189,67 @@ pub(crate) mod tests {
             .is_err());
         assert_eq!(serde_json::to_string(&bob).unwrap(), before);
         assert!(bob.receive(&b0, &up, &profile("bob"), 0, &mut rng).is_ok());
+    }
+
+    /// Issue 14 item 5: the joiner was given the inviter's invitation with
+    /// one queue swapped for another relay's. Its connection request must
+    /// not open at the inviter (and the invitation stays unused); a device
+    /// link taken for a contact invitation fails the same way.
+    #[test]
+    fn a_changed_invitation_fails_the_handshake() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (mut alice, inv) =
+            Connection::invite(queues(&mut rng, 2, 1), Channel::Shared, &mut rng);
+        let mut swapped = inv.clone();
+        swapped.queues[1] = queues(&mut rng, 1, 7)[0].send_queue();
+        let (_, request) = Connection::accept(
+            &swapped,
+            queues(&mut rng, 1, 2),
+            &profile("bob"),
+            Channel::Shared,
+            1,
+            &mut rng,
+        )
+        .unwrap();
+        let a0 = alice.recv_queues[0].recipient_id;
+        let before = serde_json::to_string(&alice).unwrap();
+        assert_eq!(
+            alice
+                .receive(&a0, &request, &profile("alice"), 2, &mut rng)
+                .map(|r| r.incoming),
+            Err(ProtoError::Decrypt)
+        );
+        assert_eq!(serde_json::to_string(&alice).unwrap(), before);
+        // The same invitation under the device-link kind: refused too.
+        let (_, request) = Connection::accept_device(
+            &inv,
+            queues(&mut rng, 1, 2),
+            &profile("bob"),
+            Channel::Shared,
+            1,
+            &mut rng,
+        )
+        .unwrap();
+        assert_eq!(
+            alice
+                .receive(&a0, &request, &profile("alice"), 2, &mut rng)
+                .map(|r| r.incoming),
+            Err(ProtoError::Decrypt)
+        );
+        // The invitation as made still works.
+        let (_, request) = Connection::accept(
+            &inv,
+            queues(&mut rng, 1, 2),
+            &profile("bob"),
+            Channel::Shared,
+            1,
+            &mut rng,
+        )
+        .unwrap();
+        assert!(alice
+            .receive(&a0, &request, &profile("alice"), 2, &mut rng)
+            .is_ok());
+        assert_eq!(alice.state, ConnState::Accepted);
     }
 
     #[test]

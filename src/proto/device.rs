@@ -20,9 +20,9 @@
 //! `u32 length + bytes` (big-endian, as everywhere).
 
 use sha2::{Digest, Sha256};
-use tern_relay::address::RelayAddress;
-use tern_relay::codec::{CodecError, Reader, Writer};
-use tern_relay::wire::Id;
+use tern_wire::address::RelayAddress;
+use tern_wire::codec::{CodecError, Reader, Writer};
+use tern_wire::Id;
 
 use super::keys::Secret32;
 use super::ProtoError;

@@ -23,13 +23,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tern_relay::codec::{CodecError, Reader, Writer};
+use tern_wire::codec::{CodecError, Reader, Writer};
 
 use super::keys::b64;
 use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-/// Size of every padded envelope.
-pub const ENVELOPE_LEN: usize = 15_800;
+/// Size of every padded envelope: the most that leaves room, in a 16,000-byte
+/// queue message of every type (the resync accept is the tightest), for the
+/// ratchet's 2,353-byte hybrid header and tag (PROTOCOL.md §7.4).
+pub const ENVELOPE_LEN: usize = 13_526;
 const HEADER_LEN: usize = 1 + 1 + 16 + 8 + 32 + 8 + 4;
 /// The largest body an envelope carries.
 pub const MAX_BODY_LEN: usize = ENVELOPE_LEN - HEADER_LEN;
@@ -285,6 +287,11 @@ impl ChainReceiver {
     /// Envelopes known to be missing so far.
     pub fn missing(&self) -> u64 {
         self.missing.len() as u64
+    }
+
+    /// The chain hash of received envelope `seq`, while it is tracked.
+    pub fn hash_of(&self, seq: u64) -> Option<[u8; 32]> {
+        self.recent.get(&seq).map(|(h, _)| *h)
     }
 
     /// Checks `env` against the chain without changing anything.

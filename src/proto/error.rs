@@ -1,6 +1,6 @@
 use thiserror::Error;
 
-use tern_relay::codec::CodecError;
+use tern_wire::codec::CodecError;
 
 /// Everything that can be wrong with protocol input. Every variant leaves the
 /// caller's state untouched: functions that update state do so only on success.
@@ -10,6 +10,11 @@ pub enum ProtoError {
     Malformed(#[from] CodecError),
     #[error("not a tern invitation link")]
     NotAnInvitation,
+    #[error(
+        "the link is damaged: a character is wrong, missing or extra (its checksum does not match); \
+         copy it again exactly, or ask for a new invitation"
+    )]
+    LinkDamaged,
     #[error("this invitation needs a newer tern (protocol version {0})")]
     UnsupportedVersion(u8),
     #[error("invalid relay address in the invitation: {0}")]
@@ -36,4 +41,6 @@ pub enum ProtoError {
     UnsupportedInvitation(u8),
     #[error("ratchet cannot send yet: no message received from the peer")]
     NotReady,
+    #[error("the peer answered without the post-quantum key exchange this side offered: refused as a downgrade")]
+    Downgrade,
 }

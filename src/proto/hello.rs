@@ -3,7 +3,7 @@
 //! ```text
 //! profile     = u8 len || name (UTF-8, 1..=64 bytes)
 //!               u16 len || status (UTF-8, 0..=512 bytes)
-//!               u32 len || avatar (JPEG or PNG bytes, 0..=12288)
+//!               u32 len || avatar (JPEG or PNG bytes, 0..=11264)
 //! hello       = u8 min_version || u8 max_version || u8 channel
 //!               u8 n || n × [32] Ed25519 sender key, one per inviter queue, in invitation order
 //!               queues (count byte + SendQueue list): the joiner's reply queues
@@ -19,14 +19,27 @@
 //! level honestly.
 
 use serde::{Deserialize, Serialize};
-use tern_relay::codec::{CodecError, Reader, Writer};
+use tern_wire::codec::{CodecError, Reader, Writer};
 
 use super::invitation::{decode_queues, encode_queues, SendQueue, MAX_QUEUES};
 use super::{text, ProtoError};
 
 pub const MAX_NAME: usize = 64;
 pub const MAX_STATUS: usize = 512;
-pub const MAX_AVATAR: usize = 12_288;
+/// 11 KiB: the largest that keeps the largest Hello (three reply queues with
+/// the longest relay addresses, the largest profile) inside one envelope
+/// beside the ratchet's post-quantum header (PROTOCOL.md §5.5, §7.4).
+pub const MAX_AVATAR: usize = 11_264;
+/// The longest profile encoding.
+pub const MAX_PROFILE_LEN: usize = 1 + MAX_NAME + 2 + MAX_STATUS + 4 + MAX_AVATAR;
+/// The longest relay address in binary form without an access key: flags,
+/// a 253-byte name, port, key, a 128-byte path (§3.1.2).
+const MAX_SEND_ADDRESS_LEN: usize = 1 + (1 + 253) + 2 + 32 + (1 + 128);
+/// The longest Hello: versions and channel, three sender keys, three reply
+/// queues, the longest profile.
+pub const MAX_HELLO_LEN: usize =
+    3 + (1 + 3 * 32) + (1 + 3 * (MAX_SEND_ADDRESS_LEN + 16)) + MAX_PROFILE_LEN;
+const _: () = assert!(MAX_HELLO_LEN <= super::envelope::MAX_BODY_LEN);
 
 pub const NAME_RULE: &str =
     "profile name: 1 to 64 bytes, not only white space, no control or format characters";
@@ -58,7 +71,7 @@ impl Profile {
             if a.len() > MAX_AVATAR
                 || !(a.starts_with(b"\x89PNG\r\n\x1a\n") || a.starts_with(&[0xff, 0xd8, 0xff]))
             {
-                return Err(CodecError::Invalid("avatar: a PNG or JPEG of at most 12 KiB").into());
+                return Err(CodecError::Invalid("avatar: a PNG or JPEG of at most 11 KiB").into());
             }
         }
         Ok(())
@@ -291,6 +304,42 @@ mod tests {
         for cut in 0..b.len() {
             assert!(HelloReply::decode(&b[..cut]).is_err());
         }
+    }
+
+    /// The longest Hello there can be fits one envelope (the constant is
+    /// checked at compile time; this checks the constant).
+    #[test]
+    fn the_longest_hello_fits_an_envelope() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE";
+        let host = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        let path = format!("/{}", "p".repeat(127));
+        let q = SendQueue {
+            relay: format!("tern+https://{key}@{host}:65535{path}")
+                .parse()
+                .unwrap(),
+            sender_id: [7; 16],
+        };
+        let h = Hello {
+            min_version: 1,
+            max_version: 1,
+            channel: Channel::Shared,
+            sender_keys: vec![[1; 32]; 3],
+            reply_queues: vec![q.clone(), q.clone(), q],
+            profile: Profile {
+                name: "n".repeat(MAX_NAME),
+                status: "s".repeat(MAX_STATUS),
+                avatar: Some([&b"\x89PNG\r\n\x1a\n"[..], &vec![0; MAX_AVATAR - 8]].concat()),
+            },
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), MAX_HELLO_LEN);
+        assert!(b.len() <= crate::proto::envelope::MAX_BODY_LEN);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod queue_msg;
 pub mod ratchet;
 pub mod rekey;
+pub mod resync;
 pub mod rotation;
 pub mod security_code;
 pub mod text;

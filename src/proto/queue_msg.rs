@@ -5,7 +5,15 @@
 //! 0x01 connection request:  J (32) || E (32) || ratchet message
 //! 0x02 message:             nonce (24) || XChaCha20-Poly1305(queue key, nonce,
 //!                                          ratchet message, aad = 0x02)
+//! 0x03 resync offer:        nonce (24) || XChaCha20-Poly1305(queue key, nonce,
+//!                                          offer body (1,288), aad = 0x03)
+//! 0x04 resync accept:       nonce (24) || XChaCha20-Poly1305(queue key, nonce,
+//!                                          J' || E' || ratchet message, aad = 0x04)
 //! ```
+//!
+//! Types 0x03 and 0x04 restart a connection's ratchet when it lost step
+//! (PROTOCOL.md §6.7): they travel under the queue layer because the ratchet
+//! is what they replace.
 //!
 //! The queue key is `HKDF-SHA256(salt = sender id, ikm = connection secret,
 //! info = "tern/v1 queue layer")`. The same ratchet message goes to every
@@ -19,8 +27,8 @@ use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use rand_core::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
-use tern_relay::codec::{CodecError, Reader, Writer};
-use tern_relay::wire::{Id, QUEUE_MSG_LEN};
+use tern_wire::codec::{CodecError, Reader, Writer};
+use tern_wire::{Id, QUEUE_MSG_LEN};
 use zeroize::Zeroizing;
 
 use super::envelope::ENVELOPE_LEN;
@@ -32,11 +40,18 @@ use super::ProtoError;
 pub const RATCHET_MSG_LEN: usize = ratchet::message_len(ENVELOPE_LEN);
 const TYPE_CONN_REQUEST: u8 = 0x01;
 const TYPE_MESSAGE: u8 = 0x02;
+pub(crate) const TYPE_RESYNC_OFFER: u8 = 0x03;
+pub(crate) const TYPE_RESYNC_ACCEPT: u8 = 0x04;
+/// The body of a resync offer: `I' || R' || EK' || head seq || head hash`.
+pub const RESYNC_OFFER_LEN: usize = 32 + 32 + super::keys::KEM_EK_LEN + 8 + 32;
+/// The body of a resync accept: `J' || E' || ratchet message`.
+pub const RESYNC_ACCEPT_LEN: usize = 64 + RATCHET_MSG_LEN;
 const QUEUE_LAYER_INFO: &[u8] = b"tern/v1 queue layer";
 const DIGEST_LABEL: &[u8] = b"tern/v1 message digest";
 
 const _: () = assert!(1 + 64 + RATCHET_MSG_LEN <= QUEUE_MSG_LEN);
 const _: () = assert!(1 + 24 + RATCHET_MSG_LEN + 16 <= QUEUE_MSG_LEN);
+const _: () = assert!(1 + 24 + RESYNC_ACCEPT_LEN + 16 <= QUEUE_MSG_LEN);
 
 /// A parsed queue message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +63,9 @@ pub enum QueueMessage {
     },
     /// Still under the queue layer: open with [`open_message`].
     Message { sealed: Vec<u8> },
+    /// Type 0x03 or 0x04, still under the queue layer: open with
+    /// [`open_sealed`] and this type.
+    Resync { kind: u8, sealed: Vec<u8> },
 }
 
 /// Builds a connection request.
@@ -82,18 +100,72 @@ pub fn seal_message<R: RngCore + CryptoRng>(
     rng: &mut R,
 ) -> Vec<u8> {
     assert_eq!(ratchet_msg.len(), RATCHET_MSG_LEN);
+    seal_typed(connection_secret, sender_id, TYPE_MESSAGE, ratchet_msg, rng)
+}
+
+/// The length of the sealed part of a queue message of `kind`.
+fn body_len(kind: u8) -> usize {
+    match kind {
+        TYPE_RESYNC_OFFER => RESYNC_OFFER_LEN,
+        TYPE_RESYNC_ACCEPT => RESYNC_ACCEPT_LEN,
+        _ => RATCHET_MSG_LEN,
+    }
+}
+
+fn seal_typed<R: RngCore + CryptoRng>(
+    connection_secret: &Secret32,
+    sender_id: &Id,
+    kind: u8,
+    body: &[u8],
+    rng: &mut R,
+) -> Vec<u8> {
+    assert_eq!(body.len(), body_len(kind));
     let mut nonce = [0u8; 24];
     rng.fill_bytes(&mut nonce);
     let mut buf = Vec::with_capacity(QUEUE_MSG_LEN);
-    buf.push(TYPE_MESSAGE);
+    buf.push(kind);
     buf.extend_from_slice(&nonce);
-    buf.extend_from_slice(ratchet_msg);
+    buf.extend_from_slice(body);
     let tag = queue_cipher(connection_secret, sender_id)
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &[TYPE_MESSAGE], &mut buf[25..])
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &[kind], &mut buf[25..])
         .expect("message within AEAD limits");
     buf.extend_from_slice(&tag);
     buf.resize(QUEUE_MSG_LEN, 0);
     buf
+}
+
+/// What a delivery job carries for one queue layer type: a ratchet message
+/// (type 0x02), or a resync body prefixed with its type (0x03, 0x04). A
+/// job stores one payload for every peer queue and seals it per queue at
+/// upload time, so the payload says which type it is.
+pub fn resync_payload(kind: u8, body: &[u8]) -> Vec<u8> {
+    assert_eq!(body.len(), body_len(kind));
+    let mut p = Vec::with_capacity(1 + body.len());
+    p.push(kind);
+    p.extend_from_slice(body);
+    p
+}
+
+/// Seals a delivery payload (see [`resync_payload`]) for the queue with
+/// `sender_id`. A ratchet message has exactly [`RATCHET_MSG_LEN`] bytes,
+/// which no resync payload has.
+pub fn seal_payload<R: RngCore + CryptoRng>(
+    connection_secret: &Secret32,
+    sender_id: &Id,
+    payload: &[u8],
+    rng: &mut R,
+) -> Result<Vec<u8>, ProtoError> {
+    if payload.len() == RATCHET_MSG_LEN {
+        return Ok(seal_message(connection_secret, sender_id, payload, rng));
+    }
+    match payload.split_first() {
+        Some((&k @ (TYPE_RESYNC_OFFER | TYPE_RESYNC_ACCEPT), body))
+            if body.len() == body_len(k) =>
+        {
+            Ok(seal_typed(connection_secret, sender_id, k, body, rng))
+        }
+        _ => Err(CodecError::Invalid("delivery payload").into()),
+    }
 }
 
 /// Parses the outer framing of a queue message.
@@ -119,6 +191,11 @@ pub fn parse(msg: &[u8]) -> Result<QueueMessage, ProtoError> {
             r.finish_padding()?;
             Ok(QueueMessage::Message { sealed })
         }
+        kind @ (TYPE_RESYNC_OFFER | TYPE_RESYNC_ACCEPT) => {
+            let sealed = r.bytes(24 + body_len(kind) + 16)?.to_vec();
+            r.finish_padding()?;
+            Ok(QueueMessage::Resync { kind, sealed })
+        }
         other => Err(ProtoError::UnknownType(other)),
     }
 }
@@ -129,16 +206,27 @@ pub fn open_message(
     sender_id: &Id,
     sealed: &[u8],
 ) -> Result<Vec<u8>, ProtoError> {
-    if sealed.len() != 24 + RATCHET_MSG_LEN + 16 {
+    open_sealed(connection_secret, sender_id, TYPE_MESSAGE, sealed)
+}
+
+/// Removes the queue layer of a queue message of type `kind`.
+pub fn open_sealed(
+    connection_secret: &Secret32,
+    sender_id: &Id,
+    kind: u8,
+    sealed: &[u8],
+) -> Result<Vec<u8>, ProtoError> {
+    let len = body_len(kind);
+    if sealed.len() != 24 + len + 16 {
         return Err(ProtoError::Decrypt);
     }
     let (nonce, rest) = sealed.split_at(24);
-    let (body, tag) = rest.split_at(RATCHET_MSG_LEN);
+    let (body, tag) = rest.split_at(len);
     let mut buf = body.to_vec();
     queue_cipher(connection_secret, sender_id)
         .decrypt_in_place_detached(
             XNonce::from_slice(nonce),
-            &[TYPE_MESSAGE],
+            &[kind],
             &mut buf,
             Tag::from_slice(tag),
         )

@@ -19,16 +19,15 @@
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use data_encoding::BASE32_NOPAD;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use tern_relay::codec::{CodecError, Reader, Writer};
+use tern_wire::codec::{CodecError, Reader, Writer};
 use zeroize::Zeroizing;
 
-use super::invitation::{link_bytes, Invitation, KIND_CONTACT, KIND_DEVICE, LINK_PREFIX};
+use super::invitation::{link_bytes, link_of, Invitation, KIND_CONTACT, KIND_DEVICE};
 use super::keys::Secret32;
 use super::{ProtoError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -136,7 +135,7 @@ impl RekeyInvitation {
     }
 
     pub fn to_link(&self) -> String {
-        format!("{LINK_PREFIX}{}", BASE32_NOPAD.encode(&self.encode()))
+        link_of(&self.encode())
     }
 }
 
@@ -201,9 +200,7 @@ mod tests {
         let mut bytes = r.encode();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        let AnyInvitation::Rekey(bad) =
-            parse_link(&format!("TERN:{}", BASE32_NOPAD.encode(&bytes))).unwrap()
-        else {
+        let AnyInvitation::Rekey(bad) = parse_link(&link_of(&bytes)).unwrap() else {
             panic!()
         };
         assert!(bad.open(&secret).is_err());

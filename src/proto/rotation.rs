@@ -29,8 +29,8 @@
 
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
-use tern_relay::codec::{CodecError, Reader, Writer};
-use tern_relay::wire::Id;
+use tern_wire::codec::{CodecError, Reader, Writer};
+use tern_wire::Id;
 
 use super::connection::{random_id, Action, ConnState, Connection, Incoming, PeerQueue, RecvQueue};
 use super::envelope::Kind;
@@ -44,6 +44,7 @@ const QUSE: u8 = 3;
 const QSWITCHED: u8 = 4;
 const QROTATE: u8 = 5;
 const QRETIRED: u8 = 6;
+const RESYNCED: u8 = 7;
 
 /// A rotation of our receiving queues in progress.
 #[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
@@ -66,6 +67,12 @@ pub enum Control {
     Rotate,
     /// After a re-key: nothing more will be sent on the previous connection.
     Retired,
+    /// The first envelope on a resynchronised ratchet (PROTOCOL.md §6.7):
+    /// the last envelope of the receiver's direction the sender holds.
+    Resynced {
+        head_seq: u64,
+        head_hash: [u8; 32],
+    },
 }
 
 impl Control {
@@ -94,6 +101,12 @@ impl Control {
             Control::Rotate => {
                 w.u8(QROTATE);
             }
+            Control::Resynced {
+                head_seq,
+                head_hash,
+            } => {
+                w.u8(RESYNCED).u64(*head_seq).bytes(head_hash);
+            }
         }
         w.into_vec()
     }
@@ -116,6 +129,10 @@ impl Control {
             QSWITCHED => Control::Switched,
             QROTATE => Control::Rotate,
             QRETIRED => Control::Retired,
+            RESYNCED => Control::Resynced {
+                head_seq: r.u64()?,
+                head_hash: r.array()?,
+            },
             _ => return Ok(None),
         };
         r.finish()?;
@@ -260,6 +277,9 @@ impl Connection {
             }
             Control::Rotate => Ok((Incoming::RotationRequested, Vec::new())),
             Control::Retired => Ok((Incoming::PeerLeftPrevious, Vec::new())),
+            // Meaningful only as the first envelope of a resync accept
+            // (which `resync` handles); a copy elsewhere changes nothing.
+            Control::Resynced { .. } => Ok((Incoming::Nothing, Vec::new())),
         }
     }
 

@@ -1088,6 +1088,35 @@ impl ReadTx<'_> {
         Ok(out)
     }
 
+    /// Up to `limit` entries of `log` after sequence number `after` (0: from
+    /// the start), oldest first, with their sequence numbers.
+    pub fn head_after<T: DeserializeOwned>(
+        &self,
+        log: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        let id = self.log_id(log);
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, value FROM log WHERE log = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![&id[..], after, limit_to_db(limit)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, sealed) = row?;
+            let seq = seq_from_db(seq)?;
+            let plain = self
+                .keys
+                .open(Slot::Log(&id, seq), &sealed)
+                .ok_or_else(|| corrupt_record("log entry", &format!("{log}#{seq}")))?;
+            out.push((seq, from_json(log, &plain)?));
+        }
+        Ok(out)
+    }
+
     /// Whether `digest` is in the seen-set `set`.
     pub fn seen(&self, set: &str, digest: &[u8; 32]) -> Result<bool, StoreError> {
         let (set_id, digest) = self.seen_ids(set, digest);
@@ -1178,6 +1207,22 @@ impl Tx<'_> {
             .prepare_cached("INSERT INTO log (log, seq, value) VALUES (?1, ?2, ?3)")?
             .execute(rusqlite::params![&id[..], seq as i64, sealed])?;
         Ok(seq)
+    }
+
+    /// Delete the entries of `log` with these sequence numbers.
+    pub fn remove_log_entries(&self, log: &str, seqs: &[u64]) -> Result<(), StoreError> {
+        let id = self.read.log_id(log);
+        let mut stmt = self
+            .read
+            .conn
+            .prepare_cached("DELETE FROM log WHERE log = ?1 AND seq = ?2")?;
+        for seq in seqs {
+            stmt.execute(rusqlite::params![
+                &id[..],
+                i64::try_from(*seq).unwrap_or(i64::MAX)
+            ])?;
+        }
+        Ok(())
     }
 
     /// Delete every entry of `log`.

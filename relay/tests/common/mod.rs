@@ -1,6 +1,6 @@
 //! A minimal relay client for the integration tests: std sockets, HTTP/1.1 by
-//! hand, and the wire layer's own sealing. Deliberately independent of the
-//! server code it tests.
+//! hand for the plain HTTP tests, tungstenite and the wire crate's session
+//! for everything else. Deliberately independent of the server code it tests.
 #![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -12,9 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
 use rand::RngCore;
-use tern_relay::seal::{self, RequestSealer, ResponseKey, BLOCK_LEN};
-use tern_relay::wire::{Command, Id, Reply, Request, Response, QUEUE_MSG_LEN};
 use tern_relay::{RelayAddress, RelayError, ServeConfig, Server, ShutdownHandle};
+use tern_wire::delivery::{delivery_open, queue_secret};
+use tern_wire::frame::{parse_replies, FrameBuilder};
+use tern_wire::{ClientHandshake, Command, Id, RelayInfo, Reply, Request, Session, QUEUE_MSG_LEN};
+use tungstenite::{Message, WebSocket};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 pub fn now_ms() -> u64 {
@@ -116,21 +118,6 @@ impl Conn {
         self.reader.get_mut().write_all(bytes)
     }
 
-    pub fn send_post(&mut self, body: &[u8]) -> io::Result<()> {
-        let mut req = format!(
-            "POST /v1 HTTP/1.1\r\nHost: relay\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        self.write_raw(&req)
-    }
-
-    pub fn post(&mut self, body: &[u8]) -> HttpResponse {
-        self.send_post(body).expect("write request");
-        self.read_response().expect("read response")
-    }
-
     pub fn get(&mut self, path: &str) -> HttpResponse {
         self.write_raw(format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
             .expect("write request");
@@ -196,55 +183,186 @@ impl Conn {
     }
 }
 
-/// Seals `cmd` at `time_ms`, signed by `key`.
-pub fn seal_request(
-    relay_key: &[u8; 32],
-    cmd: &Command,
-    key: Option<&SigningKey>,
-    time_ms: u64,
-) -> (Vec<u8>, ResponseKey) {
-    let sealer = RequestSealer::new(relay_key, &mut OsRng).unwrap();
-    let pt = Request::encode(cmd, time_ms, sealer.enc(), key);
-    sealer.seal(&pt).unwrap()
-}
+/// The relay's answer to one command, or what a subscription pushed.
+pub type Tagged = (u32, Reply);
 
-pub fn open_response(key: &ResponseKey, block: &[u8]) -> Response {
-    assert_eq!(block.len(), BLOCK_LEN);
-    Response::decode(&key.open_response(block).expect("response opens")).expect("response decodes")
-}
-
-/// A relay client on one keep-alive connection.
+/// A relay session on one WebSocket: the client's side of the protocol,
+/// built from the wire crate and tungstenite only.
 pub struct Client {
-    pub conn: Conn,
-    pub relay_key: [u8; 32],
+    ws: WebSocket<TcpStream>,
+    session: Session,
+    pub info: RelayInfo,
+    next_tag: u32,
+    /// Records that arrived while waiting for something else.
+    pub pending: Vec<Tagged>,
+}
+
+/// Opens a WebSocket to the relay's session endpoint (no handshake yet).
+pub fn websocket(addr: SocketAddr) -> WebSocket<TcpStream> {
+    try_websocket(addr).expect("upgrade")
+}
+
+pub fn try_websocket(addr: SocketAddr) -> Result<WebSocket<TcpStream>, String> {
+    let s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_nodelay(true).unwrap();
+    let (ws, _) =
+        tungstenite::client::client(format!("ws://{addr}/v2"), s).map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
 impl Client {
     pub fn new(addr: SocketAddr, relay_key: [u8; 32]) -> Client {
-        Client {
-            conn: Conn::connect(addr),
-            relay_key,
+        Self::try_new(addr, relay_key).expect("handshake")
+    }
+
+    pub fn try_new(addr: SocketAddr, relay_key: [u8; 32]) -> Result<Client, String> {
+        let mut ws = try_websocket(addr)?;
+        let (hs, msg1) =
+            ClientHandshake::start(&relay_key, &mut OsRng).map_err(|e| e.to_string())?;
+        ws.send(Message::Binary(msg1.into()))
+            .map_err(|e| e.to_string())?;
+        let msg2 = match ws.read().map_err(|e| e.to_string())? {
+            Message::Binary(b) => b,
+            other => return Err(format!("handshake answered {other:?}")),
+        };
+        let (session, info) = hs.finish(&msg2).map_err(|e| e.to_string())?;
+        Ok(Client {
+            ws,
+            session,
+            info,
+            next_tag: 1,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.ws.get_ref()
+    }
+
+    pub fn hash(&self) -> [u8; 32] {
+        *self.session.hash()
+    }
+
+    /// Sends raw bytes as one WebSocket binary message.
+    pub fn send_raw(&mut self, bytes: Vec<u8>) -> tungstenite::Result<()> {
+        self.ws.send(Message::Binary(bytes.into()))
+    }
+
+    /// Seals a frame plaintext as the session's next message, without sending it.
+    pub fn seal(&mut self, frame: &[u8]) -> Vec<u8> {
+        self.session.seal(frame).unwrap()
+    }
+
+    /// Encodes commands (each signed by its key, for this session) into as
+    /// few frames as they fit, sends them, and returns their tags.
+    pub fn submit(&mut self, cmds: &[(Command, Option<&SigningKey>)]) -> Vec<u32> {
+        let hash = *self.session.hash();
+        let mut frames = FrameBuilder::new();
+        let mut tags = Vec::new();
+        for (cmd, key) in cmds {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let mut rec = Vec::new();
+            Request::encode(tag, cmd, &hash, *key, &mut rec);
+            frames.push(&rec);
+            tags.push(tag);
+        }
+        for f in frames.finish() {
+            let m = self.session.seal(&f).unwrap();
+            self.ws.send(Message::Binary(m.into())).expect("send");
+        }
+        tags
+    }
+
+    /// Reads the next frame's records.
+    pub fn read_frame(&mut self) -> Result<Vec<Tagged>, String> {
+        loop {
+            match self.ws.read().map_err(|e| e.to_string())? {
+                Message::Binary(b) => {
+                    let f = self.session.open(&b).map_err(|e| e.to_string())?;
+                    return parse_replies(&f).map_err(|e| e.to_string());
+                }
+                Message::Close(_) => return Err("closed".into()),
+                _ => {}
+            }
         }
     }
 
-    pub fn request_at(
-        &mut self,
-        cmd: &Command,
-        key: Option<&SigningKey>,
-        time_ms: u64,
-    ) -> Response {
-        let (block, rkey) = seal_request(&self.relay_key, cmd, key, time_ms);
-        let resp = self.conn.post(&block);
-        assert_eq!(resp.status, 200, "HTTP status");
-        assert_eq!(
-            resp.header("content-type"),
-            Some("application/octet-stream")
-        );
-        open_response(&rkey, &resp.body)
+    /// Waits for the reply tagged `tag`; other records are kept in `pending`.
+    pub fn wait_for(&mut self, tag: u32) -> Reply {
+        if let Some(i) = self.pending.iter().position(|(t, _)| *t == tag) {
+            return self.pending.remove(i).1;
+        }
+        loop {
+            let records = self.read_frame().expect("a frame");
+            let mut found = None;
+            for (t, r) in records {
+                if t == tag && found.is_none() {
+                    found = Some(r);
+                } else {
+                    self.pending.push((t, r));
+                }
+            }
+            if let Some(r) = found {
+                return r;
+            }
+        }
     }
 
     pub fn request(&mut self, cmd: &Command, key: Option<&SigningKey>) -> Reply {
-        self.request_at(cmd, key, now_ms()).reply
+        let tag = self.submit(&[(cmd.clone(), key)])[0];
+        self.wait_for(tag)
+    }
+
+    /// The next record (pending ones first).
+    pub fn next(&mut self) -> Tagged {
+        if !self.pending.is_empty() {
+            return self.pending.remove(0);
+        }
+        let mut records = self.read_frame().expect("a frame");
+        let first = records.remove(0);
+        self.pending.extend(records);
+        first
+    }
+
+    /// The next record within `wait`, if any.
+    pub fn next_within(&mut self, wait: Duration) -> Option<Tagged> {
+        if !self.pending.is_empty() {
+            return Some(self.pending.remove(0));
+        }
+        self.stream().set_read_timeout(Some(wait)).unwrap();
+        let got = self.read_frame();
+        self.stream()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut records = got.ok()?;
+        if records.is_empty() {
+            return None;
+        }
+        let first = records.remove(0);
+        self.pending.extend(records);
+        Some(first)
+    }
+
+    /// True if the relay closed the session within `wait`.
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        self.stream().set_read_timeout(Some(wait)).unwrap();
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(_)) => return true,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
     }
 }
 
@@ -257,7 +375,7 @@ pub struct Queue {
     pub secret: [u8; 32],
 }
 
-pub fn create_queue(client: &mut Client, access_key: Option<&str>) -> Queue {
+pub fn create_command(access_key: Option<&str>) -> (Command, SigningKey, StaticSecret) {
     let recipient_key = SigningKey::generate(&mut OsRng);
     let dh = StaticSecret::random_from_rng(OsRng);
     let cmd = Command::Create {
@@ -265,7 +383,11 @@ pub fn create_queue(client: &mut Client, access_key: Option<&str>) -> Queue {
         recipient_auth: recipient_key.verifying_key().to_bytes(),
         recipient_dh: PublicKey::from(&dh).to_bytes(),
     };
-    match client.request(&cmd, Some(&recipient_key)) {
+    (cmd, recipient_key, dh)
+}
+
+pub fn queue_from(reply: Reply, recipient_key: SigningKey, dh: &StaticSecret) -> Queue {
+    match reply {
         Reply::Queue {
             recipient_id,
             sender_id,
@@ -275,10 +397,26 @@ pub fn create_queue(client: &mut Client, access_key: Option<&str>) -> Queue {
             sender_id,
             recipient_key,
             sender_key: SigningKey::generate(&mut OsRng),
-            secret: *seal::queue_secret(&dh, &relay_dh).unwrap(),
+            secret: *queue_secret(dh, &relay_dh).unwrap(),
         },
         other => panic!("CREATE answered {other:?}"),
     }
+}
+
+pub fn create_queue(client: &mut Client, access_key: Option<&str>) -> Queue {
+    let (cmd, key, dh) = create_command(access_key);
+    let reply = client.request(&cmd, Some(&key));
+    queue_from(reply, key, &dh)
+}
+
+/// A queue created and secured, ready for signed sends.
+pub fn secured_queue(client: &mut Client) -> Queue {
+    let q = create_queue(client, None);
+    assert_eq!(
+        client.request(&q.secure(), Some(&q.recipient_key)),
+        Reply::Ok
+    );
+    q
 }
 
 impl Queue {
@@ -296,10 +434,10 @@ impl Queue {
         }
     }
 
-    pub fn fetch(&self, wait_ms: u32) -> Command {
-        Command::Fetch {
+    pub fn sub(&self, window: u16) -> Command {
+        Command::Subscribe {
             recipient_id: self.recipient_id,
-            wait_ms,
+            window,
         }
     }
 
@@ -310,20 +448,88 @@ impl Queue {
         }
     }
 
+    pub fn ack_upto(&self, msg_id: Id) -> Command {
+        Command::AckUpTo {
+            recipient_id: self.recipient_id,
+            msg_id,
+        }
+    }
+
     pub fn delete(&self) -> Command {
         Command::Delete {
+            recipient_id: self.recipient_id,
+            if_empty: false,
+        }
+    }
+
+    pub fn check(&self) -> Command {
+        Command::Check {
             recipient_id: self.recipient_id,
         }
     }
 
-    /// Decrypts a delivered message.
+    /// Decrypts a pushed message.
     pub fn open(&self, reply: &Reply) -> (Id, Vec<u8>) {
         match reply {
             Reply::Message { msg_id, body, .. } => (
                 *msg_id,
-                seal::delivery_open(&self.secret, msg_id, body).expect("delivery opens"),
+                delivery_open(&self.secret, msg_id, body).expect("delivery opens"),
             ),
             other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Subscribes to `q` and reads it empty, acknowledging each window's worth
+/// of messages as it goes; returns the messages in order. IDLE means
+/// everything there is was pushed: acknowledging what is left ends it.
+pub fn drain_acking(c: &mut Client, q: &Queue) -> Vec<Vec<u8>> {
+    let tag = c.submit(&[(q.sub(64), Some(&q.recipient_key))])[0];
+    assert_eq!(c.wait_for(tag), Reply::Ok);
+    let mut out = Vec::new();
+    let mut unacked = None;
+    let ack = |c: &mut Client, id| {
+        let t = c.submit(&[(q.ack_upto(id), Some(&q.recipient_key))])[0];
+        assert_eq!(c.wait_for(t), Reply::Ok);
+    };
+    loop {
+        let r = c.wait_for(tag);
+        match r {
+            Reply::Message { .. } => {
+                let (id, m) = q.open(&r);
+                out.push(m);
+                unacked = Some(id);
+                if out.len() % 64 == 0 {
+                    ack(c, id);
+                    unacked = None;
+                }
+            }
+            Reply::Idle => {
+                if let Some(id) = unacked {
+                    ack(c, id);
+                }
+                break;
+            }
+            other => panic!("subscription pushed {other:?}"),
+        }
+    }
+    let t = c.submit(&[(Command::Unsubscribe { sub_tag: tag }, None)])[0];
+    assert_eq!(c.wait_for(t), Reply::Ok);
+    out
+}
+
+/// Subscribes to `q` and collects what it pushes until IDLE, acknowledging
+/// nothing (at most one window, 64): (msg id, message).
+pub fn drain(c: &mut Client, q: &Queue) -> Vec<(Id, Vec<u8>)> {
+    let tag = c.submit(&[(q.sub(64), Some(&q.recipient_key))])[0];
+    assert_eq!(c.wait_for(tag), Reply::Ok);
+    let mut out = Vec::new();
+    loop {
+        let r = c.wait_for(tag);
+        match r {
+            Reply::Idle => return out,
+            Reply::Message { .. } => out.push(q.open(&r)),
+            other => panic!("subscription pushed {other:?}"),
         }
     }
 }

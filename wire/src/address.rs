@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `KEY` is the relay's X25519 identity public key in unpadded base64url (43
-//! characters); every request is sealed to it, so a front or network in between
-//! learns nothing and cannot answer in the relay's name. `ACCESS` is the
+//! characters); every session's handshake authenticates the relay by it, so a
+//! front or network in between learns nothing and cannot answer in the
+//! relay's name. `ACCESS` is the
 //! operator's optional access key, needed only to create queues.
 
 use std::fmt;
@@ -24,6 +25,8 @@ use crate::codec::{CodecError, Reader, Writer};
 
 /// The port a relay listens on when an address names none.
 pub const DEFAULT_PORT: u16 = 5223;
+/// The HTTP path of a relay session, after the address's path.
+pub const SESSION_PATH: &str = "/v2";
 const MAX_ACCESS_KEY: usize = 64;
 const MAX_PATH: usize = 128;
 const MAX_NAME: usize = 253;
@@ -38,6 +41,8 @@ pub enum AddressError {
     AccessKey,
     #[error("the host is not an IP address or a valid host name")]
     Host,
+    #[error("an IPv4-mapped IPv6 address names an IPv4 host: write the IPv4 address")]
+    MappedV4,
     #[error("the port is not a number from 1 to 65535")]
     Port,
     #[error("a path is only allowed after a tern+https:// host, up to 128 URL-safe characters")]
@@ -105,6 +110,15 @@ fn valid_path(p: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/_-.~".contains(&b))
 }
 
+/// One host, one form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) would
+/// be a second spelling of an IPv4 host, so it is refused in both forms.
+fn unmapped(ip: Ipv6Addr) -> Result<Ipv6Addr, AddressError> {
+    if ip.to_ipv4_mapped().is_some() {
+        return Err(AddressError::MappedV4);
+    }
+    Ok(ip)
+}
+
 /// Digits and dots only: an IPv4 address or a typo of one, never a name.
 fn numeric(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
@@ -157,13 +171,31 @@ impl RelayAddress {
             && self.key == other.key
     }
 
-    /// The URL requests are posted to.
+    /// The WebSocket URL a session is opened on (PROTOCOL.md §3.1.1, §3.11).
     pub fn endpoint(&self) -> String {
         let scheme = match self.transport {
-            Transport::Http => "http",
-            Transport::Https => "https",
+            Transport::Http => "ws",
+            Transport::Https => "wss",
         };
-        format!("{scheme}://{}:{}{}/v1", self.host, self.port, self.path)
+        format!(
+            "{scheme}://{}:{}{}{}",
+            self.host, self.port, self.path, SESSION_PATH
+        )
+    }
+
+    /// The HTTP request target of the session: the path, then `/v2`.
+    pub fn request_target(&self) -> String {
+        format!("{}{}", self.path, SESSION_PATH)
+    }
+
+    /// The host name to present to a TLS front (`tern+https://`); an IP
+    /// address for an address that names one.
+    pub fn server_name(&self) -> String {
+        match &self.host {
+            Host::V4(a) => a.to_string(),
+            Host::V6(a) => a.to_string(),
+            Host::Name(n) => n.clone(),
+        }
     }
 
     /// `host:port`, for socket-level operations.
@@ -228,7 +260,7 @@ impl RelayAddress {
         }
         let host = match flags & 0b11 {
             0 => Host::V4(Ipv4Addr::from(r.array::<4>()?)),
-            1 => Host::V6(Ipv6Addr::from(r.array::<16>()?)),
+            1 => Host::V6(unmapped(Ipv6Addr::from(r.array::<16>()?))?),
             2 => {
                 let raw = std::str::from_utf8(r.short_bytes()?).map_err(|_| AddressError::Host)?;
                 let name = parse_name(raw).ok_or(AddressError::Host)?;
@@ -336,7 +368,7 @@ impl FromStr for RelayAddress {
         };
         let (host, port_text) = if let Some(v6) = authority.strip_prefix('[') {
             let (addr, after) = v6.split_once(']').ok_or(AddressError::Host)?;
-            let ip: Ipv6Addr = addr.parse().map_err(|_| AddressError::Host)?;
+            let ip = unmapped(addr.parse().map_err(|_| AddressError::Host)?)?;
             let port = match after {
                 "" => None,
                 p => Some(p.strip_prefix(':').ok_or(AddressError::Port)?),
@@ -396,16 +428,16 @@ mod tests {
     #[test]
     fn parses_every_form() {
         let a = round_trip(&format!("tern://{KEY}@127.0.0.1:5223"));
-        assert_eq!(a.endpoint(), "http://127.0.0.1:5223/v1");
+        assert_eq!(a.endpoint(), "ws://127.0.0.1:5223/v2");
         assert_eq!(a.key, [1u8; 32]);
         let a = round_trip(&format!("tern://{KEY}:s3cret_-x@[::1]:80"));
         assert_eq!(a.access_key.as_deref(), Some("s3cret_-x"));
-        assert_eq!(a.endpoint(), "http://[::1]:80/v1");
+        assert_eq!(a.endpoint(), "ws://[::1]:80/v2");
         let a = round_trip(&format!("tern://{KEY}@Relay.Example.org"));
         assert_eq!(a.port, DEFAULT_PORT);
         assert_eq!(a.host, Host::Name("relay.example.org".into()));
         let a = round_trip(&format!("tern+https://{KEY}@app.example.net/tern/relay"));
-        assert_eq!(a.endpoint(), "https://app.example.net:443/tern/relay/v1");
+        assert_eq!(a.endpoint(), "wss://app.example.net:443/tern/relay/v2");
     }
 
     #[test]
@@ -422,9 +454,26 @@ mod tests {
             format!("tern://{KEY}:bad key@host"),
             format!("tern://{KEY}:@host"),
             format!("tern+https://{KEY}@host/a b"),
+            format!("tern://{KEY}@[::ffff:1.2.3.4]:1"),
         ] {
             assert!(bad.parse::<RelayAddress>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_refused_in_binary_too() {
+        let mut w = Writer::new();
+        w.u8(1).bytes(
+            &std::net::Ipv4Addr::new(1, 2, 3, 4)
+                .to_ipv6_mapped()
+                .octets(),
+        );
+        w.u16(1).bytes(&[1; 32]);
+        let bytes = w.into_vec();
+        assert_eq!(
+            RelayAddress::decode(&mut Reader::new(&bytes)),
+            Err(AddressError::MappedV4)
+        );
     }
 
     #[test]
