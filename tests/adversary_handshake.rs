@@ -11,7 +11,14 @@ mod cli_common;
 use adversary_common::*;
 use cli_common::*;
 use tern_relay::hooks::{ResponseAction, SendAction, Upload};
-use tern_relay::wire::{Reply, Response};
+use tern_wire::Reply;
+
+/// An authentic reply record of the relay's choice, under the tag `tag`.
+fn record(tag: u32, reply: Reply) -> Vec<u8> {
+    let mut out = Vec::new();
+    reply.encode(tag, &mut out);
+    out
+}
 
 fn code(p: &Profile, contact: &str) -> String {
     p.ok(&["verify", contact]).trim().to_string()
@@ -284,17 +291,14 @@ fn substituted_queue_key_in_create_is_detected() {
             recipient_id,
             sender_id,
             ..
-        } => ResponseAction::Plaintext(
-            Response {
-                time_ms: now_ms(),
-                reply: Reply::Queue {
-                    recipient_id: *recipient_id,
-                    sender_id: *sender_id,
-                    relay_dh: [0; 32],
-                },
-            }
-            .encode(),
-        ),
+        } => ResponseAction::Plaintext(record(
+            r.tag,
+            Reply::Queue {
+                recipient_id: *recipient_id,
+                sender_id: *sender_id,
+                relay_dh: [0; 32],
+            },
+        )),
         _ => ResponseAction::Pass,
     });
     let a = profile("Alice", &[&evil.addr]);
@@ -316,17 +320,14 @@ fn substituted_queue_key_in_create_is_detected() {
             let k = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::random_from_rng(
                 rand::rngs::OsRng,
             ));
-            ResponseAction::Plaintext(
-                Response {
-                    time_ms: now_ms(),
-                    reply: Reply::Queue {
-                        recipient_id: *recipient_id,
-                        sender_id: *sender_id,
-                        relay_dh: k.to_bytes(),
-                    },
-                }
-                .encode(),
-            )
+            ResponseAction::Plaintext(record(
+                r.tag,
+                Reply::Queue {
+                    recipient_id: *recipient_id,
+                    sender_id: *sender_id,
+                    relay_dh: k.to_bytes(),
+                },
+            ))
         }
         _ => ResponseAction::Pass,
     });
@@ -344,4 +345,59 @@ fn substituted_queue_key_in_create_is_detected() {
     let (events, err) = recv_json(&a2);
     assert_eq!(messages(&events), vec![("hi".into(), "in-order".into())]);
     assert!(err.contains("does not decrypt"), "{err}");
+}
+
+/// Issue 14 item 5: whoever carries a shared link swaps one of its queues for
+/// a queue on a relay of its own. Before the invitation was bound into the
+/// transcript, the handshake completed with matching codes and the joiner
+/// sent everything (and its connection request) to that relay too. Now the
+/// inviter cannot open the request: the invitation stays unused, nothing
+/// connects, and the honest link still works afterwards.
+#[test]
+fn invitation_with_a_swapped_queue_never_connects() {
+    use tern::proto::invitation::Invitation;
+    let r1 = EvilRelay::start();
+    let r2 = EvilRelay::start();
+    let theirs = EvilRelay::start();
+    let rb = EvilRelay::start();
+    let a = profile("Alice", &[&r1.addr, &r2.addr]);
+    let b = profile("Bob", &[&rb.addr]);
+    let m = profile("Mallory", &[&theirs.addr]);
+    let link = a.ok(&["invite", "--link", "--name", "bob"]);
+    let mallory_link = m.ok(&["invite", "--link", "--name", "x"]);
+    let mut inv = Invitation::from_link(link.trim()).unwrap();
+    let planted = Invitation::from_link(mallory_link.trim()).unwrap().queues[0].clone();
+    inv.queues[1] = planted;
+    let swapped = inv.to_link();
+    b.ok(&["accept", &swapped, "--name", "alice"]);
+    assert!(
+        theirs.evil.sent().iter().any(|s| !s.signed),
+        "the joiner sent its request to the planted queue too"
+    );
+    let (events, err) = recv_json(&a);
+    assert!(
+        !events.iter().any(|e| e["type"] == "connected"),
+        "{events:?}\n{err}"
+    );
+    assert!(
+        err.contains("does not decrypt"),
+        "the inviter is warned:\n{err}"
+    );
+    assert_eq!(state(&a, "bob"), "invited", "the invitation is not used up");
+    let (events, _) = recv_json(&b);
+    assert!(
+        !events.iter().any(|e| e["type"] == "connected"),
+        "{events:?}"
+    );
+    assert_eq!(state(&b, "alice"), "pending");
+    assert_code(&a.run(&["verify", "bob"]), 2, "no code before a request");
+
+    // The link as Alice made it still connects, with matching codes.
+    let b2 = profile("Bram", &[&rb.addr]);
+    b2.ok(&["accept", link.trim(), "--name", "alice"]);
+    a.ok(&["recv"]);
+    b2.ok(&["recv"]);
+    a.ok(&["recv"]);
+    assert_eq!(state(&a, "bob"), "connected");
+    assert_eq!(code(&a, "bob"), code(&b2, "alice"));
 }

@@ -30,7 +30,9 @@ fn follow_startup_is_not_held_back_by_a_stalled_relay() {
     let b = profile("Bob", &[&evil.addr, &honest.addr]);
     connect(&a, "bob", &b, "alice");
     evil.evil.on_response(|r| match r.command {
-        Some("FETCH") | Some("ACK") => ResponseAction::Delay(Duration::from_secs(25)),
+        Some("SUB") | Some("CHECK") | Some("ACK_UPTO") => {
+            ResponseAction::Delay(Duration::from_secs(25))
+        }
         _ => ResponseAction::Pass,
     });
     let mut f = b.follow();

@@ -25,7 +25,7 @@ use tern::proto::envelope::Kind;
 use tern::store::KeySource;
 
 fn open(p: &Profile) -> Client {
-    Client::open(&p.home, KeySource::Unprotected).expect("open the profile")
+    Client::open(&p.home, KeySource::Unprotected, None).expect("open the profile")
 }
 
 /// Sends `msg` from `p` to its device `device`, inside their connection.

@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cli_common::*;
-use data_encoding::BASE32_NOPAD;
 use tern::proto::envelope::MAX_BODY_LEN;
+use tern::proto::invitation::{link_bytes, link_of};
 
 /// A connected pair on one relay: Ada (calls Bram "bram") and Bram (calls
 /// Ada "ada"), with one message each way already exchanged.
@@ -175,6 +175,109 @@ fn send_reads_the_message_from_stdin() {
     b.recv_nothing();
 }
 
+/// One typo of each kind in `link`: a substitution (in the body and in the
+/// checksum), a swap of neighbours, a dropped and an added character, and
+/// a character base32 lacks.
+fn typos(link: &str) -> Vec<(String, &'static str)> {
+    let next = |c: u8| -> char {
+        let abc = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        abc[(abc.iter().position(|&a| a == c).unwrap() + 1) % 32] as char
+    };
+    let at =
+        |i: usize, with: &str, skip: usize| format!("{}{with}{}", &link[..i], &link[i + skip..]);
+    let swap = (20..link.len() - 1)
+        .find(|&i| link.as_bytes()[i] != link.as_bytes()[i + 1])
+        .unwrap();
+    let last = link.len() - 1;
+    vec![
+        (
+            at(9, &next(link.as_bytes()[9]).to_string(), 1),
+            "one character replaced",
+        ),
+        (
+            at(last, &next(link.as_bytes()[last]).to_string(), 1),
+            "a checksum character replaced",
+        ),
+        (
+            at(
+                swap,
+                &format!("{}{}", &link[swap + 1..swap + 2], &link[swap..swap + 1]),
+                2,
+            ),
+            "two neighbours swapped",
+        ),
+        (at(50, "", 1), "one character dropped"),
+        (at(50, "A", 0), "one character added"),
+        (at(30, "0", 1), "a zero typed for a letter"),
+        (link[..link.len() - 6].to_string(), "the checksum left out"),
+    ]
+}
+
+#[test]
+fn a_mistyped_link_is_damaged_before_anything_happens() {
+    let (_r, a, b) = pair();
+    let contact = a
+        .ok(&["invite", "--link", "--name", "carol"])
+        .trim()
+        .to_string();
+    let rekey = a
+        .ok(&["invite", "--rekey", "bram", "--link"])
+        .trim()
+        .to_string();
+    let device = a
+        .ok(&["device", "link", "--link", "--name", "laptop"])
+        .trim()
+        .to_string();
+    let before = (a.snapshot(), b.snapshot());
+    let stranger = Profile::new("Cleo", &[&_r]);
+    let stranger_before = stranger.snapshot();
+    let mut tried = 0;
+    for (link, whose, args) in [
+        (&contact, "contact invitation", vec!["accept"]),
+        (&rekey, "re-key invitation", vec!["accept"]),
+    ] {
+        for (bad, what) in typos(link) {
+            let mut argv = args.clone();
+            argv.push(&bad);
+            let joiner = if whose == "contact invitation" {
+                &stranger
+            } else {
+                &b
+            };
+            let o = joiner.run(&argv);
+            let what = format!("{whose}, {what}");
+            assert_code(&o, 6, &what);
+            let err = stderr(&o);
+            assert!(err.contains("the link is damaged"), "{what}: {err}");
+            assert!(
+                !err.contains("request sent") && !err.contains("already used"),
+                "{what}: {err}"
+            );
+            assert_eq!(stdout(&o), "", "{what}");
+            tried += 1;
+        }
+    }
+    for (bad, what) in typos(&device) {
+        let joiner = Profile::empty("Alice-new-device");
+        let o = joiner.run(&["device", "join", &bad, "--no-passphrase"]);
+        assert_code(&o, 6, &format!("device link, {what}"));
+        assert!(
+            stderr(&o).contains("the link is damaged"),
+            "{what}: {}",
+            stderr(&o)
+        );
+        tried += 1;
+    }
+    assert_eq!(tried, 21);
+    assert_eq!(a.snapshot(), before.0, "the inviter's profile is untouched");
+    assert_eq!(b.snapshot(), before.1, "Bram's profile is untouched");
+    assert_eq!(stranger.snapshot(), stranger_before, "no contact was made");
+    // Nothing reached the inviter: no request, no re-key answer.
+    a.recv_nothing();
+    // The links themselves are fine.
+    stranger.ok(&["accept", &contact, "--name", "ada"]);
+}
+
 #[test]
 fn bad_invitations_exit_6_and_change_nothing() {
     let r = Relay::start();
@@ -185,11 +288,9 @@ fn bad_invitations_exit_6_and_change_nothing() {
     let before = (a.snapshot(), b.snapshot());
     let dir = b.sandbox();
 
-    let mut future = BASE32_NOPAD
-        .decode(link.strip_prefix("TERN:").unwrap().as_bytes())
-        .unwrap();
+    let mut future = link_bytes(&link).unwrap();
     future[0] = 200;
-    let future = format!("TERN:{}", BASE32_NOPAD.encode(&future));
+    let future = link_of(&future);
     let bad_links = [
         ("hello", "not a link"),
         ("", "empty"),

@@ -273,7 +273,7 @@ fn profile_updates_with_any_control_or_bidi_character_are_dropped() {
     let ada = Profile::new("Ada", &[&r]);
     let bob = Profile::new("Bob", &[&r]);
     connect(&ada, "bob", &bob, "ada");
-    let mut client = Client::open(&bob.home, KeySource::Unprotected).unwrap();
+    let mut client = Client::open(&bob.home, KeySource::Unprotected, None).unwrap();
     let mut sent = 0;
     for c in controls().into_iter().chain(BIDI.iter().copied()) {
         let bad_name = WireProfile {

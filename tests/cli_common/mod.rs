@@ -32,6 +32,10 @@ const SCRUBBED: &[&str] = &[
     "TERN_PASSPHRASE_FILE",
     "TERN_IDENTITY",
     "TERN_RELAY_DATA",
+    "TERN_PROXY",
+    "TERN_TLS_CA",
+    "TERN_RELAY_PUBLIC_ADDRESS",
+    "TERN_RELAY_FORWARDED_HEADER",
     "PORT",
 ];
 
@@ -180,18 +184,26 @@ pub struct Relay {
     data: TempDir,
     child: Option<Child>,
     log: Arc<Mutex<Vec<u8>>>,
+    /// More `tern relay serve` arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Relay {
     /// Starts a relay on a free port with a fresh data directory.
     pub fn start() -> Relay {
+        Self::start_with(&[])
+    }
+
+    /// [`Relay::start`] with more `tern relay serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Relay {
         let data = tempfile::Builder::new()
             .prefix("tern-relay-")
             .tempdir()
             .unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, addr) =
-            Self::spawn(data.path(), "127.0.0.1:0", &log).unwrap_or_else(|e| panic!("{e}"));
+            Self::spawn(data.path(), "127.0.0.1:0", &log, &extra).unwrap_or_else(|e| panic!("{e}"));
         let port = addr
             .rsplit(':')
             .next()
@@ -203,6 +215,7 @@ impl Relay {
             data,
             child: Some(child),
             log,
+            extra,
         }
     }
 
@@ -210,10 +223,12 @@ impl Relay {
         data: &Path,
         listen: &str,
         log: &Arc<Mutex<Vec<u8>>>,
+        extra: &[String],
     ) -> Result<(Child, String), String> {
         let mut c = tern_cmd(data);
         c.args(["relay", "serve", "--listen", listen, "--data"])
             .arg(data)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().map_err(|e| format!("spawning the relay: {e}"))?;
@@ -278,7 +293,7 @@ impl Relay {
         // The port was just released; a bind can fail on a loaded machine
         // if something else grabbed it meanwhile. Retry a little.
         for _ in 0..20 {
-            match Self::spawn(self.data.path(), &listen, &self.log) {
+            match Self::spawn(self.data.path(), &listen, &self.log, &self.extra) {
                 Ok((child, addr)) => {
                     assert_eq!(
                         addr, self.addr,
@@ -342,6 +357,29 @@ impl Profile {
         for r in relays {
             args.push("--relay");
             args.push(&r.addr);
+        }
+        p.ok(&args);
+        p
+    }
+
+    /// A profile on relays given by address, with these variables set for
+    /// every command (a proxy, a CA file); `extra` goes to `tern init`.
+    pub fn with_env(
+        display: &str,
+        addresses: &[&str],
+        envs: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Profile {
+        let mut p = Profile::empty(display);
+        p.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut args = vec!["init", "--name", display, "--no-passphrase"];
+        args.extend_from_slice(extra);
+        for a in addresses {
+            args.push("--relay");
+            args.push(a);
         }
         p.ok(&args);
         p
