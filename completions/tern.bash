@@ -338,7 +338,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="-h -V --home --passphrase-file --identity --proxy --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -356,6 +356,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -364,7 +368,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__accept)
-            opts="-h --image --name --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --image --name --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -390,6 +394,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -398,7 +406,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts)
-            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help list show rename help"
+            opts="-h --json --long --home --passphrase-file --identity --proxy --allow-weak-passphrase --help list show rename help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -413,6 +421,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -494,7 +506,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts__subcmd__list)
-            opts="-h --json --long --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --long --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -509,6 +521,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -520,7 +536,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts__subcmd__rename)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -538,6 +554,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -546,7 +566,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts__subcmd__show)
-            opts="-h --json --long --save-avatar --force --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --long --save-avatar --force --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -568,6 +588,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -576,7 +600,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help link confirm revoke join list remove help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help link confirm revoke join list remove help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -594,6 +618,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -602,7 +630,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__confirm)
-            opts="-h --yes --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --yes --wait --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -621,6 +649,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -744,7 +776,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__join)
-            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --image --name --no-passphrase --relay --wait --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -778,6 +810,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -786,7 +822,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__link)
-            opts="-h --name --qr --link --png --wait --expires --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --name --qr --link --png --wait --expires --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -820,6 +856,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -828,7 +868,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -843,6 +883,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -854,7 +898,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__remove)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -869,6 +913,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -880,7 +928,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__device__subcmd__revoke)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -898,6 +946,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -906,7 +958,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__forget)
-            opts="-h --yes --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --yes --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -924,6 +976,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -932,7 +988,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__generate)
-            opts="-h --out --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --out --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -951,6 +1007,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1494,7 +1554,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__init)
-            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --name --relay --no-passphrase --isolate --rotate-days --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1524,6 +1584,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1532,7 +1596,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help list revoke help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help list revoke help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1547,6 +1611,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1614,7 +1682,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1629,6 +1697,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1640,7 +1712,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invitations__subcmd__revoke)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1658,6 +1730,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1666,7 +1742,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__invite)
-            opts="-h --name --rekey --qr --link --png --expires --force --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --name --rekey --qr --link --png --expires --force --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1700,6 +1776,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1708,7 +1788,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help export passwd help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help export passwd help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1726,6 +1806,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1734,7 +1818,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__export)
-            opts="-h --out --force --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --out --force --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1753,6 +1837,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1820,7 +1908,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__key__subcmd__passwd)
-            opts="-h --no-passphrase --new-passphrase-file --rekey --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --no-passphrase --new-passphrase-file --rekey --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1842,6 +1930,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1850,7 +1942,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__log)
-            opts="-h --json --limit --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --limit --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1872,6 +1964,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1880,7 +1976,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__profile)
-            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1910,6 +2006,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1918,7 +2018,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__recv)
-            opts="-h --json --wait --follow --from --fail-if-empty --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --wait --follow --from --fail-if-empty --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1944,6 +2044,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1952,7 +2056,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay)
-            opts="-h --home --passphrase-file --identity --allow-weak-passphrase --help serve address help"
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help serve address help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1970,6 +2074,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1978,7 +2086,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__address)
-            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2005,6 +2113,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2072,7 +2184,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__serve)
-            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-wait --max-connections --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-connections --max-connections-per-address --max-data-mib --max-open-queues --unsecured-days --public-address --forwarded-header --workers --create-rate-per-connection --create-rate-per-address --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2098,11 +2210,43 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --max-wait)
+                --max-connections)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --max-connections)
+                --max-connections-per-address)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-data-mib)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-open-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --unsecured-days)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --public-address)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --forwarded-header)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --create-rate-per-connection)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --create-rate-per-address)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2118,6 +2262,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2126,7 +2274,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help list add remove test help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help list add remove test help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2144,6 +2292,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2152,7 +2304,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__add)
-            opts="-h --no-test --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --no-test --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2167,6 +2319,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2262,7 +2418,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__list)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2277,6 +2433,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2288,7 +2448,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__remove)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2303,6 +2463,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2314,7 +2478,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relays__subcmd__test)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2332,6 +2496,10 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2340,7 +2508,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__rotate)
-            opts="-h --all --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --all --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2355,6 +2523,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2366,7 +2538,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2381,6 +2553,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2392,12 +2568,16 @@ _tern() {
             return 0
             ;;
         tern__subcmd__verify)
-            opts="-h --json --home --passphrase-file --identity --allow-weak-passphrase --help"
+            opts="-h --json --image --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --image)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2407,6 +2587,10 @@ _tern() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

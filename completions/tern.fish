@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tern_global_optspecs
-    string join \n home= passphrase-file= identity= allow-weak-passphrase h/help V/version
+    string join \n home= passphrase-file= identity= proxy= allow-weak-passphrase h/help V/version
 end
 
 function __fish_tern_needs_command
@@ -27,6 +27,7 @@ end
 complete -c tern -n "__fish_tern_needs_command" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_needs_command" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_needs_command" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_needs_command" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_needs_command" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c tern -n "__fish_tern_needs_command" -s V -l version -d 'Print version'
@@ -36,7 +37,7 @@ complete -c tern -n "__fish_tern_needs_command" -f -a "invitations" -d 'List the
 complete -c tern -n "__fish_tern_needs_command" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
 complete -c tern -n "__fish_tern_needs_command" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
 complete -c tern -n "__fish_tern_needs_command" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
-complete -c tern -n "__fish_tern_needs_command" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
+complete -c tern -n "__fish_tern_needs_command" -f -a "contacts" -d 'List contacts: state, security level, post-quantum protection, relays and last activity'
 complete -c tern -n "__fish_tern_needs_command" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
 complete -c tern -n "__fish_tern_needs_command" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
 complete -c tern -n "__fish_tern_needs_command" -f -a "log" -d 'Show the local history with a contact, oldest first'
@@ -54,6 +55,7 @@ complete -c tern -n "__fish_tern_using_subcommand init" -l rotate-days -d 'Move 
 complete -c tern -n "__fish_tern_using_subcommand init" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand init" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand init" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand init" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand init" -l no-passphrase -d 'Keep the profile key unencrypted on disk (no passphrase to type; anyone who can read the home directory can read the profile)'
 complete -c tern -n "__fish_tern_using_subcommand init" -l isolate -d 'Use a fresh TCP connection for every request, so no connection is shared by two queues'
 complete -c tern -n "__fish_tern_using_subcommand init" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -65,7 +67,8 @@ complete -c tern -n "__fish_tern_using_subcommand invite" -l expires -d 'Withdra
 complete -c tern -n "__fish_tern_using_subcommand invite" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invite" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
-complete -c tern -n "__fish_tern_using_subcommand invite" -l qr -d 'Show a QR code on the terminal (the default when stdout is a terminal)'
+complete -c tern -n "__fish_tern_using_subcommand invite" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
+complete -c tern -n "__fish_tern_using_subcommand invite" -l qr -d 'Show a QR code on the terminal (the default when stdout is a terminal and the code fits it; refused, before anything is made, when it cannot fit)'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l link -d 'Print the link (the default when stdout is not a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l force -d 'Replace the --png FILE if it exists'
 complete -c tern -n "__fish_tern_using_subcommand invite" -l json -d 'Print one JSON object (link, name, png) instead of the QR code or link'
@@ -74,6 +77,7 @@ complete -c tern -n "__fish_tern_using_subcommand invite" -s h -l help -d 'Print
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_seen_subcommand_from list revoke help" -s h -l help -d 'Print help'
@@ -83,12 +87,14 @@ complete -c tern -n "__fish_tern_using_subcommand invitations; and not __fish_se
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand invitations; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
@@ -100,12 +106,14 @@ complete -c tern -n "__fish_tern_using_subcommand accept" -l name -d 'What to ca
 complete -c tern -n "__fish_tern_using_subcommand accept" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand accept" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand accept" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand accept" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand accept" -l json -d 'Print one JSON object (contact, state) when the request is sent'
 complete -c tern -n "__fish_tern_using_subcommand accept" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand accept" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand send" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand send" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand send" -l json -d 'Print one JSON object: the message id and whether a relay has it'
 complete -c tern -n "__fish_tern_using_subcommand send" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand send" -s h -l help -d 'Print help'
@@ -114,6 +122,7 @@ complete -c tern -n "__fish_tern_using_subcommand recv" -l from -d 'Only this co
 complete -c tern -n "__fish_tern_using_subcommand recv" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand recv" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand recv" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand recv" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand recv" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand recv" -l follow -d 'Keep receiving and printing as messages arrive, until interrupted'
 complete -c tern -n "__fish_tern_using_subcommand recv" -l fail-if-empty -d 'Exit with status 66 when no message arrived (for scripts: `tern recv --wait 60 --fail-if-empty || echo nothing`)'
@@ -122,6 +131,7 @@ complete -c tern -n "__fish_tern_using_subcommand recv" -s h -l help -d 'Print h
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_subcommand_from list show rename help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -133,6 +143,7 @@ complete -c tern -n "__fish_tern_using_subcommand contacts; and not __fish_seen_
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -141,6 +152,7 @@ complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subc
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l long -d 'Several lines per contact: the name, status and avatar they sent, relays, rotation'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from show" -l force -d 'Replace FILE if it exists'
@@ -149,24 +161,28 @@ complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subc
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from rename" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "list" -d 'List every contact (the default)'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "show" -d 'One contact in the long form; optionally save the avatar they sent'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "rename" -d 'Give a contact another name (only here: contacts never see it)'
 complete -c tern -n "__fish_tern_using_subcommand contacts; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tern -n "__fish_tern_using_subcommand verify" -l image -d 'A picture (photo or screenshot, PNG or JPEG) of the QR code that `tern verify` shows on the contact\'s screen, to compare instead of digits' -r -F
 complete -c tern -n "__fish_tern_using_subcommand verify" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand verify" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand verify" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand verify" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand verify" -l json -d 'Print one JSON object: the code, or whether the codes match'
 complete -c tern -n "__fish_tern_using_subcommand verify" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand verify" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand profile" -l name -d 'Your display name (1 to 64 bytes, no control or format characters)' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l status -d 'A status line shown to contacts (up to 512 bytes; may span lines)' -r
-complete -c tern -n "__fish_tern_using_subcommand profile" -l avatar -d 'A PNG or JPEG of at most 12 KiB' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l avatar -d 'A PNG or JPEG of at most 11 KiB' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand profile" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l no-avatar -d 'Remove the avatar'
 complete -c tern -n "__fish_tern_using_subcommand profile" -l json -d 'Print the profile as one JSON object'
 complete -c tern -n "__fish_tern_using_subcommand profile" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -175,18 +191,21 @@ complete -c tern -n "__fish_tern_using_subcommand log" -l limit -d 'How many of 
 complete -c tern -n "__fish_tern_using_subcommand log" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand log" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand log" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand log" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand log" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand log" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand log" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand forget" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand forget" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand forget" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand forget" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand forget" -l yes -d 'Do not ask for confirmation (needed when stdin is not a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand forget" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand forget" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l json -d 'One JSON object per line (list and test)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_subcommand_from list add remove test help" -s h -l help -d 'Print help'
@@ -198,12 +217,14 @@ complete -c tern -n "__fish_tern_using_subcommand relays; and not __fish_seen_su
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line (list and test)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l no-test -d 'Add it without asking it first (a relay that is not up yet)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l json -d 'One JSON object per line (list and test)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from add" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -211,12 +232,14 @@ complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l json -d 'One JSON object per line (list and test)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l json -d 'One JSON object per line (list and test)'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcommand_from test" -s h -l help -d 'Print help'
@@ -228,12 +251,14 @@ complete -c tern -n "__fish_tern_using_subcommand relays; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand rotate" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l all -d 'Every connected contact'
 complete -c tern -n "__fish_tern_using_subcommand rotate" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand rotate" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand key; and not __fish_seen_subcommand_from export passwd help" -f -a "export" -d 'Write the unlocked identity to a file (mode 0600) for scripts and cron jobs: with --identity FILE, commands skip the slow passphrase step'
@@ -243,6 +268,7 @@ complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcomman
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l force -d 'Replace FILE if it exists'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from export" -s h -l help -d 'Print help'
@@ -250,6 +276,7 @@ complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcomman
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l no-passphrase -d 'Keep the profile key unencrypted on disk from now on'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l rekey -d 'Re-key: a new profile key, with every record re-encrypted under it in one transaction. Old copies of key.age and every identity exported before stop opening the profile (export again after); contacts notice nothing. The new passphrase may equal the old'
 complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcommand_from passwd" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -260,6 +287,7 @@ complete -c tern -n "__fish_tern_using_subcommand key; and __fish_seen_subcomman
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and not __fish_seen_subcommand_from link confirm revoke join list remove help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
@@ -276,6 +304,7 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l qr -d 'Show a QR code on the terminal (the default on a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l link -d 'Print the link as text'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from link" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
@@ -284,12 +313,14 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l yes -d 'Do not ask (needed when stdin is not a terminal)'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from confirm" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l image -d 'Read the QR code from a picture (PNG or JPEG)' -r -F
@@ -299,18 +330,21 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l no-passphrase -d 'For a new --home: keep the profile key unencrypted on disk'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from join" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l json -d 'One JSON object per line'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from remove" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "link" -d 'Show a one-time device link (QR code or text) for a new device'
@@ -323,29 +357,40 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "address" -d 'Print the address of the relay in --data'
 complete -c tern -n "__fish_tern_using_subcommand relay; and not __fish_seen_subcommand_from serve address help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l data -d 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]' -r -F
-complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l access-key-file -d 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l access-key-file -d 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l listen -d 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port' -r
-complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l ttl-days -d 'Delete undelivered messages after this many days' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l ttl-days -d 'Delete undelivered messages after this many days; a queue unused for as long is deleted too' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-pending -d 'Most messages waiting in one queue; senders get "queue full" past it' -r
-complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-wait -d 'Longest long-poll a client may ask for, in seconds' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-connections -d 'Most simultaneous connections' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-connections-per-address -d 'Most simultaneous connections from one address (an IPv6 /64)' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-data-mib -d 'Beyond this database size, in MiB, new queues and messages are refused ("temporarily unavailable") until deliveries make room' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l max-open-queues -d 'Most queues created without an access key, in all' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l unsecured-days -d 'Days a queue that was never secured lives: an invitation must be answered within it (0: for ever)' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l public-address -d 'The host clients reach this relay at, when it is not the listen address: HOST[:PORT] (behind NAT, on 0.0.0.0), or https://HOST[:PORT][/PATH] behind an HTTPS front; remembered in --data for `tern relay address`' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l forwarded-header -d 'Behind a reverse proxy or PaaS router you trust: the header it puts the client\'s address in (X-Forwarded-For), so that the per-address limits count clients rather than the front' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l workers -d 'Threads that run handshakes and execute commands' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l create-rate-per-connection -d 'Queues one connection may create: BURST/PER_MINUTE' -r
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l create-rate-per-address -d 'Queues one address (an IPv6 /64) may create: BURST/PER_MINUTE' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l data -d 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]' -r -F
-complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l access-key-file -d 'A file holding the access key needed to create queues (sending never needs it); it becomes part of the address you hand out' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l access-key-file -d 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l listen -d 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from address" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand relay; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Serve until SIGTERM or SIGINT; prints the relay\'s address on the first line of stdout'
@@ -355,6 +400,7 @@ complete -c tern -n "__fish_tern_using_subcommand generate" -l out -d 'Directory
 complete -c tern -n "__fish_tern_using_subcommand generate" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand generate" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F
+complete -c tern -n "__fish_tern_using_subcommand generate" -l proxy -d 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)' -r
 complete -c tern -n "__fish_tern_using_subcommand generate" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand generate" -s h -l help -d 'Print help'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "init" -d 'Create a profile: display name, relays, and the passphrase that protects it'
@@ -363,7 +409,7 @@ complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subc
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "accept" -d 'Accept an invitation given as a link, on stdin, or as a picture of its QR code'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "send" -d 'Send a message: from the arguments, or from stdin when there are none'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "recv" -d 'Receive messages from every contact (and complete pending connections)'
-complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "contacts" -d 'List contacts: state, security level, relays and last activity'
+complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "contacts" -d 'List contacts: state, security level, post-quantum protection, relays and last activity'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "verify" -d 'Show a contact\'s security code, or compare it with theirs'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "profile" -d 'Show or change your profile; changes are sent to connected contacts'
 complete -c tern -n "__fish_tern_using_subcommand help; and not __fish_seen_subcommand_from init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help" -f -a "log" -d 'Show the local history with a contact, oldest first'

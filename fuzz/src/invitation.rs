@@ -15,12 +15,11 @@
 
 use std::str::FromStr;
 
-use data_encoding::BASE32_NOPAD;
-use tern::proto::invitation::{decode_queues, Invitation};
+use tern::proto::invitation::{decode_queues, link_of, Invitation};
 use tern::proto::keys::Secret32;
 use tern::proto::rekey::{parse_link, AnyInvitation};
-use tern_relay::address::RelayAddress;
-use tern_relay::codec::{Reader, Writer};
+use tern_wire::address::RelayAddress;
+use tern_wire::codec::{Reader, Writer};
 
 use super::input::Input;
 
@@ -39,7 +38,7 @@ pub fn run(data: &[u8]) {
         }
         // A well-formed link around arbitrary binary content.
         1 => {
-            let link = format!("TERN:{}", BASE32_NOPAD.encode(rest));
+            let link = link_of(rest);
             if let Ok(inv) = Invitation::from_link(&link) {
                 assert_eq!(inv.encode(), rest, "binary invitation is not canonical");
                 check_invitation(&inv);

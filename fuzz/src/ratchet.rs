@@ -45,9 +45,9 @@ use tern::proto::queue_msg::{self, RATCHET_MSG_LEN};
 use tern::proto::ratchet::Ratchet;
 use tern::proto::rotation::Control;
 use tern::proto::MIN_PROTOCOL_VERSION;
-use tern_relay::address::RelayAddress;
-use tern_relay::codec::Reader;
-use tern_relay::wire::{Id, QUEUE_MSG_LEN};
+use tern_wire::address::RelayAddress;
+use tern_wire::codec::Reader;
+use tern_wire::{Id, QUEUE_MSG_LEN};
 
 use super::input::{padded, Input};
 
@@ -509,7 +509,9 @@ impl World<'_> {
     /// fuzzed Hello (or any envelope), or a request with arbitrary keys.
     fn conn_request(&mut self, input: &mut Input<'_>) {
         let inv = self.invitation;
-        let Ok(agreement) = joiner_agree(&inv.invitation_key, &inv.ratchet_key, &mut self.rng)
+        let hash = tern::proto::handshake::invitation_hash(&inv.encode());
+        let Ok(agreement) =
+            joiner_agree(&hash, &inv.invitation_key, &inv.ratchet_key, &mut self.rng)
         else {
             return;
         };
