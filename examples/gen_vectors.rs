@@ -253,6 +253,7 @@ pub fn addr_err(e: &AddressError) -> String {
         AddressError::AccessKey => "access_key".into(),
         AddressError::Host => "host".into(),
         AddressError::MappedV4 => "mapped_v4".into(),
+        AddressError::WeakKey => "weak_key".into(),
         AddressError::Port => "port".into(),
         AddressError::Path => "path".into(),
         AddressError::Binary(c) => codec_err(c),
@@ -764,6 +765,18 @@ pub fn decode_address(b: &[u8]) -> Result<RelayAddress, AddressError> {
     Ok(a)
 }
 
+/// A point of order 8 on Curve25519 (u-coordinate, little endian).
+const LOW_ORDER_8: [u8; 32] = [
+    0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a,
+    0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+];
+
+/// p + 1 = 2^255 − 18, which X25519 reads as u = 1.
+const P_PLUS_1: [u8; 32] = [
+    0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+];
+
 fn key_text(k: &[u8; 32]) -> String {
     BASE64URL_NOPAD.encode(k)
 }
@@ -937,6 +950,21 @@ fn gen_relay_address() -> Vec<AddressCase> {
             format!("tern://{k0}@[::ffff:c000:201]"),
             "mapped_v4",
         ),
+        (
+            "a relay key of all zeros (u = 0, order 2): es would be public",
+            format!("tern://{}@192.0.2.1:5223", key_text(&[0; 32])),
+            "weak_key",
+        ),
+        (
+            "a relay key of order 8 on the curve: es would be public",
+            format!("tern://{}@192.0.2.1:5223", key_text(&LOW_ORDER_8)),
+            "weak_key",
+        ),
+        (
+            "a relay key u = p + 1, a non-canonical spelling of u = 1 (order 4 on the twist)",
+            format!("tern://{}@192.0.2.1:5223", key_text(&P_PLUS_1)),
+            "weak_key",
+        ),
     ];
     for (comment, text, err) in invalid_text {
         expect_err(text.parse::<RelayAddress>(), addr_err, err, comment);
@@ -1043,6 +1071,15 @@ fn gen_relay_address() -> Vec<AddressCase> {
                 &[],
             ),
             "mapped_v4",
+        ),
+        (
+            "a relay key of order 8 on the curve: es would be public",
+            {
+                let mut b = bin(0, &v4, 5223, &[]);
+                b[7..39].copy_from_slice(&LOW_ORDER_8);
+                b
+            },
+            "weak_key",
         ),
     ];
     for (comment, b, err) in invalid_bin {

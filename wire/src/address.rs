@@ -39,6 +39,8 @@ pub enum AddressError {
     Key,
     #[error("the access key must be 1 to 64 characters of A-Z a-z 0-9 _ -")]
     AccessKey,
+    #[error("the relay key is a low-order X25519 point: it would authenticate nobody")]
+    WeakKey,
     #[error("the host is not an IP address or a valid host name")]
     Host,
     #[error("an IPv4-mapped IPv6 address names an IPv4 host: write the IPv4 address")]
@@ -120,6 +122,19 @@ fn unmapped(ip: Ipv6Addr) -> Result<Ipv6Addr, AddressError> {
 }
 
 /// Digits and dots only: an IPv4 address or a typo of one, never a name.
+/// A relay key whose multiples by a clamped scalar are all zero (a point of
+/// order dividing 8 on the curve, or 4 on its twist) makes the session's
+/// `es` computable by anyone, so nothing would authenticate the relay.
+/// Clamped scalars are multiples of 8, so one fixed scalar finds every such
+/// point; the key is public, so the check need not be constant time.
+fn check_key(key: &[u8; 32]) -> Result<(), AddressError> {
+    let probe = x25519_dalek::x25519([0x55; 32], *key);
+    if probe == [0u8; 32] {
+        return Err(AddressError::WeakKey);
+    }
+    Ok(())
+}
+
 fn numeric(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
@@ -283,6 +298,7 @@ impl RelayAddress {
             return Err(AddressError::Port);
         }
         let key = r.array::<32>()?;
+        check_key(&key)?;
         let path = if flags & (1 << 3) != 0 {
             let p = std::str::from_utf8(r.short_bytes()?).map_err(|_| AddressError::Path)?;
             if transport != Transport::Https || !valid_path(p) || p.ends_with('/') {
@@ -352,6 +368,7 @@ impl FromStr for RelayAddress {
             .decode(key_text.as_bytes())
             .map_err(|_| AddressError::Key)?;
         let key: [u8; 32] = key_bytes.try_into().map_err(|_| AddressError::Key)?;
+        check_key(&key)?;
 
         let (authority, path) = match hostpart.find('/') {
             Some(i) => (&hostpart[..i], &hostpart[i..]),
@@ -457,6 +474,45 @@ mod tests {
             format!("tern://{KEY}@[::ffff:1.2.3.4]:1"),
         ] {
             assert!(bad.parse::<RelayAddress>().is_err(), "{bad}");
+        }
+    }
+
+    /// The small-order u-coordinates (0, 1, p − 1 and the two of order 8)
+    /// and the non-canonical spellings p and p + 1 of 0 and 1 make `es`
+    /// public: refused in text and in binary.
+    #[test]
+    fn low_order_relay_keys_are_refused() {
+        let mut low = vec![[0u8; 32], {
+            let mut k = [0u8; 32];
+            k[0] = 1;
+            k
+        }];
+        for hex in [
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ] {
+            let b: Vec<u8> = (0..32)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            low.push(b.try_into().unwrap());
+        }
+        for key in low {
+            let text = format!("tern://{}@1.2.3.4:1", BASE64URL_NOPAD.encode(&key));
+            assert_eq!(
+                text.parse::<RelayAddress>(),
+                Err(AddressError::WeakKey),
+                "{text}"
+            );
+            let mut w = Writer::new();
+            RelayAddress::new(Host::V4(Ipv4Addr::new(1, 2, 3, 4)), 1, key).encode(&mut w);
+            let bytes = w.into_vec();
+            assert_eq!(
+                RelayAddress::decode(&mut Reader::new(&bytes)),
+                Err(AddressError::WeakKey)
+            );
         }
     }
 
