@@ -168,6 +168,8 @@ struct Bench {
     base: PathBuf,
     relay: String,
     passphrase_file: PathBuf,
+    /// Profiles made with `tern init --isolate`: a session per queue.
+    isolate: bool,
 }
 
 impl Bench {
@@ -219,6 +221,9 @@ impl Bench {
             identity: None,
         };
         let mut init = self.command(&p, &["init", "--name", name, "--relay", &self.relay]);
+        if self.isolate {
+            init.arg("--isolate");
+        }
         if passphrase {
             init.env("TERN_PASSPHRASE_FILE", &self.passphrase_file);
         } else {
@@ -563,6 +568,7 @@ fn main() -> Result<()> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut tern = None;
     let mut quick = false;
+    let mut isolate = false;
     // For profiling by hand: `bench_client queue-messages --home DIR
     // [--identity FILE] --to NAME --count N` sends N messages in-process.
     let mut queue_cmd = false;
@@ -578,6 +584,7 @@ fn main() -> Result<()> {
         match a.to_str() {
             Some("--tern") => tern = it.next().map(PathBuf::from),
             Some("--quick") => quick = true,
+            Some("--isolate") => isolate = true,
             Some("queue-messages") => queue_cmd = true,
             Some("inspect") => inspect_cmd = true,
             Some("fill-history") => fill_cmd = true,
@@ -592,7 +599,7 @@ fn main() -> Result<()> {
                     .context("--count N")?
             }
             _ => bail!(
-                "usage: bench_client --tern PATH [--quick]\n       \
+                "usage: bench_client --tern PATH [--quick] [--isolate]\n       \
                  bench_client queue-messages --home DIR [--identity FILE] --to NAME --count N\n       \
                  bench_client inspect --home DIR [--identity FILE] --to NAME\n       \
                  bench_client fill-history --home DIR [--identity FILE] --to NAME --count N"
@@ -648,6 +655,7 @@ fn main() -> Result<()> {
         base: base.clone(),
         relay: relay.address.clone(),
         passphrase_file,
+        isolate,
     };
 
     progress("profiles alice (passphrase) and bob, and a real handshake");
@@ -834,7 +842,11 @@ fn main() -> Result<()> {
     }
 
     // ------------------------------------------------------------ report
-    println!("### Client: one-shot commands\n");
+    if isolate {
+        println!("### Client: one-shot commands, profiles made with `tern init --isolate`\n");
+    } else {
+        println!("### Client: one-shot commands\n");
+    }
     println!(
         "Wall time of a new `tern` process (release build), unlocked with an exported identity \
          (`--identity`), one relay on 127.0.0.1. {runs} timed runs after one warm-up; median (p10–p90) ms. \

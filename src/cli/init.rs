@@ -32,8 +32,9 @@ pub struct Args {
     #[arg(long)]
     pub no_passphrase: bool,
 
-    /// Use a fresh TCP connection for every request, so no connection is
-    /// shared by two queues
+    /// Give every queue a relay session and TCP connection of its own (and,
+    /// with --proxy, its own SOCKS credentials), so nothing on the wire
+    /// links two queues on one relay
     #[arg(long)]
     pub isolate: bool,
 

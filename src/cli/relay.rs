@@ -69,7 +69,8 @@ pub enum Action {
         #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_OPEN_QUEUES)]
         max_open_queues: u64,
         /// Days a queue that was never secured lives: an invitation must be
-        /// answered within it (0: for ever)
+        /// answered within it (0: no limit of its own; like every queue it
+        /// still goes once unused for --ttl-days)
         #[arg(long, value_name = "DAYS", default_value_t = config::DEFAULT_UNSECURED_DAYS)]
         unsecured_days: u32,
         /// The host clients reach this relay at, when it is not the listen
