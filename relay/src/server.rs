@@ -90,7 +90,11 @@ pub fn public_host(text: &str) -> Result<PublicAddress, RelayError> {
         Some(r) => ("tern+https://", r),
         None => ("tern://", text.strip_prefix("http://").unwrap_or(text)),
     };
-    let dummy = data_encoding::BASE64URL_NOPAD.encode(&[0u8; 32]);
+    // Any key the parser accepts: X25519's base point (u = 9), which is of
+    // large order (an all-zero key is refused as low order).
+    let mut base_point = [0u8; 32];
+    base_point[0] = 9;
+    let dummy = data_encoding::BASE64URL_NOPAD.encode(&base_point);
     let explicit_port = {
         let authority = rest.split('/').next().unwrap_or("");
         let after_v6 = authority.rsplit(']').next().unwrap_or(authority);

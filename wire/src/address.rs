@@ -122,14 +122,49 @@ fn unmapped(ip: Ipv6Addr) -> Result<Ipv6Addr, AddressError> {
 }
 
 /// Digits and dots only: an IPv4 address or a typo of one, never a name.
-/// A relay key whose multiples by a clamped scalar are all zero (a point of
-/// order dividing 8 on the curve, or 4 on its twist) makes the session's
-/// `es` computable by anyone, so nothing would authenticate the relay.
-/// Clamped scalars are multiples of 8, so one fixed scalar finds every such
-/// point; the key is public, so the check need not be constant time.
+/// The u-coordinates of small order (a point of order dividing 8 on the
+/// curve, or 4 on its twist), with the non-canonical spellings p and p + 1
+/// of 0 and 1: the keys whose X25519 product with any clamped scalar is
+/// zero (libsodium refuses the same list). A relay key among them makes the
+/// session's `es` computable by anyone, so nothing would authenticate the
+/// relay. A list, not a scalar multiplication, because addresses are parsed
+/// wherever a contact record is read; the key is public, so the comparison
+/// need not be constant time.
+const LOW_ORDER: [[u8; 32]; 7] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    high(0xec),
+    high(0xed),
+    high(0xee),
+];
+
+/// `b` followed by 30 bytes 0xff and 0x7f: p − 1, p and p + 1 for 0xec,
+/// 0xed, 0xee.
+const fn high(b: u8) -> [u8; 32] {
+    let mut k = [0xff; 32];
+    k[0] = b;
+    k[31] = 0x7f;
+    k
+}
+
 fn check_key(key: &[u8; 32]) -> Result<(), AddressError> {
-    let probe = x25519_dalek::x25519([0x55; 32], *key);
-    if probe == [0u8; 32] {
+    // X25519 ignores bit 255 (RFC 7748 §5).
+    let mut k = *key;
+    k[31] &= 0x7f;
+    if LOW_ORDER.contains(&k) {
         return Err(AddressError::WeakKey);
     }
     Ok(())
@@ -498,6 +533,23 @@ mod tests {
                 .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
                 .collect();
             low.push(b.try_into().unwrap());
+        }
+        for k in &low {
+            assert_eq!(x25519_dalek::x25519([0x55; 32], *k), [0; 32], "low order");
+        }
+        assert_eq!(low.len(), LOW_ORDER.len());
+        // X25519 ignores bit 255: the same keys with it set.
+        for k in low.clone() {
+            let mut k = k;
+            k[31] |= 0x80;
+            low.push(k);
+        }
+        // Keys the ladder does not zero pass.
+        for i in 0..64u8 {
+            let k = *x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([i; 32]))
+                .as_bytes();
+            assert_ne!(x25519_dalek::x25519([0x55; 32], k), [0; 32]);
+            assert!(check_key(&k).is_ok());
         }
         for key in low {
             let text = format!("tern://{}@1.2.3.4:1", BASE64URL_NOPAD.encode(&key));
