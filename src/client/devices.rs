@@ -1836,12 +1836,20 @@ impl Client {
         &mut self,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ClientError> {
+        let contacts = self.contacts()?;
+        self.withdraw_expired_in(&contacts, on_event).map(|_| ())
+    }
+
+    /// [`Client::withdraw_expired`] deciding from records already read;
+    /// true if anything was withdrawn.
+    pub(crate) fn withdraw_expired_in(
+        &mut self,
+        contacts: &[Contact],
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<bool, ClientError> {
         let t = now();
-        let expired: Vec<Contact> = self
-            .contacts()?
-            .into_iter()
-            .filter(|c| c.expired(t))
-            .collect();
+        let expired: Vec<Contact> = contacts.iter().filter(|c| c.expired(t)).cloned().collect();
+        let any = !expired.is_empty();
         for c in expired {
             self.update_contact(&c.id, |_, c| {
                 withdraw(c);
@@ -1858,7 +1866,7 @@ impl Client {
             )));
             self.run_jobs(&c.id)?;
         }
-        Ok(())
+        Ok(any)
     }
 
     /// `tern device confirm`: the user accepts the device that answered

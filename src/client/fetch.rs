@@ -109,8 +109,30 @@ struct QueueRef {
     contact_id: String,
     relay: RelayAddress,
     recipient_id: Id,
-    signer: SigningKey,
+    /// The recipient key's seed; the key itself is derived (a base-point
+    /// multiplication) only for the queues a run signs for, not for every
+    /// queue it merely CHECKs.
+    auth: Secret32,
+    signer: std::sync::OnceLock<SigningKey>,
     queue_secret: Secret32,
+}
+
+impl QueueRef {
+    fn new(contact_id: &str, q: &crate::proto::connection::RecvQueue) -> Self {
+        QueueRef {
+            contact_id: contact_id.to_string(),
+            relay: q.relay.clone(),
+            recipient_id: q.recipient_id,
+            auth: q.auth.clone(),
+            signer: std::sync::OnceLock::new(),
+            queue_secret: q.queue_secret.clone(),
+        }
+    }
+
+    fn signer(&self) -> &SigningKey {
+        self.signer
+            .get_or_init(|| SigningKey::from_bytes(self.auth.as_bytes()))
+    }
 }
 
 /// What names the session a queue's subscription rides on: its relay, and
@@ -232,7 +254,7 @@ impl Watch {
                 .map(|&t| SubSpec {
                     token: t,
                     recipient_id: self.queues[t].recipient_id,
-                    key: self.queues[t].signer.clone(),
+                    key: self.queues[t].signer().clone(),
                     window: WINDOW,
                 })
                 .collect();
@@ -300,7 +322,7 @@ impl Watch {
         if let Some(sub) = self.sessions.get(&self.session_of[token]) {
             // A session gone meanwhile: the queue gets the message again on
             // the next one, and the seen-set drops it.
-            let _ = sub.ack_upto(q.recipient_id, msg_id, &q.signer);
+            let _ = sub.ack_upto(q.recipient_id, msg_id, q.signer());
         }
     }
 }
@@ -380,10 +402,28 @@ impl Client {
             })?;
             return Err(e);
         }
+        // A plain `recv` of everything reads every contact record once, and
+        // the decisions below (expired? jobs? rotation due? which queues?)
+        // are all made from that one read; records are read again only
+        // after something changed them. (Parsing the records is most of
+        // what a `recv` with many contacts and nothing new costs.)
+        let mut snapshot = if only.is_none() && !waiting {
+            Some(self.contacts()?)
+        } else {
+            None
+        };
+        let mut changed = false;
         // Invitations and device links past their time are void.
-        self.withdraw_expired(&mut |e| {
-            let _ = on_event(e);
-        })?;
+        match &snapshot {
+            Some(cs) => {
+                changed |= self.withdraw_expired_in(cs, &mut |e| {
+                    let _ = on_event(e);
+                })?
+            }
+            None => self.withdraw_expired(&mut |e| {
+                let _ = on_event(e);
+            })?,
+        }
         // First what an earlier run stored and could not show.
         let mut shown = Vec::new();
         for e in self.undelivered(only)? {
@@ -402,19 +442,38 @@ impl Client {
             }
         }
         self.delivered(&shown)?;
+        let mut unchanged_refs = None;
         if !waiting {
             // Work left over from earlier commands (outbox, handshake
             // steps), and queue rotations that are due. (When waiting, a
             // thread of its own does this, so that receiving never waits
             // for an upload to a slow relay.)
-            self.run_all_jobs(only, &mut |e| {
-                let _ = on_event(e);
-            })?;
-            self.rotate_due(only, &mut |e| {
-                let _ = on_event(e);
-            })?;
+            if let Some(cs) = snapshot.take() {
+                let cs = if changed { self.contacts()? } else { cs };
+                changed |= self.run_jobs_for(&cs, &mut |e| {
+                    let _ = on_event(e);
+                })?;
+                let cs = if changed { self.contacts()? } else { cs };
+                let refs: Vec<Arc<QueueRef>> = cs.iter().flat_map(contact_queue_refs).collect();
+                changed |= self.rotate_those(cs, &mut |e| {
+                    let _ = on_event(e);
+                })?;
+                if !changed {
+                    unchanged_refs = Some(refs);
+                }
+            } else {
+                self.run_all_jobs(only, &mut |e| {
+                    let _ = on_event(e);
+                })?;
+                self.rotate_due(only, &mut |e| {
+                    let _ = on_event(e);
+                })?;
+            }
         }
-        let queues = self.queue_refs(only)?;
+        let queues = match unchanged_refs {
+            Some(refs) => refs,
+            None => self.queue_refs(only)?,
+        };
         summary.queues = queues.len();
         summary.relays = queues
             .iter()
@@ -483,13 +542,35 @@ impl Client {
         let mut pending = Vec::new();
         for id in ids {
             let Ok(c) = self.contact(id) else { continue };
-            if !c.jobs.is_empty()
-                || !c.device_jobs.is_empty()
-                || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
-            {
+            if has_work(&c) {
                 pending.push(c.id);
             }
         }
+        self.run_pending_jobs(pending, on_event)
+    }
+
+    /// [`Client::run_jobs_of`] deciding from records already read; true if
+    /// any contact had work (its record has changed since).
+    fn run_jobs_for(
+        &mut self,
+        contacts: &[Contact],
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<bool, ClientError> {
+        let pending: Vec<String> = contacts
+            .iter()
+            .filter(|c| has_work(c))
+            .map(|c| c.id.clone())
+            .collect();
+        let any = !pending.is_empty();
+        self.run_pending_jobs(pending, on_event)?;
+        Ok(any)
+    }
+
+    fn run_pending_jobs(
+        &mut self,
+        pending: Vec<String>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), ClientError> {
         for id in pending {
             self.update_contact(&id, |_, c| flush_outbox(c, super::now()))?;
             let report = self.run_jobs(&id)?;
@@ -967,6 +1048,13 @@ impl Client {
 
 /// The receiving queues of one contact: every connection's (current,
 /// rotating, retired; the one a re-key replaced; re-key invitations').
+/// Whether a contact has anything for `run_jobs` to do.
+fn has_work(c: &Contact) -> bool {
+    !c.jobs.is_empty()
+        || !c.device_jobs.is_empty()
+        || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
+}
+
 fn contact_queue_refs(c: &Contact) -> Vec<Arc<QueueRef>> {
     let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
     let rekey = c.rekeys.iter().flat_map(|r| r.recv_queues.iter());
@@ -974,15 +1062,7 @@ fn contact_queue_refs(c: &Contact) -> Vec<Arc<QueueRef>> {
         .all_recv_queues()
         .chain(old)
         .chain(rekey)
-        .map(|q| {
-            Arc::new(QueueRef {
-                contact_id: c.id.clone(),
-                relay: q.relay.clone(),
-                recipient_id: q.recipient_id,
-                signer: q.signing_key(),
-                queue_secret: q.queue_secret.clone(),
-            })
-        })
+        .map(|q| Arc::new(QueueRef::new(&c.id, q)))
         .collect()
 }
 
@@ -996,14 +1076,7 @@ pub(crate) fn process_held(
     now: u64,
     linking: Option<&str>,
 ) -> Result<Vec<Event>, StoreError> {
-    let q = QueueRef {
-        contact_id: contact_id.to_string(),
-        relay: queue.relay.clone(),
-        recipient_id: queue.recipient_id,
-        signer: queue.signing_key(),
-        queue_secret: queue.queue_secret.clone(),
-    };
-    process(tx, &q, message, now, linking)
+    process(tx, &QueueRef::new(contact_id, queue), message, now, linking)
 }
 
 /// Stores one delivered (and decrypted) message inside `tx`; `Ok` means it

@@ -79,7 +79,7 @@ impl Client {
             Some(id) => vec![self.contact(id)?],
             None => self.contacts()?,
         };
-        self.rotate_those(contacts, on_event)
+        self.rotate_those(contacts, on_event).map(|_| ())
     }
 
     /// [`Client::rotate_due`] for just these contacts (those that received
@@ -90,14 +90,16 @@ impl Client {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ClientError> {
         let contacts = ids.iter().filter_map(|id| self.contact(id).ok()).collect();
-        self.rotate_those(contacts, on_event)
+        self.rotate_those(contacts, on_event).map(|_| ())
     }
 
-    fn rotate_those(
+    /// Starts the rotations that are due among `contacts`; true if any was
+    /// (their records have changed since).
+    pub(crate) fn rotate_those(
         &mut self,
         contacts: Vec<Contact>,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         let days = self.settings()?.rotate_days;
         let t = now();
         let due: Vec<(String, String)> = contacts
@@ -120,6 +122,7 @@ impl Client {
             })
             .map(|c| (c.id, c.name))
             .collect();
+        let any = !due.is_empty();
         for (id, name) in due {
             match self.rotate(&id, false) {
                 Ok(report) => {
@@ -132,6 +135,6 @@ impl Client {
                 ))),
             }
         }
-        Ok(())
+        Ok(any)
     }
 }
