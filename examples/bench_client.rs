@@ -117,6 +117,11 @@ impl Relay {
             .arg(base.join("relay"))
             // Room for every message the benchmarks leave queued.
             .args(["--max-pending", "100000"])
+            // One address (127.0.0.1) makes every queue of 1,000 contacts,
+            // which the relay's defaults would (rightly) slow down.
+            .args(["--max-connections-per-address", "100000"])
+            .args(["--create-rate-per-connection", "1000000/1000000"])
+            .args(["--create-rate-per-address", "1000000/1000000"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
