@@ -12,7 +12,7 @@
 //! starts by reading the inbox again (at least once; ids make duplicates
 //! easy to drop).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,9 +85,31 @@ struct State {
     subscribers: Vec<Arc<Conn>>,
     /// By inbox sequence number, so oldest first.
     pending: BTreeMap<u64, Pending>,
+    /// Inbox entries delivered (or acknowledged) by this daemon: the engine
+    /// may read one again from the inbox, in the moment before its removal
+    /// commits (when it starts its receiving again), and it must not be
+    /// delivered twice for that. By sequence number and message id: the
+    /// inbox reuses the number of an entry it no longer holds.
+    done: BTreeSet<(u64, String)>,
 }
 
+/// How many delivered inbox entries are remembered (the newest).
+const DONE_KEPT: usize = 100_000;
+
 impl State {
+    /// Remembers these pending entries as delivered, and forgets them as
+    /// pending.
+    fn mark_done(&mut self, seqs: &[u64]) {
+        for s in seqs {
+            if let Some(p) = self.pending.remove(s) {
+                self.done.insert((*s, p.id));
+            }
+        }
+        while self.done.len() > DONE_KEPT {
+            self.done.pop_first();
+        }
+    }
+
     /// Writes to every live subscriber; whether at least one took it.
     fn broadcast(&mut self, line: &str) -> bool {
         self.subscribers.retain(|c| c.is_alive());
@@ -126,11 +148,18 @@ impl Hub {
             // The engine restarted and read the inbox again: already here.
             return Shown::Later;
         }
+        if seq.is_some_and(|s| st.done.contains(&(s, id.clone()))) {
+            // Read again before its removal committed: delivered already.
+            return Shown::Yes;
+        }
         let written = st.broadcast(&line);
         match seq {
             // Not in the inbox (nothing to keep it by): best effort.
             None => Shown::Yes,
-            Some(_) if written && !self.manual_ack => Shown::Yes,
+            Some(s) if written && !self.manual_ack => {
+                st.done.insert((s, id));
+                Shown::Yes
+            }
             Some(s) => {
                 st.pending.insert(s, Pending { id, line });
                 Shown::Later
@@ -163,9 +192,7 @@ impl Hub {
         if self.manual_ack {
             return (count, Vec::new());
         }
-        for s in &delivered {
-            st.pending.remove(s);
-        }
+        st.mark_done(&delivered);
         (count, delivered)
     }
 
@@ -183,9 +210,7 @@ impl Hub {
             .filter(|(_, p)| p.id == id)
             .map(|(s, _)| *s)
             .collect();
-        for s in &seqs {
-            st.pending.remove(s);
-        }
+        st.mark_done(&seqs);
         seqs
     }
 
@@ -271,5 +296,12 @@ mod tests {
         assert!(hub.ack("nope").is_empty());
         assert_eq!(hub.ack("x"), vec![3]);
         assert_eq!(hub.pending_count(), 0);
+        // Read again from the inbox before its removal committed: not
+        // pending again.
+        assert_eq!(hub.message(Some(3), "x".into(), "m".into()), Shown::Yes);
+        assert_eq!(hub.pending_count(), 0);
+        // The inbox reuses a number it no longer holds: a new message.
+        assert_eq!(hub.message(Some(3), "y".into(), "n".into()), Shown::Later);
+        assert_eq!(hub.pending_count(), 1);
     }
 }
