@@ -22,6 +22,9 @@ _tern() {
             tern,contacts)
                 cmd="tern__subcmd__contacts"
                 ;;
+            tern,daemon)
+                cmd="tern__subcmd__daemon"
+                ;;
             tern,device)
                 cmd="tern__subcmd__device"
                 ;;
@@ -42,6 +45,9 @@ _tern() {
                 ;;
             tern,invite)
                 cmd="tern__subcmd__invite"
+                ;;
+            tern,jsonrpc)
+                cmd="tern__subcmd__jsonrpc"
                 ;;
             tern,key)
                 cmd="tern__subcmd__key"
@@ -142,6 +148,9 @@ _tern() {
             tern__subcmd__help,contacts)
                 cmd="tern__subcmd__help__subcmd__contacts"
                 ;;
+            tern__subcmd__help,daemon)
+                cmd="tern__subcmd__help__subcmd__daemon"
+                ;;
             tern__subcmd__help,device)
                 cmd="tern__subcmd__help__subcmd__device"
                 ;;
@@ -162,6 +171,9 @@ _tern() {
                 ;;
             tern__subcmd__help,invite)
                 cmd="tern__subcmd__help__subcmd__invite"
+                ;;
+            tern__subcmd__help,jsonrpc)
+                cmd="tern__subcmd__help__subcmd__jsonrpc"
                 ;;
             tern__subcmd__help,key)
                 cmd="tern__subcmd__help__subcmd__key"
@@ -338,7 +350,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --proxy --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="-h -V --home --passphrase-file --identity --proxy --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device daemon jsonrpc relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -573,6 +585,40 @@ _tern() {
             fi
             case "${prev}" in
                 --save-avatar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__daemon)
+            opts="-h --socket --manual-ack --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1022,7 +1068,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help)
-            opts="init invite invitations accept send recv contacts verify profile log forget relays rotate key device relay generate help"
+            opts="init invite invitations accept send recv contacts verify profile log forget relays rotate key device daemon jsonrpc relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1094,6 +1140,20 @@ _tern() {
         tern__subcmd__help__subcmd__contacts__subcmd__show)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__daemon)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1302,6 +1362,20 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__invite)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__jsonrpc)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1764,6 +1838,36 @@ _tern() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__jsonrpc)
+            opts="-h --manual-ack --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2538,7 +2642,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --json --lines --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

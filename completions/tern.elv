@@ -18,7 +18,7 @@ set edit:completion:arg-completer[tern] = {|@words|
     }
     var completions = [
         &'tern'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -42,6 +42,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
             cand device 'Link, list and remove the devices that share this profile'
+            cand daemon 'Serve profiles to bots and scripts: JSON-RPC 2.0 on a Unix socket'
+            cand jsonrpc 'Serve the daemon''s JSON-RPC 2.0 on stdin and stdout, for programs that spawn tern'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -50,7 +52,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'Your display name, shown to contacts only (never sent to relays)'
             cand --relay 'A relay to receive messages on (repeat for redundancy; up to 3 are used per connection). Addresses look like tern://KEY@HOST:PORT'
             cand --rotate-days 'Move each connection to fresh queues about every DAYS days (0: only with `tern rotate`)'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -65,7 +67,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --rekey 'Re-key an existing contact: replace the connection''s keys and queues with ones exchanged through this invitation (useless to anyone else)'
             cand --png 'Write the QR code to a PNG file'
             cand --expires 'Withdraw the invitation if nobody used it within DURATION (30m, 2h, 7d); see `tern invitations`'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -78,7 +80,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;invitations'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -91,7 +93,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;invitations;list'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -101,7 +103,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;invitations;revoke'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -124,7 +126,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;accept'= {
             cand --image 'A PNG or JPEG picture (photo or screenshot) of the QR code'
             cand --name 'What to call the contact [default: contact-XXXXXX until the connection completes, then the name they give themselves]'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -134,11 +136,12 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;send'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
             cand --json 'Print one JSON object: the message id and whether a relay has it'
+            cand --lines 'Send each line of stdin as a message of its own, as it comes (a log tail, a CSV), in one process; empty lines are skipped'
             cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
@@ -146,7 +149,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;recv'= {
             cand --wait 'Wait up to SECS for the first message if none is waiting'
             cand --from 'Only this contact'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -158,7 +161,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;contacts'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -173,7 +176,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;contacts;list'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -185,7 +188,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;contacts;show'= {
             cand --save-avatar 'Write the contact''s avatar (PNG or JPEG) to FILE'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -197,7 +200,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;contacts;rename'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -221,7 +224,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;verify'= {
             cand --image 'A picture (photo or screenshot, PNG or JPEG) of the QR code that `tern verify` shows on the contact''s screen, to compare instead of digits'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -234,7 +237,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'Your display name (1 to 64 bytes, no control or format characters)'
             cand --status 'A status line shown to contacts (up to 512 bytes; may span lines)'
             cand --avatar 'A PNG or JPEG of at most 11 KiB'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -246,7 +249,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;log'= {
             cand --limit 'How many of the latest messages'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -256,7 +259,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;forget'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -266,7 +269,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;relays'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -281,7 +284,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;relays;list'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -291,7 +294,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;relays;add'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -302,7 +305,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;relays;remove'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -312,7 +315,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;relays;test'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -339,7 +342,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;relays;help;help'= {
         }
         &'tern;rotate'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -349,7 +352,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;key'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -362,7 +365,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;key;export'= {
             cand --out 'Where to write the identity (missing directories are made, 0700)'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -373,7 +376,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;key;passwd'= {
             cand --new-passphrase-file 'Read the new passphrase from the first line of FILE instead of asking twice on the terminal (the current one still comes from TERN_PASSPHRASE_FILE, --passphrase-file or a prompt)'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -395,7 +398,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;key;help;help'= {
         }
         &'tern;device'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -415,7 +418,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --png 'Write the QR code to a PNG file'
             cand --wait 'Then wait up to SECS for the new device to join and link it (without this, confirm the new device afterwards with `tern device confirm`); a link nobody answered meanwhile is withdrawn'
             cand --expires 'How long the link stays usable (30s, 10m, 1h; at most 24h)'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -427,7 +430,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;device;confirm'= {
             cand --wait 'Then wait up to SECS for the new device to finish joining'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -437,7 +440,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;device;revoke'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -450,7 +453,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'This device''s name among your devices (default: its host name)'
             cand --relay 'A relay for this device''s first queues (repeat), when the linking device''s relays need an access key (tern://KEY:ACCESS@HOST:PORT); the profile''s relay list replaces it once linked'
             cand --wait 'Then wait up to SECS for the profile, contacts and history (instead of running `tern recv` by hand)'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -460,7 +463,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;device;list'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -470,7 +473,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;device;remove'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -501,8 +504,29 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;device;help;help'= {
         }
+        &'tern;daemon'= {
+            cand --socket 'The socket to listen on [default: $XDG_RUNTIME_DIR/tern/ID.sock, or daemon.sock in the (first) profile]; its directory must be private'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --manual-ack 'Keep each received message pending (and send it again to every client that subscribes) until a client acknowledges it with `ack`'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;jsonrpc'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --manual-ack 'Keep each received message pending until it is acknowledged with `ack`'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'tern;relay'= {
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -529,7 +553,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --workers 'Threads that run handshakes and execute commands'
             cand --create-rate-per-connection 'Queues one connection may create: BURST/PER_MINUTE'
             cand --create-rate-per-address 'Queues one address (an IPv6 /64) may create: BURST/PER_MINUTE'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -541,7 +565,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --data 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]'
             cand --access-key-file 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out'
             cand --listen 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -562,7 +586,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;generate'= {
             cand --out 'Directory to write man/ and completions/ into'
-            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
             cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
@@ -586,6 +610,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand rotate 'Move connections to fresh queues and keys (both directions)'
             cand key 'Manage the key that protects the profile'
             cand device 'Link, list and remove the devices that share this profile'
+            cand daemon 'Serve profiles to bots and scripts: JSON-RPC 2.0 on a Unix socket'
+            cand jsonrpc 'Serve the daemon''s JSON-RPC 2.0 on stdin and stdout, for programs that spawn tern'
             cand relay 'Run a relay, or print the address users add with `tern init --relay`'
             cand generate 'Write man pages and shell completions'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -670,6 +696,10 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;device;list'= {
         }
         &'tern;help;device;remove'= {
+        }
+        &'tern;help;daemon'= {
+        }
+        &'tern;help;jsonrpc'= {
         }
         &'tern;help;relay'= {
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'

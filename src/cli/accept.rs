@@ -93,16 +93,35 @@ pub fn read_any_invitation(
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let (invitation, channel) = read_invitation(args)?;
     let mut client = unlock::open(cli)?;
+    let out = accept_invitation(&mut client, invitation, channel, args.name.as_deref())?;
+    if args.json {
+        json(&out);
+    }
+    if out["rekey"] == false {
+        note(&format!(
+            "request sent to {}; the connection completes when they run `tern recv` — then run `tern recv` here",
+            out["contact"].as_str().unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// Joins with an invitation (or accepts a re-key invitation) and sends the
+/// request; returns what `tern accept --json` prints (the daemon's `accept`
+/// method too).
+pub fn accept_invitation(
+    client: &mut Client,
+    invitation: AnyInvitation,
+    channel: Channel,
+    name: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let invitation = match invitation {
         AnyInvitation::Contact(i) => i,
         AnyInvitation::Rekey(r) => {
-            let name = accept_rekey(&mut client, &r, channel)?;
-            if args.json {
-                json(
-                    &serde_json::json!({"type": "accepted", "contact": name, "rekey": true, "state": "rekeying"}),
-                );
-            }
-            return Ok(());
+            let name = accept_rekey(client, &r, channel)?;
+            return Ok(
+                serde_json::json!({"type": "accepted", "contact": name, "rekey": true, "state": "rekeying"}),
+            );
         }
         AnyInvitation::Device(_) => {
             return Err(fail(
@@ -113,7 +132,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         }
     };
     let id = new_contact_id();
-    let (name, provisional) = match &args.name {
+    let (name, provisional) = match name {
         Some(n) => (super::contacts::valid_name("--name", n)?, false),
         None => (format!("contact-{}", &id[..6]), true),
     };
@@ -121,30 +140,24 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if client.contact_id(&name).is_ok() {
         return Err(ClientError::NameTaken(name).into());
     }
-    let (conn, request, t) = join(&client, &invitation, channel)?;
+    let (conn, request, t) = join(client, &invitation, channel)?;
     let mut contact = Contact::new(id.clone(), name.clone(), provisional, conn, t);
     let request_id = push_request(&mut contact, request, t);
     client.add_contact(&contact)?;
-    if !send_request(&mut client, &id, &request_id, "invitation accepted")? {
+    if !send_request(client, &id, &request_id, "invitation accepted")? {
         client.remove_contact(&id)?;
         return Err(fail(
             BAD_INVITATION,
             "this invitation was already used or withdrawn: ask for a new one; nothing was kept",
         ));
     }
-    if args.json {
-        json(&serde_json::json!({
-            "type": "accepted",
-            "contact": name,
-            "rekey": false,
-            "state": "pending",
-            "provisional_name": provisional,
-        }));
-    }
-    note(&format!(
-        "request sent to {name}; the connection completes when they run `tern recv` — then run `tern recv` here"
-    ));
-    Ok(())
+    Ok(serde_json::json!({
+        "type": "accepted",
+        "contact": name,
+        "rekey": false,
+        "state": "pending",
+        "provisional_name": provisional,
+    }))
 }
 
 /// Creates our reply queues and the connection request for `invitation`.

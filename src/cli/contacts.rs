@@ -105,7 +105,7 @@ fn security_note(s: SecurityLevel) -> &'static str {
     }
 }
 
-fn relays(c: &Contact) -> (Vec<String>, Vec<String>) {
+pub(crate) fn relays(c: &Contact) -> (Vec<String>, Vec<String>) {
     (
         c.conn.recv_queues.iter().map(|q| q.relay.label()).collect(),
         c.conn.peer_queues.iter().map(|q| q.relay.label()).collect(),
@@ -220,14 +220,24 @@ fn avatar_type(a: &[u8]) -> &'static str {
     }
 }
 
+/// Every contact as `tern contacts --json` prints them (the daemon's
+/// `contacts` method too).
+pub fn contacts_json(client: &Client) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(listed(client)?.iter().map(contact_json).collect())
+}
+
 fn print_json(l: &Listed) {
+    json(&contact_json(l));
+}
+
+fn contact_json(l: &Listed) -> serde_json::Value {
     let c = &l.contact;
     let (ours, theirs) = relays(c);
     let introduced_by = match &l.trust {
         Trust::Introduced(d) => Some(d.clone()),
         Trust::Level(_) => None,
     };
-    json(&json!({
+    json!({
         "name": c.name,
         "state": contact_state(c),
         "security": security(l).0,
@@ -248,7 +258,7 @@ fn print_json(l: &Listed) {
             "avatar_bytes": p.avatar.as_ref().map(Vec::len),
             "avatar_type": p.avatar.as_deref().map(avatar_type),
         })),
-    }));
+    })
 }
 
 fn print_short(l: &Listed) {

@@ -75,8 +75,14 @@ The relay's data directory, as \fBtern relay serve \-\-data\fR.
 \fBPORT\fR
 \fBtern relay serve\fR listens on this port, overriding \fB\-\-listen\fR's.
 .TP
+\fBTERN_NO_DAEMON\fR
+Set and not empty: \fBtern send\fR works alone even when a \fBtern daemon\fR serves its home.
+.TP
 \fBXDG_DATA_HOME\fR
 Base of the default profile and relay directories.
+.TP
+\fBXDG_RUNTIME_DIR\fR
+\fBtern daemon\fR's socket goes in \fItern/\fR there by default.
 .TP
 \fBNO_COLOR\fR
 QR codes on the terminal are drawn without colours: the light modules in the text colour, so that a dark terminal shows a normal dark\-on\-light code (a light terminal shows it light on dark, which tern and most phones also read).
@@ -122,6 +128,41 @@ recv only: \fB"in\-order"\fR, \fB"after\-gap"\fR (earlier messages are missing) 
 \fBtern send\fR, \fBaccept\fR, \fBinvite\fR, \fBverify\fR, \fBcontacts\fR, \fBprofile\fR, \fBrelays\fR and \fBdevice list\fR print one object each (see their pages).
 "#;
 
+/// `tern daemon` and `tern jsonrpc`: the protocol, in brief (docs/JSONRPC.md
+/// has it in full).
+const JSONRPC: &str = r#".SH "JSON\-RPC"
+JSON\-RPC 2.0, one object per line each way (batches too; lines up to 1 MiB). Every method takes an optional \fBprofile\fR (the home as given, or the profile's name), needed when several are served. Full reference: \fIdocs/JSONRPC.md\fR.
+.SS Methods
+.TP
+\fBprofiles\fR
+Each home asked for: \fBprofile\fR, \fBname\fR, \fBok\fR, \fBerror\fR.
+.TP
+\fBsubscribe\fR {profile?}
+Start notifications; what is pending comes first. Result: \fBprofiles\fR, \fBpending\fR, \fBmanual_ack\fR.
+.TP
+\fBack\fR {profile?, id}
+With \fB\-\-manual\-ack\fR: the message is delivered and leaves the pending list. Result: \fBacked\fR.
+.TP
+\fBsend\fR {profile?, contact, text}
+Returns once a relay has it: \fBid\fR, \fBcontact\fR, \fBstate\fR (sent, awaiting\-connection), \fBrelays\fR, \fBfailed\fR.
+.TP
+\fBcontacts\fR, \fBprofile\fR, \fBrelays\fR {profile?}
+As the commands' \fB\-\-json\fR output (an array for contacts and relays).
+.TP
+\fBinvite\fR {profile?, name?, expires?}
+A one\-time invitation: \fBlink\fR, \fBname\fR.
+.TP
+\fBaccept\fR {profile?, link, name?}
+As \fBtern accept \-\-json\fR.
+.TP
+\fBlog\fR {profile?, contact, limit?}
+The latest messages with a contact, oldest first.
+.SS Notifications
+\fBmessage\fR (the fields of \fBtern recv \-\-json\fR and \fBprofile\fR; kept until delivered), \fBconnected\fR, \fBcontact_updated\fR, \fBnotice\fR, \fBerror\fR (\fBkind\fR: warning, refused, unsupported, receiving, profile).
+.SS "Error codes"
+\-32700 not JSON; \-32600 invalid request or line too long; \-32601 no such method; \-32602 invalid parameters; \-32603 internal; \-32100 no such profile (or several and none named); \-32101 ack: nothing pending with that id; \-32102 too many clients; \-32000 minus an exit code for tern's own errors (\-32003 no contact, \-32005 locked, \-32075 temporary: \fBdata.retryable\fR is true, the work is kept and retried). \fBdata.exit_code\fR names the exit code.
+"#;
+
 const FILES: &str = r#".SH FILES
 .TP
 \fI$XDG_DATA_HOME/tern/\fR (default \fI~/.local/share/tern/\fR)
@@ -165,10 +206,14 @@ fn man_tree(cmd: &clap::Command, path: &[String], dir: &Path) -> anyhow::Result<
             .clone()
             .disable_help_subcommand(true)
             .bin_name(here.join(" "));
+        let protocol = match name.as_str() {
+            "tern-daemon" | "tern-jsonrpc" => JSONRPC,
+            _ => "",
+        };
         man_page(
             page,
             &name,
-            &format!("{EXIT_STATUS}{}", see_also(path)),
+            &format!("{protocol}{EXIT_STATUS}{}", see_also(path)),
             dir,
         )?;
         man_tree(sub, &here, dir)?;

@@ -206,7 +206,7 @@ fn qr_fits(client: &Client, args: &Args) -> anyhow::Result<bool> {
 }
 
 /// A new invitation and the contact it will be, not yet saved.
-fn new_contact(
+pub(crate) fn new_contact(
     client: &mut Client,
     name: Option<&str>,
     channel: Channel,

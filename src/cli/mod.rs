@@ -4,6 +4,7 @@
 
 pub mod accept;
 pub mod contacts;
+pub mod daemon;
 pub mod device;
 pub mod exit;
 pub mod files;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod init;
 pub mod invitations;
 pub mod invite;
+pub mod jsonrpc;
 pub mod key;
 pub mod log;
 pub mod output;
@@ -49,9 +51,11 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "tern", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
-    /// Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]
-    #[arg(long, global = true, env = "TERN_HOME", value_name = "DIR")]
-    pub home: Option<PathBuf>,
+    /// Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern];
+    /// `tern daemon` and `tern jsonrpc` take it more than once, to serve
+    /// several profiles
+    #[arg(long, global = true, env = "TERN_HOME", value_name = "DIR", action = clap::ArgAction::Append)]
+    pub home: Vec<PathBuf>,
 
     /// Read the passphrase from the first line of FILE (for scripts; the
     /// TERN_PASSPHRASE variable works too)
@@ -95,6 +99,8 @@ pub enum Command {
     Rotate(rotate::Args),
     Key(key::Args),
     Device(device::Args),
+    Daemon(daemon::Args),
+    Jsonrpc(jsonrpc::Args),
     #[cfg(feature = "relay-server")]
     Relay(relay::Args),
     #[command(hide = true)]
@@ -155,6 +161,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(a) => rotate::run(&cli, a),
         Command::Key(a) => key::run(&cli, a),
         Command::Device(a) => device::run(&cli, a),
+        Command::Daemon(a) => daemon::run(&cli, a),
+        Command::Jsonrpc(a) => jsonrpc::run(&cli, a),
         #[cfg(feature = "relay-server")]
         Command::Relay(a) => relay::run(a),
         Command::Generate(a) => generate::run(a),

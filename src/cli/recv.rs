@@ -37,7 +37,7 @@ pub struct Args {
     pub fail_if_empty: bool,
 }
 
-fn chain_word(c: ChainStatus) -> &'static str {
+pub fn chain_word(c: ChainStatus) -> &'static str {
     match c {
         ChainStatus::InOrder => "in-order",
         ChainStatus::Gap { .. } => "after-gap",

@@ -1,14 +1,15 @@
 //! `tern send`: send a message.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 
 use anyhow::Context;
 use data_encoding::HEXLOWER;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::exit::{fail, FAILURE, GONE, TRY_AGAIN, USAGE};
 use super::output::{json, note, stdin_is_terminal};
 use super::{unlock, Cli};
+use crate::client::send::SendOutcome;
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 
 /// Past this much input on stdin tern stops counting: the size is only for
@@ -40,6 +41,10 @@ pub struct Args {
     /// Print one JSON object: the message id and whether a relay has it
     #[arg(long)]
     pub json: bool,
+    /// Send each line of stdin as a message of its own, as it comes (a log
+    /// tail, a CSV), in one process; empty lines are skipped
+    #[arg(long, conflicts_with = "text")]
+    pub lines: bool,
 }
 
 /// The message from stdin: its bytes, or the error that says how big it
@@ -79,6 +84,169 @@ fn read_stdin() -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// `tern send` through the daemon that serves the home: the same output
+/// and exit codes, with no unlock and no relay sessions of its own.
+fn send_via_daemon(
+    socket: &std::path::Path,
+    home: &std::path::Path,
+    args: &Args,
+    text: String,
+) -> anyhow::Result<()> {
+    let params =
+        json!({"profile": home.display().to_string(), "contact": args.contact, "text": text});
+    let (result, error) = match super::daemon::client::call(socket, "send", params) {
+        Ok(r) => (r, None),
+        Err(e) => (e.data, Some(e.error)),
+    };
+    if args.json && result.get("id").is_some() {
+        let errors: Vec<&Value> = result["failed"]
+            .as_array()
+            .map(|f| f.iter().map(|e| &e["error"]).collect())
+            .unwrap_or_default();
+        json(&json!({
+            "type": "sent",
+            "contact": result["contact"],
+            "id": result["id"],
+            "state": result["state"],
+            "errors": errors,
+        }));
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if result["state"] == "awaiting-connection" {
+        note(&format!(
+            "{} has not completed the connection yet; the message will go out once they do",
+            result["contact"].as_str().unwrap_or_default()
+        ));
+    }
+    for f in result["failed"].as_array().into_iter().flatten() {
+        note(&format!(
+            "warning: {} (sent through the other relays)",
+            f["error"].as_str().unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+fn state_word(outcome: &SendOutcome) -> &'static str {
+    if outcome.awaiting_connection {
+        "awaiting-connection"
+    } else if outcome.delivered {
+        "sent"
+    } else {
+        "kept"
+    }
+}
+
+fn sent_json(name: &str, outcome: &SendOutcome) -> serde_json::Value {
+    json!({
+        "type": "sent",
+        "contact": name,
+        "id": HEXLOWER.encode(&outcome.id),
+        "state": state_word(outcome),
+        "errors": outcome.report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}
+
+/// `--lines`: one message per line of stdin, sent as each line arrives,
+/// with one unlock and one set of relay sessions. A message no relay took
+/// is kept and retried (as for one `tern send`), and the run goes on; the
+/// exit status says so at the end. Input that cannot be a message (not
+/// UTF-8, too long) stops the run there: the lines before it were sent.
+fn send_lines(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    if stdin_is_terminal() {
+        note("type one message per line, then Ctrl-D");
+    }
+    let mut client = unlock::open(cli)?;
+    let id = client.contact_id(&args.contact)?;
+    let name = client.contact(&id)?.name;
+    let mut stdin = std::io::stdin().lock();
+    let (mut sent, mut kept, mut waiting) = (0usize, 0usize, 0usize);
+    let mut last_error = None;
+    for number in 1.. {
+        let mut buf = Vec::new();
+        // One byte more than a message and its line end may hold: a longer
+        // line is refused without reading all of it.
+        let n = (&mut stdin)
+            .take(MAX_BODY_LEN as u64 + 3)
+            .read_until(b'\n', &mut buf)
+            .context("reading stdin")?;
+        if n == 0 {
+            break;
+        }
+        if buf.ends_with(b"\n") {
+            buf.pop();
+            if buf.ends_with(b"\r") {
+                buf.pop();
+            }
+        } else if buf.len() > MAX_BODY_LEN {
+            return Err(too_long_line(number, sent));
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        if buf.len() > MAX_BODY_LEN {
+            return Err(too_long_line(number, sent));
+        }
+        let text = String::from_utf8(buf).map_err(|_| {
+            fail(
+                FAILURE,
+                format!(
+                    "line {number} is not UTF-8 text; {sent} line(s) before it were sent, \
+                     nothing after"
+                ),
+            )
+        })?;
+        let outcome = client.send(&id, Kind::Text, text.into_bytes())?;
+        if args.json {
+            json(&sent_json(&name, &outcome));
+        }
+        if outcome.awaiting_connection {
+            waiting += 1;
+        } else if outcome.gone && !outcome.delivered {
+            return Err(fail(
+                GONE,
+                format!(
+                    "{} deleted this connection: line {number} cannot reach them; {sent} line(s) \
+                     before it were sent (`tern forget {}` removes them here)",
+                    args.contact, args.contact
+                ),
+            ));
+        } else if outcome.delivered {
+            sent += 1;
+        } else {
+            kept += 1;
+            last_error = Some(outcome.report.describe());
+        }
+    }
+    if waiting > 0 {
+        note(&format!(
+            "{name} has not completed the connection yet; {waiting} message(s) will go out once they do (run `tern recv`)"
+        ));
+    }
+    if let Some(why) = last_error {
+        return Err(fail(
+            TRY_AGAIN,
+            format!(
+                "no relay took {kept} of the messages ({why}); they are kept and will be retried \
+                 ({sent} sent)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn too_long_line(number: usize, sent: usize) -> anyhow::Error {
+    fail(
+        USAGE,
+        format!(
+            "line {number} is longer than the {MAX_BODY_LEN} bytes one message holds; {sent} \
+             line(s) before it were sent, nothing after"
+        ),
+    )
+}
+
 fn too_long(size: &str) -> anyhow::Error {
     fail(
         USAGE,
@@ -89,6 +257,9 @@ fn too_long(size: &str) -> anyhow::Error {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    if args.lines {
+        return send_lines(cli, args);
+    }
     let text = if args.text.is_empty() {
         read_stdin()?
     } else {
@@ -111,25 +282,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if text.len() > MAX_BODY_LEN {
         return Err(too_long(&format!("{} bytes", text.len())));
     }
-    let mut client = unlock::open(cli)?;
+    let home = unlock::home(cli)?;
+    if let Some(socket) = super::daemon::client::find(&home) {
+        return send_via_daemon(&socket, &home, args, text);
+    }
+    let mut client = unlock::open_at(cli, &home)?;
     let id = client.contact_id(&args.contact)?;
     let name = client.contact(&id)?.name;
     let outcome = client.send(&id, Kind::Text, text.into_bytes())?;
-    let state = if outcome.awaiting_connection {
-        "awaiting-connection"
-    } else if outcome.delivered {
-        "sent"
-    } else {
-        "kept"
-    };
     if args.json {
-        json(&json!({
-            "type": "sent",
-            "contact": name,
-            "id": HEXLOWER.encode(&outcome.id),
-            "state": state,
-            "errors": outcome.report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        }));
+        json(&sent_json(&name, &outcome));
     }
     if outcome.awaiting_connection {
         note(&format!(

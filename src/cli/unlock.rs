@@ -179,15 +179,49 @@ pub fn key_source(cli: &Cli, home: &Path) -> anyhow::Result<KeySource> {
     }
 }
 
+/// The one profile directory of a command; only `tern daemon` and `tern
+/// jsonrpc` serve several ([`homes`]).
 pub fn home(cli: &Cli) -> anyhow::Result<PathBuf> {
-    super::home_dir(cli.home.as_ref())
+    if cli.home.len() > 1 {
+        return Err(fail(
+            USAGE,
+            format!(
+                "--home is given {} times: only `tern daemon` and `tern jsonrpc` serve several \
+                 profiles; give one --home",
+                cli.home.len()
+            ),
+        ));
+    }
+    super::home_dir(cli.home.first())
+}
+
+/// Every profile directory given (or the default one), each once.
+pub fn homes(cli: &Cli) -> anyhow::Result<Vec<PathBuf>> {
+    if cli.home.is_empty() {
+        return Ok(vec![super::home_dir(None)?]);
+    }
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut seen = Vec::new();
+    for h in &cli.home {
+        // The same directory written two ways is served once.
+        let key = h.canonicalize().unwrap_or_else(|_| h.clone());
+        if !seen.contains(&key) {
+            seen.push(key);
+            out.push(h.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Opens the profile, asking for whatever unlocks it.
 pub fn open(cli: &Cli) -> anyhow::Result<Client> {
-    let home = home(cli)?;
-    let key = key_source(cli, &home)?;
-    Ok(Client::open(&home, key, cli.proxy.clone())?)
+    open_at(cli, &home(cli)?)
+}
+
+/// Opens the profile in `home` (one of several a daemon serves).
+pub fn open_at(cli: &Cli, home: &Path) -> anyhow::Result<Client> {
+    let key = key_source(cli, home)?;
+    Ok(Client::open(home, key, cli.proxy.clone())?)
 }
 
 #[cfg(test)]

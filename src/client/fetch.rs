@@ -375,8 +375,16 @@ impl Client {
         Ok(out)
     }
 
-    /// Forgets inbox entries that were shown.
-    fn delivered(&mut self, seqs: &[u64]) -> Result<(), ClientError> {
+    /// Every message stored and not yet shown, oldest first (as `fetch`
+    /// shows them first): the daemon reads them before it takes clients.
+    pub fn inbox(&self) -> Result<Vec<Event>, ClientError> {
+        self.undelivered(None)
+    }
+
+    /// Forgets inbox entries that were shown (by their sequence numbers,
+    /// [`Event::Message`]'s `delivery`): the daemon calls it when a client
+    /// took a message that `fetch` was told it would show later.
+    pub fn delivered(&mut self, seqs: &[u64]) -> Result<(), ClientError> {
         if seqs.is_empty() {
             return Ok(());
         }

@@ -59,6 +59,18 @@ impl NetError {
         }
     }
 
+    /// The relay the error is about (its label).
+    pub fn relay(&self) -> &str {
+        match self {
+            NetError::Unreachable { relay, .. }
+            | NetError::Http { relay, .. }
+            | NetError::Tls { relay, .. }
+            | NetError::NotThatRelay { relay }
+            | NetError::Malformed { relay, .. }
+            | NetError::Refused { relay, .. } => relay,
+        }
+    }
+
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             NetError::Refused { code, .. } => Some(*code),

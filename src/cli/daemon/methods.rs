@@ -1,0 +1,386 @@
+//! The methods: each one the CLI command of the same name, on a profile
+//! that stays unlocked. docs/JSONRPC.md is their reference.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use data_encoding::HEXLOWER;
+use serde_json::{json, Value};
+
+use super::hub::Conn;
+use super::rpc::{
+    notification, only, opt_str, opt_u64, req_str, RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND,
+    NOT_PENDING, UNKNOWN_PROFILE,
+};
+use super::{Daemon, Ready, Served};
+use crate::cli::exit::{BAD_INVITATION, GONE, TRY_AGAIN, USAGE};
+use crate::cli::{accept, contacts, device, invite, recv};
+use crate::client::model::{history_log, HistoryEntry};
+use crate::client::{now, Client};
+use crate::proto::envelope::{Kind, MAX_BODY_LEN};
+use crate::proto::hello::Channel;
+use crate::proto::text::escape_text;
+
+/// The longest `log` answer, in messages.
+const MAX_LOG: u64 = 10_000;
+
+impl Ready {
+    pub(super) fn client(&self) -> MutexGuard<'_, Client> {
+        self.client.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Daemon {
+    /// Runs one method for the client on `conn`.
+    pub(super) fn call(
+        &self,
+        method: &str,
+        p: &Value,
+        conn: &Arc<Conn>,
+    ) -> Result<Value, RpcError> {
+        match method {
+            "profiles" => {
+                only(p, &[])?;
+                Ok(self.profiles_json())
+            }
+            "subscribe" => self.subscribe(p, conn),
+            "ack" => self.ack(p),
+            "send" => self.send(p),
+            "contacts" => {
+                only(p, &["profile"])?;
+                let (_, r) = self.ready(p)?;
+                Ok(Value::Array(contacts::contacts_json(&r.client())?))
+            }
+            "invite" => self.invite(p),
+            "accept" => self.accept(p),
+            "profile" => {
+                only(p, &["profile"])?;
+                let (_, r) = self.ready(p)?;
+                let s = r.client().settings()?;
+                let pr = &s.profile;
+                Ok(
+                    json!({"name": pr.name, "status": pr.status, "avatar_bytes": pr.avatar.as_ref().map(Vec::len)}),
+                )
+            }
+            "relays" => {
+                only(p, &["profile"])?;
+                let (_, r) = self.ready(p)?;
+                let s = r.client().settings()?;
+                Ok(Value::Array(
+                    s.relay_addresses()
+                        .iter()
+                        .map(|a| json!({"address": a.without_access_key().to_string(), "access_key": a.access_key.is_some()}))
+                        .collect(),
+                ))
+            }
+            "log" => self.log(p),
+            _ => Err(RpcError::new(
+                METHOD_NOT_FOUND,
+                format!(
+                    "no method \"{}\" (see docs/JSONRPC.md: profiles, subscribe, ack, send, \
+                     contacts, invite, accept, profile, relays, log)",
+                    escape_text(method)
+                ),
+            )),
+        }
+    }
+
+    fn profiles_json(&self) -> Value {
+        Value::Array(
+            self.profiles
+                .iter()
+                .map(|s| match &s.state {
+                    Ok(_) => json!({"profile": s.label, "name": s.name, "ok": true}),
+                    Err(f) => json!({
+                        "profile": s.label,
+                        "name": null,
+                        "ok": false,
+                        "error": {"message": f.message, "exit_code": f.code},
+                    }),
+                })
+                .collect(),
+        )
+    }
+
+    /// The profile `p` names: its home (as given to the daemon, or the same
+    /// directory written otherwise) or its name, if no other has it.
+    fn select(&self, p: &Value) -> Result<&Served, RpcError> {
+        let Some(want) = opt_str(p, "profile")? else {
+            if self.profiles.len() == 1 {
+                return Ok(&self.profiles[0]);
+            }
+            return Err(RpcError::new(
+                UNKNOWN_PROFILE,
+                "several profiles are served: name one with \"profile\" (its home or its name; \
+                 see the profiles method)",
+            ));
+        };
+        if let Some(s) = self.profiles.iter().find(|s| s.label == want) {
+            return Ok(s);
+        }
+        let canon = std::path::Path::new(want).canonicalize().ok();
+        if let Some(s) = self
+            .profiles
+            .iter()
+            .find(|s| canon.is_some() && s.home.canonicalize().ok() == canon)
+        {
+            return Ok(s);
+        }
+        let named: Vec<&Served> = self.profiles.iter().filter(|s| s.name == want).collect();
+        match named.as_slice() {
+            [one] => Ok(one),
+            [] => Err(RpcError::new(
+                UNKNOWN_PROFILE,
+                format!(
+                    "no profile \"{}\" is served here (see the profiles method)",
+                    escape_text(want)
+                ),
+            )),
+            _ => Err(RpcError::new(
+                UNKNOWN_PROFILE,
+                format!(
+                    "several served profiles are named \"{}\": name it by its home",
+                    escape_text(want)
+                ),
+            )),
+        }
+    }
+
+    /// The profile `p` names, if it is open.
+    fn ready(&self, p: &Value) -> Result<(&Served, &Ready), RpcError> {
+        let s = self.select(p)?;
+        match &s.state {
+            Ok(r) => Ok((s, r)),
+            Err(f) => Err(RpcError::exit(
+                f.code,
+                format!("profile {} is not open: {}", s.label, f.message),
+            )),
+        }
+    }
+
+    /// `profile` if given, or else every open profile.
+    fn chosen(&self, p: &Value) -> Result<Vec<(&Served, &Ready)>, RpcError> {
+        if opt_str(p, "profile")?.is_some() || self.profiles.len() == 1 {
+            return Ok(vec![self.ready(p)?]);
+        }
+        Ok(self
+            .profiles
+            .iter()
+            .filter_map(|s| s.state.as_ref().ok().map(|r| (s, r)))
+            .collect())
+    }
+
+    fn subscribe(&self, p: &Value, conn: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile"])?;
+        let chosen = self.chosen(p)?;
+        let mut pending = 0;
+        let mut labels = Vec::new();
+        for (s, r) in &chosen {
+            let (n, delivered) = r.hub.subscribe(conn);
+            pending += n;
+            labels.push(s.label.clone());
+            if !delivered.is_empty() {
+                if let Err(e) = r.client().delivered(&delivered) {
+                    // They stay in the inbox: shown again after a restart.
+                    crate::cli::output::note(&format!(
+                        "{}: could not mark messages as delivered: {e}",
+                        s.label
+                    ));
+                }
+            }
+        }
+        if opt_str(p, "profile")?.is_none() {
+            // What did not open is said to whoever listens.
+            for s in &self.profiles {
+                if let Err(f) = &s.state {
+                    conn.send_line(&notification(
+                        "error",
+                        json!({"profile": s.label, "kind": "profile", "message": f.message, "exit_code": f.code}),
+                    ));
+                }
+            }
+        }
+        Ok(json!({
+            "profiles": labels,
+            "pending": pending,
+            "manual_ack": self.manual_ack,
+        }))
+    }
+
+    fn ack(&self, p: &Value) -> Result<Value, RpcError> {
+        only(p, &["profile", "id"])?;
+        let id = req_str(p, "id")?;
+        let mut acked = 0;
+        for (s, r) in self.chosen(p)? {
+            let seqs = r.hub.ack(id);
+            if seqs.is_empty() {
+                continue;
+            }
+            acked += seqs.len();
+            r.client().delivered(&seqs).map_err(|e| {
+                RpcError::new(
+                    INTERNAL_ERROR,
+                    format!(
+                        "{}: the acknowledgement could not be stored ({e}); the message will \
+                         be delivered again after a restart",
+                        s.label
+                    ),
+                )
+            })?;
+        }
+        if acked == 0 && self.manual_ack {
+            return Err(RpcError::new(
+                NOT_PENDING,
+                format!(
+                    "no pending message has the id \"{}\": acknowledged already, or not \
+                     delivered by this daemon",
+                    escape_text(id)
+                ),
+            ));
+        }
+        Ok(json!({"acked": acked}))
+    }
+
+    fn send(&self, p: &Value) -> Result<Value, RpcError> {
+        only(p, &["profile", "contact", "text"])?;
+        let contact = req_str(p, "contact")?;
+        let text = req_str(p, "text")?;
+        if text.is_empty() {
+            return Err(RpcError::exit(
+                USAGE,
+                "the message is empty; nothing was sent",
+            ));
+        }
+        if text.len() > MAX_BODY_LEN {
+            return Err(RpcError::exit(
+                USAGE,
+                format!(
+                    "the message is {} bytes, more than the {MAX_BODY_LEN} one message holds; \
+                     nothing was sent",
+                    text.len()
+                ),
+            ));
+        }
+        let (_, r) = self.ready(p)?;
+        let mut c = r.client();
+        let id = c.contact_id(contact)?;
+        let name = c.contact(&id)?.name;
+        let members = c.group_members(&id)?;
+        let out = c.send(&id, Kind::Text, text.as_bytes().to_vec())?;
+        // The relays the message was for, less those that failed.
+        let mut relays = BTreeSet::new();
+        for m in &members {
+            if let Ok(mc) = c.contact(m) {
+                relays.extend(contacts::relays(&mc).1);
+            }
+        }
+        let failed_relays: HashSet<&str> = out.report.errors.iter().map(|e| e.relay()).collect();
+        let took: Vec<&String> = relays
+            .iter()
+            .filter(|r| !failed_relays.contains(r.as_str()))
+            .collect();
+        let failed: Vec<Value> = out
+            .report
+            .errors
+            .iter()
+            .map(|e| json!({"relay": e.relay(), "error": e.to_string()}))
+            .collect();
+        let state = if out.awaiting_connection {
+            "awaiting-connection"
+        } else if out.delivered {
+            "sent"
+        } else {
+            "kept"
+        };
+        let result = json!({
+            "id": HEXLOWER.encode(&out.id),
+            "contact": name,
+            "state": state,
+            "relays": if out.delivered { json!(took) } else { json!([]) },
+            "failed": failed,
+        });
+        if out.awaiting_connection {
+            return Ok(result);
+        }
+        if out.gone && !out.delivered {
+            return Err(RpcError::exit(
+                GONE,
+                format!(
+                    "{name} deleted this connection: the message cannot reach them (it is \
+                     kept; `tern forget` removes them here)"
+                ),
+            )
+            .with(result));
+        }
+        if !out.delivered {
+            return Err(RpcError::exit(
+                TRY_AGAIN,
+                format!(
+                    "no relay took the message ({}); it is kept and the daemon keeps trying: \
+                     sending it again would send a second copy",
+                    out.report.describe()
+                ),
+            )
+            .with(result));
+        }
+        Ok(result)
+    }
+
+    fn invite(&self, p: &Value) -> Result<Value, RpcError> {
+        only(p, &["profile", "name", "expires"])?;
+        let name = opt_str(p, "name")?;
+        let expires = opt_str(p, "expires")?
+            .map(|e| device::parse_expiry(e, Duration::from_secs(365 * 24 * 3600)))
+            .transpose()?;
+        let (_, r) = self.ready(p)?;
+        let mut c = r.client();
+        let (link, contact) = invite::new_contact(
+            &mut c,
+            name,
+            Channel::Shared,
+            expires.map_or(0, |d| now() + d.as_millis() as u64),
+        )?;
+        c.add_contact(&contact)?;
+        Ok(json!({"link": link, "name": contact.name}))
+    }
+
+    fn accept(&self, p: &Value) -> Result<Value, RpcError> {
+        only(p, &["profile", "link", "name"])?;
+        let link = req_str(p, "link")?;
+        if link == "-" {
+            return Err(RpcError::exit(
+                BAD_INVITATION,
+                "give the invitation link itself",
+            ));
+        }
+        let name = opt_str(p, "name")?;
+        let (invitation, channel) = accept::read_any_invitation(Some(link), None)?;
+        let (_, r) = self.ready(p)?;
+        let mut c = r.client();
+        Ok(accept::accept_invitation(
+            &mut c, invitation, channel, name,
+        )?)
+    }
+
+    fn log(&self, p: &Value) -> Result<Value, RpcError> {
+        only(p, &["profile", "contact", "limit"])?;
+        let contact = req_str(p, "contact")?;
+        let limit = opt_u64(p, "limit")?.unwrap_or(50).min(MAX_LOG) as usize;
+        let (_, r) = self.ready(p)?;
+        let c = r.client();
+        let id = c.contact_id(contact)?;
+        let record = c.contact(&id)?;
+        let group = record.group().to_string();
+        let mut entries: Vec<(u64, HistoryEntry)> =
+            c.store.read(|tx| tx.tail(&history_log(&group), limit))?;
+        entries.sort_by_key(|(_, e)| e.sent_at_ms);
+        let me = c.settings()?.profile.name;
+        Ok(Value::Array(
+            entries
+                .iter()
+                .map(|(_, e)| recv::message_json(&record.name, &me, e, None))
+                .collect(),
+        ))
+    }
+}
