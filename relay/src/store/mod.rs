@@ -34,7 +34,7 @@ pub enum StoreError {
     /// The database cannot be reached, restarts, or asked for a retry (a
     /// deadlock or serialisation failure): clients are told "temporarily
     /// unavailable" and retry; the store reconnects by itself.
-    #[error("the database is unavailable ({0}); the relay reconnects by itself")]
+    #[error("the database is unavailable ({0})")]
     Unavailable(String),
     #[error("cannot create the database file: {0}")]
     Io(Arc<std::io::Error>),

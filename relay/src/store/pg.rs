@@ -131,7 +131,13 @@ impl From<postgres::Error> for StoreError {
                 || c == SqlState::READ_ONLY_SQL_TRANSACTION.code() // a failover in progress
         });
         if e.is_closed() || io || transient {
-            StoreError::Unavailable(e.to_string())
+            // The driver's message alone ("error connecting to server") does
+            // not say why; its source does.
+            let why = match std::error::Error::source(&e) {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            };
+            StoreError::Unavailable(why)
         } else {
             StoreError::Postgres(Arc::new(e))
         }
@@ -304,7 +310,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if down.is_none() {
-            warning!("lost the database: {e}");
+            warning!("lost the database: {e}; reconnecting");
         }
         *down = Some(Instant::now());
     }
