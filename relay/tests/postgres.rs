@@ -121,6 +121,36 @@ fn a_send_on_one_node_is_pushed_by_another() {
     b.stop();
 }
 
+#[test]
+fn the_relay_reaches_the_database_over_tls() {
+    let Some(pg) = PgServer::start_tls() else {
+        return;
+    };
+    let db = pg.database_name();
+    let url = pg.tls_url(&db);
+    let (_dir, relay) = node(&url);
+    let mut c = relay.client();
+    let q = secured_queue(&mut c);
+    let msg = message();
+    assert_eq!(c.request(&q.send(&msg), Some(&q.sender_key)), Reply::Ok);
+    let delivered = drain_acking(&mut c, &q);
+    assert_eq!(delivered, vec![msg]);
+    // Every connection the relay holds is encrypted.
+    let mut admin = pg.client(&pg.url(&db));
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'tern-relay'",
+            &[],
+        )
+        .unwrap();
+    let (tls, plain): (i64, i64) = (row.get(0), row.get(1));
+    assert!(tls >= 2, "{tls} TLS connections");
+    assert_eq!(plain, 0);
+    relay.stop();
+}
+
 /// A relay node in a child process of this test binary, so that it can be
 /// SIGKILLed: started by the tests below, not a test of its own.
 #[test]

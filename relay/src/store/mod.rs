@@ -12,6 +12,7 @@
 
 mod pg;
 mod sqlite;
+mod tls;
 
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver};

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, Config, NoTls, Row, Statement};
+use postgres::{Client, Config, Row, Statement};
 use rand::rngs::OsRng;
 use rand_core::RngCore;
 use zeroize::Zeroizing;
@@ -158,7 +158,7 @@ struct Conn {
 impl Conn {
     fn connect(config: &Config) -> PgResult<Conn> {
         Ok(Conn {
-            client: config.connect(NoTls)?,
+            client: config.connect(super::tls::connector())?,
             statements: HashMap::new(),
         })
     }
@@ -1120,7 +1120,7 @@ fn listen_loop(
     let mut pause = Duration::from_millis(100);
     let mut lost = false;
     while !stop.load(Ordering::SeqCst) {
-        let mut client = match config.connect(NoTls).and_then(|mut c| {
+        let mut client = match config.connect(super::tls::connector()).and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
             Ok(c)
         }) {

@@ -24,6 +24,10 @@ pub struct PgServer {
     /// uid and gid to run as, when this process is root.
     user: Option<(u32, u32)>,
     child: Option<Child>,
+    /// The port, which names the Unix socket and, with TLS, the loopback
+    /// TCP port (PostgreSQL speaks TLS over TCP only).
+    port: u16,
+    tls: bool,
 }
 
 /// The newest installed server's bin directory.
@@ -72,6 +76,21 @@ impl PgServer {
     /// Initialises and starts a server, or `None` (with a note) where
     /// PostgreSQL is not installed.
     pub fn start() -> Option<PgServer> {
+        Self::start_with(false)
+    }
+
+    /// A server that also listens on 127.0.0.1 with TLS (a self-signed
+    /// certificate made with openssl), or `None` with a note where
+    /// PostgreSQL or openssl is missing.
+    pub fn start_tls() -> Option<PgServer> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("note: no openssl to make the server's certificate; skipping");
+            return None;
+        }
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<PgServer> {
         let Some(bin) = bin_dir() else {
             eprintln!(
                 "note: no PostgreSQL server under /usr/lib/postgresql/*/bin \
@@ -88,11 +107,22 @@ impl PgServer {
             chown_tree(dir.path(), uid, gid);
         }
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let port = if tls {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        } else {
+            5432
+        };
         let mut server = PgServer {
             dir,
             bin,
             user,
             child: None,
+            port,
+            tls,
         };
         let data = server.data_dir();
         let out = server
@@ -115,6 +145,25 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls {
+            let out = Command::new("openssl")
+                .args(["req", "-new", "-x509", "-days", "2", "-nodes"])
+                .args(["-subj", "/CN=localhost", "-newkey", "rsa:2048"])
+                .arg("-keyout")
+                .arg(data.join("server.key"))
+                .arg("-out")
+                .arg(data.join("server.crt"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl failed");
+            for f in ["server.key", "server.crt"] {
+                let p = data.join(f);
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = user {
+                    std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+                }
+            }
+        }
         server.run();
         Some(server)
     }
@@ -155,11 +204,17 @@ impl PgServer {
                 .unwrap();
         }
         // setpriv execs the server: the child is the postmaster itself.
-        let child = self
-            .command("postgres")
+        let mut command = self.command("postgres");
+        command
             .args(["-D", data.to_str().unwrap()])
             .args(["-k", self.socket_dir().to_str().unwrap()])
-            .args(["-c", "listen_addresses="])
+            .args(["-p", &self.port.to_string()]);
+        if self.tls {
+            command.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"]);
+        } else {
+            command.args(["-c", "listen_addresses="]);
+        }
+        let child = command
             .args(["-c", "fsync=off"])
             .args(["-c", "max_connections=200"])
             .args(["-c", "shared_buffers=16MB"])
@@ -212,18 +267,34 @@ impl PgServer {
     /// A connection string for database `db`.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "host={} port=5432 user=postgres dbname={db} connect_timeout=5",
-            self.socket_dir().display()
+            "host={} port={} user=postgres dbname={db} connect_timeout=5",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// A connection string for database `db` over TCP that insists on TLS
+    /// (servers from [`PgServer::start_tls`]).
+    pub fn tls_url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=require",
+            self.port
         )
     }
 
     /// Creates a fresh database and returns its connection string.
     pub fn database(&self) -> String {
+        let name = self.database_name();
+        self.url(&name)
+    }
+
+    /// Creates a fresh database and returns its name.
+    pub fn database_name(&self) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("relay{}", N.fetch_add(1, Ordering::SeqCst));
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        self.url(&name)
+        name
     }
 
     /// A plain client, for looking at what the relay wrote.
