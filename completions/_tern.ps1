@@ -599,7 +599,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
-            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data (or in the --store database)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -607,6 +607,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--data', '--data', [CompletionResultType]::ParameterName, 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]')
             [CompletionResult]::new('--access-key-file', '--access-key-file', [CompletionResultType]::ParameterName, 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out')
             [CompletionResult]::new('--listen', '--listen', [CompletionResultType]::ParameterName, 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port')
+            [CompletionResult]::new('--store', '--store', [CompletionResultType]::ParameterName, 'Keep the queues and the identity key in this PostgreSQL database (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite under --data; every relay started with the same database serves as one relay. DATABASE_URL, as PaaS add-ons set it, is read when not given')
             [CompletionResult]::new('--ttl-days', '--ttl-days', [CompletionResultType]::ParameterName, 'Delete undelivered messages after this many days; a queue unused for as long is deleted too')
             [CompletionResult]::new('--max-pending', '--max-pending', [CompletionResultType]::ParameterName, 'Most messages waiting in one queue; senders get "queue full" past it')
             [CompletionResult]::new('--max-connections', '--max-connections', [CompletionResultType]::ParameterName, 'Most simultaneous connections')
@@ -632,6 +633,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--data', '--data', [CompletionResultType]::ParameterName, 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]')
             [CompletionResult]::new('--access-key-file', '--access-key-file', [CompletionResultType]::ParameterName, 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out')
             [CompletionResult]::new('--listen', '--listen', [CompletionResultType]::ParameterName, 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port')
+            [CompletionResult]::new('--store', '--store', [CompletionResultType]::ParameterName, 'Keep the queues and the identity key in this PostgreSQL database (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite under --data; every relay started with the same database serves as one relay. DATABASE_URL, as PaaS add-ons set it, is read when not given')
+            [CompletionResult]::new('--public-address', '--public-address', [CompletionResultType]::ParameterName, 'With --store: the host clients reach the relay at, HOST[:PORT] or https://HOST[:PORT][/PATH] (a database remembers no address; a relay under --data remembers the one it printed)')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -643,7 +646,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;relay;help' {
             [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
-            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data (or in the --store database)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -811,7 +814,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;help;relay' {
             [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout')
-            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data')
+            [CompletionResult]::new('address', 'address', [CompletionResultType]::ParameterValue, 'Print the address of the relay in --data (or in the --store database)')
             break
         }
         'tern;help;relay;serve' {

@@ -2190,7 +2190,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__address)
-            opts="-h --data --access-key-file --listen --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --data --access-key-file --listen --store --public-address --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2205,6 +2205,14 @@ _tern() {
                     return 0
                     ;;
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --public-address)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2288,7 +2296,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__relay__subcmd__serve)
-            opts="-h --data --access-key-file --listen --ttl-days --max-pending --max-connections --max-connections-per-address --max-data-mib --max-open-queues --unsecured-days --public-address --forwarded-header --workers --create-rate-per-connection --create-rate-per-address --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --data --access-key-file --listen --store --ttl-days --max-pending --max-connections --max-connections-per-address --max-data-mib --max-open-queues --unsecured-days --public-address --forwarded-header --workers --create-rate-per-connection --create-rate-per-address --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2303,6 +2311,10 @@ _tern() {
                     return 0
                     ;;
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

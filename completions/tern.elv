@@ -534,13 +534,14 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
-            cand address 'Print the address of the relay in --data'
+            cand address 'Print the address of the relay in --data (or in the --store database)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;relay;serve'= {
             cand --data 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]'
             cand --access-key-file 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out'
             cand --listen 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port'
+            cand --store 'Keep the queues and the identity key in this PostgreSQL database (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite under --data; every relay started with the same database serves as one relay. DATABASE_URL, as PaaS add-ons set it, is read when not given'
             cand --ttl-days 'Delete undelivered messages after this many days; a queue unused for as long is deleted too'
             cand --max-pending 'Most messages waiting in one queue; senders get "queue full" past it'
             cand --max-connections 'Most simultaneous connections'
@@ -565,6 +566,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --data 'Where the relay keeps its identity key and queues [default: $XDG_DATA_HOME/tern-relay or ~/.local/share/tern-relay]'
             cand --access-key-file 'A file of access keys needed to create queues (sending never needs one): one key a line, optionally followed by the most queues it may have; the first key becomes part of the address you hand out'
             cand --listen 'Address and port to listen on; the PORT environment variable, as set by container platforms, overrides the port'
+            cand --store 'Keep the queues and the identity key in this PostgreSQL database (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite under --data; every relay started with the same database serves as one relay. DATABASE_URL, as PaaS add-ons set it, is read when not given'
+            cand --public-address 'With --store: the host clients reach the relay at, HOST[:PORT] or https://HOST[:PORT][/PATH] (a database remembers no address; a relay under --data remembers the one it printed)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -575,7 +578,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;relay;help'= {
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
-            cand address 'Print the address of the relay in --data'
+            cand address 'Print the address of the relay in --data (or in the --store database)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;relay;help;serve'= {
@@ -703,7 +706,7 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;help;relay'= {
             cand serve 'Serve until SIGTERM or SIGINT; prints the relay''s address on the first line of stdout'
-            cand address 'Print the address of the relay in --data'
+            cand address 'Print the address of the relay in --data (or in the --store database)'
         }
         &'tern;help;relay;serve'= {
         }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! bench_relay throughput --tern PATH [--redis-server PATH] [--quick]
+//!                        [--store POSTGRES_URL [--nodes 2]]
 //! bench_relay scale      --tern PATH [--quick]
 //! ```
 //!
@@ -994,11 +995,42 @@ const BENCH_RELAY_FLAGS: &[&str] = &[
     "1000000/1000000",
 ];
 
+/// `--store URL` and `--nodes N`: the relay under test keeps its queues in
+/// that PostgreSQL database, and with two nodes senders use the first and
+/// recipients the second (every delivery crosses nodes through the
+/// database's notifications).
+static STORE: std::sync::OnceLock<(String, usize)> = std::sync::OnceLock::new();
+
 fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result<Row> {
-    let relay = RelayProc::start(tern, base, &format!("relay-{pairs}"), BENCH_RELAY_FLAGS)?;
+    let mut flags: Vec<&str> = BENCH_RELAY_FLAGS.to_vec();
+    let (label, nodes) = match STORE.get() {
+        None => ("tern relay".to_string(), 1),
+        Some((url, nodes)) => {
+            flags.extend(["--store", url.as_str()]);
+            (
+                format!(
+                    "tern relay, PostgreSQL, {nodes} node{}",
+                    if *nodes == 1 { "" } else { "s" }
+                ),
+                *nodes,
+            )
+        }
+    };
+    let relay = RelayProc::start(tern, base, &format!("relay-{pairs}"), &flags)?;
+    let second = if nodes > 1 {
+        Some(RelayProc::start(
+            tern,
+            base,
+            &format!("relay-{pairs}-b"),
+            &flags,
+        )?)
+    } else {
+        None
+    };
     let keys = Keys::generate();
     let queues = create_queues(relay.addr, relay.key, &keys, pairs, 8, true)?;
     let (addr, relay_key) = (relay.addr, relay.key);
+    let recv_addr = second.as_ref().map_or(addr, |r| r.addr);
     let mut message = vec![0u8; QUEUE_MSG_LEN];
     OsRng.fill_bytes(&mut message);
     let make = move |i: usize| -> io::Result<(Box<dyn SendSide>, Box<dyn RecvSide>)> {
@@ -1011,18 +1043,25 @@ fn tern_level(tern: &Path, base: &Path, pairs: usize, plan: &Plan) -> io::Result
                 message: message.clone(),
             }),
             Box::new(TernRecipient::subscribe(
-                Session::connect(addr, &relay_key)?,
+                Session::connect(recv_addr, &relay_key)?,
                 Arc::clone(&keys),
                 q,
             )?),
         ))
     };
-    let pid = relay.pid;
-    let mut row = measure("tern relay", pairs, plan, &make, &|| {
-        cpu_secs(&pid.to_string())
+    let pids: Vec<u32> = std::iter::once(relay.pid)
+        .chain(second.as_ref().map(|r| r.pid))
+        .collect();
+    let mut row = measure(&label, pairs, plan, &make, &|| {
+        pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
     })?;
-    row.peak_mib = relay.hwm_mib();
+    row.peak_mib = relay
+        .hwm_mib()
+        .max(second.as_ref().map_or(0.0, |r| r.hwm_mib()));
     relay.stop();
+    if let Some(r) = second {
+        r.stop();
+    }
     Ok(row)
 }
 
@@ -1710,6 +1749,8 @@ fn main() {
     let mut quick = false;
     let mut what = None;
     let mut levels = None;
+    let mut store = None;
+    let mut nodes = 1;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -1722,6 +1763,8 @@ fn main() {
                     .next()
                     .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
             }
+            "--store" => store = it.next().cloned(),
+            "--nodes" => nodes = it.next().and_then(|n| n.parse().ok()).unwrap_or(0),
             "throughput" | "scale" | "crypto" => what = Some(a.clone()),
             other => {
                 eprintln!("bench_relay: unknown argument {other:?}");
@@ -1729,12 +1772,19 @@ fn main() {
             }
         }
     }
+    if let Some(url) = store {
+        if !(1..=2).contains(&nodes) {
+            eprintln!("bench_relay: --nodes takes 1 or 2");
+            std::process::exit(2);
+        }
+        let _ = STORE.set((url, nodes));
+    }
     if what.as_deref() == Some("crypto") {
         tern.get_or_insert_with(PathBuf::new);
     }
     let (Some(tern), Some(what)) = (tern, what) else {
         eprintln!(
-            "usage: bench_relay throughput|scale --tern PATH [--redis-server PATH] [--quick] [--pairs N,N]\n       bench_relay crypto"
+            "usage: bench_relay throughput|scale --tern PATH [--redis-server PATH] [--quick] [--pairs N,N] [--store POSTGRES_URL [--nodes 2]]\n       bench_relay crypto"
         );
         std::process::exit(2);
     };

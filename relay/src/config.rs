@@ -109,8 +109,14 @@ impl AccessKey {
 #[derive(Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
-    /// Holds `identity.key` (the relay's secret key) and the queue database.
+    /// Holds `identity.key` (the relay's secret key) and the queue database
+    /// (SQLite). Unused with [`database_url`](Self::database_url).
     pub data_dir: PathBuf,
+    /// A PostgreSQL connection string (`postgres://USER:PASSWORD@HOST/DB`):
+    /// the queues and the identity key are kept there instead of in
+    /// `data_dir`, and any number of relays given the same one serve as one
+    /// relay. It holds a password: never logged.
+    pub database_url: Option<String>,
     /// When not empty, creating a queue needs one of these keys; sending
     /// never does. The first is the one printed in the relay's address.
     pub access_keys: Vec<AccessKey>,
@@ -171,6 +177,7 @@ impl std::fmt::Debug for ServeConfig {
         f.debug_struct("ServeConfig")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
             .field("access_keys", &self.access_keys.len())
             .field("public_address", &self.public_address)
             .field("ttl", &self.ttl)
@@ -188,6 +195,7 @@ impl ServeConfig {
         Self {
             listen,
             data_dir: data_dir.into(),
+            database_url: None,
             access_keys: Vec::new(),
             public_address: None,
             forwarded_header: None,
@@ -255,6 +263,16 @@ impl ServeConfig {
         }
         if let Some(p) = &self.public_address {
             crate::server::public_host(p)?;
+        }
+        if let Some(url) = &self.database_url {
+            // The parser's message never repeats the string, which may hold
+            // a password.
+            if let Err(e) = url.parse::<postgres::Config>() {
+                return Err(RelayError::Config(format!(
+                    "the database connection string is not one PostgreSQL accepts ({e}); \
+                     give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                )));
+            }
         }
         const DAY: Duration = Duration::from_secs(24 * 3600);
         for (name, d, max) in [

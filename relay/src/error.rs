@@ -24,6 +24,10 @@ pub enum RelayError {
     Locked { path: PathBuf },
     #[error("the relay database failed: {0}; check free disk space and the permissions of the data directory")]
     Store(#[from] StoreError),
+    #[error("the relay's PostgreSQL database failed: {0}; check the connection string (--store or DATABASE_URL), that the server is up, and that its role may create tables")]
+    Database(StoreError),
+    #[error("the relay's PostgreSQL database holds no relay identity yet; run `tern relay serve` once with this database to create it")]
+    NoDatabaseIdentity,
     #[error("cannot listen on {addr}: {source}; choose another listen address or stop whatever is using it")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("the relay's event loop failed: {0}; restart the relay")]

@@ -115,7 +115,7 @@ pub struct Handler {
     public: [u8; 32],
     store: Store,
     policy: Policy,
-    waiters: Waiters,
+    waiters: Arc<Waiters>,
     creates: CreateLimits,
     /// The database size last measured plus what was stored since.
     data_bytes: AtomicU64,
@@ -136,7 +136,13 @@ fn random_id() -> Id {
     id
 }
 
+/// The answer to a failed store operation: "temporarily unavailable" while
+/// the database is unreachable or asked for a retry (the store logs that
+/// once, not per request), an internal error otherwise.
 fn internal(e: StoreError) -> ErrorCode {
+    if e.is_unavailable() {
+        return ErrorCode::Unavailable;
+    }
     error!("database operation failed: {e}");
     ErrorCode::Internal
 }
@@ -178,12 +184,15 @@ impl Handler {
             .verifying_key()
             .to_bytes();
         let creates = CreateLimits::new(policy.create_rate_address);
+        let waiters = Arc::new(Waiters::new(wake));
+        // Other relay nodes on the same database wake our subscriptions too.
+        store.listen(Arc::clone(&waiters));
         Self {
             identity_secret,
             public,
             store,
             policy,
-            waiters: Waiters::new(wake),
+            waiters,
             creates,
             data_bytes: AtomicU64::new(0),
             dummy_key,
@@ -821,7 +830,11 @@ impl Handler {
             let found = match found {
                 Ok(m) => m,
                 Err(e) => {
-                    error!("reading a queue failed: {e}");
+                    // While the database is away the store has said so once;
+                    // the subscription looks again when it is back.
+                    if !e.is_unavailable() {
+                        error!("reading a queue failed: {e}");
+                    }
                     sub.dirty = true;
                     continue;
                 }

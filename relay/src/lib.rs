@@ -21,5 +21,7 @@ mod waiters;
 
 pub use config::{AccessKey, ServeConfig};
 pub use error::RelayError;
-pub use server::{load_address, shutdown_on_signals, Server, ShutdownHandle};
+pub use server::{
+    load_address, load_database_address, shutdown_on_signals, Server, ShutdownHandle,
+};
 pub use tern_wire::{RelayAddress, Transport};

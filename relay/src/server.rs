@@ -162,6 +162,23 @@ pub fn load_address(
     make_address(identity.public(), listen, None, access_key)
 }
 
+/// The address of the relay whose queues are in the PostgreSQL database
+/// `url`, for `tern relay address --store`: made from the identity in the
+/// database and `public` (or `listen`), since the database remembers no
+/// address (each node may listen on its own). Reads only; creates nothing.
+pub fn load_database_address(
+    url: &str,
+    access_key: Option<String>,
+    listen: SocketAddr,
+    public: Option<&str>,
+) -> Result<RelayAddress, RelayError> {
+    let secret = Store::read_database_identity(url)
+        .map_err(RelayError::Database)?
+        .ok_or(RelayError::NoDatabaseIdentity)?;
+    let identity = identity::RelayIdentity::from_secret(&secret);
+    make_address(identity.public(), listen, public, access_key)
+}
+
 /// Remembers the address `serve` prints, so that `tern relay address`
 /// prints the same. Written atomically; the access key is kept too (the
 /// file is the operator's, mode 0600, beside the identity key).
@@ -234,18 +251,34 @@ pub struct Server {
     events_rx: Receiver<LoopEvent>,
     /// The body of `GET /`, rendered once.
     page: Vec<u8>,
-    _lock: DirLock,
+    /// SQLite only: one relay per data directory. Relays on one PostgreSQL
+    /// database are meant to run together.
+    _lock: Option<DirLock>,
 }
 
 impl Server {
-    /// Opens (or creates) the identity and the store in `cfg.data_dir` and
-    /// binds the listening socket.
+    /// Opens (or creates) the identity and the store, in `cfg.data_dir` or
+    /// in the PostgreSQL database `cfg.database_url`, and binds the
+    /// listening socket.
     pub fn bind(cfg: ServeConfig) -> Result<Server, RelayError> {
         cfg.validate()?;
-        identity::ensure_data_dir(&cfg.data_dir)?;
-        let lock = DirLock::acquire(&cfg.data_dir)?;
-        let identity = identity::load_or_create(&cfg.data_dir)?;
-        let store = Store::open(&cfg.data_dir.join(DB_FILE))?;
+        let (store, identity, lock) = match cfg.database_url.as_deref() {
+            None => {
+                identity::ensure_data_dir(&cfg.data_dir)?;
+                let lock = DirLock::acquire(&cfg.data_dir)?;
+                let identity = identity::load_or_create(&cfg.data_dir)?;
+                let store = Store::open(&cfg.data_dir.join(DB_FILE))?;
+                (store, identity, Some(lock))
+            }
+            Some(url) => {
+                let store = Store::open_postgres(url).map_err(RelayError::Database)?;
+                let secret = store
+                    .identity(true)
+                    .map_err(RelayError::Database)?
+                    .ok_or(RelayError::NoDatabaseIdentity)?;
+                (store, identity::RelayIdentity::from_secret(&secret), None)
+            }
+        };
 
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -262,8 +295,12 @@ impl Server {
             cfg.public_address.as_deref(),
             cfg.address_key(),
         )?;
-        if let Err(e) = save_address(&cfg.data_dir, &address) {
-            warning!("could not remember the relay's address in the data directory: {e}");
+        // With PostgreSQL the data directory may be a PaaS's ephemeral disk,
+        // or not exist: the address is printed, not remembered.
+        if cfg.database_url.is_none() {
+            if let Err(e) = save_address(&cfg.data_dir, &address) {
+                warning!("could not remember the relay's address in the data directory: {e}");
+            }
         }
 
         let (events_tx, events_rx) = mpsc::channel();

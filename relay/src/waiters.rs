@@ -67,6 +67,19 @@ impl Waiters {
         }
     }
 
+    /// Wakes every subscribed session for every queue it waits on: after
+    /// a gap in the notifications from other relay nodes, any of them may
+    /// have missed a message.
+    pub fn wake_all(&self) {
+        let all: Vec<(QueueRef, Vec<u64>)> =
+            self.lock().iter().map(|(q, t)| (*q, t.clone())).collect();
+        for (q, tickets) in all {
+            for t in tickets {
+                (self.wake)(t, q, false);
+            }
+        }
+    }
+
     /// Number of registered subscriptions (for tests and diagnostics).
     pub fn len(&self) -> usize {
         self.lock().values().map(Vec::len).sum()

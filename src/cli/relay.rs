@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_relay::config::{self, AccessKey, ServeConfig};
 use tern_relay::limits::Rate;
-use tern_relay::server::{load_address, shutdown_on_signals, Server};
+use tern_relay::server::{load_address, load_database_address, shutdown_on_signals, Server};
 
 use super::exit::{fail, USAGE};
 use super::output::line;
@@ -37,6 +37,12 @@ pub struct Common {
     /// by container platforms, overrides the port
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:5223")]
     pub listen: SocketAddr,
+    /// Keep the queues and the identity key in this PostgreSQL database
+    /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite under
+    /// --data; every relay started with the same database serves as one
+    /// relay. DATABASE_URL, as PaaS add-ons set it, is read when not given
+    #[arg(long, value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -94,11 +100,18 @@ pub enum Action {
         #[arg(long, value_name = "RATE", value_parser = parse_rate, default_value = "512/240")]
         create_rate_per_address: Rate,
     },
-    /// Print the address of the relay in --data
-    #[command(after_help = "Example:\n  tern relay address --data /var/lib/tern-relay")]
+    /// Print the address of the relay in --data (or in the --store database)
+    #[command(
+        after_help = "Examples:\n  tern relay address --data /var/lib/tern-relay\n  tern relay address --store postgres://tern@db/tern --public-address relay.example.net"
+    )]
     Address {
         #[command(flatten)]
         common: Common,
+        /// With --store: the host clients reach the relay at, HOST[:PORT] or
+        /// https://HOST[:PORT][/PATH] (a database remembers no address; a
+        /// relay under --data remembers the one it printed)
+        #[arg(long, value_name = "ADDR", env = "TERN_RELAY_PUBLIC_ADDRESS")]
+        public_address: Option<String>,
     },
 }
 
@@ -168,6 +181,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             create_rate_per_address,
         } => {
             let mut cfg = ServeConfig::new(listen_addr(common)?, data_dir(common)?);
+            cfg.database_url = common.store.clone();
             cfg.access_keys = read_access_keys(common.access_key_file.as_deref())?;
             cfg.ttl = Duration::from_secs(ttl_days.saturating_mul(86_400));
             cfg.max_pending = *max_pending;
@@ -187,12 +201,24 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             server.run()?;
             Ok(())
         }
-        Action::Address { common } => {
+        Action::Address {
+            common,
+            public_address,
+        } => {
             let access = read_access_keys(common.access_key_file.as_deref())?
                 .into_iter()
                 .next()
                 .map(|k| k.key);
-            line(&load_address(&data_dir(common)?, access, listen_addr(common)?)?.to_string());
+            let address = match &common.store {
+                Some(url) => load_database_address(
+                    url,
+                    access,
+                    listen_addr(common)?,
+                    public_address.as_deref(),
+                )?,
+                None => load_address(&data_dir(common)?, access, listen_addr(common)?)?,
+            };
+            line(&address.to_string());
             Ok(())
         }
     }

@@ -37,6 +37,7 @@ const SCRUBBED: &[&str] = &[
     "TERN_RELAY_PUBLIC_ADDRESS",
     "TERN_RELAY_FORWARDED_HEADER",
     "PORT",
+    "DATABASE_URL",
 ];
 
 /// A `tern` command with a clean environment; `sandbox` stands in for the

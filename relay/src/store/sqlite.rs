@@ -52,9 +52,12 @@ use std::time::Duration;
 use rand::rngs::OsRng;
 use rand_core::RngCore;
 use rusqlite::{params, Connection, OptionalExtension};
-use thiserror::Error;
 use zeroize::Zeroizing;
 
+use super::{
+    today, AckOutcome, CreateOutcome, DeleteOutcome, Durability, NewMessage, NewQueue, Pending,
+    QueueRef, QueueRow, SecureOutcome, SendAuth, SendOutcome, StoreError, StoredMessage,
+};
 use crate::log::error;
 use tern_wire::Id;
 
@@ -100,144 +103,10 @@ ALTER TABLE queues ADD COLUMN key_id INTEGER;
 ALTER TABLE queues ADD COLUMN day INTEGER NOT NULL DEFAULT 0;
 ";
 
-#[derive(Debug, Clone, Error)]
-pub enum StoreError {
-    #[error("{0}")]
-    Sqlite(Arc<rusqlite::Error>),
-    #[error("cannot create the database file: {0}")]
-    Io(Arc<std::io::Error>),
-    #[error("the database was written by a newer relay (schema {0}); upgrade tern")]
-    Schema(i64),
-    #[error("the store is shut down")]
-    Closed,
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(Arc::new(e))
-    }
-}
-
-/// A queue's database row id. Random, so it carries no information.
-pub type QueueRef = i64;
-
-/// A queue as the handler needs it to authorise a request.
-pub struct QueueRow {
-    pub queue: QueueRef,
-    pub recipient_auth: [u8; 32],
-    pub queue_secret: Zeroizing<[u8; 32]>,
-    pub sender_auth: Option<[u8; 32]>,
-    pub unsigned_used: bool,
-    /// The day it was created or last used (see the module docs).
-    pub day: i64,
-}
-
-pub struct NewQueue {
-    pub recipient_hash: [u8; 32],
-    pub sender_hash: [u8; 32],
-    pub recipient_auth: [u8; 32],
-    pub queue_secret: Zeroizing<[u8; 32]>,
-    /// The access key it was created with, if any (a hash of it).
-    pub key_id: Option<i64>,
-    /// Most queues `key_id` (or, without one, all keyless queues) may have.
-    pub max_queues: u64,
-    pub day: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateOutcome {
-    Created(QueueRef),
-    /// The ids collide with an existing queue: draw new ones.
-    Collision,
-    /// The access key (or the open relay) has as many queues as allowed.
-    Quota,
-}
-
-/// A pending message, as stored (already encrypted for the recipient).
-#[derive(Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// FIFO position within its queue.
-    pub seq: i64,
-    pub msg_id: Id,
-    pub received_hour: i64,
-    pub body: Vec<u8>,
-}
-
-/// Which key a SEND was authorised with; re-checked inside the transaction
-/// because the queue may have been secured or deleted since it was read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendAuth {
-    Unsigned,
-    Signed([u8; 32]),
-}
-
-pub struct NewMessage {
-    pub queue: QueueRef,
-    pub auth: SendAuth,
-    pub msg_id: Id,
-    pub received_hour: i64,
-    pub body: Vec<u8>,
-    pub max_pending: u32,
-    /// Messages with `received_hour <= expired_upto` do not count.
-    pub expired_upto: i64,
-    /// Today, to mark the queue used.
-    pub day: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOutcome {
-    Stored,
-    Auth,
-    QueueFull,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecureOutcome {
-    Secured,
-    Auth,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckOutcome {
-    Deleted,
-    NoMessage,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeleteOutcome {
-    Deleted,
-    /// `if_empty` was asked and a live message is there.
-    NotEmpty,
-}
-
-/// The last `received_hour` that is expired at `now_secs`: a message is live
-/// while `received_hour * 3600 + ttl_secs > now_secs`.
-pub fn expired_upto(now_secs: u64, ttl_secs: u64) -> i64 {
-    let limit = i128::from(now_secs) - i128::from(ttl_secs);
-    let hour = limit.div_euclid(3600);
-    i64::try_from(hour).unwrap_or(i64::MIN)
-}
-
-/// A write handed to the writer thread; [`Pending::wait`] returns its result
-/// once the transaction that carried it has committed. Submitting several
-/// before waiting for any lets them share one commit.
-pub struct Pending<R>(Receiver<Result<R, StoreError>>);
-
-impl<R> Pending<R> {
-    pub fn wait(self) -> Result<R, StoreError> {
-        self.0.recv().unwrap_or(Err(StoreError::Closed))
-    }
-
-    fn failed(e: StoreError) -> Self {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let _ = tx.send(Err(e));
-        Pending(rx)
-    }
-}
-
-/// A handle to the store; clones share the writer thread and reader pool.
+/// A handle to the SQLite store; clones share the writer thread and reader
+/// pool.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct SqliteStore {
     inner: Arc<Inner>,
 }
 
@@ -258,9 +127,9 @@ impl Drop for Inner {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         // SQLite gives the -wal and -shm files the database file's mode, so
         // creating it owner-only first keeps all three private.
         if !path.exists() {
@@ -284,7 +153,7 @@ impl Store {
         conn.pragma_update(None, "secure_delete", "ON")?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::Schema(version));
+            return Err(StoreError::Schema(version, SCHEMA_VERSION));
         }
         if version == 1 {
             conn.execute_batch(&format!(
@@ -300,7 +169,7 @@ impl Store {
             .name("relay-store-writer".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Io(Arc::new(e)))?;
-        Ok(Store {
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Some(tx),
@@ -626,20 +495,6 @@ impl Store {
     }
 }
 
-/// Days since the Unix epoch, the only clock the store keeps.
-pub fn today() -> i64 {
-    day_of(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    )
-}
-
-/// The Unix day of `secs` seconds since the epoch.
-pub fn day_of(secs: u64) -> i64 {
-    i64::try_from(secs / 86_400).unwrap_or(i64::MAX)
-}
-
 fn live_count(c: &Connection, queue: QueueRef, expired_upto: i64) -> rusqlite::Result<i64> {
     c.prepare_cached("SELECT count(*) FROM messages WHERE queue_id = ?1 AND received_hour > ?2")?
         .query_row(params![queue, expired_upto], |r| r.get(0))
@@ -682,15 +537,6 @@ fn seq_of(c: &Connection, queue: QueueRef, msg_id: &Id) -> rusqlite::Result<Opti
     c.prepare_cached("SELECT seq FROM messages WHERE queue_id = ?1 AND msg_id = ?2")?
         .query_row(params![queue, msg_id], |r| r.get(0))
         .optional()
-}
-
-/// Whether a write must be on disk before its caller hears of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Durability {
-    /// Committed with an fsync.
-    Durable,
-    /// Committed without one if nothing else in the batch needs it.
-    Lazy,
 }
 
 /// One queued write: runs inside the batch transaction, answers after COMMIT.
@@ -806,160 +652,4 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), S
         return Err(e.into());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new_queue(n: u8, key_id: Option<i64>, max_queues: u64) -> NewQueue {
-        NewQueue {
-            recipient_hash: [n; 32],
-            sender_hash: [n + 100; 32],
-            recipient_auth: [1; 32],
-            queue_secret: Zeroizing::new([2; 32]),
-            key_id,
-            max_queues,
-            day: 100,
-        }
-    }
-
-    fn queue(store: &Store, n: u8) -> QueueRef {
-        match store.create_queue(new_queue(n, None, 10)).wait().unwrap() {
-            CreateOutcome::Created(q) => q,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn msg(queue: QueueRef, id: u8, auth: SendAuth, hour: i64) -> NewMessage {
-        NewMessage {
-            queue,
-            auth,
-            msg_id: [id; 16],
-            received_hour: hour,
-            body: vec![id; 10],
-            max_pending: 3,
-            expired_upto: 0,
-            day: 101,
-        }
-    }
-
-    fn ids(v: Vec<StoredMessage>) -> Vec<u8> {
-        v.into_iter().map(|m| m.msg_id[0]).collect()
-    }
-
-    #[test]
-    fn fifo_quota_ack_and_unsigned_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let q = queue(&store, 1);
-        let mut dup = new_queue(1, None, 10);
-        dup.sender_hash = [9; 32];
-        assert_eq!(
-            store.create_queue(dup).wait().unwrap(),
-            CreateOutcome::Collision
-        );
-        let send = |m| store.send(m).wait().unwrap();
-        assert_eq!(send(msg(q, 1, SendAuth::Unsigned, 10)), SendOutcome::Stored);
-        assert_eq!(send(msg(q, 2, SendAuth::Unsigned, 10)), SendOutcome::Auth);
-        assert_eq!(
-            send(msg(q, 2, SendAuth::Signed([5; 32]), 10)),
-            SendOutcome::Auth
-        );
-        let secure = |k| store.secure(q, k, 101).wait().unwrap();
-        assert_eq!(secure([5; 32]), SecureOutcome::Secured);
-        assert_eq!(secure([5; 32]), SecureOutcome::Secured);
-        assert_eq!(secure([6; 32]), SecureOutcome::Auth);
-        // Several writes submitted before any is waited for share a commit.
-        let pending: Vec<_> = (2..=3)
-            .map(|id| store.send(msg(q, id, SendAuth::Signed([5; 32]), 10)))
-            .collect();
-        for p in pending {
-            assert_eq!(p.wait().unwrap(), SendOutcome::Stored);
-        }
-        assert_eq!(
-            send(msg(q, 4, SendAuth::Signed([5; 32]), 10)),
-            SendOutcome::QueueFull
-        );
-        assert_eq!(
-            ids(store.messages_after(q, 0, 0, 10).unwrap()),
-            vec![1, 2, 3]
-        );
-        assert_eq!(store.count_live(q, 0).unwrap(), 3);
-        assert_eq!(store.ack(q, [9; 16]).wait().unwrap(), AckOutcome::NoMessage);
-        assert_eq!(store.ack(q, [1; 16]).wait().unwrap(), AckOutcome::Deleted);
-        let rest = store.messages_after(q, 0, 0, 1).unwrap();
-        assert_eq!(ids(rest.clone()), vec![2]);
-        assert_eq!(
-            ids(store.messages_after(q, rest[0].seq, 0, 10).unwrap()),
-            vec![3]
-        );
-        assert_eq!(
-            store.ack_up_to(q, [1; 16]).wait().unwrap(),
-            AckOutcome::NoMessage
-        );
-        assert_eq!(
-            send(msg(q, 4, SendAuth::Signed([5; 32]), 10)),
-            SendOutcome::Stored
-        );
-        assert_eq!(
-            store.ack_up_to(q, [3; 16]).wait().unwrap(),
-            AckOutcome::Deleted
-        );
-        assert_eq!(ids(store.messages_after(q, 0, 0, 10).unwrap()), vec![4]);
-        assert_eq!(
-            store.delete_queue(q, true, 0).wait().unwrap(),
-            DeleteOutcome::NotEmpty
-        );
-        // Expired messages are neither delivered nor counted.
-        assert!(store.messages_after(q, 0, 10, 10).unwrap().is_empty());
-        assert_eq!(store.count_live(q, 10).unwrap(), 0);
-        assert_eq!(store.purge_expired(10).unwrap(), 1);
-        assert_eq!(
-            store.delete_queue(q, true, 0).wait().unwrap(),
-            DeleteOutcome::Deleted
-        );
-        assert!(store.queue_by_recipient(&[1; 32]).unwrap().is_none());
-        store.checkpoint().unwrap();
-        assert!(store.size_bytes().unwrap() > 0);
-    }
-
-    #[test]
-    fn quotas_per_access_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let create = |n, key| store.create_queue(new_queue(n, key, 2)).wait().unwrap();
-        assert!(matches!(create(1, Some(7)), CreateOutcome::Created(_)));
-        assert!(matches!(create(2, Some(7)), CreateOutcome::Created(_)));
-        assert_eq!(create(3, Some(7)), CreateOutcome::Quota);
-        assert!(matches!(create(4, Some(8)), CreateOutcome::Created(_)));
-        assert!(matches!(create(5, None), CreateOutcome::Created(_)));
-    }
-
-    #[test]
-    fn unsecured_and_idle_queues_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let unsecured = queue(&store, 1);
-        let secured = queue(&store, 2);
-        assert_eq!(
-            store.secure(secured, [5; 32], 100).wait().unwrap(),
-            SecureOutcome::Secured
-        );
-        // Day 100 is not before day 100: nothing goes.
-        assert!(store.expire_queues(100, 90).unwrap().is_empty());
-        assert_eq!(store.expire_queues(101, 90).unwrap(), vec![unsecured]);
-        store.touch(secured, 120).wait().unwrap();
-        assert!(store.expire_queues(121, 120).unwrap().is_empty());
-        assert_eq!(store.expire_queues(121, 121).unwrap(), vec![secured]);
-    }
-
-    #[test]
-    fn expiry_boundary() {
-        // Received in hour 10 with a 2-hour TTL: live until 12:00:00.
-        let ttl = 7200;
-        assert!(10 > expired_upto(12 * 3600 - 1, ttl));
-        assert!(10 <= expired_upto(12 * 3600, ttl));
-        assert_eq!(expired_upto(0, ttl), -2);
-    }
 }
