@@ -1184,7 +1184,13 @@ fn throughput(
                 .map(|r| median(&r.rate))
                 .unwrap_or(f64::NAN)
         };
-        let t = get("tern relay");
+        // The tern row, whichever store it ran on ("tern relay",
+        // "tern relay, PostgreSQL, 2 nodes").
+        let t = rows
+            .iter()
+            .find(|r| r.pairs == pairs && r.system.starts_with("tern relay"))
+            .map(|r| median(&r.rate))
+            .unwrap_or(f64::NAN);
         let (e, a) = (get("Redis AOF everysec"), get("Redis AOF always"));
         println!(
             "| {pairs} | {:.2}× | {} | {:.2}× | {} |",
