@@ -1074,16 +1074,7 @@ impl ReadTx<'_> {
             rusqlite::params![&id[..], before, limit_to_db(limit)],
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
         )?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, sealed) = row?;
-            let seq = seq_from_db(seq)?;
-            let plain = self
-                .keys
-                .open(Slot::Log(&id, seq), &sealed)
-                .ok_or_else(|| corrupt_record("log entry", &format!("{log}#{seq}")))?;
-            out.push((seq, from_json(log, &plain)?));
-        }
+        let mut out = self.open_log_rows(log, &id, rows)?;
         out.reverse();
         Ok(out)
     }
@@ -1104,13 +1095,24 @@ impl ReadTx<'_> {
         let rows = stmt.query_map(rusqlite::params![&id[..], after, limit_to_db(limit)], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
         })?;
+        self.open_log_rows(log, &id, rows)
+    }
+
+    /// Opens `(seq, sealed value)` rows of `log` (whose id is `id`), in the
+    /// order the query gave them.
+    fn open_log_rows<T: DeserializeOwned>(
+        &self,
+        log: &str,
+        id: &[u8; 32],
+        rows: impl Iterator<Item = rusqlite::Result<(i64, Vec<u8>)>>,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
         let mut out = Vec::new();
         for row in rows {
             let (seq, sealed) = row?;
             let seq = seq_from_db(seq)?;
             let plain = self
                 .keys
-                .open(Slot::Log(&id, seq), &sealed)
+                .open(Slot::Log(id, seq), &sealed)
                 .ok_or_else(|| corrupt_record("log entry", &format!("{log}#{seq}")))?;
             out.push((seq, from_json(log, &plain)?));
         }
