@@ -202,6 +202,51 @@ impl Drop for ChildNode {
 /// Sends random messages to `q` through `addr` until `stop`, on fresh
 /// sessions whenever one fails; records what was attempted and what was
 /// answered OK. Refusals (the database away) are expected and retried.
+/// Three senders on one node until `finish`: what each SEND answered OK
+/// (`acked`) and everything tried (`attempted`).
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Vec<u8>>>>,
+    attempted: Arc<Mutex<Vec<Vec<u8>>>>,
+    senders: Vec<std::thread::JoinHandle<usize>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, key: [u8; 32], q: &Arc<Queue>) -> Load {
+        let acked: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let attempted: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders = (0..3)
+            .map(|_| {
+                sender(
+                    addr,
+                    key,
+                    q.clone(),
+                    stop.clone(),
+                    acked.clone(),
+                    attempted.clone(),
+                )
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            attempted,
+            senders,
+        }
+    }
+
+    /// Stops the senders: how many SENDs were refused, then what was
+    /// acknowledged and what was tried.
+    fn finish(self) -> (usize, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let refused = self.senders.into_iter().map(|s| s.join().unwrap()).sum();
+        let acked = self.acked.lock().unwrap().clone();
+        let attempted = self.attempted.lock().unwrap().clone();
+        (refused, acked, attempted)
+    }
+}
+
 fn sender(
     addr: SocketAddr,
     key: [u8; 32],
@@ -274,33 +319,14 @@ fn a_node_killed_mid_traffic_loses_nothing_acknowledged() {
     assert_eq!(c.wait_for(tag), Reply::Ok);
     assert_eq!(c.wait_for(tag), Reply::Idle);
 
-    let acked: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let attempted: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..3)
-        .map(|_| {
-            sender(
-                doomed.addr,
-                key,
-                q.clone(),
-                stop.clone(),
-                acked.clone(),
-                attempted.clone(),
-            )
-        })
-        .collect();
+    let load = Load::start(doomed.addr, key, &q);
     // The subscriber on the other node hears of them as they land.
     let first = c.wait_for(tag);
     assert!(matches!(first, Reply::Message { .. }), "{first:?}");
     std::thread::sleep(Duration::from_millis(700));
     drop(doomed); // SIGKILL
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    for s in senders {
-        s.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
+    let (_, acked, attempted) = load.finish();
     assert!(acked.len() >= 10, "only {} sends got through", acked.len());
     eprintln!(
         "{} sends answered OK before the node was killed",
@@ -339,21 +365,8 @@ fn a_database_restart_under_load_loses_nothing_acknowledged() {
     assert_eq!(on_b.wait_for(tag), Reply::Ok);
     assert_eq!(on_b.wait_for(tag), Reply::Idle);
 
-    let acked: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let attempted: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..3)
-        .map(|_| {
-            sender(
-                a.addr,
-                key,
-                q.clone(),
-                stop.clone(),
-                acked.clone(),
-                attempted.clone(),
-            )
-        })
-        .collect();
+    let load = Load::start(a.addr, key, &q);
+    let acked = load.acked.clone();
     std::thread::sleep(Duration::from_millis(700));
     let before = acked.lock().unwrap().len();
     assert!(before >= 10, "only {before} sends got through");
@@ -371,11 +384,8 @@ fn a_database_restart_under_load_loses_nothing_acknowledged() {
         "sends answered OK again {:?} after the database came back",
         restarted.elapsed()
     );
-    stop.store(true, Ordering::SeqCst);
-    let refused: usize = senders.into_iter().map(|s| s.join().unwrap()).sum();
+    let (refused, acked, attempted) = load.finish();
     eprintln!("{refused} sends answered 'unavailable' around the restart");
-    let acked = acked.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
 
     // The other node listens again: its old subscription is pushed what
     // is sent through the first one now.
