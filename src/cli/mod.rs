@@ -25,6 +25,7 @@ pub mod relay;
 pub mod relays;
 pub mod rotate;
 pub mod send;
+pub mod transfers;
 pub mod unlock;
 pub mod verify;
 
@@ -46,7 +47,8 @@ Examples:
   tern invite --name bob            # show a QR code to Bob
   tern accept 'TERN:…'              # Bob joins with the link
   tern recv --wait 30               # complete the handshake, read messages
-  echo 'backup done' | tern send bob";
+  echo 'backup done' | tern send bob
+  tern send bob --file photo.jpg    # files are saved by `tern recv`";
 
 #[derive(Debug, Parser)]
 #[command(name = "tern", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -94,6 +96,7 @@ pub enum Command {
     Verify(verify::Args),
     Profile(profile::Args),
     Log(log::Args),
+    Files(transfers::Args),
     Forget(forget::Args),
     Relays(relays::Args),
     Rotate(rotate::Args),
@@ -156,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => verify::run(&cli, a),
         Command::Profile(a) => profile::run(&cli, a),
         Command::Log(a) => log::run(&cli, a),
+        Command::Files(a) => transfers::run(&cli, a),
         Command::Forget(a) => forget::run(&cli, a),
         Command::Relays(a) => relays::run(&cli, a),
         Command::Rotate(a) => rotate::run(&cli, a),

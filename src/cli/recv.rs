@@ -35,6 +35,14 @@ pub struct Args {
     /// `tern recv --wait 60 --fail-if-empty || echo nothing`)
     #[arg(long, conflicts_with = "follow")]
     pub fail_if_empty: bool,
+    /// Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or
+    /// downloads/ in the profile]; never over another file
+    #[arg(long, env = "TERN_FILES_DIR", value_name = "DIR")]
+    pub files_dir: Option<std::path::PathBuf>,
+    /// Offers of larger files are kept, not downloaded (`tern files get ID`
+    /// takes one): a number of bytes, or with K, M, G [default: 100M]
+    #[arg(long, env = "TERN_MAX_FILE_SIZE", value_name = "SIZE", value_parser = super::transfers::parse_size)]
+    pub max_file_size: Option<u64>,
 }
 
 pub fn chain_word(c: ChainStatus) -> &'static str {
@@ -167,6 +175,39 @@ pub fn print_event(e: &Event, as_json: bool, me: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `recv --follow`: files are fetched beside the messages, by a thread of
+/// their own on another handle of the profile, whenever one is open.
+fn follow_files(
+    client: &crate::client::Client,
+    dir: std::path::PathBuf,
+    max_size: u64,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut files = client.another_handle()?;
+    std::thread::spawn(move || loop {
+        let open = files
+            .open_incoming()
+            .map(|v| !v.is_empty())
+            .unwrap_or(false);
+        if open {
+            match super::transfers::receive_files(
+                &mut files,
+                &dir,
+                max_size,
+                Duration::from_secs(10),
+                None,
+                as_json,
+            ) {
+                Ok(Some(e)) => note(&format!("warning: {e}")),
+                Ok(None) => {}
+                Err(e) => note(&format!("warning: files: {e:#}")),
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    Ok(())
+}
+
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let contact_id = args
@@ -181,6 +222,16 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     let as_json = args.json;
     let me = client.settings()?.profile.name;
+    let files_dir = args
+        .files_dir
+        .clone()
+        .unwrap_or_else(|| super::transfers::default_files_dir(client.store.home()));
+    let max_size = args
+        .max_file_size
+        .unwrap_or_else(super::transfers::default_max);
+    if args.follow {
+        follow_files(&client, files_dir.clone(), max_size, as_json)?;
+    }
     // A message counts as delivered only once written and flushed; the
     // first write error ends the run, and what was not written is written
     // by the next `tern recv`.
@@ -203,6 +254,23 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 "could not write to standard output ({err}); what was not written is kept and shown by the next `tern recv`"
             ),
         ));
+    }
+    // Files offered in what arrived (and earlier ones not finished): after
+    // the messages, so that a big download never holds them up.
+    let file_error = if args.follow {
+        None
+    } else {
+        super::transfers::receive_files(
+            &mut client,
+            &files_dir,
+            max_size,
+            Duration::from_secs(2),
+            None,
+            as_json,
+        )?
+    };
+    if let Some(e) = file_error {
+        return Err(e);
     }
     if summary.all_relays_failed() && summary.messages == 0 {
         return Err(fail(

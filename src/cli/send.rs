@@ -30,7 +30,7 @@ const OPTION_WORDS: &[&str] = &[
 /// Send a message: from the arguments, or from stdin when there are none
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern send bob 'see you at 6'\n  tern send bob -5 degrees tonight        # the message may start with -\n  tern send bob --json 'on my way'        # options before the message\n  tern send bob -- --json                 # after --, every word is the message\n  df -h | tern send ops-bot\n\nOptions go before the message: after the contact, the first word that is\nnot an option starts the message, and every word from there on is part of\nit, including words that begin with - (`tern send bob hi --json` sends\n\"hi --json\", and says so). `--` starts the message explicitly. The words\nare joined with single spaces.\n\nExit status 75 means no relay could take the message now: it is kept and\nsent by the next `tern send` or `tern recv`."
+    after_help = "Examples:\n  tern send bob 'see you at 6'\n  tern send bob -5 degrees tonight        # the message may start with -\n  tern send bob --json 'on my way'        # options before the message\n  tern send bob -- --json                 # after --, every word is the message\n  df -h | tern send ops-bot\n  tern send bob --file report.pdf 'the numbers'   # a file, with a caption\n  pg_dump db | tern send ops --file - --name db.sql\n\nOptions go before the message: after the contact, the first word that is\nnot an option starts the message, and every word from there on is part of\nit, including words that begin with - (`tern send bob hi --json` sends\n\"hi --json\", and says so). `--` starts the message explicitly. The words\nare joined with single spaces.\n\nExit status 75 means no relay could take the message now: it is kept and\nsent by the next `tern send` or `tern recv`."
 )]
 pub struct Args {
     /// The contact's name (see `tern contacts`)
@@ -43,8 +43,19 @@ pub struct Args {
     pub json: bool,
     /// Send each line of stdin as a message of its own, as it comes (a log
     /// tail, a CSV), in one process; empty lines are skipped
-    #[arg(long, conflicts_with = "text")]
+    #[arg(long, conflicts_with_all = ["text", "file"])]
     pub lines: bool,
+    /// Send a file (give it more than once for several; `-` reads standard
+    /// input, with --name); the message words, if any, are its caption
+    #[arg(long, value_name = "PATH")]
+    pub file: Vec<std::path::PathBuf>,
+    /// The name the file goes by (required for `--file -`)
+    #[arg(long, value_name = "NAME", requires = "file")]
+    pub name: Option<String>,
+    /// With --file: give up on a relay that makes no progress for SECS (the
+    /// upload resumes with `tern files retry`)
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub stall: u64,
 }
 
 /// The message from stdin: its bytes, or the error that says how big it
@@ -257,6 +268,9 @@ fn too_long(size: &str) -> anyhow::Error {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    if !args.file.is_empty() {
+        return super::transfers::send_files(cli, args);
+    }
     if args.lines {
         return send_lines(cli, args);
     }

@@ -1352,6 +1352,9 @@ fn process(
             contact: c.name.clone(),
             kind,
         }),
+        Incoming::File { envelope, offer } => {
+            events.extend(super::files::receive_offer(tx, &c, &envelope, &offer, now)?);
+        }
         Incoming::Device { body, seq } => {
             // Authentic (it decrypted), so never counted as junk.
             others.push(id.clone());

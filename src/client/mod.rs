@@ -10,6 +10,7 @@
 pub mod devices;
 pub mod events;
 pub mod fetch;
+pub mod files;
 pub mod jobs;
 pub mod model;
 pub mod rotate;

@@ -233,6 +233,12 @@ pub enum Incoming {
     PeerSwitched,
     /// The peer sends nothing more on the connection a re-key replaced.
     PeerLeftPrevious,
+    /// A file offer (PROTOCOL.md §16): the client records it and fetches
+    /// the file.
+    File {
+        envelope: Envelope,
+        offer: Box<super::file::FileOffer>,
+    },
     /// A device message (PROTOCOL.md §12), for the client to act on.
     Device {
         body: Vec<u8>,
@@ -978,6 +984,22 @@ impl Connection {
                 },
                 Vec::new(),
             ),
+            (ConnState::Connected, Kind::File) => match super::file::FileOffer::decode(&env.body) {
+                Ok(offer) => (
+                    Incoming::File {
+                        envelope: env.clone(),
+                        offer: Box::new(offer),
+                    },
+                    Vec::new(),
+                ),
+                Err(reason) => (
+                    Incoming::Refused {
+                        what: "file offer",
+                        reason,
+                    },
+                    Vec::new(),
+                ),
+            },
             (ConnState::Connected, Kind::Unknown(k)) => {
                 (Incoming::Unsupported { kind: k }, Vec::new())
             }

@@ -4,7 +4,8 @@
 //! ```text
 //! u8   version      protocol version the sender used
 //! u8   kind         1 text, 2 profile, 3 control, 4 receipt, 5 hello,
-//!                   6 hello-reply, 7 confirm; others reserved
+//!                   6 hello-reply, 7 confirm, 8 device, 9 file offer;
+//!                   others reserved
 //! [16] id           random message id (dedup, references)
 //! u64  seq          1, 2, 3, … per direction of a connection
 //! [32] prev         chain hash of envelope seq-1 (zeros for seq 1)
@@ -49,6 +50,9 @@ pub enum Kind {
     /// Between the devices of one person, or from one to a contact
     /// (PROTOCOL.md §12).
     Device,
+    /// A file offer (PROTOCOL.md §16): where a file's chunks are and the key
+    /// that opens them.
+    File,
     /// A kind from a newer version: kept, shown as unsupported, never fatal.
     Unknown(u8),
 }
@@ -64,6 +68,7 @@ impl Kind {
             Kind::HelloReply => 6,
             Kind::Confirm => 7,
             Kind::Device => 8,
+            Kind::File => 9,
             Kind::Unknown(c) => c,
         }
     }
@@ -78,6 +83,7 @@ impl Kind {
             6 => Kind::HelloReply,
             7 => Kind::Confirm,
             8 => Kind::Device,
+            9 => Kind::File,
             other => Kind::Unknown(other),
         }
     }

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod device;
 pub mod envelope;
 pub mod error;
+pub mod file;
 pub mod handshake;
 pub mod hello;
 pub mod invitation;
