@@ -40,6 +40,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
             [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
+            [CompletionResult]::new('files', 'files', [CompletionResultType]::ParameterValue, 'Files in and out')
             [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact on all your devices: its queues, keys and history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
@@ -150,6 +151,9 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;send' {
+            [CompletionResult]::new('--file', '--file', [CompletionResultType]::ParameterName, 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption')
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The name the file goes by (required for `--file -`)')
+            [CompletionResult]::new('--stall', '--stall', [CompletionResultType]::ParameterName, 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -164,6 +168,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         'tern;recv' {
             [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'Wait up to SECS for the first message if none is waiting')
             [CompletionResult]::new('--from', '--from', [CompletionResultType]::ParameterName, 'Only this contact')
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]; never over another file')
+            [CompletionResult]::new('--max-file-size', '--max-file-size', [CompletionResultType]::ParameterName, 'Offers of larger files are kept, not downloaded (`tern files get ID` takes one): a number of bytes, or with K, M, G [default: 100M]')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -284,6 +290,78 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;files' {
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('get', 'get', [CompletionResultType]::ParameterValue, 'Download an offered file, whatever its size')
+            [CompletionResult]::new('cancel', 'cancel', [CompletionResultType]::ParameterValue, 'Stop a file in or out and delete it from the relays')
+            [CompletionResult]::new('retry', 'retry', [CompletionResultType]::ParameterValue, 'Go on with an upload or download that stopped')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;files;get' {
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;files;cancel' {
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;files;retry' {
+            [CompletionResult]::new('--stall', '--stall', [CompletionResultType]::ParameterName, 'Give up on a relay that makes no progress for this long')
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]')
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON object per line')
+            [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'tern;files;help' {
+            [CompletionResult]::new('get', 'get', [CompletionResultType]::ParameterValue, 'Download an offered file, whatever its size')
+            [CompletionResult]::new('cancel', 'cancel', [CompletionResultType]::ParameterValue, 'Stop a file in or out and delete it from the relays')
+            [CompletionResult]::new('retry', 'retry', [CompletionResultType]::ParameterValue, 'Go on with an upload or download that stopped')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'tern;files;help;get' {
+            break
+        }
+        'tern;files;help;cancel' {
+            break
+        }
+        'tern;files;help;retry' {
+            break
+        }
+        'tern;files;help;help' {
             break
         }
         'tern;forget' {
@@ -681,6 +759,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('verify', 'verify', [CompletionResultType]::ParameterValue, 'Show a contact''s security code, or compare it with theirs')
             [CompletionResult]::new('profile', 'profile', [CompletionResultType]::ParameterValue, 'Show or change your profile; changes are sent to connected contacts')
             [CompletionResult]::new('log', 'log', [CompletionResultType]::ParameterValue, 'Show the local history with a contact, oldest first')
+            [CompletionResult]::new('files', 'files', [CompletionResultType]::ParameterValue, 'Files in and out')
             [CompletionResult]::new('forget', 'forget', [CompletionResultType]::ParameterValue, 'Delete a contact on all your devices: its queues, keys and history')
             [CompletionResult]::new('relays', 'relays', [CompletionResultType]::ParameterValue, 'List, add, remove or test your relays')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Move connections to fresh queues and keys (both directions)')
@@ -741,6 +820,21 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;help;log' {
+            break
+        }
+        'tern;help;files' {
+            [CompletionResult]::new('get', 'get', [CompletionResultType]::ParameterValue, 'Download an offered file, whatever its size')
+            [CompletionResult]::new('cancel', 'cancel', [CompletionResultType]::ParameterValue, 'Stop a file in or out and delete it from the relays')
+            [CompletionResult]::new('retry', 'retry', [CompletionResultType]::ParameterValue, 'Go on with an upload or download that stopped')
+            break
+        }
+        'tern;help;files;get' {
+            break
+        }
+        'tern;help;files;cancel' {
+            break
+        }
+        'tern;help;files;retry' {
             break
         }
         'tern;help;forget' {

@@ -28,6 +28,9 @@ _tern() {
             tern,device)
                 cmd="tern__subcmd__device"
                 ;;
+            tern,files)
+                cmd="tern__subcmd__files"
+                ;;
             tern,forget)
                 cmd="tern__subcmd__forget"
                 ;;
@@ -142,6 +145,30 @@ _tern() {
             tern__subcmd__device__subcmd__help,revoke)
                 cmd="tern__subcmd__device__subcmd__help__subcmd__revoke"
                 ;;
+            tern__subcmd__files,cancel)
+                cmd="tern__subcmd__files__subcmd__cancel"
+                ;;
+            tern__subcmd__files,get)
+                cmd="tern__subcmd__files__subcmd__get"
+                ;;
+            tern__subcmd__files,help)
+                cmd="tern__subcmd__files__subcmd__help"
+                ;;
+            tern__subcmd__files,retry)
+                cmd="tern__subcmd__files__subcmd__retry"
+                ;;
+            tern__subcmd__files__subcmd__help,cancel)
+                cmd="tern__subcmd__files__subcmd__help__subcmd__cancel"
+                ;;
+            tern__subcmd__files__subcmd__help,get)
+                cmd="tern__subcmd__files__subcmd__help__subcmd__get"
+                ;;
+            tern__subcmd__files__subcmd__help,help)
+                cmd="tern__subcmd__files__subcmd__help__subcmd__help"
+                ;;
+            tern__subcmd__files__subcmd__help,retry)
+                cmd="tern__subcmd__files__subcmd__help__subcmd__retry"
+                ;;
             tern__subcmd__help,accept)
                 cmd="tern__subcmd__help__subcmd__accept"
                 ;;
@@ -153,6 +180,9 @@ _tern() {
                 ;;
             tern__subcmd__help,device)
                 cmd="tern__subcmd__help__subcmd__device"
+                ;;
+            tern__subcmd__help,files)
+                cmd="tern__subcmd__help__subcmd__files"
                 ;;
             tern__subcmd__help,forget)
                 cmd="tern__subcmd__help__subcmd__forget"
@@ -228,6 +258,15 @@ _tern() {
                 ;;
             tern__subcmd__help__subcmd__device,revoke)
                 cmd="tern__subcmd__help__subcmd__device__subcmd__revoke"
+                ;;
+            tern__subcmd__help__subcmd__files,cancel)
+                cmd="tern__subcmd__help__subcmd__files__subcmd__cancel"
+                ;;
+            tern__subcmd__help__subcmd__files,get)
+                cmd="tern__subcmd__help__subcmd__files__subcmd__get"
+                ;;
+            tern__subcmd__help__subcmd__files,retry)
+                cmd="tern__subcmd__help__subcmd__files__subcmd__retry"
                 ;;
             tern__subcmd__help__subcmd__invitations,list)
                 cmd="tern__subcmd__help__subcmd__invitations__subcmd__list"
@@ -350,7 +389,7 @@ _tern() {
 
     case "${cmd}" in
         tern)
-            opts="-h -V --home --passphrase-file --identity --proxy --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log forget relays rotate key device daemon jsonrpc relay generate help"
+            opts="-h -V --home --passphrase-file --identity --proxy --allow-weak-passphrase --help --version init invite invitations accept send recv contacts verify profile log files forget relays rotate key device daemon jsonrpc relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1003,6 +1042,216 @@ _tern() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tern__subcmd__files)
+            opts="-h --json --files-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help get cancel retry help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__cancel)
+            opts="-h --json --files-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__get)
+            opts="-h --json --files-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__help)
+            opts="get cancel retry help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__help__subcmd__cancel)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__help__subcmd__get)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__help__subcmd__retry)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__files__subcmd__retry)
+            opts="-h --stall --json --files-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --stall)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tern__subcmd__forget)
             opts="-h --yes --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1068,7 +1317,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help)
-            opts="init invite invitations accept send recv contacts verify profile log forget relays rotate key device daemon jsonrpc relay generate help"
+            opts="init invite invitations accept send recv contacts verify profile log files forget relays rotate key device daemon jsonrpc relay generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1250,6 +1499,62 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__device__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__files)
+            opts="get cancel retry"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__files__subcmd__cancel)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__files__subcmd__get)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__files__subcmd__retry)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -2122,7 +2427,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__recv)
-            opts="-h --json --wait --follow --from --fail-if-empty --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --json --wait --follow --from --fail-if-empty --files-dir --max-file-size --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2133,6 +2438,14 @@ _tern() {
                     return 0
                     ;;
                 --from)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-file-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2654,12 +2967,24 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --json --lines --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --json --lines --file --name --stall --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --stall)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

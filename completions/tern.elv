@@ -37,6 +37,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand verify 'Show a contact''s security code, or compare it with theirs'
             cand profile 'Show or change your profile; changes are sent to connected contacts'
             cand log 'Show the local history with a contact, oldest first'
+            cand files 'Files in and out'
             cand forget 'Delete a contact on all your devices: its queues, keys and history'
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
@@ -136,6 +137,9 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;send'= {
+            cand --file 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption'
+            cand --name 'The name the file goes by (required for `--file -`)'
+            cand --stall 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -149,6 +153,8 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;recv'= {
             cand --wait 'Wait up to SECS for the first message if none is waiting'
             cand --from 'Only this contact'
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]; never over another file'
+            cand --max-file-size 'Offers of larger files are kept, not downloaded (`tern files get ID` takes one): a number of bytes, or with K, M, G [default: 100M]'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -257,6 +263,69 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
             cand -h 'Print help'
             cand --help 'Print help'
+        }
+        &'tern;files'= {
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand get 'Download an offered file, whatever its size'
+            cand cancel 'Stop a file in or out and delete it from the relays'
+            cand retry 'Go on with an upload or download that stopped'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;files;get'= {
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;files;cancel'= {
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;files;retry'= {
+            cand --stall 'Give up on a relay that makes no progress for this long'
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in the profile]'
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --json 'One JSON object per line'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'tern;files;help'= {
+            cand get 'Download an offered file, whatever its size'
+            cand cancel 'Stop a file in or out and delete it from the relays'
+            cand retry 'Go on with an upload or download that stopped'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'tern;files;help;get'= {
+        }
+        &'tern;files;help;cancel'= {
+        }
+        &'tern;files;help;retry'= {
+        }
+        &'tern;files;help;help'= {
         }
         &'tern;forget'= {
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
@@ -608,6 +677,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand verify 'Show a contact''s security code, or compare it with theirs'
             cand profile 'Show or change your profile; changes are sent to connected contacts'
             cand log 'Show the local history with a contact, oldest first'
+            cand files 'Files in and out'
             cand forget 'Delete a contact on all your devices: its queues, keys and history'
             cand relays 'List, add, remove or test your relays'
             cand rotate 'Move connections to fresh queues and keys (both directions)'
@@ -653,6 +723,17 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;help;profile'= {
         }
         &'tern;help;log'= {
+        }
+        &'tern;help;files'= {
+            cand get 'Download an offered file, whatever its size'
+            cand cancel 'Stop a file in or out and delete it from the relays'
+            cand retry 'Go on with an upload or download that stopped'
+        }
+        &'tern;help;files;get'= {
+        }
+        &'tern;help;files;cancel'= {
+        }
+        &'tern;help;files;retry'= {
         }
         &'tern;help;forget'= {
         }

@@ -264,7 +264,6 @@ fn a_relay_killed_mid_transfer_loses_nothing() {
         "the file is whole on two relays: {}",
         show(&out)
     );
-    eprintln!("{}", show(&out));
     let (events, o) = recv_files(&bob, &[]);
     assert_code(&o, 0, "recv with one relay down");
     let got = saved(&events);
@@ -418,5 +417,40 @@ fn a_full_disk_is_told_before_anything_is_written() {
     let (events, o) = recv_files(&bob, &[]);
     assert_code(&o, 0, "recv with room");
     let got = saved(&events);
+    assert_eq!(std::fs::read(&got[0].1).unwrap(), bytes);
+}
+
+#[test]
+fn a_full_relay_pauses_the_upload_and_it_goes_on_without_loss() {
+    // A relay that takes 2 MiB at most: the upload stops at its quota,
+    // and goes on as the recipient drains it.
+    let relay = Relay::start_with(&["--max-data-mib", "2"]);
+    let (ada, bob) = pair(&[&relay]);
+    let bytes = content(6 << 20, 11);
+    let p = write(&ada.sandbox().join("out"), "dump.sql", &bytes);
+    let mut sender = ada
+        .cmd(&[
+            "send",
+            "bob",
+            "--file",
+            p.to_str().unwrap(),
+            "--stall",
+            "80",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && t0.elapsed() < Duration::from_secs(150) {
+        let (events, _) = recv_files(&bob, &[]);
+        got = saved(&events);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = wait_guarded(&mut sender, HANG_GUARD, "send --file");
+    let out = sender.wait_with_output().unwrap();
+    assert!(status.success(), "{}", show(&out));
+    assert_eq!(got.len(), 1, "the file arrived");
     assert_eq!(std::fs::read(&got[0].1).unwrap(), bytes);
 }

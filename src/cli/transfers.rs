@@ -368,11 +368,18 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
     /// Download an offered file, whatever its size
-    Get { id: String },
+    Get {
+        /// The file's id, or its first digits (at least 4; see `tern files`)
+        id: String,
+    },
     /// Stop a file in or out and delete it from the relays
-    Cancel { id: String },
+    Cancel {
+        /// The file's id, or its first digits (at least 4; see `tern files`)
+        id: String,
+    },
     /// Go on with an upload or download that stopped
     Retry {
+        /// The file's id, or its first digits (at least 4; see `tern files`)
         id: String,
         /// Give up on a relay that makes no progress for this long
         #[arg(long, value_name = "SECS", default_value_t = 30)]

@@ -35,6 +35,8 @@ use crate::proto::keys::Secret32;
 
 /// Chunks per round trip to one relay (1 MiB).
 const BATCH: u64 = 64;
+/// Round trips in flight to one relay.
+const DEPTH: u64 = 4;
 /// Most commands in one CREATE or SECURE batch (below the relay's
 /// per-session burst of 128 queues).
 const CREATE_BATCH: usize = 64;
@@ -75,6 +77,9 @@ pub struct Uploaded {
 
 enum SetEvent {
     Progress(usize, u64),
+    /// The recipient deleted the queues: it has the whole file (or turned
+    /// it down); nothing more to upload to this copy.
+    Ended(usize),
     Failed(usize, String),
     Stalled(usize, String),
 }
@@ -383,6 +388,7 @@ impl Client {
             for ev in rx {
                 match ev {
                     SetEvent::Progress(i, next) => t.sets[i].next = next,
+                    SetEvent::Ended(i) => t.sets[i].next = count,
                     SetEvent::Failed(i, why) => {
                         failed.push(format!("{}: {why}", t.sets[i].relay.label()));
                         t.sets[i].failed = Some(why);
@@ -736,7 +742,7 @@ fn upload_set(
     let mut backoff = Duration::from_millis(200);
     let mut since: Option<Instant> = None;
     while next < count && !stop.load(Ordering::Relaxed) {
-        let end = (next + BATCH).min(count);
+        let end = (next + BATCH * DEPTH).min(count);
         let mut calls = Vec::with_capacity((end - next) as usize);
         for j in next..end {
             let data = match src.chunk(j) {
@@ -755,7 +761,29 @@ fn upload_set(
                 key: Some(&signers[q]),
             });
         }
-        let replies = net.batch_for(&set.relay, Some(&session), calls);
+        // DEPTH batches in flight on the one session: the relay commits
+        // one while the next arrives.
+        let mut batches: Vec<Vec<Call<'_>>> = Vec::new();
+        let mut rest = calls.into_iter().peekable();
+        while rest.peek().is_some() {
+            batches.push(rest.by_ref().take(BATCH as usize).collect());
+        }
+        let replies: Vec<Result<Reply, NetError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = batches
+                .into_iter()
+                .map(|b| s.spawn(|| net.batch_for(&set.relay, Some(&session), b)))
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(NetError::Unreachable {
+                            relay: set.relay.label(),
+                            reason: "an upload thread panicked".into(),
+                        })]
+                    })
+                })
+                .collect()
+        });
         let ok = replies.iter().take_while(|r| r.is_ok()).count() as u64;
         if ok > 0 {
             next += ok;
@@ -766,6 +794,10 @@ fn upload_set(
             }
         }
         if let Some(Err(e)) = replies.get(ok as usize) {
+            if e.code() == Some(tern_wire::ErrorCode::Auth) {
+                let _ = events.send(SetEvent::Ended(idx));
+                return;
+            }
             if !e.is_transient() {
                 let _ = events.send(SetEvent::Failed(idx, e.to_string()));
                 return;
