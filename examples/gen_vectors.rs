@@ -35,6 +35,7 @@ use tern::proto::device::{self, DeviceMsg, Entry, QueueGrant};
 use tern::proto::envelope::{
     ChainError, ChainReceiver, ChainSender, ChainStatus, Envelope, Kind, ENVELOPE_LEN, MAX_BODY_LEN,
 };
+use tern::proto::file::{ChunkError, FileOffer, OfferQueue, OfferSet};
 use tern::proto::handshake::{joiner_agree, Agreement, InviterSecrets};
 use tern::proto::hello::{Channel, Hello, HelloReply, Profile};
 use tern::proto::invitation::{Invitation, SendQueue};
@@ -378,6 +379,65 @@ pub mod reference {
 
     fn take<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
         b[at..at + N].try_into().expect("length")
+    }
+
+    // --- files (PROTOCOL.md §16) ---
+
+    pub fn file_chunk_count(size: u64) -> u64 {
+        size.div_ceil(15_979).max(1)
+    }
+
+    pub fn file_set_key(file_key: &[u8; 32], set: u8) -> [u8; 32] {
+        let k = hkdf(
+            None,
+            file_key,
+            &[b"tern/v1 file chunks".as_slice(), &[set]].concat(),
+            32,
+        );
+        take(&k, 0)
+    }
+
+    /// (nonce, the 16,000-byte chunk message); `data` is zero-filled to 15,979.
+    pub fn file_chunk(set_key: &[u8], index: u32, count: u64, data: &[u8]) -> ([u8; 24], Vec<u8>) {
+        let mut nonce = [0u8; 24];
+        nonce[..4].copy_from_slice(&index.to_be_bytes());
+        nonce[4] = (index as u64 + 1 == count) as u8;
+        let mut pt = data.to_vec();
+        pt.resize(15_979, 0);
+        let aad = [&[0x05u8][..], &index.to_be_bytes()].concat();
+        let sealed = xchacha_seal(set_key, &nonce, &aad, &pt);
+        let mut msg = vec![0x05];
+        msg.extend_from_slice(&index.to_be_bytes());
+        msg.extend_from_slice(&sealed);
+        (nonce, msg)
+    }
+
+    /// The offer body written field by field from a case.
+    pub fn file_offer(c: &super::FileCase) -> Vec<u8> {
+        let un = |s: &str| super::unhex(s);
+        let mut b = vec![1u8];
+        b.extend_from_slice(&c.size.unwrap().to_be_bytes());
+        b.extend(un(c.sha256.as_ref().unwrap()));
+        b.extend(un(c.file_key.as_ref().unwrap()));
+        let name = c.name.as_ref().unwrap().as_bytes();
+        b.push(name.len() as u8);
+        b.extend_from_slice(name);
+        let cap = c.caption.as_deref().unwrap_or("").as_bytes();
+        b.extend_from_slice(&(cap.len() as u16).to_be_bytes());
+        b.extend_from_slice(cap);
+        b.extend_from_slice(&c.chunks_per_queue.unwrap().to_be_bytes());
+        b.push(c.sets.len() as u8);
+        for s in &c.sets {
+            let a: tern::wire::address::RelayAddress = s.relay.parse().unwrap();
+            b.extend(super::encode_address(&a));
+            b.extend(un(&s.set_seed));
+            b.extend_from_slice(&(s.queues.len() as u16).to_be_bytes());
+            for q in &s.queues {
+                b.extend(un(&q.recipient_id));
+                b.extend(un(&q.queue_secret));
+            }
+        }
+        b
     }
 
     // --- handshake (PROTOCOL.md §5) ---
@@ -752,7 +812,7 @@ pub struct AddressCase {
     pub error: Option<String>,
 }
 
-fn encode_address(a: &RelayAddress) -> Vec<u8> {
+pub fn encode_address(a: &RelayAddress) -> Vec<u8> {
     let mut w = Writer::new();
     a.encode(&mut w);
     w.into_vec()
@@ -7451,6 +7511,418 @@ fn gen_resync() -> Vec<ResyncCase> {
     }]
 }
 
+// ---------------------------------------------------------------------------
+// file.json (PROTOCOL.md §16)
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileQueueFields {
+    pub recipient_id: String,
+    pub queue_secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileSetFields {
+    /// Text form (§3.1); the offer carries the binary form.
+    pub relay: String,
+    pub set_seed: String,
+    pub queues: Vec<FileQueueFields>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileCase {
+    pub comment: String,
+    pub result: String,
+    /// "offer", "chunk" or "queue_auth".
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_per_queue: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<FileSetFields>,
+    /// The offer body, or the 16,000-byte chunk message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoded: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// The chunk's file bytes (without the zero fill of a last chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_seed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_seed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_public: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of_case: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutation: Option<Mutation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn chunk_err(e: &ChunkError) -> String {
+    match e {
+        ChunkError::NotAChunk => "not_a_chunk".into(),
+        ChunkError::Index => "index".into(),
+        ChunkError::Decrypt => "decrypt".into(),
+        ChunkError::Padding => "padding".into(),
+    }
+}
+
+/// The offer's fields back as a [`FileOffer`].
+pub fn offer_of(c: &FileCase) -> FileOffer {
+    FileOffer {
+        size: c.size.expect("size"),
+        sha256: arr(c.sha256.as_ref().expect("sha256")),
+        key: Secret32(arr(c.file_key.as_ref().expect("file_key"))),
+        name: c.name.clone().expect("name"),
+        caption: c.caption.clone().unwrap_or_default(),
+        chunks_per_queue: c.chunks_per_queue.expect("chunks_per_queue"),
+        sets: c
+            .sets
+            .iter()
+            .map(|s| OfferSet {
+                relay: s.relay.parse().expect("relay address"),
+                seed: Secret32(arr(&s.set_seed)),
+                queues: s
+                    .queues
+                    .iter()
+                    .map(|q| OfferQueue {
+                        recipient_id: arr(&q.recipient_id),
+                        queue_secret: Secret32(arr(&q.queue_secret)),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn gen_file() -> Vec<FileCase> {
+    let mut rng = seeded(18);
+    let mut out = Vec::new();
+    let relays: Vec<String> = (0..3)
+        .map(|i| {
+            let k: [u8; 32] = random(&mut rng);
+            let host = ["10.0.0.7", "relay.example.org", "[2001:db8::5]"][i];
+            format!("tern://{}@{host}:5223", key_text(&refc::x25519_public(&k)))
+        })
+        .collect();
+    // (comment, size, name, caption, chunks per queue, relays)
+    let offers: [(&str, u64, &str, &str, u32, usize); 4] = [
+        ("an empty file, one relay", 0, "empty.txt", "", 937, 1),
+        (
+            "a file of three chunks, two relays, a caption",
+            2 * 15_979 + 1,
+            "report.pdf",
+            "the numbers",
+            937,
+            2,
+        ),
+        (
+            "a name the recipient must sanitise (kept as sent here)",
+            40,
+            "../../etc/passwd",
+            "",
+            1,
+            1,
+        ),
+        (
+            "20 MiB: two queues of up to 937 chunks in each of three relays",
+            20 << 20,
+            "video.mp4",
+            "",
+            937,
+            3,
+        ),
+    ];
+    for (comment, size, name, caption, cpq, n) in offers {
+        let nq = refc::file_chunk_count(size).div_ceil(cpq as u64) as usize;
+        let sets: Vec<FileSetFields> = relays[..n]
+            .iter()
+            .map(|r| FileSetFields {
+                relay: r.clone(),
+                set_seed: hex(&random::<32>(&mut rng)),
+                queues: (0..nq)
+                    .map(|_| FileQueueFields {
+                        recipient_id: hex(&random::<16>(&mut rng)),
+                        queue_secret: hex(&random::<32>(&mut rng)),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut c = FileCase {
+            comment: comment.into(),
+            result: "valid".into(),
+            kind: "offer".into(),
+            size: Some(size),
+            sha256: Some(hex(&random::<32>(&mut rng))),
+            file_key: Some(hex(&random::<32>(&mut rng))),
+            name: Some(name.into()),
+            caption: Some(caption.into()),
+            chunks_per_queue: Some(cpq),
+            sets,
+            ..Default::default()
+        };
+        let encoded = offer_of(&c).encode().expect(comment);
+        assert_eq!(refc::file_offer(&c), encoded, "{comment}: reference");
+        assert_eq!(FileOffer::decode(&encoded).expect(comment), offer_of(&c));
+        c.encoded = Some(hex(&encoded));
+        out.push(c);
+    }
+    let name_at = 1 + 8 + 32 + 32;
+    // (comment, of, mutation, error)
+    let bad_offers: Vec<(&str, usize, Option<Mutation>, &str)> = vec![
+        (
+            "another format",
+            1,
+            xor(0, 0x03),
+            "invalid: file offer format",
+        ),
+        (
+            "an empty name",
+            0,
+            Some(Mutation::Truncate { len: name_at }),
+            "truncated",
+        ),
+        (
+            "truncated in the last queue",
+            1,
+            Some(Mutation::Truncate { len: 200 }),
+            "truncated",
+        ),
+        (
+            "a byte after the last set",
+            1,
+            Some(Mutation::Append { hex: "00".into() }),
+            "trailing",
+        ),
+        (
+            "a size that needs more queues than the sets have",
+            2,
+            xor(6, 0x01),
+            "invalid: queue count",
+        ),
+        (
+            "chunks per queue beyond 100,000",
+            0,
+            xor(name_at + 1 + 9 + 2, 0xff),
+            "invalid: chunks per queue",
+        ),
+        (
+            "a name that is not UTF-8",
+            0,
+            xor(name_at + 1, 0x80),
+            "invalid: file name",
+        ),
+    ];
+    for (comment, of, mutation, err) in bad_offers {
+        let base = unhex(out[of].encoded.as_ref().unwrap());
+        let input = mutation.as_ref().map_or(base.clone(), |m| m.apply(&base));
+        expect_err(FileOffer::decode(&input), proto_err, err, comment);
+        out.push(FileCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            kind: "offer".into(),
+            of_case: Some(of),
+            mutation,
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+    // Chunks of the three-chunk file: its key, set 0 and set 1.
+    let first_chunk = out.len();
+    let key = Secret32(arr(out[1].file_key.as_ref().unwrap()));
+    let size = out[1].size.unwrap();
+    let content = random_vec(&mut rng, size as usize);
+    for (set, index) in [(0u8, 0u32), (0, 2), (1, 2)] {
+        let sk = tern::proto::file::set_key(&key, set);
+        assert_eq!(&sk[..], &refc::file_set_key(&key.0, set)[..]);
+        let start = index as usize * 15_979;
+        let data = &content[start..(start + 15_979).min(content.len())];
+        let msg = tern::proto::file::seal_chunk(&sk, index, 3, data);
+        let (nonce, reference) = refc::file_chunk(&sk[..], index, 3, data);
+        assert_eq!(msg, reference, "chunk {index} of set {set}: reference");
+        out.push(FileCase {
+            comment: format!(
+                "chunk {index} of 3 ({}), set {set}",
+                if index == 2 {
+                    "the last: 1 byte, zero fill"
+                } else {
+                    "full"
+                }
+            ),
+            result: "valid".into(),
+            kind: "chunk".into(),
+            size: Some(size),
+            file_key: Some(hex(&key.0)),
+            set: Some(set),
+            set_key: Some(hex(&sk[..])),
+            index: Some(index),
+            nonce: Some(hex(&nonce)),
+            data: Some(hex(data)),
+            encoded: Some(hex(&msg)),
+            ..Default::default()
+        });
+    }
+    // (comment, of, mutation, another set or size, error)
+    type BadChunk<'a> = (&'a str, usize, Option<Mutation>, Option<u64>, &'a str);
+    let bad_chunks: Vec<BadChunk> = vec![
+        (
+            "a flipped bit in the data",
+            first_chunk,
+            xor(100, 0x01),
+            None,
+            "decrypt",
+        ),
+        (
+            "a flipped bit in the tag",
+            first_chunk,
+            xor(15_999, 0x80),
+            None,
+            "decrypt",
+        ),
+        (
+            "moved to another position (index rewritten)",
+            first_chunk,
+            xor(4, 0x01),
+            None,
+            "decrypt",
+        ),
+        (
+            "another set's chunk",
+            first_chunk + 2,
+            None,
+            Some(0),
+            "decrypt",
+        ),
+        (
+            "the last chunk presented as one more of a longer file (truncation)",
+            first_chunk + 1,
+            None,
+            Some(size + 15_979),
+            "decrypt",
+        ),
+        (
+            "an index beyond the file",
+            first_chunk,
+            xor(4, 0x03),
+            None,
+            "index",
+        ),
+        (
+            "not a chunk (type 0x02)",
+            first_chunk,
+            xor(0, 0x07),
+            None,
+            "not_a_chunk",
+        ),
+        (
+            "one byte short",
+            first_chunk,
+            Some(Mutation::Truncate { len: 15_999 }),
+            None,
+            "not_a_chunk",
+        ),
+    ];
+    for (comment, of, mutation, size_or_set, err) in bad_chunks {
+        let base = &out[of];
+        let mut input = unhex(base.encoded.as_ref().unwrap());
+        input = mutation.as_ref().map_or(input.clone(), |m| m.apply(&input));
+        let (mut set, mut sz) = (base.set.unwrap(), base.size.unwrap());
+        match comment {
+            c if c.starts_with("another set") => set = size_or_set.unwrap() as u8,
+            _ => sz = size_or_set.unwrap_or(sz),
+        }
+        let sk = tern::proto::file::set_key(&key, set);
+        expect_err(
+            tern::proto::file::open_chunk(&sk, sz, &mut input).map(|_| ()),
+            chunk_err,
+            err,
+            comment,
+        );
+        out.push(FileCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            kind: "chunk".into(),
+            size: (sz != base.size.unwrap()).then_some(sz),
+            set: (set != base.set.unwrap()).then_some(set),
+            of_case: Some(of),
+            mutation,
+            error: Some(err.into()),
+            ..Default::default()
+        });
+    }
+    // A last chunk with a non-zero fill, sealed by the reference.
+    let sk = tern::proto::file::set_key(&key, 0);
+    let mut filled = content[2 * 15_979..].to_vec();
+    filled.resize(15_979, 0);
+    filled[15_978] = 1;
+    let (_, msg) = refc::file_chunk(&sk[..], 2, 3, &filled);
+    let mut m = msg.clone();
+    expect_err(
+        tern::proto::file::open_chunk(&sk, size, &mut m).map(|_| ()),
+        chunk_err,
+        "padding",
+        "non-zero fill",
+    );
+    out.push(FileCase {
+        comment: "a last chunk whose fill is not zero".into(),
+        result: "invalid".into(),
+        kind: "chunk".into(),
+        size: Some(size),
+        file_key: Some(hex(&key.0)),
+        set: Some(0),
+        index: Some(2),
+        encoded: Some(hex(&msg)),
+        error: Some("padding".into()),
+        ..Default::default()
+    });
+    for q in [0u16, 1, 300] {
+        let seed: [u8; 32] = random(&mut rng);
+        let k = tern::proto::file::queue_auth(&Secret32(seed), q);
+        let auth_seed = refc::hkdf(
+            None,
+            &seed,
+            &[b"tern/v1 file queue auth".as_slice(), &q.to_be_bytes()].concat(),
+            32,
+        );
+        assert_eq!(k.to_bytes().to_vec(), auth_seed);
+        out.push(FileCase {
+            comment: format!("the recipient key of file queue {q}"),
+            result: "valid".into(),
+            kind: "queue_auth".into(),
+            set_seed: Some(hex(&seed)),
+            queue: Some(q),
+            auth_seed: Some(hex(&auth_seed)),
+            auth_public: Some(hex(&k.verifying_key().to_bytes())),
+            ..Default::default()
+        });
+    }
+    out
+}
+
 fn json<T: Serialize>(cases: &[T]) -> String {
     let mut s = serde_json::to_string_pretty(cases).expect("serializable");
     s.push('\n');
@@ -7476,6 +7948,7 @@ pub fn generate() -> Vec<(&'static str, String)> {
         ("hello.json", json(&gen_hello())),
         ("device.json", json(&gen_device())),
         ("resync.json", json(&gen_resync())),
+        ("file.json", json(&gen_file())),
     ]
 }
 

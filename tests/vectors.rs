@@ -40,7 +40,7 @@ use tern::wire::session::Fixed;
 use tern::wire::{ClientHandshake, Command, Reply, ServerHandshake};
 
 /// Files checked by a test below; `every_file_is_checked` keeps this honest.
-const CHECKED: [&str; 16] = [
+const CHECKED: [&str; 17] = [
     "relay_address.json",
     "invitation.json",
     "session.json",
@@ -57,6 +57,7 @@ const CHECKED: [&str; 16] = [
     "hello.json",
     "device.json",
     "resync.json",
+    "file.json",
 ];
 
 fn load<T: DeserializeOwned>(name: &str) -> Vec<T> {
@@ -1817,4 +1818,109 @@ fn resync_vectors() {
             .unwrap();
         assert_eq!(Envelope::decode(&pt).unwrap(), env, "{cm}");
     }
+}
+
+#[test]
+fn file_vectors() {
+    use tern::proto::file::{open_chunk, queue_auth, seal_chunk, set_key, FileOffer};
+    let cases: Vec<FileCase> = load("file.json");
+    let (mut ok, mut bad) = (0, 0);
+    for c in &cases {
+        let cm = &c.comment;
+        let base = c.of_case.map(|i| &cases[i]);
+        match (c.kind.as_str(), valid(&c.result)) {
+            ("offer", true) => {
+                let encoded = unhex(field(&c.encoded, "encoded", cm));
+                let offer = offer_of(c);
+                assert_eq!(offer.encode().unwrap(), encoded, "{cm}: encode");
+                assert_eq!(FileOffer::decode(&encoded).unwrap(), offer, "{cm}: decode");
+                assert_eq!(refc::file_offer(c), encoded, "{cm}: reference");
+                ok += 1;
+            }
+            ("offer", false) => {
+                let b = base.expect("of_case");
+                let input = unhex(b.encoded.as_ref().unwrap());
+                let input = c
+                    .mutation
+                    .as_ref()
+                    .map_or(input.clone(), |m| m.apply(&input));
+                assert_eq!(
+                    FileOffer::decode(&input)
+                        .map(|_| ())
+                        .map_err(|e| proto_err(&e)),
+                    Err(field(&c.error, "error", cm).to_string()),
+                    "{cm}"
+                );
+                bad += 1;
+            }
+            ("chunk", true) => {
+                let key = Secret32(arr(field(&c.file_key, "file_key", cm)));
+                let set = c.set.expect("set");
+                let sk = set_key(&key, set);
+                assert_eq!(hex(&sk[..]), field(&c.set_key, "set_key", cm), "{cm}");
+                assert_eq!(refc::file_set_key(&key.0, set), *sk, "{cm}");
+                let size = c.size.expect("size");
+                let index = c.index.expect("index");
+                let data = unhex(field(&c.data, "data", cm));
+                let msg = unhex(field(&c.encoded, "encoded", cm));
+                let count = refc::file_chunk_count(size);
+                assert_eq!(seal_chunk(&sk, index, count, &data), msg, "{cm}: seal");
+                let (nonce, reference) = refc::file_chunk(&sk[..], index, count, &data);
+                assert_eq!(reference, msg, "{cm}: reference");
+                assert_eq!(hex(&nonce), field(&c.nonce, "nonce", cm), "{cm}");
+                let mut m = msg.clone();
+                let (i, d) = open_chunk(&sk, size, &mut m).unwrap();
+                assert_eq!((i, d), (index, &data[..]), "{cm}: open");
+                ok += 1;
+            }
+            ("chunk", false) => {
+                let (mut input, key, set, size) = match base {
+                    Some(b) => {
+                        let m = unhex(b.encoded.as_ref().unwrap());
+                        (
+                            c.mutation.as_ref().map_or(m.clone(), |x| x.apply(&m)),
+                            b.file_key.clone().unwrap(),
+                            c.set.or(b.set).unwrap(),
+                            c.size.or(b.size).unwrap(),
+                        )
+                    }
+                    None => (
+                        unhex(field(&c.encoded, "encoded", cm)),
+                        c.file_key.clone().unwrap(),
+                        c.set.unwrap(),
+                        c.size.unwrap(),
+                    ),
+                };
+                let sk = set_key(&Secret32(arr(&key)), set);
+                assert_eq!(
+                    open_chunk(&sk, size, &mut input)
+                        .map(|_| ())
+                        .map_err(|e| chunk_err(&e)),
+                    Err(field(&c.error, "error", cm).to_string()),
+                    "{cm}"
+                );
+                bad += 1;
+            }
+            ("queue_auth", true) => {
+                let seed: [u8; 32] = arr(field(&c.set_seed, "set_seed", cm));
+                let q = c.queue.expect("queue");
+                let k = queue_auth(&Secret32(seed), q);
+                assert_eq!(
+                    hex(&k.to_bytes()),
+                    field(&c.auth_seed, "auth_seed", cm),
+                    "{cm}"
+                );
+                assert_eq!(
+                    hex(&k.verifying_key().to_bytes()),
+                    field(&c.auth_public, "auth_public", cm),
+                    "{cm}"
+                );
+                let info = [b"tern/v1 file queue auth".as_slice(), &q.to_be_bytes()].concat();
+                assert_eq!(hex(&refc::hkdf(None, &seed, &info, 32)), hex(&k.to_bytes()));
+                ok += 1;
+            }
+            (k, _) => panic!("{cm}: unknown kind {k}"),
+        }
+    }
+    assert!(ok >= 10 && bad >= 10, "{ok} valid, {bad} invalid");
 }
