@@ -127,6 +127,11 @@ fn store_corpus() {
 }
 
 #[test]
+fn file_corpus() {
+    replay("file");
+}
+
+#[test]
 fn every_target_has_a_corpus_and_a_fuzz_target() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
     for (name, _) in harness::TARGETS {

@@ -29,15 +29,19 @@ pub mod ratchet;
 #[path = "store.rs"]
 pub mod store;
 
+#[path = "file.rs"]
+pub mod file;
+
 /// A harness: bytes in, a panic if something is wrong.
 pub type Harness = fn(&[u8]);
 
 /// Every target, by the name of its `fuzz_targets/*.rs` file and of its
 /// directory under `tests/fuzz-corpus/`.
-pub const TARGETS: [(&str, Harness); 5] = [
+pub const TARGETS: [(&str, Harness); 6] = [
     ("invitation", invitation::run),
     ("relay_request", relay_request::run),
     ("relay_response", relay_response::run),
     ("ratchet", ratchet::run),
     ("store", store::run),
+    ("file", file::run),
 ];
