@@ -454,3 +454,68 @@ fn a_full_relay_pauses_the_upload_and_it_goes_on_without_loss() {
     assert_eq!(got.len(), 1, "the file arrived");
     assert_eq!(std::fs::read(&got[0].1).unwrap(), bytes);
 }
+
+#[test]
+fn every_device_of_the_recipient_gets_the_file() {
+    let (r1, r2) = (Relay::start(), Relay::start());
+    let laptop = Profile::new("Alice", &[&r1]);
+    let bob = Profile::new("Bob", &[&r2]);
+    connect(&laptop, "bob", &bob, "alice");
+    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
+    let server = Profile::empty("Alice-server");
+    server.ok(&[
+        "device",
+        "join",
+        link.trim(),
+        "--name",
+        "server",
+        "--no-passphrase",
+    ]);
+    laptop.ok(&["device", "confirm", "--yes"]);
+    for _ in 0..5 {
+        for p in [&laptop, &server, &bob] {
+            p.recv();
+        }
+    }
+    let bytes = content(5 * CHUNK + 7, 21);
+    let p = write(&bob.sandbox().join("out"), "minutes.odt", &bytes);
+    let out = json_lines(&bob.ok(&["send", "alice", "--json", "--file", p.to_str().unwrap()]));
+    let sent: Vec<&Value> = out.iter().filter(|e| e["type"] == "file").collect();
+    assert_eq!(sent.len(), 2, "one copy per device of Alice: {out:?}");
+    for device in [&laptop, &server] {
+        let (events, o) = recv_files(device, &[]);
+        assert_code(&o, 0, "recv on a device");
+        let got = saved(&events);
+        assert_eq!(got.len(), 1, "{}: {events:?}", device.display);
+        assert_eq!(std::fs::read(&got[0].1).unwrap(), bytes);
+    }
+}
+
+#[test]
+fn a_hundred_mib_file_arrives_whole_while_it_uploads() {
+    let relay = Relay::start();
+    let (ada, bob) = pair(&[&relay]);
+    let bytes = content(100 << 20, 42);
+    let p = write(&ada.sandbox().join("out"), "disk.img", &bytes);
+    let mut sender = ada
+        .cmd(&["send", "bob", "--file", p.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The recipient starts while the upload runs.
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && t0.elapsed() < Duration::from_secs(240) {
+        let (events, o) = recv_files(&bob, &["--max-file-size", "200M"]);
+        assert!(
+            o.status.success() || o.status.code() == Some(75),
+            "{}",
+            show(&o)
+        );
+        got = saved(&events);
+    }
+    assert!(wait_guarded(&mut sender, HANG_GUARD, "send --file").success());
+    assert_eq!(got.len(), 1, "the file arrived");
+    assert!(std::fs::read(&got[0].1).unwrap() == bytes, "byte for byte");
+}
