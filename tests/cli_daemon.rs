@@ -2,303 +2,22 @@
 //! loopback: JSON-RPC over the socket and over stdio, the delivery contract
 //! (nothing lost when no client listens, when a client dies before its
 //! `ack`, when the daemon is killed), the socket's permissions and the
-//! one-daemon-per-home rule. Also `tern send --lines`.
+//! one-daemon-per-home rule. Also `tern send --lines`. Every exchange is
+//! checked against docs/jsonrpc.schema.json (tests/daemon_common).
 
 mod cli_common;
+mod daemon_common;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
 use cli_common::*;
+use daemon_common::*;
 use serde_json::{json, Value};
-
-/// Longest wait for any one answer or notification.
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A running `tern daemon`, SIGKILLed on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
-/// `tern daemon --home … --socket SOCKET EXTRA…` from `sandbox`.
-fn daemon_cmd(sandbox: &Path, homes: &[&Path], socket: &Path, extra: &[&str]) -> Command {
-    let mut c = tern_cmd(sandbox);
-    c.arg("daemon");
-    for h in homes {
-        c.arg("--home").arg(h);
-    }
-    c.arg("--socket").arg(socket).args(extra);
-    c
-}
-
-impl Daemon {
-    /// Starts it and waits for the line that says it listens.
-    fn start(mut c: Command, socket: &Path) -> Daemon {
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawning tern daemon");
-        let stderr = drain(child.stderr.take().unwrap());
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut first = String::new();
-            let _ = tx.send(r.read_line(&mut first).map(|_| first));
-            let mut rest = Vec::new();
-            let _ = r.read_to_end(&mut rest);
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok(Ok(line)) if line.trim() == socket.display().to_string() => {}
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the daemon did not start ({other:?}); stderr:\n{}",
-                    String::from_utf8_lossy(&stderr.lock().unwrap())
-                );
-            }
-        }
-        Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            stderr,
-        }
-    }
-
-    fn connect(&self) -> Rpc {
-        Rpc::connect(&self.socket)
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A JSON-RPC client: requests out, responses and notifications in.
-struct Rpc {
-    out: Box<dyn Write + Send>,
-    /// The socket, shut down on drop as a client that dies would leave it
-    /// (the reading thread holds a copy of it).
-    socket: Option<UnixStream>,
-    lines: Receiver<String>,
-    next_id: u64,
-    /// Notifications that came while waiting for a response.
-    notes: VecDeque<Value>,
-}
-
-impl Rpc {
-    fn connect(socket: &Path) -> Rpc {
-        let s = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
-        let r = s.try_clone().unwrap();
-        let shut = s.try_clone().unwrap();
-        let mut rpc = Rpc::over(Box::new(s), r);
-        rpc.socket = Some(shut);
-        rpc
-    }
-
-    fn over(out: Box<dyn Write + Send>, input: impl Read + Send + 'static) -> Rpc {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(input).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Rpc {
-            out,
-            socket: None,
-            lines: rx,
-            next_id: 1,
-            notes: VecDeque::new(),
-        }
-    }
-
-    fn write_line(&mut self, line: &str) {
-        self.out
-            .write_all(format!("{line}\n").as_bytes())
-            .and_then(|()| self.out.flush())
-            .expect("writing to the daemon");
-    }
-
-    /// The next line, parsed; `None` once the daemon hung up.
-    fn read(&mut self, limit: Duration) -> Option<Value> {
-        match self.lines.recv_timeout(limit) {
-            Ok(l) => {
-                let v: Value = serde_json::from_str(&l)
-                    .unwrap_or_else(|e| panic!("the daemon wrote a non-JSON line ({e}): {l:?}"));
-                assert_eq!(v["jsonrpc"], "2.0", "{l}");
-                Some(v)
-            }
-            Err(RecvTimeoutError::Disconnected) => None,
-            Err(RecvTimeoutError::Timeout) => panic!("nothing from the daemon within {limit:?}"),
-        }
-    }
-
-    /// The response to the next line sent (notifications are kept).
-    fn response(&mut self) -> Value {
-        loop {
-            let v = self.read(WAIT).expect("the daemon hung up");
-            if v.get("method").is_some() {
-                self.notes.push_back(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.write_line(
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
-        );
-        let r = self.response();
-        assert_eq!(r["id"], id, "{r}");
-        r
-    }
-
-    #[track_caller]
-    fn ok(&mut self, method: &str, params: Value) -> Value {
-        let r = self.call(method, params.clone());
-        assert!(r.get("error").is_none(), "{method} {params} failed: {r}");
-        r["result"].clone()
-    }
-
-    #[track_caller]
-    fn error(&mut self, method: &str, params: Value) -> Value {
-        let r = self.call(method, params.clone());
-        assert!(
-            r.get("result").is_none(),
-            "{method} {params} succeeded: {r}"
-        );
-        r["error"].clone()
-    }
-
-    /// The next notification of `method`, waiting up to `limit`; `None` if
-    /// none came (other notifications are dropped).
-    fn notification(&mut self, method: &str, limit: Duration) -> Option<Value> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(i) = self.notes.iter().position(|n| n["method"] == method) {
-                let n = self.notes.remove(i).unwrap();
-                return Some(n["params"].clone());
-            }
-            self.notes.clear();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.notes.push_back(serde_json::from_str(&l).unwrap()),
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// The next `n` messages.
-    #[track_caller]
-    fn messages(&mut self, n: usize) -> Vec<Value> {
-        (0..n)
-            .map(|i| {
-                self.notification("message", WAIT)
-                    .unwrap_or_else(|| panic!("message {} of {n} did not come", i + 1))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Rpc {
-    fn drop(&mut self) {
-        if let Some(s) = &self.socket {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-/// Two profiles on one relay, connected: `ada` calls the other `bob`.
-fn pair(relay: &Relay) -> (Profile, Profile) {
-    let a = Profile::new("Ada", &[relay]);
-    let b = Profile::new("Bob", &[relay]);
-    connect(&a, "bob", &b, "ada");
-    (a, b)
-}
-
-fn socket_in(p: &Profile, name: &str) -> PathBuf {
-    let dir = p.sandbox().join("run");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    dir.join(name)
-}
-
-fn label(p: &Profile) -> String {
-    p.home.display().to_string()
-}
-
-/// Polls `log` through the daemon until the history with `contact` holds
-/// `n` messages from them.
-fn wait_for_history(rpc: &mut Rpc, profile: &str, contact: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = rpc.ok(
-            "log",
-            json!({"profile": profile, "contact": contact, "limit": 1000}),
-        );
-        let got: Vec<Value> = log
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["direction"] == "in")
-            .cloned()
-            .collect();
-        if got.len() >= n {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} messages arrived",
-            got.len()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn two_profiles_in_one_daemon_200_messages_back_to_back_exactly_once() {
@@ -704,4 +423,135 @@ fn invite_and_accept_through_one_daemon_connect_its_two_profiles() {
     let m = bot.notification("message", WAIT).expect("the message");
     assert_eq!(m["profile"], label(&b));
     assert_eq!(m["text"], "hello");
+}
+
+/// docs/jsonrpc.schema.json lists exactly the methods the daemon
+/// dispatches, and real traffic of every method and notification matches
+/// it (every exchange in this file is checked too, by the harness).
+#[test]
+fn the_schema_lists_the_daemons_methods_and_matches_real_traffic() {
+    assert!(
+        jsonschema::meta::is_valid(&SCHEMA),
+        "docs/jsonrpc.schema.json is not a valid JSON Schema: {:?}",
+        jsonschema::meta::validate(&SCHEMA).err()
+    );
+    let listed: BTreeSet<String> = SCHEMA["methods"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let served: BTreeSet<String> = tern::cli::daemon::method_names()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        listed, served,
+        "docs/jsonrpc.schema.json and the daemon's dispatch name different methods"
+    );
+
+    let relay = Relay::start();
+    let (a, b) = pair(&relay);
+    let c = Profile::new("Cy", &[&relay]);
+    let nobody = Profile::empty("Nobody");
+    std::fs::create_dir_all(&nobody.home).unwrap();
+    let socket = socket_in(&a, "s.sock");
+    let d = Daemon::start(
+        daemon_cmd(
+            a.sandbox(),
+            &[&a.home, &b.home, &c.home, &nobody.home],
+            &socket,
+            &[],
+        ),
+        &socket,
+    );
+    let mut rpc = d.connect();
+    rpc.ok("subscribe", json!({}));
+    let e = rpc
+        .notification("error", WAIT)
+        .expect("the error of Nobody");
+    assert_eq!(e["kind"], "profile", "{e}");
+    assert_eq!(rpc.ok("profiles", json!({})).as_array().unwrap().len(), 4);
+    rpc.ok("contacts", json!({"profile": "Ada"}));
+    rpc.ok("profile", json!({"profile": "Ada"}));
+    rpc.ok("relays", json!({"profile": "Ada"}));
+    let sent = rpc.ok(
+        "send",
+        json!({"profile": "Ada", "contact": "bob", "text": "to the schema"}),
+    );
+    let m = rpc.notification("message", WAIT).expect("the message");
+    assert_eq!(m["id"], sent["id"]);
+    assert_eq!(
+        rpc.ok("ack", json!({"profile": "Bob", "id": m["id"]}))["acked"],
+        0
+    );
+    assert_eq!(
+        rpc.ok("log", json!({"profile": "Bob", "contact": "ada"}))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let inv = rpc.ok("invite", json!({"profile": "Cy", "name": "ada"}));
+    rpc.ok(
+        "accept",
+        json!({"profile": "Ada", "link": inv["link"], "name": "cy"}),
+    );
+    rpc.notification("connected", WAIT)
+        .expect("a connected notification");
+    // A contact changes its profile (a one-shot command beside the daemon).
+    b.ok(&["profile", "--status", "schema status"]);
+    let u = rpc
+        .notification("contact_updated", WAIT)
+        .expect("a contact_updated notification");
+    assert_eq!(u["contact"], "bob", "{u}");
+
+    // Every method refuses a parameter it does not know, and one the
+    // schema does not list: the harness checks the schema refuses it too.
+    for method in &listed {
+        let e = rpc.error(method, json!({"bogus": 1}));
+        assert_eq!(e["code"], -32602, "{method}: {e}");
+    }
+    assert_eq!(rpc.error("frobnicate", json!({}))["code"], -32601);
+    // Wrong types, missing ones, out of range.
+    for (method, params) in [
+        ("send", json!({"profile": "Ada", "contact": "bob"})),
+        (
+            "send",
+            json!({"profile": "Ada", "contact": "bob", "text": 5}),
+        ),
+        (
+            "log",
+            json!({"profile": "Ada", "contact": "bob", "limit": -1}),
+        ),
+        ("ack", json!({"profile": "Ada"})),
+        ("accept", json!({"profile": "Ada"})),
+        ("invite", json!({"profile": "Ada", "name": ["x"]})),
+    ] {
+        let e = rpc.error(method, params.clone());
+        assert_eq!(e["code"], -32602, "{method} {params}: {e}");
+    }
+    // tern's own errors have the codes the schema lists for them.
+    let e = rpc.error(
+        "send",
+        json!({"profile": "Ada", "contact": "nobody", "text": "x"}),
+    );
+    assert_eq!(e["code"], -32003);
+    let e = rpc.error("contacts", json!({}));
+    assert_eq!(e["code"], -32100);
+
+    let seen = SEEN.lock().unwrap().clone();
+    for method in &listed {
+        assert!(
+            seen.contains(method),
+            "{method} was never answered: {seen:?}"
+        );
+    }
+    // `notice` comes with device linking (tests/cli_devices.rs); when it
+    // comes here, the harness checks it all the same.
+    for n in ["message", "connected", "contact_updated", "error"] {
+        assert!(
+            seen.contains(&format!("notify:{n}")),
+            "no {n} notification: {seen:?}"
+        );
+    }
 }

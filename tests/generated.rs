@@ -145,3 +145,53 @@ fn every_argument_has_help() {
     );
     assert!(missing.is_empty(), "arguments without help: {missing:#?}");
 }
+
+/// tern-daemon(1) lists every method, parameter, notification and error
+/// code of docs/jsonrpc.schema.json (the page is generated from it).
+#[test]
+fn daemon_page_lists_the_whole_schema() {
+    let fresh = tempfile::tempdir().unwrap();
+    tern::cli::generate::write_all(fresh.path()).unwrap();
+    let page = std::fs::read_to_string(fresh.path().join("man/tern-daemon.1"))
+        .unwrap()
+        .replace("\\-", "-");
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/jsonrpc.schema.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (name, m) in schema["methods"].as_object().unwrap() {
+        assert!(
+            page.contains(&format!("\\fB{name}\\fR {{")),
+            "method {name}"
+        );
+        for p in m["params"]["properties"].as_object().unwrap().keys() {
+            assert!(
+                page.contains(&format!("\\fB{name}\\fR {{"))
+                    && page
+                        .split(&format!("\\fB{name}\\fR {{"))
+                        .nth(1)
+                        .unwrap()
+                        .split('}')
+                        .next()
+                        .unwrap()
+                        .contains(p.as_str()),
+                "parameter {p} of {name}"
+            );
+        }
+    }
+    for name in schema["notifications"].as_object().unwrap().keys() {
+        assert!(
+            page.contains(&format!("\\fB{name}\\fR {{")),
+            "notification {name}"
+        );
+    }
+    for code in schema["error_codes"].as_object().unwrap().keys() {
+        assert!(
+            page.contains(&format!("\\fB{code}\\fR")),
+            "error code {code}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::CommandFactory;
 use clap_complete::Shell;
+use serde_json::Value;
 
 use super::Cli;
 
@@ -128,40 +129,121 @@ recv only: \fB"in\-order"\fR, \fB"after\-gap"\fR (earlier messages are missing) 
 \fBtern send\fR, \fBaccept\fR, \fBinvite\fR, \fBverify\fR, \fBcontacts\fR, \fBprofile\fR, \fBrelays\fR and \fBdevice list\fR print one object each (see their pages).
 "#;
 
-/// `tern daemon` and `tern jsonrpc`: the protocol, in brief (docs/JSONRPC.md
-/// has it in full).
-const JSONRPC: &str = r#".SH "JSON\-RPC"
-JSON\-RPC 2.0, one object per line each way (batches too; lines up to 1 MiB). Every method takes an optional \fBprofile\fR (the home as given, or the profile's name), needed when several are served. Full reference: \fIdocs/JSONRPC.md\fR.
-.SS Methods
-.TP
-\fBprofiles\fR
-Each home asked for: \fBprofile\fR, \fBname\fR, \fBok\fR, \fBerror\fR.
-.TP
-\fBsubscribe\fR {profile?}
-Start notifications; what is pending comes first. Result: \fBprofiles\fR, \fBpending\fR, \fBmanual_ack\fR.
-.TP
-\fBack\fR {profile?, id}
-With \fB\-\-manual\-ack\fR: the message is delivered and leaves the pending list. Result: \fBacked\fR.
-.TP
-\fBsend\fR {profile?, contact, text}
-Returns once a relay has it: \fBid\fR, \fBcontact\fR, \fBstate\fR (sent, awaiting\-connection), \fBrelays\fR, \fBfailed\fR.
-.TP
-\fBcontacts\fR, \fBprofile\fR, \fBrelays\fR {profile?}
-As the commands' \fB\-\-json\fR output (an array for contacts and relays).
-.TP
-\fBinvite\fR {profile?, name?, expires?}
-A one\-time invitation: \fBlink\fR, \fBname\fR.
-.TP
-\fBaccept\fR {profile?, link, name?}
-As \fBtern accept \-\-json\fR.
-.TP
-\fBlog\fR {profile?, contact, limit?}
-The latest messages with a contact, oldest first.
-.SS Notifications
-\fBmessage\fR (the fields of \fBtern recv \-\-json\fR and \fBprofile\fR; kept until delivered), \fBconnected\fR, \fBcontact_updated\fR, \fBnotice\fR, \fBerror\fR (\fBkind\fR: warning, refused, unsupported, receiving, profile).
-.SS "Error codes"
-\-32700 not JSON; \-32600 invalid request or line too long; \-32601 no such method; \-32602 invalid parameters; \-32603 internal; \-32100 no such profile (or several and none named); \-32101 ack: nothing pending with that id; \-32102 too many clients; \-32000 minus an exit code for tern's own errors (\-32003 no contact, \-32005 locked, \-32075 temporary: \fBdata.retryable\fR is true, the work is kept and retried). \fBdata.exit_code\fR names the exit code.
-"#;
+/// `tern daemon` and `tern jsonrpc`: the protocol, from
+/// docs/jsonrpc.schema.json (so the page cannot list a method, parameter or
+/// code the schema does not, nor miss one).
+const SCHEMA: &str = include_str!("../../docs/jsonrpc.schema.json");
+
+/// Text for roff: backslashes and hyphens escaped, and no line starting
+/// with a control character.
+fn roff(text: &str) -> String {
+    let s = text.replace('\\', "\\e").replace('-', "\\-");
+    if s.starts_with('.') || s.starts_with('\'') {
+        format!("\\&{s}")
+    } else {
+        s
+    }
+}
+
+/// The schema at a `#/…` reference, or `v` itself.
+fn resolve<'a>(root: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => root
+            .pointer(r.trim_start_matches('#'))
+            .map_or(v, |t| resolve(root, t)),
+        None => v,
+    }
+}
+
+/// `{a, b?}`: an object's fields, `?` for those not required.
+fn fields(root: &Value, schema: &Value) -> String {
+    let outer = resolve(root, schema);
+    // `{allOf: [base], required: [more]}`: the base's fields, more of them
+    // required.
+    let s = outer
+        .get("allOf")
+        .and_then(|a| a.get(0))
+        .map_or(outer, |first| resolve(root, first));
+    let required: Vec<&str> = [s, outer]
+        .iter()
+        .filter_map(|v| v["required"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let names: Vec<String> = s["properties"]
+        .as_object()
+        .map(|p| {
+            p.keys()
+                .map(|k| {
+                    if required.contains(&k.as_str()) {
+                        k.clone()
+                    } else {
+                        format!("{k}?")
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("{{{}}}", names.join(", "))
+}
+
+/// A result in a few words: its fields, or an array of them.
+fn shape(root: &Value, schema: &Value) -> String {
+    let s = resolve(root, schema);
+    if s["type"] == "array" {
+        format!("an array of {}", shape(root, &s["items"]))
+    } else {
+        fields(root, s)
+    }
+}
+
+fn jsonrpc_section() -> String {
+    let root: Value = serde_json::from_str(SCHEMA).expect("docs/jsonrpc.schema.json is JSON");
+    let text = |v: &Value| roff(v.as_str().unwrap_or_default());
+    let mut out = String::from(
+        ".SH \"JSON\\-RPC\"\nJSON\\-RPC 2.0, one object per line each way (batches too; lines up to 1 MiB). \
+         Every method takes an optional \\fBprofile\\fR (the home as given, or the profile's name), needed \
+         when several are served. Generated from \\fIdocs/jsonrpc.schema.json\\fR, which describes every \
+         field; \\fIdocs/JSONRPC.md\\fR explains the delivery contract.\n.SS Methods\n",
+    );
+    for (name, m) in root["methods"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            ".TP\n\\fB{}\\fR {}\n{} Result: {}.",
+            roff(name),
+            roff(&fields(&root, &m["params"])),
+            text(&m["description"]),
+            roff(&shape(&root, &m["result"])),
+        ));
+        let errors: Vec<String> = m["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| roff(&c.to_string()))
+            .collect();
+        if !errors.is_empty() {
+            out.push_str(&format!(" Errors: {}.", errors.join(", ")));
+        }
+        out.push('\n');
+    }
+    out.push_str(".SS Notifications\n");
+    for (name, n) in root["notifications"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            ".TP\n\\fB{}\\fR {}\n{}\n",
+            roff(name),
+            roff(&fields(&root, &n["params"])),
+            text(&n["description"]),
+        ));
+    }
+    out.push_str(&format!(
+        ".SS \"Error codes\"\n{}\n",
+        text(&root["common_errors_description"])
+    ));
+    for (code, what) in root["error_codes"].as_object().into_iter().flatten() {
+        out.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", roff(code), text(what)));
+    }
+    out.push_str("tern's own errors carry \\fBdata.exit_code\\fR and \\fBdata.retryable\\fR.\n");
+    out
+}
 
 const FILES: &str = r#".SH FILES
 .TP
@@ -207,8 +289,8 @@ fn man_tree(cmd: &clap::Command, path: &[String], dir: &Path) -> anyhow::Result<
             .disable_help_subcommand(true)
             .bin_name(here.join(" "));
         let protocol = match name.as_str() {
-            "tern-daemon" | "tern-jsonrpc" => JSONRPC,
-            _ => "",
+            "tern-daemon" | "tern-jsonrpc" => jsonrpc_section(),
+            _ => String::new(),
         };
         man_page(
             page,

@@ -22,6 +22,30 @@ use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 use crate::proto::hello::Channel;
 use crate::proto::text::escape_text;
 
+/// A method: what it does for the client on a connection.
+type Method = fn(&Daemon, &Value, &Arc<Conn>) -> Result<Value, RpcError>;
+
+/// Every method the daemon answers. The one list: dispatch, the -32601
+/// message and the test that holds docs/jsonrpc.schema.json to the daemon
+/// all read it, so none can name a method the others do not.
+const METHODS: &[(&str, Method)] = &[
+    ("profiles", Daemon::profiles),
+    ("subscribe", Daemon::subscribe),
+    ("ack", Daemon::ack),
+    ("send", Daemon::send),
+    ("contacts", Daemon::contacts),
+    ("invite", Daemon::invite),
+    ("accept", Daemon::accept),
+    ("profile", Daemon::profile),
+    ("relays", Daemon::relays),
+    ("log", Daemon::log),
+];
+
+/// The names of the methods, in the order of [`METHODS`].
+pub fn method_names() -> impl Iterator<Item = &'static str> {
+    METHODS.iter().map(|(name, _)| *name)
+}
+
 /// The longest `log` answer, in messages.
 const MAX_LOG: u64 = 10_000;
 
@@ -39,51 +63,50 @@ impl Daemon {
         p: &Value,
         conn: &Arc<Conn>,
     ) -> Result<Value, RpcError> {
-        match method {
-            "profiles" => {
-                only(p, &[])?;
-                Ok(self.profiles_json())
-            }
-            "subscribe" => self.subscribe(p, conn),
-            "ack" => self.ack(p),
-            "send" => self.send(p),
-            "contacts" => {
-                only(p, &["profile"])?;
-                let (_, r) = self.ready(p)?;
-                Ok(Value::Array(contacts::contacts_json(&r.client())?))
-            }
-            "invite" => self.invite(p),
-            "accept" => self.accept(p),
-            "profile" => {
-                only(p, &["profile"])?;
-                let (_, r) = self.ready(p)?;
-                let s = r.client().settings()?;
-                let pr = &s.profile;
-                Ok(
-                    json!({"name": pr.name, "status": pr.status, "avatar_bytes": pr.avatar.as_ref().map(Vec::len)}),
-                )
-            }
-            "relays" => {
-                only(p, &["profile"])?;
-                let (_, r) = self.ready(p)?;
-                let s = r.client().settings()?;
-                Ok(Value::Array(
-                    s.relay_addresses()
-                        .iter()
-                        .map(|a| json!({"address": a.without_access_key().to_string(), "access_key": a.access_key.is_some()}))
-                        .collect(),
-                ))
-            }
-            "log" => self.log(p),
-            _ => Err(RpcError::new(
+        match METHODS.iter().find(|(name, _)| *name == method) {
+            Some((_, run)) => run(self, p, conn),
+            None => Err(RpcError::new(
                 METHOD_NOT_FOUND,
                 format!(
-                    "no method \"{}\" (see docs/JSONRPC.md: profiles, subscribe, ack, send, \
-                     contacts, invite, accept, profile, relays, log)",
-                    escape_text(method)
+                    "no method \"{}\" (see docs/JSONRPC.md: {})",
+                    escape_text(method),
+                    method_names().collect::<Vec<_>>().join(", ")
                 ),
             )),
         }
+    }
+
+    fn profiles(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &[])?;
+        Ok(self.profiles_json())
+    }
+
+    fn contacts(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile"])?;
+        let (_, r) = self.ready(p)?;
+        Ok(Value::Array(contacts::contacts_json(&r.client())?))
+    }
+
+    fn profile(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile"])?;
+        let (_, r) = self.ready(p)?;
+        let s = r.client().settings()?;
+        let pr = &s.profile;
+        Ok(
+            json!({"name": pr.name, "status": pr.status, "avatar_bytes": pr.avatar.as_ref().map(Vec::len)}),
+        )
+    }
+
+    fn relays(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile"])?;
+        let (_, r) = self.ready(p)?;
+        let s = r.client().settings()?;
+        Ok(Value::Array(
+            s.relay_addresses()
+                .iter()
+                .map(|a| json!({"address": a.without_access_key().to_string(), "access_key": a.access_key.is_some()}))
+                .collect(),
+        ))
     }
 
     fn profiles_json(&self) -> Value {
@@ -208,7 +231,7 @@ impl Daemon {
         }))
     }
 
-    fn ack(&self, p: &Value) -> Result<Value, RpcError> {
+    fn ack(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "id"])?;
         let id = req_str(p, "id")?;
         let mut acked = 0;
@@ -242,7 +265,7 @@ impl Daemon {
         Ok(json!({"acked": acked}))
     }
 
-    fn send(&self, p: &Value) -> Result<Value, RpcError> {
+    fn send(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "contact", "text"])?;
         let contact = req_str(p, "contact")?;
         let text = req_str(p, "text")?;
@@ -327,7 +350,7 @@ impl Daemon {
         Ok(result)
     }
 
-    fn invite(&self, p: &Value) -> Result<Value, RpcError> {
+    fn invite(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "name", "expires"])?;
         let name = opt_str(p, "name")?;
         let expires = opt_str(p, "expires")?
@@ -345,7 +368,7 @@ impl Daemon {
         Ok(json!({"link": link, "name": contact.name}))
     }
 
-    fn accept(&self, p: &Value) -> Result<Value, RpcError> {
+    fn accept(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "link", "name"])?;
         let link = req_str(p, "link")?;
         if link == "-" {
@@ -363,7 +386,7 @@ impl Daemon {
         )?)
     }
 
-    fn log(&self, p: &Value) -> Result<Value, RpcError> {
+    fn log(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "contact", "limit"])?;
         let contact = req_str(p, "contact")?;
         let limit = opt_u64(p, "limit")?.unwrap_or(50).min(MAX_LOG) as usize;

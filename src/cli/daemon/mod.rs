@@ -15,6 +15,7 @@ pub mod client;
 pub mod hub;
 pub mod lock;
 mod methods;
+pub use methods::method_names;
 pub mod rpc;
 
 use std::io::{BufReader, BufWriter};
