@@ -147,3 +147,46 @@ fn the_shell_echo_bot_echoes_and_reconnects() {
         "connecting to",
     );
 }
+
+/// contrib/systemd/tern-daemon.service passes `systemd-analyze verify
+/// --user` (every key known, every specifier valid), with ExecStart on the
+/// tern just built (verify wants the program to exist). Skipped where
+/// systemd-analyze is missing.
+#[test]
+fn the_systemd_user_unit_verifies() {
+    if !have_program("systemd-analyze") {
+        eprintln!("note: systemd-analyze is not installed; the unit is not checked");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd/tern-daemon.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=%h/.cargo/bin/tern "), "{unit}");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let path = dir.path().join("tern-daemon.service");
+    std::fs::write(&path, unit.replace("%h/.cargo/bin/tern", TERN)).unwrap();
+    let o = run_cmd(
+        {
+            let mut c = Command::new("systemd-analyze");
+            c.args(["verify", "--user"])
+                .arg(&path)
+                .env("XDG_RUNTIME_DIR", &runtime);
+            c
+        },
+        None,
+        HANG_GUARD,
+    );
+    assert!(
+        o.status.success() && stderr(&o).trim().is_empty(),
+        "systemd-analyze verify --user: {}",
+        show(&o)
+    );
+}
