@@ -505,6 +505,14 @@ fn the_schema_lists_the_daemons_methods_and_matches_real_traffic() {
         .expect("a contact_updated notification");
     assert_eq!(u["contact"], "bob", "{u}");
 
+    rpc.ok("verify", json!({"profile": "Ada", "contact": "bob"}));
+    rpc.ok("rotate", json!({"profile": "Ada", "contact": "bob"}));
+    rpc.ok("profile", json!({"profile": "Cy", "status": "checked"}));
+    a.ok(&["device", "link", "--link"]);
+    let devs = rpc.ok("devices", json!({"profile": "Ada"}));
+    let link = devs[1]["name"].clone();
+    rpc.ok("device_remove", json!({"profile": "Ada", "device": link}));
+
     // Every method refuses a parameter it does not know, and one the
     // schema does not list: the harness checks the schema refuses it too.
     for method in &listed {
@@ -553,5 +561,128 @@ fn the_schema_lists_the_daemons_methods_and_matches_real_traffic() {
             seen.contains(&format!("notify:{n}")),
             "no {n} notification: {seen:?}"
         );
+    }
+}
+
+/// `verify`, `rotate`, `devices`, `device_remove` and `profile` with a
+/// change: the CLI's commands through the daemon, each with a bad
+/// parameter refused.
+#[test]
+fn verify_rotate_devices_and_profile_changes_through_the_daemon() {
+    let relay = Relay::start();
+    let (a, b) = pair(&relay);
+    let socket = socket_in(&b, "b.sock");
+    let d = Daemon::start(daemon_cmd(b.sandbox(), &[&b.home], &socket, &[]), &socket);
+    let mut rpc = d.connect();
+    rpc.ok("subscribe", json!({}));
+
+    // verify: the code Ada's side shows is Bob's side's code.
+    let shown = rpc.ok("verify", json!({"contact": "ada"}));
+    assert_eq!(shown["verified"], false, "{shown}");
+    let theirs = json_lines(&a.ok(&["verify", "--json", "bob"]))[0]["code"].clone();
+    assert_eq!(shown["code"], theirs);
+    let e = rpc.error(
+        "verify",
+        json!({"contact": "ada", "code": "00000 00000 00000 00000 00000 00000"}),
+    );
+    assert_eq!(e["code"], -32004, "{e}");
+    assert_eq!(e["data"]["match"], false, "{e}");
+    assert_eq!(
+        rpc.ok("contacts", json!({}))[0]["security"],
+        "shared",
+        "a mismatch verifies nothing"
+    );
+    assert_eq!(
+        rpc.error("verify", json!({"contact": "ada", "code": "12"}))["code"],
+        -32002
+    );
+    assert_eq!(
+        rpc.error("verify", json!({"contact": "ada", "code": 12}))["code"],
+        -32602
+    );
+    assert_eq!(
+        rpc.error("verify", json!({"contact": "nobody"}))["code"],
+        -32003
+    );
+    let ok = rpc.ok("verify", json!({"contact": "ada", "code": theirs}));
+    assert_eq!(ok["match"], true, "{ok}");
+    assert_eq!(rpc.ok("contacts", json!({}))[0]["security"], "verified");
+    assert_eq!(
+        rpc.ok("verify", json!({"contact": "ada"}))["verified"],
+        true
+    );
+
+    // rotate: started here, completed by the daemon's receiving and Ada's
+    // recv; messages go both ways afterwards.
+    for bad in [
+        json!({}),
+        json!({"contact": "ada", "all": true}),
+        json!({"all": 1}),
+    ] {
+        assert_eq!(rpc.error("rotate", bad.clone())["code"], -32602, "{bad}");
+    }
+    let r = rpc.ok("rotate", json!({"contact": "ada"}));
+    assert_eq!(r[0]["contact"], "ada", "{r}");
+    assert_eq!(r[0]["warnings"], json!([]), "{r}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        a.recv();
+        let c = rpc.ok("contacts", json!({}));
+        if c[0]["rotating"] == false && !c[0]["last_rotated"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotation did not complete: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.send("bob", "after the rotation");
+    let m = rpc
+        .notification("message", WAIT)
+        .expect("a message after the rotation");
+    assert_eq!(m["text"], "after the rotation");
+    rpc.ok("send", json!({"contact": "ada", "text": "rotated too"}));
+    assert!(a.recv_texts().contains(&"rotated too".to_string()));
+    assert_eq!(rpc.ok("rotate", json!({"all": true}))[0]["contact"], "ada");
+
+    // devices: this one, then a link shown by a one-shot command, which
+    // device_remove withdraws.
+    let devs = rpc.ok("devices", json!({}));
+    assert_eq!(devs.as_array().unwrap().len(), 1, "{devs}");
+    assert_eq!(devs[0]["this_device"], true);
+    b.ok(&["device", "link", "--link"]);
+    let devs = rpc.ok("devices", json!({}));
+    let link = devs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["this_device"] == false)
+        .unwrap_or_else(|| panic!("no pending link listed: {devs}"));
+    assert_eq!(link["pending_link"], true, "{devs}");
+    assert_eq!(
+        rpc.error("device_remove", json!({"device": 7}))["code"],
+        -32602
+    );
+    assert_eq!(
+        rpc.error("device_remove", json!({"device": "no such device"}))["code"],
+        -32003
+    );
+    let gone = rpc.ok("device_remove", json!({"device": link["name"]}));
+    assert_eq!(gone["withdrawn"], true, "{gone}");
+    assert_eq!(rpc.ok("devices", json!({})).as_array().unwrap().len(), 1);
+
+    // profile: a new name, sent to Ada.
+    assert_eq!(rpc.error("profile", json!({"name": 5}))["code"], -32602);
+    assert_eq!(rpc.error("profile", json!({"name": ""}))["code"], -32002);
+    let p = rpc.ok("profile", json!({"name": "Bobby", "status": "new here"}));
+    assert_eq!(p["name"], "Bobby", "{p}");
+    assert_eq!(p["sent_to"], 1, "{p}");
+    assert_eq!(rpc.ok("profile", json!({}))["status"], "new here");
+    let deadline = Instant::now() + WAIT;
+    while a.contact("bob")["profile"]["name"] != "Bobby" {
+        a.recv();
+        assert!(Instant::now() < deadline, "Ada never saw the new name");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

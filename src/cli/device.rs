@@ -634,26 +634,60 @@ fn run_join(
 
 fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
     let client = unlock::open(cli)?;
-    let settings = client.settings()?;
-    let this = crate::client::devices::device_profile(&settings).name;
-    if let Some(r) = &settings.removed {
+    for d in devices_json(&client)? {
         if as_json {
-            json(&json!({
-                "name": this, "this_device": true, "state": "removed",
-                "removed_by": r.by, "removed_at": time(r.at_ms),
-            }));
+            json(&d);
+            continue;
+        }
+        let name = d["name"].as_str().unwrap_or_default();
+        let state = d["state"].as_str().unwrap_or_default();
+        let field = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+        if d["this_device"] == true {
+            if state == "removed" {
+                line(&format!(
+                    "{name:<20} this device: removed from the profile by {} at {}",
+                    field("removed_by"),
+                    field("removed_at")
+                ));
+            } else {
+                line(&format!("{} this device", pad(&text(name), 20)));
+            }
+        } else if d["pending_link"] == true && state != "linking" {
+            let what = match d["answered_by"].as_str() {
+                Some(n) => format!(
+                    "answered by a device calling itself {n:?}: `tern device confirm` links it"
+                ),
+                None => "nobody has answered yet".to_string(),
+            };
+            line(&format!(
+                "{name:<20} {state:<10} expires {}  {what}; `tern device revoke {name}` withdraws it",
+                d["expires"].as_str().unwrap_or("never"),
+            ));
         } else {
             line(&format!(
-                "{this:<20} this device: removed from the profile by {} at {}",
-                r.by,
-                time(r.at_ms)
+                "{} {} last {}  {} connection(s) known",
+                pad(&text(name), 20),
+                pad(state, 10),
+                field("last_activity"),
+                d["connections"]
             ));
         }
-    } else if as_json {
-        json(&json!({"name": this, "this_device": true, "state": "connected"}));
-    } else {
-        line(&format!("{} this device", pad(&text(&this), 20)));
     }
+    Ok(())
+}
+
+/// This device, then the profile's other devices by name, each as `tern
+/// device list --json` prints it.
+pub fn devices_json(client: &Client) -> anyhow::Result<Vec<serde_json::Value>> {
+    let settings = client.settings()?;
+    let this = crate::client::devices::device_profile(&settings).name;
+    let mut out = vec![match &settings.removed {
+        Some(r) => json!({
+            "name": this, "this_device": true, "state": "removed",
+            "removed_by": r.by, "removed_at": time(r.at_ms),
+        }),
+        None => json!({"name": this, "this_device": true, "state": "connected"}),
+    }];
     let mut devices = client.devices()?;
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     for d in devices {
@@ -679,62 +713,71 @@ fn run_list(cli: &Cli, as_json: bool) -> anyhow::Result<()> {
             .as_ref()
             .and_then(|i| client.contact(i).ok())
             .map(|i| i.name);
-        if as_json {
-            json(&json!({
-                "name": d.name,
-                "this_device": false,
-                "state": state,
-                "last_activity": time(d.last_activity_ms),
-                "connections": d.announced.len(),
-                "pending_link": d.is_pending_link(),
-                "expires": (d.is_pending_link() && d.expires_ms != 0).then(|| time(d.expires_ms)),
-                "answered_by": answered_by,
-                "introduced_by": introduced_by,
-            }));
-        } else if d.is_pending_link() && state != "linking" {
-            let what = match &answered_by {
-                Some(n) => format!(
-                    "answered by a device calling itself {n:?}: `tern device confirm` links it"
-                ),
-                None => "nobody has answered yet".to_string(),
-            };
-            line(&format!(
-                "{:<20} {:<10} expires {}  {what}; `tern device revoke {}` withdraws it",
-                d.name,
-                state,
-                time(d.expires_ms),
-                d.name
-            ));
-        } else {
-            line(&format!(
-                "{} {} last {}  {} connection(s) known",
-                pad(&text(&d.name), 20),
-                pad(state, 10),
-                time(d.last_activity_ms),
-                d.announced.len()
-            ));
-        }
+        out.push(json!({
+            "name": d.name,
+            "this_device": false,
+            "state": state,
+            "last_activity": time(d.last_activity_ms),
+            "connections": d.announced.len(),
+            "pending_link": d.is_pending_link(),
+            "expires": (d.is_pending_link() && d.expires_ms != 0).then(|| time(d.expires_ms)),
+            "answered_by": answered_by,
+            "introduced_by": introduced_by,
+        }));
     }
-    Ok(())
+    Ok(out)
 }
 
-fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
-    let mut client = unlock::open(cli)?;
+/// What removing a device did.
+pub struct Removed {
+    /// It was a link nobody had used yet: withdrawn.
+    pub withdrawn: bool,
+    pub contacts_told: usize,
+    pub devices_removed: Vec<String>,
+    pub contacts_dropped: Vec<String>,
+    /// Its queues that could not be deleted yet (retried).
+    pub queues_left: usize,
+}
+
+/// Removes the device named `device` from the profile (a link not used
+/// yet is withdrawn instead).
+pub fn remove_device(client: &mut Client, device: &str) -> anyhow::Result<Removed> {
     let id = client
         .device_id(device)
         .map_err(|e| fail(UNKNOWN_CONTACT, e.to_string()))?;
     if client.contact(&id)?.is_pending_link() {
         // Not linked yet: removing it is withdrawing the link.
         client.revoke_invitation(&id)?;
-        note(&format!(
-            "device link {device} withdrawn: nobody can use it any more"
-        ));
-        return Ok(());
+        return Ok(Removed {
+            withdrawn: true,
+            contacts_told: 0,
+            devices_removed: Vec::new(),
+            contacts_dropped: Vec::new(),
+            queues_left: 0,
+        });
     }
     let report = client.remove_device(&id).map_err(|e| match e {
         ClientError::Invalid(why) => fail(USAGE, why),
         other => other.into(),
     })?;
+    Ok(Removed {
+        withdrawn: false,
+        contacts_told: report.contacts_told,
+        devices_removed: report.devices_removed.clone(),
+        contacts_dropped: report.contacts_dropped.clone(),
+        queues_left: report.queues_left,
+    })
+}
+
+fn run_remove(cli: &Cli, device: &str) -> anyhow::Result<()> {
+    let mut client = unlock::open(cli)?;
+    let report = remove_device(&mut client, device)?;
+    if report.withdrawn {
+        note(&format!(
+            "device link {device} withdrawn: nobody can use it any more"
+        ));
+        return Ok(());
+    }
     note(&format!(
         "{device} removed: {} contact(s) told to drop it",
         report.contacts_told

@@ -9,6 +9,7 @@ use super::exit::{fail, USAGE};
 use super::output::{json, line, note, text};
 use super::{unlock, Cli};
 use crate::client::model::{Settings, SETTINGS};
+use crate::client::Client;
 use crate::proto::hello::{MAX_AVATAR, MAX_STATUS};
 use crate::proto::text::status_problem;
 
@@ -37,51 +38,33 @@ pub struct Args {
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
-    let mut settings = client.settings()?;
     let changing =
         args.name.is_some() || args.status.is_some() || args.avatar.is_some() || args.no_avatar;
     if changing {
-        let mut p = settings.profile.clone();
-        if let Some(n) = &args.name {
-            p.name = super::contacts::valid_name("--name", n)?;
-        }
-        if let Some(s) = &args.status {
-            if let Some(why) = status_problem(s, MAX_STATUS) {
-                return Err(fail(USAGE, format!("--status: the status {why}")));
-            }
-            p.status = s.clone();
-        }
-        if let Some(path) = &args.avatar {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            if bytes.len() > MAX_AVATAR {
-                return Err(fail(
-                    USAGE,
-                    format!("the avatar is {} bytes; at most {MAX_AVATAR}", bytes.len()),
-                ));
-            }
-            p.avatar = Some(bytes);
-        }
-        if args.no_avatar {
-            p.avatar = None;
-        }
-        p.validate().map_err(|e| fail(USAGE, e.to_string()))?;
-        settings.profile = p.clone();
-        client
-            .store
-            .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
-        let reports = client.broadcast_profile(&p.to_bytes())?;
-        let failed = reports.iter().filter(|r| r.waiting > 0).count();
+        let avatar = match (&args.avatar, args.no_avatar) {
+            (Some(path), _) => Some(Some(
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let sent = update(
+            &mut client,
+            args.name.as_deref(),
+            args.status.as_deref(),
+            avatar,
+        )?;
         note(&format!(
             "profile updated; sent to {} contact(s){}",
-            reports.len(),
-            if failed > 0 {
-                format!(", {failed} still to be delivered")
+            sent.contacts,
+            if sent.waiting > 0 {
+                format!(", {} still to be delivered", sent.waiting)
             } else {
                 String::new()
             }
         ));
     }
+    let settings = client.settings()?;
     let p = &settings.profile;
     if args.json {
         json(
@@ -99,4 +82,53 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A profile change, as sent to the contacts.
+pub struct Sent {
+    pub contacts: usize,
+    /// Contacts it could not be delivered to yet (sent later).
+    pub waiting: usize,
+}
+
+/// Changes what is given (`avatar`: `Some(None)` removes it), checks the
+/// result, stores it (one transaction) and sends it to every contact.
+pub fn update(
+    client: &mut Client,
+    name: Option<&str>,
+    status: Option<&str>,
+    avatar: Option<Option<Vec<u8>>>,
+) -> anyhow::Result<Sent> {
+    let mut settings = client.settings()?;
+    let mut p = settings.profile.clone();
+    if let Some(n) = name {
+        p.name = super::contacts::valid_name("--name", n)?;
+    }
+    if let Some(s) = status {
+        if let Some(why) = status_problem(s, MAX_STATUS) {
+            return Err(fail(USAGE, format!("--status: the status {why}")));
+        }
+        p.status = s.to_string();
+    }
+    if let Some(a) = avatar {
+        if let Some(bytes) = &a {
+            if bytes.len() > MAX_AVATAR {
+                return Err(fail(
+                    USAGE,
+                    format!("the avatar is {} bytes; at most {MAX_AVATAR}", bytes.len()),
+                ));
+            }
+        }
+        p.avatar = a;
+    }
+    p.validate().map_err(|e| fail(USAGE, e.to_string()))?;
+    settings.profile = p.clone();
+    client
+        .store
+        .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
+    let reports = client.broadcast_profile(&p.to_bytes())?;
+    Ok(Sent {
+        contacts: reports.len(),
+        waiting: reports.iter().filter(|r| r.waiting > 0).count(),
+    })
 }

@@ -3,6 +3,7 @@
 use super::exit::{fail, USAGE};
 use super::output::note;
 use super::{unlock, Cli};
+use crate::client::Client;
 use crate::proto::connection::ConnState;
 
 /// Move connections to fresh queues and keys (both directions)
@@ -21,8 +22,30 @@ pub struct Args {
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
-    let targets: Vec<(String, String)> = match &args.contact {
-        Some(name) => vec![(client.contact_id(name)?, name.clone())],
+    for r in rotate(&mut client, args.contact.as_deref())? {
+        for e in &r.warnings {
+            note(&format!("warning: {e} (retried by the next tern recv)"));
+        }
+        note(&format!(
+            "rotation of {}'s queues started; it completes as you both run `tern recv`",
+            r.contact
+        ));
+    }
+    Ok(())
+}
+
+/// A rotation started.
+pub struct Started {
+    pub contact: String,
+    /// What could not be done yet (a relay unreachable): retried later.
+    pub warnings: Vec<String>,
+}
+
+/// Starts moving `contact` (or, with `None`, every connected contact) to
+/// fresh queues and keys; a usage error if there is none to rotate.
+pub fn rotate(client: &mut Client, contact: Option<&str>) -> anyhow::Result<Vec<Started>> {
+    let targets: Vec<(String, String)> = match contact {
+        Some(name) => vec![(client.contact_id(name)?, name.to_string())],
         None => client
             .contacts()?
             .into_iter()
@@ -33,14 +56,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if targets.is_empty() {
         return Err(fail(USAGE, "no connected contacts to rotate"));
     }
+    let mut out = Vec::new();
     for (id, name) in targets {
         let report = client.rotate(&id, true)?;
-        for e in &report.errors {
-            note(&format!("warning: {e} (retried by the next tern recv)"));
-        }
-        note(&format!(
-            "rotation of {name}'s queues started; it completes as you both run `tern recv`"
-        ));
+        out.push(Started {
+            contact: name,
+            warnings: report.errors.iter().map(ToString::to_string).collect(),
+        });
     }
-    Ok(())
+    Ok(out)
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use super::exit::{fail, CODE_MISMATCH, USAGE};
 use super::output::{json, line, note, stdout_is_terminal};
 use super::{qr, unlock, Cli};
+use crate::client::Client;
 use crate::proto::security_code::codes_match;
 
 /// What the QR code of a security code holds before the digits.
@@ -33,7 +34,7 @@ pub struct Args {
 /// Digits of a code as typed: `Some` only for something that is a code
 /// (30 digits, with any spaces and dashes, or the `TERN-CODE:` text of the
 /// QR code), so a typo in the command is a usage error, not a mismatch.
-fn parse_code(typed: &str) -> Option<String> {
+pub fn parse_code(typed: &str) -> Option<String> {
     let t = typed.trim();
     let t = t.strip_prefix("TERN-CODE:").unwrap_or(t);
     if !t
@@ -67,38 +68,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let mut client = unlock::open(cli)?;
-    let id = client.contact_id(&args.contact)?;
-    // Each connection of the contact (one per device of theirs) has its
-    // own code, the same at both of its ends; this device knows only its
-    // own (PROTOCOL.md §12.7).
-    let mut codes: Vec<(String, String)> = Vec::new();
-    for m in client.group_members(&id)? {
-        let c = client.contact(&m)?;
-        if let Some(code) = c.code().map(|c| c.code) {
-            codes.push((m, code));
-        }
-    }
-    let Some((_, ours)) = codes.first().cloned() else {
-        return Err(fail(
-            USAGE,
-            format!(
-                "{} has not accepted the invitation yet: no code to compare",
-                args.contact
-            ),
-        ));
-    };
+    let codes = codes(&client, &args.contact)?;
+    let ours = codes[0].1.clone();
     match &theirs {
         None if args.json => {
-            let mut verified = false;
-            for m in client.group_members(&id)? {
-                verified |= client.contact(&m)?.code().is_some_and(|r| r.verified);
-            }
-            json(&serde_json::json!({
-                "contact": args.contact,
-                "code": ours,
-                "codes": codes.iter().map(|(_, c)| c).collect::<Vec<_>>(),
-                "verified": verified,
-            }));
+            json(&code_json(&client, &args.contact, &codes)?);
             Ok(())
         }
         None => {
@@ -121,39 +95,92 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             Ok(())
         }
         Some(theirs) => {
-            let matching: Vec<&String> = codes
-                .iter()
-                .filter(|(_, code)| codes_match(code, theirs))
-                .map(|(m, _)| m)
-                .collect();
-            let matched = !matching.is_empty();
+            let matched = compare(&mut client, &args.contact, &codes, theirs);
             if args.json {
                 json(&serde_json::json!({
                     "contact": args.contact,
-                    "match": matched,
-                    "verified": matched,
+                    "match": matched.is_ok(),
+                    "verified": matched.is_ok(),
                 }));
             }
-            if !matched {
-                return Err(fail(
-                    CODE_MISMATCH,
-                    format!(
-                        "SECURITY CODES DIFFER for {}: the connection may be intercepted. Do not trust it; \
-                         make a new invitation in person",
-                        args.contact
-                    ),
-                ));
-            }
-            for m in matching {
-                client.update_contact(m, |_, c| {
-                    c.conn.verified = true;
-                    Ok(())
-                })?;
-            }
+            matched?;
             note(&format!("codes match: {} is verified", args.contact));
             Ok(())
         }
     }
+}
+
+/// The security codes of `contact`'s connections (one per device of
+/// theirs, each the same at both of its ends; this device knows only its
+/// own, PROTOCOL.md §12.7), by member id, the first connection's first.
+/// A usage error if they have not accepted yet.
+pub fn codes(client: &Client, contact: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let id = client.contact_id(contact)?;
+    let mut codes: Vec<(String, String)> = Vec::new();
+    for m in client.group_members(&id)? {
+        let c = client.contact(&m)?;
+        if let Some(code) = c.code().map(|c| c.code) {
+            codes.push((m, code));
+        }
+    }
+    if codes.is_empty() {
+        return Err(fail(
+            USAGE,
+            format!("{contact} has not accepted the invitation yet: no code to compare"),
+        ));
+    }
+    Ok(codes)
+}
+
+/// What `tern verify --json CONTACT` prints: the code, every code, and
+/// whether one of them was verified.
+pub fn code_json(
+    client: &Client,
+    contact: &str,
+    codes: &[(String, String)],
+) -> anyhow::Result<serde_json::Value> {
+    let mut verified = false;
+    for (m, _) in codes {
+        verified |= client.contact(m)?.code().is_some_and(|r| r.verified);
+    }
+    Ok(serde_json::json!({
+        "contact": contact,
+        "code": codes[0].1,
+        "codes": codes.iter().map(|(_, c)| c).collect::<Vec<_>>(),
+        "verified": verified,
+    }))
+}
+
+/// Compares `theirs` (digits, from [`parse_code`]) with each code: the
+/// connections whose code matches are marked verified; none matching is
+/// an error with exit code 4.
+pub fn compare(
+    client: &mut Client,
+    contact: &str,
+    codes: &[(String, String)],
+    theirs: &str,
+) -> anyhow::Result<()> {
+    let matching: Vec<&String> = codes
+        .iter()
+        .filter(|(_, code)| codes_match(code, theirs))
+        .map(|(m, _)| m)
+        .collect();
+    if matching.is_empty() {
+        return Err(fail(
+            CODE_MISMATCH,
+            format!(
+                "SECURITY CODES DIFFER for {contact}: the connection may be intercepted. Do not \
+                 trust it; make a new invitation in person"
+            ),
+        ));
+    }
+    for m in matching {
+        client.update_contact(m, |_, c| {
+            c.conn.verified = true;
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// The security code in a picture of the QR code `tern verify` shows

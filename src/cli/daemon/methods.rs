@@ -15,7 +15,7 @@ use super::rpc::{
 };
 use super::{Daemon, Ready, Served};
 use crate::cli::exit::{BAD_INVITATION, GONE, TRY_AGAIN, USAGE};
-use crate::cli::{accept, contacts, device, invite, recv};
+use crate::cli::{accept, contacts, device, invite, profile, recv, rotate, verify};
 use crate::client::model::{history_log, HistoryEntry};
 use crate::client::{now, Client};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
@@ -39,6 +39,10 @@ const METHODS: &[(&str, Method)] = &[
     ("profile", Daemon::profile),
     ("relays", Daemon::relays),
     ("log", Daemon::log),
+    ("verify", Daemon::verify),
+    ("rotate", Daemon::rotate),
+    ("devices", Daemon::devices),
+    ("device_remove", Daemon::device_remove),
 ];
 
 /// The names of the methods, in the order of [`METHODS`].
@@ -87,14 +91,117 @@ impl Daemon {
         Ok(Value::Array(contacts::contacts_json(&r.client())?))
     }
 
+    /// Shows the profile; with `name` or `status`, changes it first and
+    /// sends it to every contact, as `tern profile --name`.
     fn profile(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile", "name", "status"])?;
+        let name = opt_str(p, "name")?;
+        let status = opt_str(p, "status")?;
+        let (_, r) = self.ready(p)?;
+        let mut c = r.client();
+        let sent = if name.is_some() || status.is_some() {
+            Some(profile::update(&mut c, name, status, None)?)
+        } else {
+            None
+        };
+        let s = c.settings()?;
+        let pr = &s.profile;
+        let mut out = json!({"name": pr.name, "status": pr.status, "avatar_bytes": pr.avatar.as_ref().map(Vec::len)});
+        if let Some(sent) = sent {
+            out["sent_to"] = json!(sent.contacts);
+            out["waiting"] = json!(sent.waiting);
+        }
+        Ok(out)
+    }
+
+    /// `tern verify`: the codes, or with `code` the comparison (the
+    /// matching connections are marked verified; a mismatch is -32004).
+    fn verify(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile", "contact", "code"])?;
+        let contact = req_str(p, "contact")?;
+        let theirs = opt_str(p, "code")?
+            .map(|typed| {
+                verify::parse_code(typed).ok_or_else(|| {
+                    RpcError::exit(
+                        USAGE,
+                        "that is not a security code: a code is 30 digits in six groups; \
+                         nothing was compared",
+                    )
+                })
+            })
+            .transpose()?;
+        let (_, r) = self.ready(p)?;
+        let mut c = r.client();
+        let codes = verify::codes(&c, contact)?;
+        let Some(theirs) = theirs else {
+            return Ok(verify::code_json(&c, contact, &codes)?);
+        };
+        let matched = verify::compare(&mut c, contact, &codes, &theirs);
+        let result =
+            json!({"contact": contact, "match": matched.is_ok(), "verified": matched.is_ok()});
+        match matched {
+            Ok(()) => Ok(result),
+            Err(e) => Err(RpcError::from(e).with(result)),
+        }
+    }
+
+    /// `tern rotate CONTACT` (or `--all`): fresh queues and keys; the
+    /// daemon's receiving completes the move.
+    fn rotate(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile", "contact", "all"])?;
+        let contact = opt_str(p, "contact")?;
+        let all = match p.get("all") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(RpcError::params("\"all\" must be true or false")),
+        };
+        if contact.is_some() == all {
+            return Err(RpcError::params("give either \"contact\" or \"all\": true"));
+        }
+        let (_, r) = self.ready(p)?;
+        let started = rotate::rotate(&mut r.client(), contact)?;
+        Ok(Value::Array(
+            started
+                .into_iter()
+                .map(|s| json!({"contact": s.contact, "warnings": s.warnings}))
+                .collect(),
+        ))
+    }
+
+    /// `tern device list --json`, as an array.
+    fn devices(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile"])?;
         let (_, r) = self.ready(p)?;
-        let s = r.client().settings()?;
-        let pr = &s.profile;
-        Ok(
-            json!({"name": pr.name, "status": pr.status, "avatar_bytes": pr.avatar.as_ref().map(Vec::len)}),
-        )
+        Ok(Value::Array(device::devices_json(&r.client())?))
+    }
+
+    /// `tern device remove NAME`. Queues that could not be deleted yet are
+    /// -32075 (the rest is done; deleting them is retried).
+    fn device_remove(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
+        only(p, &["profile", "device"])?;
+        let name = req_str(p, "device")?;
+        let (_, r) = self.ready(p)?;
+        let d = device::remove_device(&mut r.client(), name)?;
+        let result = json!({
+            "device": name,
+            "withdrawn": d.withdrawn,
+            "contacts_told": d.contacts_told,
+            "devices_removed": d.devices_removed,
+            "contacts_dropped": d.contacts_dropped,
+            "queues_left": d.queues_left,
+        });
+        if d.queues_left > 0 {
+            return Err(RpcError::exit(
+                TRY_AGAIN,
+                format!(
+                    "{} of its queues could not be deleted yet (relay unreachable); the daemon \
+                     keeps trying",
+                    d.queues_left
+                ),
+            )
+            .with(result));
+        }
+        Ok(result)
     }
 
     fn relays(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
