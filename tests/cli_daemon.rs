@@ -686,3 +686,107 @@ fn verify_rotate_devices_and_profile_changes_through_the_daemon() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `tern contacts` and `tern recv` find the daemon and go through it: no
+/// passphrase needed. A message counts as delivered only once recv wrote
+/// it out: a recv that cannot write leaves it for the next one.
+#[test]
+fn one_shot_contacts_and_recv_go_through_the_daemon() {
+    let relay = Relay::start();
+    let a = Profile::new("Ada", &[&relay]);
+    let b = Profile::with_passphrase("Bob", &[&relay], "plum ferry onion velvet gravel");
+    connect(&a, "bob", &b, "ada");
+    let socket = socket_in(&b, "b.sock");
+    let mut c = b.cmd(&["daemon", "--socket"]);
+    c.arg(&socket);
+    let d = Daemon::start(c, &socket);
+    let bare = |args: &[&str]| run_cmd(b.bare_cmd(args), None, HANG_GUARD);
+
+    let o = bare(&["contacts", "--json"]);
+    assert_code(&o, 0, "contacts through the daemon");
+    let list = json_lines(&stdout(&o));
+    assert_eq!(list.len(), 1, "{}", show(&o));
+    assert_eq!(list[0]["name"], "ada");
+    assert_valid(
+        "/$defs/contact",
+        &list[0],
+        "contacts --json through the daemon",
+    );
+    let o = bare(&["contacts", "--long", "ada"]);
+    assert_code(&o, 0, "contacts --long ada through the daemon");
+    assert!(stdout(&o).contains("security:"), "{}", show(&o));
+    assert_code(&bare(&["contacts", "nobody"]), 3, "no such contact");
+
+    // Each message until both came (the daemon may take them one by one).
+    a.send("bob", "first");
+    a.send("bob", "second \u{1b}[2J");
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        assert!(Instant::now() < deadline, "recv got only {got:?}");
+        let o = bare(&["recv", "--json", "--wait", "5"]);
+        assert_code(&o, 0, "recv through the daemon");
+        for m in json_lines(&stdout(&o)) {
+            assert!(m.get("profile").is_none(), "{m}");
+            assert_eq!(m["order"], "in-order", "{m}");
+            got.push(m["text"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(got, ["first", "second \u{1b}[2J"]);
+    // Shown, so delivered: not again.
+    let o = bare(&["recv", "--json"]);
+    assert_code(&o, 0, "recv through the daemon");
+    assert_eq!(stdout(&o), "", "{}", show(&o));
+    assert_code(&bare(&["recv", "--fail-if-empty"]), 66, "nothing left");
+
+    // A recv that cannot write it out does not acknowledge it.
+    a.send("bob", "kept");
+    let wait_pending = || {
+        let mut rpc = d.connect();
+        wait_for_history(&mut rpc, &label(&b), "ada", 3);
+    };
+    wait_pending();
+    let mut full = b.bare_cmd(&["recv", "--json"]);
+    full.stdout(std::fs::File::create("/dev/full").unwrap());
+    full.stderr(Stdio::piped());
+    let o = full.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let o = bare(&["recv", "--json"]);
+    assert_eq!(texts(&json_lines(&stdout(&o))), ["kept"], "{}", show(&o));
+
+    // --follow, in text: escaped, no raw escape character.
+    let mut follow = b.bare_cmd(&["recv", "--follow"]);
+    follow.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = follow.spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines() {
+            if tx.send(l.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    a.send("bob", "followed \u{1b}]0;title\u{7}");
+    let line = rx
+        .recv_timeout(WAIT)
+        .expect("recv --follow printed nothing");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("ada: followed"), "{line:?}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "a raw escape reached the terminal: {line:?}"
+    );
+
+    // Told to work alone, recv needs the passphrase.
+    let mut alone = b.bare_cmd(&["recv"]);
+    alone.env("TERN_NO_DAEMON", "1");
+    assert_code(
+        &run_cmd(alone, None, HANG_GUARD),
+        5,
+        "recv without the daemon",
+    );
+    drop(d);
+}

@@ -226,10 +226,6 @@ pub fn contacts_json(client: &Client) -> anyhow::Result<Vec<serde_json::Value>> 
     Ok(listed(client)?.iter().map(contact_json).collect())
 }
 
-fn print_json(l: &Listed) {
-    json(&contact_json(l));
-}
-
 fn contact_json(l: &Listed) -> serde_json::Value {
     let c = &l.contact;
     let (ours, theirs) = relays(c);
@@ -251,6 +247,7 @@ fn contact_json(l: &Listed) -> serde_json::Value {
         "rekeying": c.old.is_some() || !c.rekeys.is_empty(),
         "pending_jobs": c.jobs.len() + c.outbox.len(),
         "devices": l.devices,
+        "newest_device_since": time(l.newest_ms),
         "post_quantum": l.post_quantum,
         "profile": l.profile.as_ref().map(|p| json!({
             "name": p.name,
@@ -261,79 +258,157 @@ fn contact_json(l: &Listed) -> serde_json::Value {
     })
 }
 
-fn print_short(l: &Listed) {
-    let c = &l.contact;
-    let (word, why) = security(l);
-    let devices = if l.devices > 1 {
+/// Listing (and showing) through the daemon that serves `home`: no
+/// unlock. `false` for what the daemon does not do (renaming, saving an
+/// avatar): that works alone, as before.
+fn via_daemon(
+    socket: &std::path::Path,
+    home: &std::path::Path,
+    args: &Args,
+) -> anyhow::Result<bool> {
+    let (name, opts, long) = match (&args.action, &args.contact) {
+        (
+            Some(Action::Show {
+                contact,
+                show,
+                save_avatar: None,
+                ..
+            }),
+            _,
+        ) => (Some(contact), show, true),
+        (None, Some(name)) => (Some(name), &args.show, true),
+        (Some(Action::List { show }), _) => (None, show, show.long),
+        (None, None) => (None, &args.show, args.show.long),
+        _ => return Ok(false),
+    };
+    let all = super::daemon::client::call(
+        socket,
+        "contacts",
+        json!({"profile": home.display().to_string()}),
+    )
+    .map_err(|e| e.error)?;
+    let mut list: Vec<serde_json::Value> = all.as_array().cloned().unwrap_or_default();
+    if let Some(n) = name {
+        list.retain(|c| c["name"] == n.as_str());
+        if list.is_empty() {
+            return Err(ClientError::UnknownContact(n.clone()).into());
+        }
+    }
+    show_json(&list, opts, long);
+    if list.is_empty() && !opts.json {
+        note("no contacts yet: `tern invite` or `tern accept`");
+    }
+    Ok(true)
+}
+
+/// The explanation of a security word of [`contact_json`].
+fn security_why(c: &serde_json::Value) -> String {
+    match c["security"].as_str().unwrap_or_default() {
+        "introduced" => format!(
+            "met through your device {}, not verified here: compare security codes",
+            c["introduced_by_device"].as_str().unwrap_or_default()
+        ),
+        "in-person" => security_note(SecurityLevel::InPerson).to_string(),
+        "verified" => security_note(SecurityLevel::Verified).to_string(),
+        _ => security_note(SecurityLevel::Shared).to_string(),
+    }
+}
+
+fn str_of<'a>(c: &'a serde_json::Value, k: &str) -> &'a str {
+    c[k].as_str().unwrap_or_default()
+}
+
+/// One line per contact, from what [`contact_json`] says of it (so that
+/// a list from the daemon prints the same).
+fn print_short(c: &serde_json::Value) {
+    let devices = c["devices"].as_u64().unwrap_or(1);
+    let devices = if devices > 1 {
         format!(
-            "  {} devices (newest since {})",
-            l.devices,
-            time(l.newest_ms)
+            "  {devices} devices (newest since {})",
+            str_of(c, "newest_device_since")
         )
     } else {
         String::new()
     };
     line(&format!(
-        "{} {} {} {} last {}  rotated {}{devices}  ({why})",
-        pad(&text(&c.name), 20),
-        pad(contact_state(c), 10),
-        pad(word, 10),
-        pad(pq_word(l.post_quantum), 12),
-        time(c.last_activity_ms),
-        rotated(c).as_deref().unwrap_or("never"),
+        "{} {} {} {} last {}  rotated {}{devices}  ({})",
+        pad(&text(str_of(c, "name")), 20),
+        pad(str_of(c, "state"), 10),
+        pad(str_of(c, "security"), 10),
+        pad(pq_word(c["post_quantum"] == true), 12),
+        str_of(c, "last_activity"),
+        c["last_rotated"].as_str().unwrap_or("never"),
+        security_why(c),
     ));
 }
 
-fn print_long(l: &Listed) {
-    let c = &l.contact;
-    let (word, why) = security(l);
-    let (ours, theirs) = relays(c);
-    line(&text(&c.name));
+fn print_long(c: &serde_json::Value) {
+    let name = str_of(c, "name");
+    line(&text(name));
     let field = |k: &str, v: &str| line(&format!("  {} {v}", pad(k, 15)));
-    match &l.profile {
-        Some(p) => {
-            field("their name:", &text(&p.name));
-            let status = if p.status.is_empty() {
-                "(none)".to_string()
-            } else {
-                // A status may span lines: shown on one, `\n` visible.
-                text(&p.status).into_owned()
-            };
-            field("status:", &status);
-            let avatar = p.avatar.as_ref().map_or("none".to_string(), |a| {
-                format!(
-                    "{} bytes ({}; `tern contacts show {} --save-avatar FILE`)",
-                    a.len(),
-                    avatar_type(a),
-                    text(&c.name)
-                )
-            });
-            field("avatar:", &avatar);
-        }
-        None => field("their name:", "(no profile received yet)"),
+    let p = &c["profile"];
+    if p.is_object() {
+        field("their name:", &text(str_of(p, "name")));
+        let status = if str_of(p, "status").is_empty() {
+            "(none)".to_string()
+        } else {
+            // A status may span lines: shown on one, `\n` visible.
+            text(str_of(p, "status")).into_owned()
+        };
+        field("status:", &status);
+        let avatar = match p["avatar_bytes"].as_u64() {
+            Some(n) => format!(
+                "{n} bytes ({}; `tern contacts show {} --save-avatar FILE`)",
+                str_of(p, "avatar_type"),
+                text(name)
+            ),
+            None => "none".to_string(),
+        };
+        field("avatar:", &avatar);
+    } else {
+        field("their name:", "(no profile received yet)");
     }
-    field("state:", contact_state(c));
-    field("security:", &format!("{word} ({why})"));
-    field("protection:", pq_word(l.post_quantum));
-    field("devices:", &l.devices.to_string());
-    field("receive via:", &ours.join(", "));
-    field("send via:", &theirs.join(", "));
-    field("last activity:", &time(c.last_activity_ms));
-    field("rotated:", rotated(c).as_deref().unwrap_or("never"));
-    let pending = c.jobs.len() + c.outbox.len();
+    let list = |k: &str| {
+        c[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    field("state:", str_of(c, "state"));
+    field(
+        "security:",
+        &format!("{} ({})", str_of(c, "security"), security_why(c)),
+    );
+    field("protection:", pq_word(c["post_quantum"] == true));
+    field("devices:", &c["devices"].to_string());
+    field("receive via:", &list("receive_relays"));
+    field("send via:", &list("send_relays"));
+    field("last activity:", str_of(c, "last_activity"));
+    field("rotated:", c["last_rotated"].as_str().unwrap_or("never"));
+    let pending = c["pending_jobs"].as_u64().unwrap_or(0);
     if pending > 0 {
         field("pending:", &format!("{pending} job(s) waiting for a relay"));
     }
 }
 
 fn show(list: &[Listed], opts: &ShowArgs, long: bool) {
-    for l in list {
+    let list: Vec<serde_json::Value> = list.iter().map(contact_json).collect();
+    show_json(&list, opts, long);
+}
+
+/// Prints contacts as [`contact_json`] gives them (or the daemon does).
+fn show_json(list: &[serde_json::Value], opts: &ShowArgs, long: bool) {
+    for c in list {
         if opts.json {
-            print_json(l);
+            json(c);
         } else if long {
-            print_long(l);
+            print_long(c);
         } else {
-            print_short(l);
+            print_short(c);
         }
     }
 }
@@ -374,7 +449,13 @@ fn rename(client: &mut Client, old: &str, new: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let mut client = unlock::open(cli)?;
+    let home = unlock::home(cli)?;
+    if let Some(socket) = super::daemon::client::find(&home) {
+        if via_daemon(&socket, &home, args)? {
+            return Ok(());
+        }
+    }
+    let mut client = unlock::open_at(cli, &home)?;
     if let Some(Action::Rename { contact, new_name }) = &args.action {
         return rename(&mut client, contact, new_name);
     }

@@ -77,7 +77,7 @@ The relay's data directory, as \fBtern relay serve \-\-data\fR.
 \fBtern relay serve\fR listens on this port, overriding \fB\-\-listen\fR's.
 .TP
 \fBTERN_NO_DAEMON\fR
-Set and not empty: \fBtern send\fR works alone even when a \fBtern daemon\fR serves its home.
+Set and not empty: \fBtern send\fR, \fBtern recv\fR and \fBtern contacts\fR work alone even when a \fBtern daemon\fR serves their home.
 .TP
 \fBXDG_DATA_HOME\fR
 Base of the default profile and relay directories.

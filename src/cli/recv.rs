@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use data_encoding::HEXLOWER;
 use serde_json::json;
 
@@ -105,6 +107,19 @@ pub fn message_lines(who: &str, entry: &HistoryEntry) -> Vec<String> {
     out
 }
 
+/// A received message as `tern recv` prints it: what another device of
+/// ours sent shows as ours, and a copy says which of our devices it came
+/// from.
+fn message_text(contact: &str, entry: &HistoryEntry) -> String {
+    let who = match (entry.dir, &entry.device) {
+        (Direction::In, None) => contact.to_string(),
+        (Direction::In, Some(d)) => format!("{contact} (via your device {d})"),
+        (Direction::Out, None) => format!("you → {contact}"),
+        (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
+    };
+    message_lines(&who, entry).join("\n")
+}
+
 /// Shows one event; `me` is this profile's name (the `from` of what our
 /// devices sent). Messages (and, with `--json`, every event) go to stdout,
 /// where output is what counts as delivery; notes go to stderr. `Err` only
@@ -127,16 +142,8 @@ pub fn print_event(e: &Event, as_json: bool, me: &str) -> std::io::Result<()> {
                     Some(chain_word(*chain)),
                 )));
             }
-            // What another device of ours sent shows as ours.
-            // A copy says which of our devices it came from.
-            let who = match (entry.dir, &entry.device) {
-                (Direction::In, None) => contact.clone(),
-                (Direction::In, Some(d)) => format!("{contact} (via your device {d})"),
-                (Direction::Out, None) => format!("you → {contact}"),
-                (Direction::Out, Some(d)) => format!("you (on {d}) → {contact}"),
-            };
             // One write, so that a message is shown whole or not at all.
-            return try_line(&message_lines(&who, entry).join("\n"));
+            return try_line(&message_text(contact, entry));
         }
         Event::Connected { contact } => {
             if as_json {
@@ -209,7 +216,11 @@ fn follow_files(
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let mut client = unlock::open(cli)?;
+    let home = unlock::home(cli)?;
+    if let Some(socket) = super::daemon::client::find(&home) {
+        return via_daemon(&socket, &home, args);
+    }
+    let mut client = unlock::open_at(cli, &home)?;
     let contact_id = args
         .from
         .as_deref()
@@ -279,6 +290,225 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         ));
     }
     if args.fail_if_empty && summary.messages == 0 {
+        return Err(fail(NOTHING_RECEIVED, "no message arrived"));
+    }
+    Ok(())
+}
+
+/// A `message` notification of the daemon as the entry it was made from.
+fn entry_of(m: &serde_json::Value) -> Option<HistoryEntry> {
+    let id = HEXLOWER.decode(m["id"].as_str()?.as_bytes()).ok()?;
+    Some(HistoryEntry {
+        dir: if m["direction"] == "out" {
+            Direction::Out
+        } else {
+            Direction::In
+        },
+        id: id.try_into().ok()?,
+        text: m["text"].as_str()?.to_string(),
+        sent_at_ms: m["sent_at_ms"].as_u64()?,
+        received_at_ms: m["received_at_ms"].as_u64(),
+        device: m["device"].as_str().map(str::to_string),
+    })
+}
+
+/// `tern recv` through the daemon that serves `home`: no unlock, no relay
+/// sessions of its own. It subscribes as a client that acknowledges: a
+/// message leaves the daemon's inbox only once this command wrote it out
+/// and acknowledged it, so a recv killed (or a stdout closed) in between
+/// leaves it for the next client. Files are not fetched this way (run
+/// with `TERN_NO_DAEMON=1` for them).
+fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::Instant;
+
+    use super::daemon::client;
+    use crate::client::ClientError;
+
+    let profile = home.display().to_string();
+    if let Some(from) = &args.from {
+        let contacts =
+            client::call(socket, "contacts", json!({"profile": profile})).map_err(|e| e.error)?;
+        let known = contacts
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["name"] == from.as_str()));
+        if !known {
+            return Err(ClientError::UnknownContact(from.clone()).into());
+        }
+    }
+    let reached = || format!("talking to the tern daemon at {}", socket.display());
+    let mut out = std::os::unix::net::UnixStream::connect(socket).with_context(reached)?;
+    let mut input = BufReader::new(out.try_clone().with_context(reached)?);
+    let request = |out: &mut std::os::unix::net::UnixStream,
+                   id: String,
+                   method: &str,
+                   params: serde_json::Value| {
+        writeln!(
+            out,
+            "{}",
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+        )
+    };
+    request(
+        &mut out,
+        "subscribe".into(),
+        "subscribe",
+        json!({"profile": profile, "manual_ack": true}),
+    )
+    .with_context(reached)?;
+    // Without --follow: what is pending (written before the response to
+    // subscribe), or with --wait the first message within that time.
+    let deadline = args.wait.map(|w| Instant::now() + Duration::from_secs(w));
+    let mut subscribed = false;
+    let mut shown = 0usize;
+    let mut acks_due = 0usize;
+    let mut next_ack = 0u64;
+    loop {
+        let waiting_for_more = args.follow
+            || !subscribed
+            || (shown == 0 && deadline.is_some_and(|d| Instant::now() < d));
+        if !waiting_for_more && acks_due == 0 {
+            break;
+        }
+        let timeout = match deadline {
+            Some(d) if subscribed && shown == 0 && !args.follow => Some(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
+            _ if args.follow && acks_due == 0 => None,
+            _ => Some(Duration::from_secs(120)),
+        };
+        input
+            .get_ref()
+            .set_read_timeout(timeout)
+            .with_context(reached)?;
+        let mut line = String::new();
+        match input.read_line(&mut line) {
+            Ok(0) => {
+                return Err(fail(
+                    FAILURE,
+                    format!(
+                        "the tern daemon at {} hung up; what was shown and not acknowledged \
+                         yet will be shown again",
+                        socket.display()
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && deadline.is_some()
+                    && shown == 0
+                    && subscribed =>
+            {
+                break;
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context(reached())),
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(reached)?;
+        let params = &v["params"];
+        match v["method"].as_str() {
+            Some("message") => {
+                if args
+                    .from
+                    .as_ref()
+                    .is_some_and(|f| params["contact"] != f.as_str())
+                {
+                    // Not acknowledged: it stays for another client.
+                    continue;
+                }
+                let written = if args.json {
+                    let mut m = params.clone();
+                    if let Some(o) = m.as_object_mut() {
+                        o.remove("profile");
+                    }
+                    try_line(&json_text(&m))
+                } else {
+                    let Some(entry) = entry_of(params) else {
+                        continue;
+                    };
+                    try_line(&message_text(
+                        params["contact"].as_str().unwrap_or_default(),
+                        &entry,
+                    ))
+                };
+                if let Err(err) = written {
+                    if err.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(fail(
+                        FAILURE,
+                        format!(
+                            "could not write to standard output ({err}); what was not written \
+                             is kept and shown by the next `tern recv`"
+                        ),
+                    ));
+                }
+                shown += 1;
+                next_ack += 1;
+                acks_due += 1;
+                request(
+                    &mut out,
+                    format!("ack-{next_ack}"),
+                    "ack",
+                    json!({"profile": profile, "id": params["id"]}),
+                )
+                .with_context(reached)?;
+            }
+            Some(kind @ ("connected" | "contact_updated")) => {
+                let contact = params["contact"].as_str().unwrap_or_default();
+                if args.json {
+                    let t = if kind == "connected" {
+                        "connected"
+                    } else {
+                        "profile"
+                    };
+                    let _ = try_line(&json_text(
+                        &json!({"type": t, "contact": contact, "from": contact}),
+                    ));
+                } else if kind == "connected" {
+                    note(&format!("{} is connected", text(contact)));
+                } else {
+                    note(&format!(
+                        "{} updated their profile (see `tern contacts {}`)",
+                        text(contact),
+                        text(contact)
+                    ));
+                }
+            }
+            Some("notice") => note(&text(params["message"].as_str().unwrap_or_default())),
+            Some("error") => note(&format!(
+                "warning: {}",
+                text(params["message"].as_str().unwrap_or_default())
+            )),
+            Some(_) => {}
+            None if v["id"] == "subscribe" => {
+                if let Some(e) = v.get("error") {
+                    return Err(fail(
+                        FAILURE,
+                        e["message"]
+                            .as_str()
+                            .unwrap_or("the daemon refused")
+                            .to_string(),
+                    ));
+                }
+                subscribed = true;
+            }
+            None => {
+                acks_due = acks_due.saturating_sub(1);
+                if let Some(e) = v.get("error") {
+                    note(&format!(
+                        "warning: the daemon did not take an acknowledgement ({}); the message \
+                         may be shown again",
+                        text(e["message"].as_str().unwrap_or_default())
+                    ));
+                }
+            }
+        }
+    }
+    if args.fail_if_empty && shown == 0 {
         return Err(fail(NOTHING_RECEIVED, "no message arrived"));
     }
     Ok(())

@@ -29,6 +29,10 @@ pub struct Conn {
     /// the end of the stream instead of the rest of a torn line.
     socket: Option<UnixStream>,
     alive: AtomicBool,
+    /// This client acknowledges what it was sent (`subscribe` with
+    /// `manual_ack`, as `tern recv` through the daemon does): writing a
+    /// message to it does not deliver it; its `ack` does.
+    manual: AtomicBool,
 }
 
 impl Conn {
@@ -38,7 +42,16 @@ impl Conn {
             out: Mutex::new(out),
             socket,
             alive: AtomicBool::new(true),
+            manual: AtomicBool::new(false),
         })
+    }
+
+    pub fn set_manual_ack(&self) {
+        self.manual.store(true, Ordering::SeqCst);
+    }
+
+    pub fn manual_ack(&self) -> bool {
+        self.manual.load(Ordering::SeqCst)
     }
 
     /// Writes `line` and a newline and flushes; `false` once the client
@@ -110,12 +123,13 @@ impl State {
         }
     }
 
-    /// Writes to every live subscriber; whether at least one took it.
+    /// Writes to every live subscriber; whether at least one that does
+    /// not acknowledge by itself took it (a delivery).
     fn broadcast(&mut self, line: &str) -> bool {
         self.subscribers.retain(|c| c.is_alive());
         let mut any = false;
         for c in &self.subscribers {
-            any |= c.send_line(line);
+            any |= c.send_line(line) && !c.manual_ack();
         }
         any
     }
@@ -189,7 +203,7 @@ impl Hub {
             }
             delivered.push(*seq);
         }
-        if self.manual_ack {
+        if self.manual_ack || conn.manual_ack() {
             return (count, Vec::new());
         }
         st.mark_done(&delivered);
@@ -276,6 +290,24 @@ mod tests {
         let conn = Conn::new(2, Box::new(sink.clone()), None);
         assert_eq!(hub.subscribe(&conn), (1, vec![7]));
         assert_eq!(lines(&sink), ["m"]);
+    }
+
+    #[test]
+    fn a_client_that_acknowledges_delivers_only_by_its_ack() {
+        let hub = Hub::new(false);
+        let sink = Sink::default();
+        let conn = Conn::new(1, Box::new(sink.clone()), None);
+        conn.set_manual_ack();
+        assert_eq!(hub.subscribe(&conn), (0, vec![]));
+        assert_eq!(hub.message(Some(4), "r".into(), "m".into()), Shown::Later);
+        assert_eq!(lines(&sink), ["m"]);
+        assert_eq!(hub.pending_count(), 1);
+        // Another such client gets it too, and it stays pending.
+        let other = Conn::new(2, Box::new(Sink::default()), None);
+        other.set_manual_ack();
+        assert_eq!(hub.subscribe(&other), (1, vec![]));
+        assert_eq!(hub.ack("r"), vec![4]);
+        assert_eq!(hub.pending_count(), 0);
     }
 
     #[test]

@@ -302,7 +302,12 @@ impl Daemon {
     }
 
     fn subscribe(&self, p: &Value, conn: &Arc<Conn>) -> Result<Value, RpcError> {
-        only(p, &["profile"])?;
+        only(p, &["profile", "manual_ack"])?;
+        match p.get("manual_ack") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => conn.set_manual_ack(),
+            Some(_) => return Err(RpcError::params("\"manual_ack\" must be true or false")),
+        }
         let chosen = self.chosen(p)?;
         let mut pending = 0;
         let mut labels = Vec::new();
@@ -334,7 +339,7 @@ impl Daemon {
         Ok(json!({
             "profiles": labels,
             "pending": pending,
-            "manual_ack": self.manual_ack,
+            "manual_ack": self.manual_ack || conn.manual_ack(),
         }))
     }
 
@@ -360,6 +365,8 @@ impl Daemon {
             })?;
         }
         if acked == 0 && self.manual_ack {
+            // (A client that acknowledges by itself, without --manual-ack,
+            // may find a message delivered by another: no error then.)
             return Err(RpcError::new(
                 NOT_PENDING,
                 format!(
