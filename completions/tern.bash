@@ -651,13 +651,17 @@ _tern() {
             return 0
             ;;
         tern__subcmd__daemon)
-            opts="-h --socket --manual-ack --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --socket --manual-ack --homes-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --homes-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

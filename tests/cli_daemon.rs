@@ -790,3 +790,60 @@ fn one_shot_contacts_and_recv_go_through_the_daemon() {
     );
     drop(d);
 }
+
+/// `--homes-dir DIR` serves every profile in DIR (a directory without one
+/// is skipped, a file ignored).
+#[test]
+fn a_directory_of_profiles_is_served_whole() {
+    let relay = Relay::start();
+    let (a, b) = pair(&relay);
+    let dir = a.sandbox().join("bots");
+    std::fs::create_dir_all(dir.join("not-a-profile")).unwrap();
+    std::fs::write(dir.join("README"), "a file").unwrap();
+    std::os::unix::fs::symlink(&a.home, dir.join("ada")).unwrap();
+    std::os::unix::fs::symlink(&b.home, dir.join("bob")).unwrap();
+    let socket = socket_in(&a, "dir.sock");
+    let mut c = tern_cmd(a.sandbox());
+    c.arg("daemon")
+        .arg("--homes-dir")
+        .arg(&dir)
+        .arg("--socket")
+        .arg(&socket);
+    let d = Daemon::start(c, &socket);
+    let mut rpc = d.connect();
+    let profiles = rpc.ok("profiles", json!({}));
+    let names: Vec<&Value> = profiles
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["name"])
+        .collect();
+    assert_eq!(names, [&json!("Ada"), &json!("Bob")], "{profiles}");
+    assert!(profiles.as_array().unwrap().iter().all(|p| p["ok"] == true));
+    assert!(
+        d.stderr().contains("not-a-profile: no profile here"),
+        "{}",
+        d.stderr()
+    );
+    rpc.ok("subscribe", json!({"profile": "Bob"}));
+    rpc.ok(
+        "send",
+        json!({"profile": "Ada", "contact": "bob", "text": "from the directory"}),
+    );
+    let m = rpc.notification("message", WAIT).expect("the message");
+    assert_eq!(m["text"], "from the directory");
+    assert_eq!(m["profile"], dir.join("bob").display().to_string());
+    drop(rpc);
+    drop(d);
+
+    // A directory with no profile at all: nothing to serve.
+    let empty = a.sandbox().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut c = tern_cmd(a.sandbox());
+    c.arg("daemon")
+        .arg("--homes-dir")
+        .arg(&empty)
+        .arg("--socket")
+        .arg(a.sandbox().join("run/e.sock"));
+    assert_code(&run_cmd(c, None, HANG_GUARD), 7, "an empty directory");
+}

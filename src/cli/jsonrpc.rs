@@ -20,7 +20,8 @@ pub struct Args {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let (daemon, _locks) = Daemon::start(cli, args.manual_ack, "-")?;
+    let homes = super::unlock::homes(cli)?;
+    let (daemon, _locks) = Daemon::start(cli, homes, args.manual_ack, "-")?;
     let conn = daemon.stdio_conn(Box::new(BufWriter::new(std::io::stdout())));
     daemon.serve(std::io::stdin(), conn);
     Ok(())

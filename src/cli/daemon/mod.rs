@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::exit::code_for;
@@ -60,6 +61,50 @@ pub struct Args {
     /// client that subscribes) until a client acknowledges it with `ack`
     #[arg(long)]
     pub manual_ack: bool,
+    /// Serve every profile in this directory (each subdirectory holding
+    /// one, as `tern init --home DIR/NAME` makes it), beside any --home;
+    /// profiles added later are served after a restart
+    #[arg(long, value_name = "DIR")]
+    pub homes_dir: Option<PathBuf>,
+}
+
+/// The homes to serve: each --home, then each profile in `dir` (by name).
+pub fn homes(cli: &Cli, dir: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    let Some(dir) = dir else {
+        return unlock::homes(cli);
+    };
+    let mut homes = if cli.home.is_empty() {
+        Vec::new()
+    } else {
+        unlock::homes(cli)?
+    };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the directory of profiles {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    found.sort();
+    let seen: Vec<PathBuf> = homes.iter().filter_map(|h| h.canonicalize().ok()).collect();
+    for p in found {
+        if !Store::exists(&p) {
+            note(&format!("{}: no profile here, skipped", p.display()));
+            continue;
+        }
+        if !p.canonicalize().is_ok_and(|c| seen.contains(&c)) {
+            homes.push(p);
+        }
+    }
+    if homes.is_empty() {
+        return Err(crate::cli::exit::fail(
+            crate::cli::exit::NO_PROFILE,
+            format!(
+                "no profile in {} (make one with `tern init --home {}/NAME`)",
+                dir.display(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(homes)
 }
 
 /// Why a profile is not served.
@@ -126,10 +171,10 @@ impl Daemon {
     /// `Err` only if none did. The locks must live as long as the daemon.
     pub fn start(
         cli: &Cli,
+        homes: Vec<PathBuf>,
         manual_ack: bool,
         socket: &str,
     ) -> anyhow::Result<(Arc<Daemon>, Vec<lock::Lock>)> {
-        let homes = unlock::homes(cli)?;
         let mut locks = Vec::new();
         let mut profiles = Vec::new();
         let mut engines = Vec::new();
@@ -409,13 +454,13 @@ fn on_signals(socket: PathBuf) -> anyhow::Result<()> {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
-    let homes = unlock::homes(cli)?;
+    let homes = homes(cli, args.homes_dir.as_deref())?;
     let path = args
         .socket
         .clone()
         .unwrap_or_else(|| lock::default_socket(&homes));
     // The homes' locks first: a second daemon is told which one runs.
-    let (daemon, _locks) = Daemon::start(cli, args.manual_ack, &path.display().to_string())?;
+    let (daemon, _locks) = Daemon::start(cli, homes, args.manual_ack, &path.display().to_string())?;
     let socket = lock::bind(&path)?;
     on_signals(socket.path.clone())?;
     // Scripts wait for this line before they connect (a closed stdout is
