@@ -847,3 +847,120 @@ fn a_directory_of_profiles_is_served_whole() {
         .arg(a.sandbox().join("run/e.sock"));
     assert_code(&run_cmd(c, None, HANG_GUARD), 7, "an empty directory");
 }
+
+/// Two bots, each on a daemon of its own, talk while both relays are
+/// SIGKILLed and started again, three times: every message reaches the
+/// other bot (at least once) and is in each history exactly once.
+#[test]
+fn two_bots_on_two_daemons_survive_relay_restarts() {
+    let mut r1 = Relay::start();
+    let mut r2 = Relay::start();
+    let a = Profile::new("Ada", &[&r1, &r2]);
+    let b = Profile::new("Bob", &[&r1, &r2]);
+    connect(&a, "bob", &b, "ada");
+    let (sa, sb) = (socket_in(&a, "a.sock"), socket_in(&b, "b.sock"));
+    let da = Daemon::start(daemon_cmd(a.sandbox(), &[&a.home], &sa, &[]), &sa);
+    let db = Daemon::start(daemon_cmd(b.sandbox(), &[&b.home], &sb, &[]), &sb);
+    let (mut ada, mut bob) = (da.connect(), db.connect());
+    ada.ok("subscribe", json!({}));
+    bob.ok("subscribe", json!({}));
+    // Ids sent by each side: from the result, or from the error's data
+    // when no relay took it (kept and retried by the daemon).
+    let mut sent: [HashSet<String>; 2] = Default::default();
+    let mut kept = 0;
+    let send =
+        |rpc: &mut Rpc, to: &str, text: String, out: &mut HashSet<String>, kept: &mut usize| {
+            let r = rpc.call("send", json!({"contact": to, "text": text}));
+            let id = match (r.get("result"), r.get("error")) {
+                (Some(res), _) => res["id"].clone(),
+                (None, Some(e)) => {
+                    assert_eq!(e["code"], -32075, "{r}");
+                    *kept += 1;
+                    e["data"]["id"].clone()
+                }
+                _ => panic!("{r}"),
+            };
+            assert!(
+                out.insert(id.as_str().unwrap().to_string()),
+                "an id twice: {r}"
+            );
+        };
+    for round in 0..4 {
+        for i in 0..5 {
+            send(
+                &mut ada,
+                "bob",
+                format!("a{round}.{i}"),
+                &mut sent[0],
+                &mut kept,
+            );
+            send(
+                &mut bob,
+                "ada",
+                format!("b{round}.{i}"),
+                &mut sent[1],
+                &mut kept,
+            );
+        }
+        if round == 3 {
+            break;
+        }
+        r1.stop();
+        r2.stop();
+        // Sent while every relay is down: kept and retried.
+        send(
+            &mut ada,
+            "bob",
+            format!("a{round}.down"),
+            &mut sent[0],
+            &mut kept,
+        );
+        send(
+            &mut bob,
+            "ada",
+            format!("b{round}.down"),
+            &mut sent[1],
+            &mut kept,
+        );
+        r1.restart();
+        r2.restart();
+    }
+    assert!(kept >= 6, "sends with every relay down were taken: {kept}");
+    // Each bot gets everything the other sent.
+    for (rpc, want, who) in [(&mut bob, &sent[0], "Bob"), (&mut ada, &sent[1], "Ada")] {
+        let mut got = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !want.is_subset(&got) {
+            assert!(
+                Instant::now() < deadline,
+                "{who} got {} of {}; logs:\n{}\n{}",
+                want.intersection(&got).count(),
+                want.len(),
+                da.stderr(),
+                db.stderr()
+            );
+            if let Some(m) = rpc.notification("message", Duration::from_secs(5)) {
+                got.insert(m["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    // Exactly once in each history.
+    for (rpc, p, contact, want) in [
+        (&mut bob, &b, "ada", &sent[0]),
+        (&mut ada, &a, "bob", &sent[1]),
+    ] {
+        let history = wait_for_history(rpc, &label(p), contact, want.len());
+        let ids: Vec<String> = history
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        let unique: HashSet<String> = ids.iter().cloned().collect();
+        assert_eq!(
+            ids.len(),
+            unique.len(),
+            "a message twice in {}'s history",
+            p.home.display()
+        );
+        assert_eq!(&unique, want, "{}'s history", p.home.display());
+    }
+}
