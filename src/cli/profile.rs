@@ -99,8 +99,9 @@ pub fn update(
     status: Option<&str>,
     avatar: Option<Option<Vec<u8>>>,
 ) -> anyhow::Result<Sent> {
-    let mut settings = client.settings()?;
+    let settings = client.settings()?;
     let mut p = settings.profile.clone();
+    let avatar_given = avatar.is_some();
     if let Some(n) = name {
         p.name = super::contacts::valid_name("--name", n)?;
     }
@@ -122,10 +123,26 @@ pub fn update(
         p.avatar = a;
     }
     p.validate().map_err(|e| fail(USAGE, e.to_string()))?;
-    settings.profile = p.clone();
-    client
-        .store
-        .transaction(|tx| tx.put::<Settings>(SETTINGS, &settings))?;
+    // Written as a change of these fields in one transaction that reads
+    // the settings again: the daemon's receiving may write them meanwhile
+    // (a device event), and that must not be undone.
+    let changed = p.clone();
+    let p = client.store.transaction(|tx| {
+        let mut current = tx
+            .get::<Settings>(SETTINGS)?
+            .unwrap_or_else(|| settings.clone());
+        if name.is_some() {
+            current.profile.name = changed.name.clone();
+        }
+        if status.is_some() {
+            current.profile.status = changed.status.clone();
+        }
+        if avatar_given {
+            current.profile.avatar = changed.avatar.clone();
+        }
+        tx.put::<Settings>(SETTINGS, &current)?;
+        Ok(current.profile)
+    })?;
     let reports = client.broadcast_profile(&p.to_bytes())?;
     Ok(Sent {
         contacts: reports.len(),

@@ -486,8 +486,13 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
             Some(_) => {}
             None if v["id"] == "subscribe" => {
                 if let Some(e) = v.get("error") {
+                    // The exit code the daemon says the error stands for.
+                    let code = e["data"]["exit_code"]
+                        .as_u64()
+                        .and_then(|c| u8::try_from(c).ok())
+                        .unwrap_or(FAILURE);
                     return Err(fail(
-                        FAILURE,
+                        code,
                         e["message"]
                             .as_str()
                             .unwrap_or("the daemon refused")
