@@ -187,6 +187,35 @@ fn stdin_files_and_hostile_names_never_become_paths() {
 }
 
 #[test]
+fn recv_follow_saves_files_as_they_come_and_goes_on_with_text() {
+    let relay = Relay::start();
+    let (ada, bob) = pair(&[&relay]);
+    let dir = files_dir(&bob);
+    let mut follow = bob.follow_with(&["--files-dir", dir.to_str().unwrap()]);
+    let bytes = content(300_000, 7);
+    let src = write(&ada.sandbox().join("out"), "trace.bin", &bytes);
+    ada.ok(&["send", "bob", "--file", src.to_str().unwrap(), "a trace"]);
+    let mut seen = Vec::new();
+    let received = loop {
+        let e = follow.next_event();
+        seen.push(e.clone());
+        if e["type"] == "file" && e["state"] == "received" {
+            break e;
+        }
+    };
+    let path = PathBuf::from(received["saved_as"].as_str().unwrap());
+    assert_eq!(path.parent().unwrap(), dir);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "{seen:?}");
+    assert_eq!(received["caption"], "a trace");
+    assert_eq!(received["name"], "trace.bin");
+    // The follower keeps receiving after the file.
+    ada.ok(&["send", "bob", "after the file"]);
+    let (texts, _) = follow.next_messages(1);
+    assert_eq!(texts, ["after the file"]);
+    follow.kill();
+}
+
+#[test]
 fn an_offer_over_the_limit_waits_for_files_get() {
     let relay = Relay::start();
     let (ada, bob) = pair(&[&relay]);
