@@ -75,11 +75,13 @@ impl Daemon {
                 ))
             }
             "log" => self.log(p),
+            m if let Some(r) = self.file_method(m, p, conn) => r,
             _ => Err(RpcError::new(
                 METHOD_NOT_FOUND,
                 format!(
                     "no method \"{}\" (see docs/JSONRPC.md: profiles, subscribe, ack, send, \
-                     contacts, invite, accept, profile, relays, log)",
+                     contacts, invite, accept, profile, relays, log, send_file, files, \
+                     file_get, file_cancel, file_retry)",
                     escape_text(method)
                 ),
             )),
@@ -148,7 +150,7 @@ impl Daemon {
     }
 
     /// The profile `p` names, if it is open.
-    fn ready(&self, p: &Value) -> Result<(&Served, &Ready), RpcError> {
+    pub(super) fn ready(&self, p: &Value) -> Result<(&Served, &Ready), RpcError> {
         let s = self.select(p)?;
         match &s.state {
             Ok(r) => Ok((s, r)),

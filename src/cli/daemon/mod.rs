@@ -12,6 +12,7 @@
 //! as `error` notifications) and does not stop the others.
 
 pub mod client;
+pub mod files;
 pub mod hub;
 pub mod lock;
 mod methods;
@@ -59,6 +60,8 @@ pub struct Args {
     /// client that subscribes) until a client acknowledges it with `ack`
     #[arg(long)]
     pub manual_ack: bool,
+    #[command(flatten)]
+    pub files: files::FileArgs,
 }
 
 /// Why a profile is not served.
@@ -72,6 +75,7 @@ pub struct Ready {
     /// For the methods (the engine thread has a handle of its own).
     client: Mutex<Client>,
     hub: Arc<Hub>,
+    files: files::FilesConfig,
 }
 
 /// One profile the daemon was asked to serve.
@@ -97,6 +101,8 @@ struct Opened {
     /// For the engine thread, and for the methods.
     engine: Client,
     commands: Client,
+    /// For the files thread.
+    downloads: Client,
     name: String,
     /// What earlier runs stored and did not deliver.
     inbox: Vec<Event>,
@@ -109,12 +115,14 @@ fn open_one(cli: &Cli, home: &Path, socket: &str) -> anyhow::Result<Opened> {
     let lock = lock::lock_home(home, socket)?;
     let engine = unlock::open_at(cli, home)?;
     let commands = engine.another_handle()?;
+    let downloads = engine.another_handle()?;
     let name = engine.settings()?.profile.name;
     let inbox = engine.inbox()?;
     Ok(Opened {
         lock,
         engine,
         commands,
+        downloads,
         name,
         inbox,
     })
@@ -127,6 +135,7 @@ impl Daemon {
         cli: &Cli,
         manual_ack: bool,
         socket: &str,
+        file_args: &files::FileArgs,
     ) -> anyhow::Result<(Arc<Daemon>, Vec<lock::Lock>)> {
         let homes = unlock::homes(cli)?;
         let mut locks = Vec::new();
@@ -143,7 +152,14 @@ impl Daemon {
                     for e in o.inbox {
                         on_event(&label, &name, &hub, e);
                     }
-                    engines.push((label.clone(), o.engine, hub.clone()));
+                    let files = file_args.config(&home);
+                    engines.push((
+                        label.clone(),
+                        o.engine,
+                        o.downloads,
+                        hub.clone(),
+                        files.clone(),
+                    ));
                     locks.push(o.lock);
                     note(&format!("serving {label} ({name})"));
                     profiles.push(Served {
@@ -153,6 +169,7 @@ impl Daemon {
                         state: Ok(Ready {
                             client: Mutex::new(o.commands),
                             hub,
+                            files,
                         }),
                     });
                 }
@@ -177,10 +194,14 @@ impl Daemon {
                 .unwrap_or_else(|| anyhow::anyhow!("no profile to serve"))
                 .context("no profile could be opened, so there is nothing to serve"));
         }
-        for (label, client, hub) in engines {
+        for (label, client, downloads, hub, files) in engines {
+            let (l, h) = (label.clone(), hub.clone());
             std::thread::Builder::new()
                 .name(format!("engine {label}"))
-                .spawn(move || engine(label, client, hub))?;
+                .spawn(move || engine(l, client, h))?;
+            std::thread::Builder::new()
+                .name(format!("files {label}"))
+                .spawn(move || files::files_thread(label, downloads, hub, files))?;
         }
         Ok((
             Arc::new(Daemon {
@@ -414,7 +435,12 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| lock::default_socket(&homes));
     // The homes' locks first: a second daemon is told which one runs.
-    let (daemon, _locks) = Daemon::start(cli, args.manual_ack, &path.display().to_string())?;
+    let (daemon, _locks) = Daemon::start(
+        cli,
+        args.manual_ack,
+        &path.display().to_string(),
+        &args.files,
+    )?;
     let socket = lock::bind(&path)?;
     on_signals(socket.path.clone())?;
     // Scripts wait for this line before they connect (a closed stdout is
