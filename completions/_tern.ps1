@@ -647,6 +647,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
         }
         'tern;daemon' {
             [CompletionResult]::new('--socket', '--socket', [CompletionResultType]::ParameterName, 'The socket to listen on [default: $XDG_RUNTIME_DIR/tern/ID.sock, or daemon.sock in the (first) profile]; its directory must be private')
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file')
+            [CompletionResult]::new('--max-file-size', '--max-file-size', [CompletionResultType]::ParameterName, 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]')
             [CompletionResult]::new('--homes-dir', '--homes-dir', [CompletionResultType]::ParameterName, 'Serve every profile in this directory (each subdirectory holding one, as `tern init --home DIR/NAME` makes it), beside any --home; profiles added later are served after a restart')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
@@ -659,6 +661,8 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;jsonrpc' {
+            [CompletionResult]::new('--files-dir', '--files-dir', [CompletionResultType]::ParameterName, 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file')
+            [CompletionResult]::new('--max-file-size', '--max-file-size', [CompletionResultType]::ParameterName, 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')

@@ -651,13 +651,21 @@ _tern() {
             return 0
             ;;
         tern__subcmd__daemon)
-            opts="-h --socket --manual-ack --homes-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --socket --manual-ack --files-dir --max-file-size --homes-dir --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-file-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2171,12 +2179,20 @@ _tern() {
             return 0
             ;;
         tern__subcmd__jsonrpc)
-            opts="-h --manual-ack --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --manual-ack --files-dir --max-file-size --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --files-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-file-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --home)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -575,6 +575,8 @@ set edit:completion:arg-completer[tern] = {|@words|
         }
         &'tern;daemon'= {
             cand --socket 'The socket to listen on [default: $XDG_RUNTIME_DIR/tern/ID.sock, or daemon.sock in the (first) profile]; its directory must be private'
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file'
+            cand --max-file-size 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]'
             cand --homes-dir 'Serve every profile in this directory (each subdirectory holding one, as `tern init --home DIR/NAME` makes it), beside any --home; profiles added later are served after a restart'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
@@ -586,6 +588,8 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --help 'Print help'
         }
         &'tern;jsonrpc'= {
+            cand --files-dir 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file'
+            cand --max-file-size 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'

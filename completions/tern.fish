@@ -405,6 +405,8 @@ complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcom
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "remove" -d 'Cut a device off: it receives nothing new, even if lost or hostile'
 complete -c tern -n "__fish_tern_using_subcommand device; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l socket -d 'The socket to listen on [default: $XDG_RUNTIME_DIR/tern/ID.sock, or daemon.sock in the (first) profile]; its directory must be private' -r -F
+complete -c tern -n "__fish_tern_using_subcommand daemon" -l files-dir -d 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file' -r -F
+complete -c tern -n "__fish_tern_using_subcommand daemon" -l max-file-size -d 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]' -r
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l homes-dir -d 'Serve every profile in this directory (each subdirectory holding one, as `tern init --home DIR/NAME` makes it), beside any --home; profiles added later are served after a restart' -r -F
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles' -r -F
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
@@ -413,6 +415,8 @@ complete -c tern -n "__fish_tern_using_subcommand daemon" -l proxy -d 'Connect t
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l manual-ack -d 'Keep each received message pending (and send it again to every client that subscribes) until a client acknowledges it with `ack`'
 complete -c tern -n "__fish_tern_using_subcommand daemon" -l allow-weak-passphrase -d 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
 complete -c tern -n "__fish_tern_using_subcommand daemon" -s h -l help -d 'Print help'
+complete -c tern -n "__fish_tern_using_subcommand jsonrpc" -l files-dir -d 'Where received files are saved [default: $XDG_DOWNLOAD_DIR/tern, or downloads/ in each profile]; never over another file' -r -F
+complete -c tern -n "__fish_tern_using_subcommand jsonrpc" -l max-file-size -d 'Offers of larger files are kept, not downloaded (the method `file_get` takes one): a number of bytes, or with K, M, G [default: 100M]' -r
 complete -c tern -n "__fish_tern_using_subcommand jsonrpc" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles' -r -F
 complete -c tern -n "__fish_tern_using_subcommand jsonrpc" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand jsonrpc" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F

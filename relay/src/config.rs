@@ -267,11 +267,15 @@ impl ServeConfig {
         if let Some(url) = &self.database_url {
             // The parser's message never repeats the string, which may hold
             // a password.
-            if let Err(e) = url.parse::<postgres::Config>() {
-                return Err(RelayError::Config(format!(
-                    "the database connection string is not one PostgreSQL accepts ({e}); \
-                     give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-                )));
+            match crate::store::check_database_url(url) {
+                Ok(()) => {}
+                Err(crate::store::StoreError::Config(m)) => return Err(RelayError::Config(m)),
+                Err(e) => {
+                    return Err(RelayError::Config(format!(
+                        "the database connection string is not one PostgreSQL accepts ({e}); \
+                         give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                    )))
+                }
             }
         }
         const DAY: Duration = Duration::from_secs(24 * 3600);

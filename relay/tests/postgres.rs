@@ -151,6 +151,57 @@ fn the_relay_reaches_the_database_over_tls() {
     relay.stop();
 }
 
+#[test]
+fn verify_full_checks_the_database_certificate_and_its_name() {
+    let Some(pg) = PgServer::start_tls() else {
+        return;
+    };
+    let start = |url: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+        cfg.database_url = Some(url);
+        Server::bind(cfg).map(|s| (dir, s))
+    };
+    // The right CA: verify-ca passes (the certificate is for `localhost`,
+    // the relay connects to 127.0.0.1), and a relay serves on it.
+    let db = pg.database_name();
+    let url = pg.verify_url(&db, "verify-ca", &pg.ca_file(true));
+    let (dir, server) = start(url.clone()).expect("verify-ca with the signing CA");
+    drop(server);
+    drop(dir);
+    let (_dir, relay) = node(&url);
+    let mut c = relay.client();
+    let q = secured_queue(&mut c);
+    let msg = message();
+    assert_eq!(c.request(&q.send(&msg), Some(&q.sender_key)), Reply::Ok);
+    assert_eq!(drain_acking(&mut c, &q), vec![msg]);
+    relay.stop();
+
+    // verify-full also wants the name: 127.0.0.1 is not in the certificate.
+    let err = start(pg.verify_url(&db, "verify-full", &pg.ca_file(true)))
+        .err()
+        .expect("verify-full against a certificate for another name");
+    let text = err.to_string();
+    assert!(
+        text.contains("certificate") && text.contains("name"),
+        "{text}"
+    );
+    // A CA that did not sign it: refused in either mode.
+    for mode in ["verify-ca", "verify-full"] {
+        let err = start(pg.verify_url(&db, mode, &pg.ca_file(false)))
+            .err()
+            .expect("a certificate from an unknown CA");
+        let text = err.to_string();
+        assert!(text.contains("certificate"), "{mode}: {text}");
+    }
+    // A root file that is not there is named.
+    let missing = std::path::Path::new("/nonexistent/ca.pem");
+    let err = start(pg.verify_url(&db, "verify-full", missing))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
+
 /// A relay node in a child process of this test binary, so that it can be
 /// SIGKILLed: started by the tests below, not a test of its own.
 #[test]

@@ -1,6 +1,8 @@
 //! The relay's command semantics and session rules, over real sockets.
 
 mod common;
+#[macro_use]
+mod pg_common;
 
 use std::time::Duration;
 
@@ -12,10 +14,24 @@ use tern_wire::frame::FRAME_QUANTUM;
 use tern_wire::{Command, ErrorCode, Reply, Request, DELIVERED_LEN};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-#[test]
-fn create_secure_send_subscribe_ack_delete() {
+on_both_stores!(
+    create_secure_send_subscribe_ack_delete,
+    a_new_session_is_pushed_what_was_not_acknowledged,
+    unsigned_sends_are_limited_to_one_before_securing,
+    wrong_key_and_unknown_queue_look_the_same,
+    a_command_signed_for_one_session_is_refused_in_another,
+    replayed_reordered_truncated_or_flipped_frames_end_the_session,
+    a_wrong_relay_key_learns_nothing_and_sends_nothing,
+    queue_quota,
+    access_keys_gate_create_only_and_have_quotas,
+    queue_creation_is_rate_limited_per_connection_and_address,
+    subscriptions_are_limited_per_session,
+    a_frame_of_many_sends_is_answered_in_one_go,
+);
+
+fn create_secure_send_subscribe_ack_delete(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     assert_eq!((c.info.min_version, c.info.max_version), (2, 2));
     assert!(c.info.open);
@@ -109,10 +125,9 @@ fn create_secure_send_subscribe_ack_delete() {
     relay.stop();
 }
 
-#[test]
-fn a_new_session_is_pushed_what_was_not_acknowledged() {
+fn a_new_session_is_pushed_what_was_not_acknowledged(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     let sent: Vec<Vec<u8>> = (0..5).map(|_| message()).collect();
@@ -139,10 +154,9 @@ fn a_new_session_is_pushed_what_was_not_acknowledged() {
     relay.stop();
 }
 
-#[test]
-fn unsigned_sends_are_limited_to_one_before_securing() {
+fn unsigned_sends_are_limited_to_one_before_securing(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
 
     let q = create_queue(&mut c, None);
@@ -182,10 +196,9 @@ fn unsigned_sends_are_limited_to_one_before_securing() {
     relay.stop();
 }
 
-#[test]
-fn wrong_key_and_unknown_queue_look_the_same() {
+fn wrong_key_and_unknown_queue_look_the_same(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     let wrong = SigningKey::generate(&mut OsRng);
@@ -237,10 +250,9 @@ fn wrong_key_and_unknown_queue_look_the_same() {
     relay.stop();
 }
 
-#[test]
-fn a_command_signed_for_one_session_is_refused_in_another() {
+fn a_command_signed_for_one_session_is_refused_in_another(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut a = relay.client();
     let mut b = relay.client();
     let q = secured_queue(&mut a);
@@ -266,10 +278,9 @@ fn a_command_signed_for_one_session_is_refused_in_another() {
     relay.stop();
 }
 
-#[test]
-fn replayed_reordered_truncated_or_flipped_frames_end_the_session() {
+fn replayed_reordered_truncated_or_flipped_frames_end_the_session(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut setup = relay.client();
     let q = secured_queue(&mut setup);
     let frame_with = |c: &mut Client, cmd: &Command, key: Option<&SigningKey>, tag: u32| {
@@ -321,10 +332,9 @@ fn replayed_reordered_truncated_or_flipped_frames_end_the_session() {
     relay.stop();
 }
 
-#[test]
-fn a_wrong_relay_key_learns_nothing_and_sends_nothing() {
+fn a_wrong_relay_key_learns_nothing_and_sends_nothing(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let other = PublicKey::from(&StaticSecret::random_from_rng(OsRng)).to_bytes();
     let err = Client::try_new(relay.addr, other).err().expect("refused");
     assert!(!err.is_empty());
@@ -334,10 +344,9 @@ fn a_wrong_relay_key_learns_nothing_and_sends_nothing() {
     relay.stop();
 }
 
-#[test]
-fn queue_quota() {
+fn queue_quota(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |cfg| cfg.max_pending = 3);
+    let relay = db.relay(dir.path(), |cfg| cfg.max_pending = 3);
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     for _ in 0..3 {
@@ -364,10 +373,9 @@ fn queue_quota() {
     relay.stop();
 }
 
-#[test]
-fn access_keys_gate_create_only_and_have_quotas() {
+fn access_keys_gate_create_only_and_have_quotas(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |cfg| {
+    let relay = db.relay(dir.path(), |cfg| {
         cfg.access_keys = vec![
             AccessKey::new("Open-Sesame_1"),
             AccessKey {
@@ -410,10 +418,9 @@ fn access_keys_gate_create_only_and_have_quotas() {
     relay.stop();
 }
 
-#[test]
-fn queue_creation_is_rate_limited_per_connection_and_address() {
+fn queue_creation_is_rate_limited_per_connection_and_address(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |cfg| {
+    let relay = db.relay(dir.path(), |cfg| {
         cfg.create_rate_connection = tern_relay::limits::Rate {
             burst: 5,
             per_minute: 1,
@@ -448,10 +455,9 @@ fn queue_creation_is_rate_limited_per_connection_and_address() {
     relay.stop();
 }
 
-#[test]
-fn subscriptions_are_limited_per_session() {
+fn subscriptions_are_limited_per_session(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |cfg| cfg.max_subscriptions = 2);
+    let relay = db.relay(dir.path(), |cfg| cfg.max_subscriptions = 2);
     let mut c = relay.client();
     let qs: Vec<Queue> = (0..3).map(|_| secured_queue(&mut c)).collect();
     assert_eq!(
@@ -469,10 +475,9 @@ fn subscriptions_are_limited_per_session() {
     relay.stop();
 }
 
-#[test]
-fn a_frame_of_many_sends_is_answered_in_one_go() {
+fn a_frame_of_many_sends_is_answered_in_one_go(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let qs: Vec<Queue> = (0..12).map(|_| secured_queue(&mut c)).collect();
     let cmds: Vec<(Command, Option<&SigningKey>)> = qs

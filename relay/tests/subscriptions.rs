@@ -1,16 +1,23 @@
 //! Subscriptions: prompt pushes, windows, shutdown.
 
 mod common;
+#[macro_use]
+mod pg_common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
 use tern_wire::Reply;
 
-#[test]
-fn a_message_is_pushed_as_soon_as_it_arrives_and_once() {
+on_both_stores!(
+    a_message_is_pushed_as_soon_as_it_arrives_and_once,
+    unsubscribed_queues_push_nothing,
+    shutdown_closes_subscribed_sessions,
+);
+
+fn a_message_is_pushed_as_soon_as_it_arrives_and_once(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     let tag = c.submit(&[(q.sub(16), Some(&q.recipient_key))])[0];
@@ -40,10 +47,9 @@ fn a_message_is_pushed_as_soon_as_it_arrives_and_once() {
     relay.stop();
 }
 
-#[test]
-fn unsubscribed_queues_push_nothing() {
+fn unsubscribed_queues_push_nothing(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     let tag = c.submit(&[(q.sub(16), Some(&q.recipient_key))])[0];
@@ -61,10 +67,9 @@ fn unsubscribed_queues_push_nothing() {
     relay.stop();
 }
 
-#[test]
-fn shutdown_closes_subscribed_sessions() {
+fn shutdown_closes_subscribed_sessions(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), |_| {});
+    let relay = db.relay(dir.path(), |_| {});
     let mut c = relay.client();
     let q = secured_queue(&mut c);
     assert_eq!(c.request(&q.sub(1), Some(&q.recipient_key)), Reply::Ok);

@@ -17,11 +17,13 @@ pub struct Args {
     /// `ack`
     #[arg(long)]
     pub manual_ack: bool,
+    #[command(flatten)]
+    pub files: super::daemon::files::FileArgs,
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let homes = super::unlock::homes(cli)?;
-    let (daemon, _locks) = Daemon::start(cli, homes, args.manual_ack, "-")?;
+    let (daemon, _locks) = Daemon::start(cli, homes, args.manual_ack, "-", &args.files)?;
     let conn = daemon.stdio_conn(Box::new(BufWriter::new(std::io::stdout())));
     daemon.serve(std::io::stdin(), conn);
     Ok(())

@@ -77,7 +77,8 @@ impl Progress {
     }
 }
 
-fn state_json(t: &Transfer, contact: &str) -> Value {
+/// A transfer as `tern files --json` and the daemon show it.
+pub(crate) fn state_json(t: &Transfer, contact: &str) -> Value {
     json!({
         "type": "file",
         "id": t.id_hex(),

@@ -524,7 +524,14 @@ impl Profile {
 
     /// `recv --follow --json` in the background.
     pub fn follow(&self) -> Follower {
-        let mut c = self.cmd(&["recv", "--follow", "--json"]);
+        self.follow_with(&[])
+    }
+
+    /// `recv --follow --json` with more options, in the background.
+    pub fn follow_with(&self, extra: &[&str]) -> Follower {
+        let mut args = vec!["recv", "--follow", "--json"];
+        args.extend_from_slice(extra);
+        let mut c = self.cmd(&args);
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawning recv --follow");
         let out: ChildStdout = child.stdout.take().unwrap();

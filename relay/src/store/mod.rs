@@ -26,6 +26,12 @@ use tern_wire::Id;
 
 pub use sqlite::DB_FILE;
 
+/// Checks a PostgreSQL connection string and its TLS settings (the root
+/// certificates are read) without connecting.
+pub fn check_database_url(url: &str) -> Result<(), StoreError> {
+    tls::DbConfig::parse(url).map(drop)
+}
+
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
     #[error("{0}")]
@@ -37,6 +43,9 @@ pub enum StoreError {
     /// unavailable" and retry; the store reconnects by itself.
     #[error("the database is unavailable ({0})")]
     Unavailable(String),
+    /// A connection string or setting that cannot work as given.
+    #[error("{0}")]
+    Config(String),
     #[error("cannot create the database file: {0}")]
     Io(Arc<std::io::Error>),
     #[error("the database was written by a newer relay (schema {0}, this relay knows {1} at most); upgrade tern on every relay node that uses it")]

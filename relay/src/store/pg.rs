@@ -32,7 +32,6 @@
 //! SQLite relay's crash.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, Config, Row, Statement};
+use postgres::{Client, Row, Statement};
+
+use super::tls::DbConfig;
 use rand::rngs::OsRng;
 use rand_core::RngCore;
 use zeroize::Zeroizing;
@@ -156,9 +157,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn connect(config: &Config) -> PgResult<Conn> {
+    fn connect(config: &DbConfig) -> PgResult<Conn> {
         Ok(Conn {
-            client: config.connect(super::tls::connector())?,
+            client: config.connect()?,
             statements: HashMap::new(),
         })
     }
@@ -210,7 +211,7 @@ pub(crate) struct PgStore {
 }
 
 struct Inner {
-    config: Config,
+    config: DbConfig,
     writer: Option<Sender<Box<dyn PgJob>>>,
     writer_thread: Option<JoinHandle<()>>,
     /// Idle connections for reads, the purge and the expiry.
@@ -358,8 +359,9 @@ impl Inner {
     }
 }
 
-fn config(url: &str) -> PgResult<Config> {
-    let mut config = Config::from_str(url).map_err(|e| StoreError::Postgres(Arc::new(e)))?;
+fn config(url: &str) -> PgResult<DbConfig> {
+    let mut db = DbConfig::parse(url)?;
+    let config = &mut db.pg;
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
@@ -367,7 +369,7 @@ fn config(url: &str) -> PgResult<Config> {
     if config.get_application_name().is_none() {
         config.application_name("tern-relay");
     }
-    Ok(config)
+    Ok(db)
 }
 
 /// The identity secret, if the database has one (see [`PgStore::identity`]).
@@ -987,7 +989,7 @@ where
     }
 }
 
-fn writer_loop(config: &Config, pid: &AtomicI32, jobs: &Receiver<Box<dyn PgJob>>) {
+fn writer_loop(config: &DbConfig, pid: &AtomicI32, jobs: &Receiver<Box<dyn PgJob>>) {
     let mut conn: Option<Conn> = None;
     let mut down_since: Option<Instant> = None;
     while let Ok(first) = jobs.recv() {
@@ -1071,7 +1073,7 @@ fn writer_loop(config: &Config, pid: &AtomicI32, jobs: &Receiver<Box<dyn PgJob>>
     }
 }
 
-fn connect_writer(config: &Config, pid: &AtomicI32) -> PgResult<Conn> {
+fn connect_writer(config: &DbConfig, pid: &AtomicI32) -> PgResult<Conn> {
     let mut c = Conn::connect(config)?;
     let p: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.try_get(0)?;
     pid.store(p, Ordering::SeqCst);
@@ -1110,7 +1112,7 @@ fn run_batch(c: &mut Conn, batch: &mut [Box<dyn PgJob>]) -> Result<(), StoreErro
 /// polling. Whenever listening (re)starts, every local subscription looks
 /// again, since notifications sent while not listening are lost.
 fn listen_loop(
-    config: &Config,
+    config: &DbConfig,
     waiters: &Waiters,
     writer_pid: &AtomicI32,
     down_since: &Mutex<Option<Instant>>,
@@ -1120,7 +1122,7 @@ fn listen_loop(
     let mut pause = Duration::from_millis(100);
     let mut lost = false;
     while !stop.load(Ordering::SeqCst) {
-        let mut client = match config.connect(super::tls::connector()).and_then(|mut c| {
+        let mut client = match config.connect().and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
             Ok(c)
         }) {

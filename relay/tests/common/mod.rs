@@ -26,6 +26,27 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Where a test relay keeps its queues. The suites whose subject is not
+/// the store itself run on both (`on_both_stores!` in `pg_common`).
+pub enum Db {
+    Sqlite,
+    /// A connection string for a fresh database.
+    Postgres(String),
+}
+
+impl Db {
+    /// A relay on this store (SQLite under `dir`; `dir` holds nothing with
+    /// PostgreSQL).
+    pub fn relay(&self, dir: &Path, tweak: impl FnOnce(&mut ServeConfig)) -> Relay {
+        Relay::start(dir, |cfg| {
+            if let Db::Postgres(url) = self {
+                cfg.database_url = Some(url.clone());
+            }
+            tweak(cfg)
+        })
+    }
+}
+
 /// A relay running on a thread, on 127.0.0.1 and a free port.
 pub struct Relay {
     pub addr: SocketAddr,

@@ -43,6 +43,12 @@ const METHODS: &[(&str, Method)] = &[
     ("rotate", Daemon::rotate),
     ("devices", Daemon::devices),
     ("device_remove", Daemon::device_remove),
+    // Files (src/cli/daemon/files.rs).
+    ("send_file", |d, p, c| d.send_file(p, c)),
+    ("files", |d, p, _| d.files(p)),
+    ("file_get", |d, p, c| d.file_get(p, c)),
+    ("file_cancel", |d, p, _| d.file_cancel(p)),
+    ("file_retry", |d, p, c| d.file_retry(p, c)),
 ];
 
 /// The names of the methods, in the order of [`METHODS`].
@@ -278,7 +284,7 @@ impl Daemon {
     }
 
     /// The profile `p` names, if it is open.
-    fn ready(&self, p: &Value) -> Result<(&Served, &Ready), RpcError> {
+    pub(super) fn ready(&self, p: &Value) -> Result<(&Served, &Ready), RpcError> {
         let s = self.select(p)?;
         match &s.state {
             Ok(r) => Ok((s, r)),

@@ -12,6 +12,7 @@
 //! as `error` notifications) and does not stop the others.
 
 pub mod client;
+pub mod files;
 pub mod hub;
 pub mod lock;
 mod methods;
@@ -61,6 +62,8 @@ pub struct Args {
     /// client that subscribes) until a client acknowledges it with `ack`
     #[arg(long)]
     pub manual_ack: bool,
+    #[command(flatten)]
+    pub files: files::FileArgs,
     /// Serve every profile in this directory (each subdirectory holding
     /// one, as `tern init --home DIR/NAME` makes it), beside any --home;
     /// profiles added later are served after a restart
@@ -118,6 +121,7 @@ pub struct Ready {
     /// For the methods (the engine thread has a handle of its own).
     client: Mutex<Client>,
     hub: Arc<Hub>,
+    files: files::FilesConfig,
 }
 
 /// One profile the daemon was asked to serve.
@@ -143,6 +147,8 @@ struct Opened {
     /// For the engine thread, and for the methods.
     engine: Client,
     commands: Client,
+    /// For the files thread.
+    downloads: Client,
     name: String,
     /// What earlier runs stored and did not deliver.
     inbox: Vec<Event>,
@@ -155,12 +161,14 @@ fn open_one(cli: &Cli, home: &Path, socket: &str) -> anyhow::Result<Opened> {
     let lock = lock::lock_home(home, socket)?;
     let engine = unlock::open_at(cli, home)?;
     let commands = engine.another_handle()?;
+    let downloads = engine.another_handle()?;
     let name = engine.settings()?.profile.name;
     let inbox = engine.inbox()?;
     Ok(Opened {
         lock,
         engine,
         commands,
+        downloads,
         name,
         inbox,
     })
@@ -174,6 +182,7 @@ impl Daemon {
         homes: Vec<PathBuf>,
         manual_ack: bool,
         socket: &str,
+        file_args: &files::FileArgs,
     ) -> anyhow::Result<(Arc<Daemon>, Vec<lock::Lock>)> {
         let mut locks = Vec::new();
         let mut profiles = Vec::new();
@@ -189,7 +198,14 @@ impl Daemon {
                     for e in o.inbox {
                         on_event(&label, &name, &hub, e);
                     }
-                    engines.push((label.clone(), o.engine, hub.clone()));
+                    let files = file_args.config(&home);
+                    engines.push((
+                        label.clone(),
+                        o.engine,
+                        o.downloads,
+                        hub.clone(),
+                        files.clone(),
+                    ));
                     locks.push(o.lock);
                     note(&format!("serving {label} ({name})"));
                     profiles.push(Served {
@@ -199,6 +215,7 @@ impl Daemon {
                         state: Ok(Ready {
                             client: Mutex::new(o.commands),
                             hub,
+                            files,
                         }),
                     });
                 }
@@ -223,10 +240,14 @@ impl Daemon {
                 .unwrap_or_else(|| anyhow::anyhow!("no profile to serve"))
                 .context("no profile could be opened, so there is nothing to serve"));
         }
-        for (label, client, hub) in engines {
+        for (label, client, downloads, hub, files) in engines {
+            let (l, h) = (label.clone(), hub.clone());
             std::thread::Builder::new()
                 .name(format!("engine {label}"))
-                .spawn(move || engine(label, client, hub))?;
+                .spawn(move || engine(l, client, h))?;
+            std::thread::Builder::new()
+                .name(format!("files {label}"))
+                .spawn(move || files::files_thread(label, downloads, hub, files))?;
         }
         Ok((
             Arc::new(Daemon {
@@ -460,7 +481,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| lock::default_socket(&homes));
     // The homes' locks first: a second daemon is told which one runs.
-    let (daemon, _locks) = Daemon::start(cli, homes, args.manual_ack, &path.display().to_string())?;
+    let (daemon, _locks) = Daemon::start(
+        cli,
+        homes,
+        args.manual_ack,
+        &path.display().to_string(),
+        &args.files,
+    )?;
     let socket = lock::bind(&path)?;
     on_signals(socket.path.clone())?;
     // Scripts wait for this line before they connect (a closed stdout is
