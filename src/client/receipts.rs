@@ -1,0 +1,270 @@
+//! Delivery receipts (PROTOCOL.md §7.6): telling a contact which of its
+//! messages this device stored, and recording what the contact's devices
+//! say they stored of ours.
+//!
+//! Sending: the receiving loop collects the ids of the texts and file
+//! offers each batch stored, and in the same transaction encrypts one
+//! receipt per contact (not per message) for every connected device of
+//! that contact. The receipts go out as ordinary uploads after the batch
+//! commits, so none is ever sent for a message that is not durably stored,
+//! and a crash after the commit still sends them (they are stored jobs).
+//!
+//! Receiving: a receipt is the contact's word only. Each id marks a
+//! message only if this profile sent it to that contact (the message has an
+//! [`Outgoing`] record in the contact's group), once per device of the
+//! contact; anything else in it is ignored.
+
+use std::collections::HashMap;
+
+use rand::rngs::OsRng;
+
+use super::events::Event;
+use super::jobs::push_actions;
+use super::model::{
+    contact_key, no_receipts_key, outgoing_key, Contact, DeliveredTo, Direction, HistoryEntry,
+    IndexEntry, Job, Outgoing, Settings, INDEX, MAX_DELIVERED_DEVICES, SETTINGS,
+};
+use super::{random_id, Client, ClientError};
+use crate::proto::connection::ConnState;
+use crate::proto::envelope::Kind;
+use crate::proto::receipt::{receipts_for, Receipt};
+use crate::store::{StoreError, Tx};
+
+/// Encrypts, inside the batch's transaction, one receipt per contact for
+/// the messages in `stored` (connection id, envelope id), to every
+/// connected device of that contact. Returns the records with new uploads.
+/// Never fails the batch for a receipt: a connection that cannot encrypt
+/// now simply gets none.
+pub(crate) fn send_receipts(
+    tx: &Tx<'_>,
+    stored: &[(String, [u8; 16])],
+    now: u64,
+) -> Result<Vec<String>, StoreError> {
+    if stored.is_empty() {
+        return Ok(Vec::new());
+    }
+    let on = tx
+        .get::<Settings>(SETTINGS)?
+        .map(|s| s.receipts)
+        .unwrap_or(true);
+    if !on {
+        return Ok(Vec::new());
+    }
+    let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
+    let by_id: HashMap<&str, &IndexEntry> = index.iter().map(|e| (e.id.as_str(), e)).collect();
+    // Group → ids, in the order they came.
+    let mut groups: Vec<(String, Vec<[u8; 16]>)> = Vec::new();
+    for (cid, id) in stored {
+        let Some(e) = by_id.get(cid.as_str()) else {
+            continue;
+        };
+        if e.device {
+            continue;
+        }
+        let g = e.group().to_string();
+        match groups.iter_mut().find(|(x, _)| *x == g) {
+            Some((_, ids)) => ids.push(*id),
+            None => groups.push((g, vec![*id])),
+        }
+    }
+    let mut changed = Vec::new();
+    for (group, ids) in groups {
+        if tx.get::<bool>(&no_receipts_key(&group))?.unwrap_or(false) {
+            continue;
+        }
+        let receipts = receipts_for(&ids);
+        let Ok(bodies) = receipts
+            .iter()
+            .map(Receipt::encode)
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            continue;
+        };
+        for m in index.iter().filter(|e| e.group() == group && !e.device) {
+            let key = contact_key(&m.id);
+            let Some(mut c) = tx.get::<Contact>(&key)? else {
+                continue;
+            };
+            if c.conn.state != ConnState::Connected || c.peer_gone || c.removed {
+                continue;
+            }
+            let mut actions = Vec::new();
+            for body in &bodies {
+                if let Ok(a) =
+                    c.conn
+                        .encrypt(Kind::Receipt, random_id(), body.clone(), now, &mut OsRng)
+                {
+                    actions.push(a);
+                }
+            }
+            if actions.is_empty() {
+                continue;
+            }
+            push_actions(&mut c, actions, now);
+            tx.put(&key, &c)?;
+            changed.push(m.id.clone());
+        }
+    }
+    Ok(changed)
+}
+
+/// Records a receipt that came on connection `c`; an event for each
+/// message it newly marks delivered.
+pub(crate) fn apply_receipt(
+    tx: &Tx<'_>,
+    c: &Contact,
+    receipt: &Receipt,
+    now: u64,
+) -> Result<Vec<Event>, StoreError> {
+    if c.device {
+        // Our own devices never send them: they see what we store.
+        return Ok(vec![Event::Refused {
+            contact: c.name.clone(),
+            what: "delivery receipt",
+            reason: "it came from one of your own devices, which never send them".into(),
+        }]);
+    }
+    let device = c.device_label();
+    let group = c.group();
+    let mut events = Vec::new();
+    for id in &receipt.ids {
+        let key = outgoing_key(group, id);
+        // Not sent to this contact (or unknown, or from before receipts):
+        // nothing to mark.
+        let Some(mut o) = tx.get::<Outgoing>(&key)? else {
+            continue;
+        };
+        if o.delivered.iter().any(|d| d.device == device)
+            || o.delivered.len() >= MAX_DELIVERED_DEVICES
+        {
+            continue;
+        }
+        o.delivered.push(DeliveredTo {
+            device: device.clone(),
+            at_ms: now,
+        });
+        tx.put(&key, &o)?;
+        events.push(Event::Delivered {
+            contact: c.name.clone(),
+            id: *id,
+            device: device.clone(),
+            at_ms: now,
+        });
+    }
+    Ok(events)
+}
+
+/// How far a message we sent got, as `tern log` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageState {
+    /// Written; no relay has confirmed it yet (or, for what another device
+    /// of ours sent, not known here).
+    Sent,
+    /// At least one relay of the contact took it.
+    OnRelay,
+    /// Stored by these devices of the contact.
+    Delivered(Vec<DeliveredTo>),
+}
+
+impl MessageState {
+    pub fn word(&self) -> &'static str {
+        match self {
+            MessageState::Sent => "sent",
+            MessageState::OnRelay => "on-relay",
+            MessageState::Delivered(_) => "delivered",
+        }
+    }
+}
+
+/// Whether some connection still holds `id` unsent: in its outbox, or in
+/// an upload no relay has taken yet.
+fn still_waiting(members: &[Contact], id: &[u8; 16]) -> bool {
+    members.iter().any(|c| {
+        c.outbox.iter().any(|q| &q.id == id)
+            || c.jobs.iter().any(|j| {
+                matches!(j, Job::Deliver { envelope_id, delivered_any: false, .. } if envelope_id == id)
+            })
+    })
+}
+
+impl Client {
+    /// The delivery state of each entry of `group`'s history (`None` for
+    /// incoming messages): one small record read per message.
+    pub fn message_states(
+        &self,
+        group: &str,
+        entries: &[HistoryEntry],
+    ) -> Result<Vec<Option<MessageState>>, ClientError> {
+        let members: Vec<Contact> = self
+            .index()?
+            .into_iter()
+            .filter(|e| e.group() == group && !e.device)
+            .filter_map(|e| self.contact(&e.id).ok())
+            .collect();
+        let records: Vec<Option<Outgoing>> = self.store.read(|tx| {
+            entries
+                .iter()
+                .map(|e| match e.dir {
+                    Direction::Out => tx.get::<Outgoing>(&outgoing_key(group, &e.id)),
+                    Direction::In => Ok(None),
+                })
+                .collect()
+        })?;
+        Ok(entries
+            .iter()
+            .zip(records)
+            .map(|(e, o)| {
+                if e.dir == Direction::In {
+                    return None;
+                }
+                let delivered = o.map(|o| o.delivered).unwrap_or_default();
+                Some(if !delivered.is_empty() {
+                    MessageState::Delivered(delivered)
+                } else if e.device.is_some() || still_waiting(&members, &e.id) {
+                    MessageState::Sent
+                } else {
+                    MessageState::OnRelay
+                })
+            })
+            .collect())
+    }
+
+    /// The devices of the contact of connection `contact_id` that confirmed
+    /// message `id`.
+    pub fn delivered_to(
+        &self,
+        contact_id: &str,
+        id: &[u8; 16],
+    ) -> Result<Vec<DeliveredTo>, ClientError> {
+        let group = self.contact(contact_id)?.group().to_string();
+        Ok(self
+            .store
+            .read(|tx| tx.get::<Outgoing>(&outgoing_key(&group, id)))?
+            .map(|o| o.delivered)
+            .unwrap_or_default())
+    }
+
+    /// Turns receipts to the contact of connection `contact_id` on or off.
+    pub fn set_contact_receipts(&mut self, contact_id: &str, on: bool) -> Result<(), ClientError> {
+        let group = self.contact(contact_id)?.group().to_string();
+        self.store.transaction(|tx| {
+            let key = no_receipts_key(&group);
+            if on {
+                tx.delete(&key)
+            } else {
+                tx.put(&key, &true)
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Whether receipts go to the contact of connection `contact_id`
+    /// (the profile's setting aside).
+    pub fn contact_receipts(&self, contact_id: &str) -> Result<bool, ClientError> {
+        let group = self.contact(contact_id)?.group().to_string();
+        Ok(!self
+            .store
+            .read(|tx| tx.get::<bool>(&no_receipts_key(&group)))?
+            .unwrap_or(false))
+    }
+}
