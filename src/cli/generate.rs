@@ -48,6 +48,10 @@ No profile in the home directory: run \fBtern init\fR.
 .TP
 \fB8\fR
 Permanently gone: this device was removed from the profile by another one; \fBtern send\fR and \fBtern recv\fR refuse for good.
+.TP
+\fB9\fR
+\fBtern send \-\-wait\-delivered\fR: the message is on a relay, but no device of the contact confirmed storing it in time (it may still arrive; a contact who turned receipts off never confirms). Sending again would send a second copy.
+.TP
 \fB66\fR
 \fBtern recv \-\-fail\-if\-empty\fR: no message arrived.
 .TP
@@ -143,8 +147,8 @@ Start notifications; what is pending comes first. Result: \fBprofiles\fR, \fBpen
 \fBack\fR {profile?, id}
 With \fB\-\-manual\-ack\fR: the message is delivered and leaves the pending list. Result: \fBacked\fR.
 .TP
-\fBsend\fR {profile?, contact, text}
-Returns once a relay has it: \fBid\fR, \fBcontact\fR, \fBstate\fR (sent, awaiting\-connection), \fBrelays\fR, \fBfailed\fR.
+\fBsend\fR {profile?, contact, text, wait_delivered?}
+Returns once a relay has it: \fBid\fR, \fBcontact\fR, \fBstate\fR (sent, awaiting\-connection), \fBrelays\fR, \fBfailed\fR. With \fBwait_delivered\fR (seconds), only once a device of the contact confirmed it (\fBdelivered\fR true, \fBdevice\fR) or that time passed (error \-32009, the same fields in \fBdata\fR).
 .TP
 \fBcontacts\fR, \fBprofile\fR, \fBrelays\fR {profile?}
 As the commands' \fB\-\-json\fR output (an array for contacts and relays).
@@ -158,7 +162,7 @@ As \fBtern accept \-\-json\fR.
 \fBlog\fR {profile?, contact, limit?}
 The latest messages with a contact, oldest first.
 .SS Notifications
-\fBmessage\fR (the fields of \fBtern recv \-\-json\fR and \fBprofile\fR; kept until delivered), \fBconnected\fR, \fBcontact_updated\fR, \fBnotice\fR, \fBerror\fR (\fBkind\fR: warning, refused, unsupported, receiving, profile).
+\fBmessage\fR (the fields of \fBtern recv \-\-json\fR and \fBprofile\fR; kept until delivered), \fBdelivered\fR (\fBprofile\fR, \fBcontact\fR, \fBid\fR, \fBdevice\fR: a delivery receipt), \fBconnected\fR, \fBcontact_updated\fR, \fBnotice\fR, \fBerror\fR (\fBkind\fR: warning, refused, unsupported, receiving, profile).
 .SS "Error codes"
 \-32700 not JSON; \-32600 invalid request or line too long; \-32601 no such method; \-32602 invalid parameters; \-32603 internal; \-32100 no such profile (or several and none named); \-32101 ack: nothing pending with that id; \-32102 too many clients; \-32000 minus an exit code for tern's own errors (\-32003 no contact, \-32005 locked, \-32075 temporary: \fBdata.retryable\fR is true, the work is kept and retried). \fBdata.exit_code\fR names the exit code.
 "#;
