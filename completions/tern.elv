@@ -140,7 +140,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --file 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption'
             cand --name 'The name the file goes by (required for `--file -`)'
             cand --stall 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)'
-            cand --wait-delivered 'Wait up to SECS for a device of the contact to confirm it stored the message; exit 9 if none did in time'
+            cand --wait-delivered 'Wait up to SECS (at most 86400) for a device of the contact to confirm it stored the message; exit 9 if none did in time'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'

@@ -116,7 +116,7 @@ complete -c tern -n "__fish_tern_using_subcommand accept" -s h -l help -d 'Print
 complete -c tern -n "__fish_tern_using_subcommand send" -l file -d 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l name -d 'The name the file goes by (required for `--file -`)' -r
 complete -c tern -n "__fish_tern_using_subcommand send" -l stall -d 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)' -r
-complete -c tern -n "__fish_tern_using_subcommand send" -l wait-delivered -d 'Wait up to SECS for a device of the contact to confirm it stored the message; exit 9 if none did in time' -r
+complete -c tern -n "__fish_tern_using_subcommand send" -l wait-delivered -d 'Wait up to SECS (at most 86400) for a device of the contact to confirm it stored the message; exit 9 if none did in time' -r
 complete -c tern -n "__fish_tern_using_subcommand send" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand send" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F

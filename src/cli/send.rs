@@ -58,9 +58,10 @@ pub struct Args {
     /// upload resumes with `tern files retry`)
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub stall: u64,
-    /// Wait up to SECS for a device of the contact to confirm it stored the
-    /// message; exit 9 if none did in time
-    #[arg(long, value_name = "SECS", conflicts_with_all = ["lines", "file"])]
+    /// Wait up to SECS (at most 86400) for a device of the contact to
+    /// confirm it stored the message; exit 9 if none did in time
+    #[arg(long, value_name = "SECS", conflicts_with_all = ["lines", "file"],
+          value_parser = clap::value_parser!(u64).range(..=86_400))]
     pub wait_delivered: Option<u64>,
 }
 
@@ -152,6 +153,12 @@ fn send_via_daemon(
         note(&format!(
             "warning: {} (sent through the other relays)",
             f["error"].as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(d) = result["device"].as_str() {
+        note(&format!(
+            "delivered: {}'s device {d} has it",
+            result["contact"].as_str().unwrap_or_default()
         ));
     }
     Ok(())
@@ -361,8 +368,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     for e in &outcome.report.errors {
         note(&format!("warning: {e} (sent through the other relays)"));
     }
-    if let (Some(None), Some(secs)) = (&delivered, args.wait_delivered) {
-        return Err(not_delivered(&name, secs));
+    match (&delivered, args.wait_delivered) {
+        (Some(None), Some(secs)) => return Err(not_delivered(&name, secs)),
+        (Some(Some(d)), _) => note(&format!("delivered: {name}'s device {} has it", d.device)),
+        _ => {}
     }
     Ok(())
 }

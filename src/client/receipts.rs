@@ -268,3 +268,149 @@ impl Client {
             .unwrap_or(false))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::proto::connection::tests::queues;
+    use crate::proto::connection::Connection;
+    use crate::proto::hello::Channel;
+    use crate::store::{NewKey, Store};
+
+    fn contact(rng: &mut StdRng, id: &str, group: &str, device: bool) -> Contact {
+        let (conn, _) = Connection::invite(queues(rng, 1, 1), Channel::Shared, rng);
+        let mut c = Contact::new(id.into(), id.into(), false, conn, 0);
+        c.group = group.into();
+        c.device = device;
+        c
+    }
+
+    /// A receipt is the contact's word only: it marks what we sent to that
+    /// contact, once per device, and nothing else.
+    #[test]
+    fn hostile_receipts_mark_only_messages_sent_to_that_contact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("p"), NewKey::Unprotected).unwrap();
+        let mut rng = StdRng::seed_from_u64(16);
+        let bob = contact(&mut rng, "bob-1", "g-bob", false);
+        let mine = contact(&mut rng, "laptop", "", true);
+        let (sent_to_bob, sent_to_carol, from_bob, unknown) =
+            ([1u8; 16], [2u8; 16], [3u8; 16], [4u8; 16]);
+        let receipt =
+            Receipt::delivered(vec![unknown, from_bob, sent_to_carol, sent_to_bob]).unwrap();
+        let (first, again, on_device) = store
+            .transaction(|tx| {
+                tx.put(&outgoing_key("g-bob", &sent_to_bob), &Outgoing::default())?;
+                tx.put(
+                    &outgoing_key("g-carol", &sent_to_carol),
+                    &Outgoing::default(),
+                )?;
+                let first = apply_receipt(tx, &bob, &receipt, 10)?;
+                let again = apply_receipt(tx, &bob, &receipt, 20)?;
+                let on_device = apply_receipt(tx, &mine, &receipt, 30)?;
+                Ok((first, again, on_device))
+            })
+            .unwrap();
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(matches!(
+            &first[0],
+            Event::Delivered { id, device, at_ms: 10, .. } if *id == sent_to_bob && *device == bob.device_label()
+        ));
+        assert!(again.is_empty(), "a repeated receipt changes nothing");
+        assert!(matches!(on_device[..], [Event::Refused { .. }]));
+        let (bob_rec, carol_rec, none) = store
+            .read(|tx| {
+                Ok((
+                    tx.get::<Outgoing>(&outgoing_key("g-bob", &sent_to_bob))?,
+                    tx.get::<Outgoing>(&outgoing_key("g-carol", &sent_to_carol))?,
+                    tx.get::<Outgoing>(&outgoing_key("g-bob", &from_bob))?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(bob_rec.unwrap().delivered.len(), 1);
+        assert!(
+            carol_rec.unwrap().delivered.is_empty(),
+            "another contact's message"
+        );
+        assert!(none.is_none(), "no record is made for ids never sent");
+    }
+
+    /// Never more devices per message than the bound, however many
+    /// connections a hostile group claims.
+    #[test]
+    fn devices_per_message_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("p"), NewKey::Unprotected).unwrap();
+        let mut rng = StdRng::seed_from_u64(17);
+        let id = [9u8; 16];
+        let receipt = Receipt::delivered(vec![id]).unwrap();
+        let marked = store
+            .transaction(|tx| {
+                tx.put(&outgoing_key("g", &id), &Outgoing::default())?;
+                let mut n = 0;
+                for i in 0..MAX_DELIVERED_DEVICES + 5 {
+                    let c = contact(&mut rng, &format!("c{i}"), "g", false);
+                    n += apply_receipt(tx, &c, &receipt, 1)?.len();
+                }
+                Ok(n)
+            })
+            .unwrap();
+        assert_eq!(marked, MAX_DELIVERED_DEVICES);
+    }
+
+    /// Measurement, not a check (NOTES-receipts.md): what recording one
+    /// receipt costs with a short and a long history.
+    /// `cargo test --release --lib receipt_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn receipt_cost_does_not_grow_with_history() {
+        use crate::client::model::{history_log, HistoryEntry};
+        for n in [10usize, 10_000, 100_000] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::create(&dir.path().join("p"), NewKey::Unprotected).unwrap();
+            let mut rng = StdRng::seed_from_u64(18);
+            let bob = contact(&mut rng, "bob-1", "g", false);
+            let ids: Vec<[u8; 16]> = (0..n as u32)
+                .map(|i| {
+                    let mut id = [0u8; 16];
+                    id[..4].copy_from_slice(&i.to_be_bytes());
+                    id
+                })
+                .collect();
+            for chunk in ids.chunks(5000) {
+                store
+                    .transaction(|tx| {
+                        for id in chunk {
+                            let e = HistoryEntry {
+                                dir: Direction::Out,
+                                id: *id,
+                                text: "x".repeat(200),
+                                sent_at_ms: 1,
+                                received_at_ms: None,
+                                device: None,
+                            };
+                            tx.append(&history_log("g"), &e)?;
+                            tx.put(&outgoing_key("g", id), &Outgoing::default())?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            // 100 receipts of 3 ids each, one transaction each, as batches.
+            let started = std::time::Instant::now();
+            for k in 0..100 {
+                let r = Receipt::delivered(ids[(k * 3) % (n - 3)..][..3].to_vec()).unwrap();
+                store
+                    .transaction(|tx| apply_receipt(tx, &bob, &r, 1))
+                    .unwrap();
+            }
+            println!(
+                "history {n:>6}: {:.3} ms per receipt (3 ids, own transaction)",
+                started.elapsed().as_secs_f64() * 1000.0 / 100.0
+            );
+        }
+    }
+}
