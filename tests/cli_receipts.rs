@@ -351,6 +351,22 @@ fn through_the_daemon_send_waits_and_subscribers_hear_delivered() {
         device_labels(&ada, "bob")
     );
 
+    // `log` through the daemon carries the state too.
+    let (r, _) = call(
+        &socket,
+        "log",
+        json!({"profile": profile, "contact": "bob"}),
+    );
+    let e = r["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["text"] == "via the bot")
+        .cloned()
+        .unwrap();
+    assert_eq!(e["state"], "delivered", "{e}");
+    assert_eq!(delivered_devices(&e), device_labels(&ada, "bob"));
+
     // The CLI through the daemon: nobody receives, so the distinct status,
     // with the daemon's answer in --json.
     let o = ada.run(&[

@@ -415,10 +415,18 @@ impl Daemon {
             c.store.read(|tx| tx.tail(&history_log(&group), limit))?;
         entries.sort_by_key(|(_, e)| e.sent_at_ms);
         let me = c.settings()?.profile.name;
+        let plain: Vec<HistoryEntry> = entries.into_iter().map(|(_, e)| e).collect();
+        let states = c.message_states(&group, &plain)?;
         Ok(Value::Array(
-            entries
+            plain
                 .iter()
-                .map(|(_, e)| recv::message_json(&record.name, &me, e, None))
+                .zip(&states)
+                .map(|(e, st)| {
+                    // As `tern log --json`: with the delivery state.
+                    let mut v = recv::message_json(&record.name, &me, e, None);
+                    crate::cli::log::state_json(&mut v, st.as_ref());
+                    v
+                })
                 .collect(),
         ))
     }
