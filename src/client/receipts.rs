@@ -85,7 +85,15 @@ pub(crate) fn send_receipts(
             let Some(mut c) = tx.get::<Contact>(&key)? else {
                 continue;
             };
-            if c.conn.state != ConnState::Connected || c.peer_gone || c.removed {
+            // While our resync offer is out (PROTOCOL.md §6.7) the ratchet
+            // we would encrypt with is the one that lost step: the peer
+            // could not read the receipt and would start a resync of its
+            // own. Best effort: those messages get no receipt from here.
+            if c.conn.state != ConnState::Connected
+                || c.peer_gone
+                || c.removed
+                || c.conn.resync.is_some()
+            {
                 continue;
             }
             let mut actions = Vec::new();
