@@ -7999,7 +7999,7 @@ pub struct ReceiptCase {
 
 fn gen_receipt() -> Vec<ReceiptCase> {
     use receipt_reference as rr;
-    let mut rng = seeded(18);
+    let mut rng = seeded(21);
     let mut out = Vec::new();
     let id_list = |rng: &mut StdRng, n: usize| -> Vec<[u8; 16]> {
         (0..n).map(|_| random::<16>(rng)).collect()
