@@ -257,7 +257,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'Your display name (1 to 64 bytes, no control or format characters)'
             cand --status 'A status line shown to contacts (up to 512 bytes; may span lines)'
             cand --avatar 'A PNG or JPEG of at most 11 KiB'
-            cand --receipts 'Send delivery receipts (on by default): contacts see which of their messages this device stored, never whether you read them. Off: no contact ever sees "delivered" from this device'
+            cand --receipts 'Send delivery receipts from this device (on by default; a setting of each device): contacts see which of their messages it stored, never whether you read them. Off: no contact ever sees "delivered" from this device'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'

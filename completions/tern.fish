@@ -197,7 +197,7 @@ complete -c tern -n "__fish_tern_using_subcommand verify" -s h -l help -d 'Print
 complete -c tern -n "__fish_tern_using_subcommand profile" -l name -d 'Your display name (1 to 64 bytes, no control or format characters)' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l status -d 'A status line shown to contacts (up to 512 bytes; may span lines)' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l avatar -d 'A PNG or JPEG of at most 11 KiB' -r -F
-complete -c tern -n "__fish_tern_using_subcommand profile" -l receipts -d 'Send delivery receipts (on by default): contacts see which of their messages this device stored, never whether you read them. Off: no contact ever sees "delivered" from this device' -r
+complete -c tern -n "__fish_tern_using_subcommand profile" -l receipts -d 'Send delivery receipts from this device (on by default; a setting of each device): contacts see which of their messages it stored, never whether you read them. Off: no contact ever sees "delivered" from this device' -r
 complete -c tern -n "__fish_tern_using_subcommand profile" -l home -d 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l passphrase-file -d 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)' -r -F
 complete -c tern -n "__fish_tern_using_subcommand profile" -l identity -d 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)' -r -F

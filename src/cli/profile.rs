@@ -30,9 +30,10 @@ pub struct Args {
     /// Remove the avatar
     #[arg(long, conflicts_with = "avatar")]
     pub no_avatar: bool,
-    /// Send delivery receipts (on by default): contacts see which of their
-    /// messages this device stored, never whether you read them. Off:
-    /// no contact ever sees "delivered" from this device
+    /// Send delivery receipts from this device (on by default; a setting
+    /// of each device): contacts see which of their messages it stored,
+    /// never whether you read them. Off: no contact ever sees "delivered"
+    /// from this device
     #[arg(long, value_name = "on|off", value_parser = super::contacts::parse_on_off)]
     pub receipts: Option<bool>,
     /// Print the profile as one JSON object
