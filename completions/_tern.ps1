@@ -154,6 +154,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--file', '--file', [CompletionResultType]::ParameterName, 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption')
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The name the file goes by (required for `--file -`)')
             [CompletionResult]::new('--stall', '--stall', [CompletionResultType]::ParameterName, 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)')
+            [CompletionResult]::new('--wait-delivered', '--wait-delivered', [CompletionResultType]::ParameterName, 'Wait up to SECS (at most 86400) for a device of the contact to confirm it stored the message; exit 9 if none did in time')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -195,6 +196,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List every contact (the default)')
             [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'One contact in the long form; optionally save the avatar they sent')
             [CompletionResult]::new('rename', 'rename', [CompletionResultType]::ParameterValue, 'Give a contact another name (only here: contacts never see it)')
+            [CompletionResult]::new('receipts', 'receipts', [CompletionResultType]::ParameterValue, 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -234,10 +236,21 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'tern;contacts;receipts' {
+            [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
+            [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
+            [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
+            [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)')
+            [CompletionResult]::new('--allow-weak-passphrase', '--allow-weak-passphrase', [CompletionResultType]::ParameterName, 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'tern;contacts;help' {
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List every contact (the default)')
             [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'One contact in the long form; optionally save the avatar they sent')
             [CompletionResult]::new('rename', 'rename', [CompletionResultType]::ParameterValue, 'Give a contact another name (only here: contacts never see it)')
+            [CompletionResult]::new('receipts', 'receipts', [CompletionResultType]::ParameterValue, 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -248,6 +261,9 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;contacts;help;rename' {
+            break
+        }
+        'tern;contacts;help;receipts' {
             break
         }
         'tern;contacts;help;help' {
@@ -269,6 +285,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'Your display name (1 to 64 bytes, no control or format characters)')
             [CompletionResult]::new('--status', '--status', [CompletionResultType]::ParameterName, 'A status line shown to contacts (up to 512 bytes; may span lines)')
             [CompletionResult]::new('--avatar', '--avatar', [CompletionResultType]::ParameterName, 'A PNG or JPEG of at most 11 KiB')
+            [CompletionResult]::new('--receipts', '--receipts', [CompletionResultType]::ParameterName, 'Send delivery receipts from this device (on by default; a setting of each device): contacts see which of their messages it stored, never whether you read them. Off: no contact ever sees "delivered" from this device')
             [CompletionResult]::new('--home', '--home', [CompletionResultType]::ParameterName, 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles')
             [CompletionResult]::new('--passphrase-file', '--passphrase-file', [CompletionResultType]::ParameterName, 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)')
             [CompletionResult]::new('--identity', '--identity', [CompletionResultType]::ParameterName, 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)')
@@ -807,6 +824,7 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List every contact (the default)')
             [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'One contact in the long form; optionally save the avatar they sent')
             [CompletionResult]::new('rename', 'rename', [CompletionResultType]::ParameterValue, 'Give a contact another name (only here: contacts never see it)')
+            [CompletionResult]::new('receipts', 'receipts', [CompletionResultType]::ParameterValue, 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"')
             break
         }
         'tern;help;contacts;list' {
@@ -816,6 +834,9 @@ Register-ArgumentCompleter -Native -CommandName 'tern' -ScriptBlock {
             break
         }
         'tern;help;contacts;rename' {
+            break
+        }
+        'tern;help;contacts;receipts' {
             break
         }
         'tern;help;verify' {

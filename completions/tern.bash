@@ -85,6 +85,9 @@ _tern() {
             tern__subcmd__contacts,list)
                 cmd="tern__subcmd__contacts__subcmd__list"
                 ;;
+            tern__subcmd__contacts,receipts)
+                cmd="tern__subcmd__contacts__subcmd__receipts"
+                ;;
             tern__subcmd__contacts,rename)
                 cmd="tern__subcmd__contacts__subcmd__rename"
                 ;;
@@ -96,6 +99,9 @@ _tern() {
                 ;;
             tern__subcmd__contacts__subcmd__help,list)
                 cmd="tern__subcmd__contacts__subcmd__help__subcmd__list"
+                ;;
+            tern__subcmd__contacts__subcmd__help,receipts)
+                cmd="tern__subcmd__contacts__subcmd__help__subcmd__receipts"
                 ;;
             tern__subcmd__contacts__subcmd__help,rename)
                 cmd="tern__subcmd__contacts__subcmd__help__subcmd__rename"
@@ -234,6 +240,9 @@ _tern() {
                 ;;
             tern__subcmd__help__subcmd__contacts,list)
                 cmd="tern__subcmd__help__subcmd__contacts__subcmd__list"
+                ;;
+            tern__subcmd__help__subcmd__contacts,receipts)
+                cmd="tern__subcmd__help__subcmd__contacts__subcmd__receipts"
                 ;;
             tern__subcmd__help__subcmd__contacts,rename)
                 cmd="tern__subcmd__help__subcmd__contacts__subcmd__rename"
@@ -457,7 +466,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts)
-            opts="-h --json --long --home --passphrase-file --identity --proxy --allow-weak-passphrase --help list show rename help"
+            opts="-h --json --long --home --passphrase-file --identity --proxy --allow-weak-passphrase --help list show rename receipts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -487,7 +496,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts__subcmd__help)
-            opts="list show rename help"
+            opts="list show rename receipts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -515,6 +524,20 @@ _tern() {
             return 0
             ;;
         tern__subcmd__contacts__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__help__subcmd__receipts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -558,6 +581,36 @@ _tern() {
             ;;
         tern__subcmd__contacts__subcmd__list)
             opts="-h --json --long --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --home)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__contacts__subcmd__receipts)
+            opts="-h --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1357,7 +1410,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__contacts)
-            opts="list show rename"
+            opts="list show rename receipts"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1371,6 +1424,20 @@ _tern() {
             return 0
             ;;
         tern__subcmd__help__subcmd__contacts__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tern__subcmd__help__subcmd__contacts__subcmd__receipts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -2405,7 +2472,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__profile)
-            opts="-h --name --status --avatar --no-avatar --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --name --status --avatar --no-avatar --receipts --json --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2420,6 +2487,10 @@ _tern() {
                     return 0
                     ;;
                 --avatar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --receipts)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2987,7 +3058,7 @@ _tern() {
             return 0
             ;;
         tern__subcmd__send)
-            opts="-h --json --lines --file --name --stall --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
+            opts="-h --json --lines --file --name --stall --wait-delivered --home --passphrase-file --identity --proxy --allow-weak-passphrase --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3002,6 +3073,10 @@ _tern() {
                     return 0
                     ;;
                 --stall)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-delivered)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -140,6 +140,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --file 'Send a file (give it more than once for several; `-` reads standard input, with --name); the message words, if any, are its caption'
             cand --name 'The name the file goes by (required for `--file -`)'
             cand --stall 'With --file: give up on a relay that makes no progress for SECS (the upload resumes with `tern files retry`)'
+            cand --wait-delivered 'Wait up to SECS (at most 86400) for a device of the contact to confirm it stored the message; exit 9 if none did in time'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -179,6 +180,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand list 'List every contact (the default)'
             cand show 'One contact in the long form; optionally save the avatar they sent'
             cand rename 'Give a contact another name (only here: contacts never see it)'
+            cand receipts 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;contacts;list'= {
@@ -214,10 +216,20 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'tern;contacts;receipts'= {
+            cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
+            cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
+            cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
+            cand --proxy 'Connect to relays through this SOCKS5 proxy, such as Tor: socks5h://HOST:PORT resolves relay host names at the proxy (with --isolate, each queue gets credentials of its own, so Tor keeps them on separate circuits)'
+            cand --allow-weak-passphrase 'Accept a new passphrase that the strength check (zxcvbn) finds easy to guess'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'tern;contacts;help'= {
             cand list 'List every contact (the default)'
             cand show 'One contact in the long form; optionally save the avatar they sent'
             cand rename 'Give a contact another name (only here: contacts never see it)'
+            cand receipts 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'tern;contacts;help;list'= {
@@ -225,6 +237,8 @@ set edit:completion:arg-completer[tern] = {|@words|
         &'tern;contacts;help;show'= {
         }
         &'tern;contacts;help;rename'= {
+        }
+        &'tern;contacts;help;receipts'= {
         }
         &'tern;contacts;help;help'= {
         }
@@ -243,6 +257,7 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand --name 'Your display name (1 to 64 bytes, no control or format characters)'
             cand --status 'A status line shown to contacts (up to 512 bytes; may span lines)'
             cand --avatar 'A PNG or JPEG of at most 11 KiB'
+            cand --receipts 'Send delivery receipts from this device (on by default; a setting of each device): contacts see which of their messages it stored, never whether you read them. Off: no contact ever sees "delivered" from this device'
             cand --home 'Profile directory [default: $XDG_DATA_HOME/tern or ~/.local/share/tern]; `tern daemon` and `tern jsonrpc` take it more than once, to serve several profiles'
             cand --passphrase-file 'Read the passphrase from the first line of FILE (for scripts; the TERN_PASSPHRASE variable works too)'
             cand --identity 'Unlock with an identity file written by `tern key export` instead of the passphrase (fast, for cron jobs)'
@@ -716,12 +731,15 @@ set edit:completion:arg-completer[tern] = {|@words|
             cand list 'List every contact (the default)'
             cand show 'One contact in the long form; optionally save the avatar they sent'
             cand rename 'Give a contact another name (only here: contacts never see it)'
+            cand receipts 'Show, or turn on or off, the delivery receipts this device sends a contact (on by default; `tern profile --receipts off` turns them off for every contact). Off: that contact never sees "delivered"'
         }
         &'tern;help;contacts;list'= {
         }
         &'tern;help;contacts;show'= {
         }
         &'tern;help;contacts;rename'= {
+        }
+        &'tern;help;contacts;receipts'= {
         }
         &'tern;help;verify'= {
         }

@@ -42,6 +42,7 @@ use tern::proto::invitation::{Invitation, SendQueue};
 use tern::proto::keys::{DhKeyPair, Secret32};
 use tern::proto::queue_msg::{self, QueueMessage, RATCHET_MSG_LEN};
 use tern::proto::ratchet::{Ratchet, RatchetInit};
+use tern::proto::receipt::{Receipt, MAX_RECEIPT_IDS};
 use tern::proto::rekey::{parse_link, AnyInvitation};
 use tern::proto::security_code::{codes_match, security_code};
 use tern::proto::ProtoError;
@@ -7923,6 +7924,225 @@ fn gen_file() -> Vec<FileCase> {
     out
 }
 
+// ---------------------------------------------------------------------------
+// receipt.json (PROTOCOL.md §7.6)
+// ---------------------------------------------------------------------------
+
+/// The receipt body written and read from the specification alone (no
+/// tern code), to check tern's codec against.
+pub mod receipt_reference {
+    /// version 1, flags, u16 count, the ids.
+    pub fn body(flags: u8, ids: &[[u8; 16]]) -> Vec<u8> {
+        let mut b = vec![1, flags];
+        b.extend_from_slice(&(ids.len() as u16).to_be_bytes());
+        for id in ids {
+            b.extend_from_slice(id);
+        }
+        b
+    }
+
+    /// The flags and ids of a body, or why it is refused.
+    pub fn parse(b: &[u8]) -> Result<(u8, Vec<[u8; 16]>), &'static str> {
+        if b.len() < 4 {
+            return Err("short");
+        }
+        if b[0] != 1 {
+            return Err("version");
+        }
+        if b[1] & !1 != 0 {
+            return Err("flags");
+        }
+        let n = usize::from(u16::from_be_bytes([b[2], b[3]]));
+        if n == 0 {
+            return Err("no ids");
+        }
+        if n > 840 || b.len() > 4 + 16 * 840 {
+            return Err("too many");
+        }
+        if b.len() != 4 + 16 * n {
+            return Err("length");
+        }
+        let ids: Vec<[u8; 16]> = b[4..]
+            .chunks(16)
+            .map(|c| c.try_into().expect("16 bytes"))
+            .collect();
+        for (i, a) in ids.iter().enumerate() {
+            if ids[..i].contains(a) {
+                return Err("repeated");
+            }
+        }
+        Ok((b[1], ids))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptCase {
+    pub comment: String,
+    pub result: String,
+    /// Valid cases: the fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<String>>,
+    /// Valid: the encoding of the fields. Invalid: a body that must be
+    /// refused.
+    pub body: String,
+    /// For one valid case: the kind-4 envelope carrying the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<EnvelopeFields>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoded: Option<Padded>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn gen_receipt() -> Vec<ReceiptCase> {
+    use receipt_reference as rr;
+    let mut rng = seeded(21);
+    let mut out = Vec::new();
+    let id_list = |rng: &mut StdRng, n: usize| -> Vec<[u8; 16]> {
+        (0..n).map(|_| random::<16>(rng)).collect()
+    };
+    let mut valid = |comment: &str, flags: u8, ids: Vec<[u8; 16]>, carry: bool| {
+        let r = Receipt {
+            flags,
+            ids: ids.clone(),
+        };
+        let b = r.encode().unwrap();
+        assert_eq!(b, rr::body(flags, &ids), "{comment}: reference encoding");
+        assert_eq!(Receipt::decode(&b).unwrap(), r, "{comment}");
+        assert_eq!(rr::parse(&b), Ok((flags, ids.clone())), "{comment}");
+        let (envelope, encoded) = if carry {
+            let e = ChainSender::default()
+                .next(1, Kind::Receipt, [0x44; 16], 1_767_225_600_000, b.clone())
+                .unwrap();
+            let enc = e.encode().unwrap();
+            (Some(EnvelopeFields::of(&e)), Some(Padded::of(&enc)))
+        } else {
+            (None, None)
+        };
+        out.push(ReceiptCase {
+            comment: comment.into(),
+            result: "valid".into(),
+            flags: Some(flags),
+            ids: Some(ids.iter().map(|i| hex(i)).collect()),
+            body: hex(&b),
+            envelope,
+            encoded,
+            error: None,
+        });
+    };
+    let one = id_list(&mut rng, 1);
+    valid(
+        "one id, in the first envelope of a direction (kind 4)",
+        0,
+        one.clone(),
+        true,
+    );
+    let three = id_list(&mut rng, 3);
+    valid(
+        "three ids: one batch of messages stored",
+        0,
+        three.clone(),
+        false,
+    );
+    let full = id_list(&mut rng, MAX_RECEIPT_IDS);
+    valid(
+        "840 ids, the most one envelope body holds (13,444 bytes)",
+        0,
+        full.clone(),
+        false,
+    );
+    valid(
+        "the reserved read bit: still read as a delivery receipt",
+        1,
+        one.clone(),
+        false,
+    );
+    let good = rr::body(0, &three);
+    let mut invalid: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("an empty body", vec![], "truncated"),
+        ("three bytes", good[..3].to_vec(), "truncated"),
+        (
+            "the last id one byte short",
+            good[..good.len() - 1].to_vec(),
+            "truncated",
+        ),
+        (
+            "one byte after the last id",
+            [good.clone(), vec![0]].concat(),
+            "trailing",
+        ),
+        (
+            "a count of 4 with three ids",
+            {
+                let mut b = good.clone();
+                b[3] = 4;
+                b
+            },
+            "truncated",
+        ),
+        (
+            "version 0",
+            [vec![0], good[1..].to_vec()].concat(),
+            "invalid: receipt version",
+        ),
+        (
+            "version 2",
+            [vec![2], good[1..].to_vec()].concat(),
+            "invalid: receipt version",
+        ),
+        (
+            "an unknown flag bit (0x02)",
+            {
+                let mut b = good.clone();
+                b[1] = 2;
+                b
+            },
+            "invalid: receipt flags",
+        ),
+        ("no ids", vec![1, 0, 0, 0], "invalid: receipt without ids"),
+        (
+            "a count of 65535 (more than fit one envelope)",
+            [vec![1, 0, 0xff, 0xff], good[4..].to_vec()].concat(),
+            "too_long",
+        ),
+        (
+            "841 ids: one more than fit one envelope",
+            {
+                let mut ids = full.clone();
+                ids.push(random::<16>(&mut rng));
+                rr::body(0, &ids)
+            },
+            "too_long",
+        ),
+        (
+            "the same id twice",
+            rr::body(0, &[three[0], three[1], three[0]]),
+            "invalid: repeated id in a receipt",
+        ),
+    ];
+    for (comment, b, err) in invalid.drain(..) {
+        expect_err(Receipt::decode(&b), proto_err, err, comment);
+        assert!(
+            rr::parse(&b).is_err(),
+            "{comment}: the reference refuses it too"
+        );
+        out.push(ReceiptCase {
+            comment: comment.into(),
+            result: "invalid".into(),
+            flags: None,
+            ids: None,
+            body: hex(&b),
+            envelope: None,
+            encoded: None,
+            error: Some(err.into()),
+        });
+    }
+    out
+}
+
 fn json<T: Serialize>(cases: &[T]) -> String {
     let mut s = serde_json::to_string_pretty(cases).expect("serializable");
     s.push('\n');
@@ -7949,6 +8169,7 @@ pub fn generate() -> Vec<(&'static str, String)> {
         ("device.json", json(&gen_device())),
         ("resync.json", json(&gen_resync())),
         ("file.json", json(&gen_file())),
+        ("receipt.json", json(&gen_receipt())),
     ]
 }
 

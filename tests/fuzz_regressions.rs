@@ -132,6 +132,11 @@ fn file_corpus() {
 }
 
 #[test]
+fn receipt_corpus() {
+    replay("receipt");
+}
+
+#[test]
 fn every_target_has_a_corpus_and_a_fuzz_target() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
     for (name, _) in harness::TARGETS {

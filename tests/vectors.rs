@@ -40,7 +40,7 @@ use tern::wire::session::Fixed;
 use tern::wire::{ClientHandshake, Command, Reply, ServerHandshake};
 
 /// Files checked by a test below; `every_file_is_checked` keeps this honest.
-const CHECKED: [&str; 17] = [
+const CHECKED: [&str; 18] = [
     "relay_address.json",
     "invitation.json",
     "session.json",
@@ -58,6 +58,7 @@ const CHECKED: [&str; 17] = [
     "device.json",
     "resync.json",
     "file.json",
+    "receipt.json",
 ];
 
 fn load<T: DeserializeOwned>(name: &str) -> Vec<T> {
@@ -1242,6 +1243,75 @@ fn envelope_vectors() {
     assert_eq!(prevs[1], cases[0].chain_hash.as_deref().unwrap());
     assert_eq!(prevs[2], cases[1].chain_hash.as_deref().unwrap());
     assert!(ok >= 12 && bad >= 9, "{ok} valid, {bad} invalid");
+}
+
+fn check_receipt_case(c: &ReceiptCase) {
+    use tern::proto::receipt::Receipt;
+    let cm = &c.comment;
+    let body = unhex(&c.body);
+    if valid(&c.result) {
+        let ids: Vec<[u8; 16]> = c
+            .ids
+            .as_ref()
+            .expect("ids")
+            .iter()
+            .map(|i| arr(i))
+            .collect();
+        let r = Receipt {
+            flags: c.flags.expect("flags"),
+            ids: ids.clone(),
+        };
+        assert_eq!(r.encode().unwrap(), body, "{cm}: encode");
+        assert_eq!(Receipt::decode(&body).unwrap(), r, "{cm}: decode");
+        assert_eq!(
+            receipt_reference::body(r.flags, &ids),
+            body,
+            "{cm}: reference encoding"
+        );
+        if let Some(f) = &c.envelope {
+            let e = f.to_envelope();
+            assert_eq!(e.kind.code(), 4, "{cm}");
+            assert_eq!(e.body, body, "{cm}: the envelope carries the body");
+            let enc = c.encoded.as_ref().expect("encoded").bytes();
+            assert_eq!(e.encode().unwrap(), enc, "{cm}: envelope encode");
+            assert_eq!(Envelope::decode(&enc).unwrap(), e, "{cm}: envelope decode");
+        }
+    } else {
+        let err = field(&c.error, "error", cm);
+        assert_eq!(
+            Receipt::decode(&body).map_err(|e| proto_err(&e)),
+            Err(err.to_string()),
+            "{cm}"
+        );
+        assert!(receipt_reference::parse(&body).is_err(), "{cm}: reference");
+    }
+}
+
+#[test]
+fn receipt_vectors() {
+    let cases: Vec<ReceiptCase> = load("receipt.json");
+    for c in &cases {
+        check_receipt_case(c);
+    }
+    let ok = cases.iter().filter(|c| c.result == "valid").count();
+    assert!(
+        ok >= 4 && cases.len() - ok >= 12,
+        "{ok} valid of {}",
+        cases.len()
+    );
+    assert!(cases.iter().any(|c| c.envelope.is_some()));
+    // The check can fail: an id changed in the stated fields, or an
+    // invalid body made valid, is caught.
+    let mut c = cases.iter().find(|c| c.result == "valid").unwrap().clone();
+    c.ids.as_mut().unwrap()[0] = hex(&[0; 16]);
+    assert!(std::panic::catch_unwind(|| check_receipt_case(&c)).is_err());
+    let mut c = cases
+        .iter()
+        .find(|c| c.result == "invalid")
+        .unwrap()
+        .clone();
+    c.body = cases[0].body.clone();
+    assert!(std::panic::catch_unwind(|| check_receipt_case(&c)).is_err());
 }
 
 #[test]

@@ -32,16 +32,20 @@ pub mod store;
 #[path = "file.rs"]
 pub mod file;
 
+#[path = "receipt.rs"]
+pub mod receipt;
+
 /// A harness: bytes in, a panic if something is wrong.
 pub type Harness = fn(&[u8]);
 
 /// Every target, by the name of its `fuzz_targets/*.rs` file and of its
 /// directory under `tests/fuzz-corpus/`.
-pub const TARGETS: [(&str, Harness); 6] = [
+pub const TARGETS: [(&str, Harness); 7] = [
     ("invitation", invitation::run),
     ("relay_request", relay_request::run),
     ("relay_response", relay_response::run),
     ("ratchet", ratchet::run),
     ("store", store::run),
     ("file", file::run),
+    ("receipt", receipt::run),
 ];

@@ -69,6 +69,46 @@ pub enum Action {
         /// The new name (1 to 64 bytes, no control or format characters)
         new_name: String,
     },
+    /// Show, or turn on or off, the delivery receipts this device sends a
+    /// contact (on by default; `tern profile --receipts off` turns them off
+    /// for every contact). Off: that contact never sees "delivered"
+    Receipts {
+        /// The contact's name
+        contact: String,
+        /// on or off; without it, show the setting
+        #[arg(value_parser = parse_on_off)]
+        setting: Option<bool>,
+    },
+}
+
+/// `on`/`off` (also `yes`/`no`, `true`/`false`) for settings.
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
+}
+
+fn receipts(client: &mut Client, name: &str, setting: Option<bool>) -> anyhow::Result<()> {
+    let id = client.contact_id(name)?;
+    if let Some(on) = setting {
+        client.set_contact_receipts(&id, on)?;
+    }
+    let on = client.contact_receipts(&id)?;
+    let profile = client.settings()?.receipts;
+    let shown = client.contact(&id)?.name;
+    line(&format!(
+        "receipts to {}: {}{}",
+        text(&shown),
+        if on { "on" } else { "off" },
+        if on && !profile {
+            " (but off for the whole profile: `tern profile --receipts on`)"
+        } else {
+            ""
+        }
+    ));
+    Ok(())
 }
 
 /// A contact's state as shown: its connection's, or "gone" once the contact
@@ -175,6 +215,8 @@ fn listed(client: &Client) -> anyhow::Result<Vec<Listed>> {
                     Trust::Introduced(d) => ("introduced", Some(d)),
                 };
                 json!({
+                    // What delivery states call this device of the contact.
+                    "device": m.device_label(),
                     "state": state_word(m.conn.state),
                     "security": security,
                     "introduced_by_device": by,
@@ -459,6 +501,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if let Some(Action::Rename { contact, new_name }) = &args.action {
         return rename(&mut client, contact, new_name);
     }
+    if let Some(Action::Receipts { contact, setting }) = &args.action {
+        return receipts(&mut client, contact, *setting);
+    }
     let list = listed(&client)?;
     match (&args.action, &args.contact) {
         (
@@ -492,7 +537,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         }
         (Some(Action::List { show: opts }), _) => show(&list, opts, opts.long),
         (None, None) => show(&list, &args.show, args.show.long),
-        (Some(Action::Rename { .. }), _) => unreachable!("handled above"),
+        (Some(Action::Rename { .. } | Action::Receipts { .. }), _) => {
+            unreachable!("handled above")
+        }
     }
     if list.is_empty() && !args.show.json {
         note("no contacts yet: `tern invite` or `tern accept`");

@@ -537,6 +537,7 @@ fn run_join(
             device_name: device_name.clone(),
             profile_changed_on: None,
             removed: None,
+            receipts: true,
         };
         store.transaction(|tx| {
             tx.put(SETTINGS, &settings)?;

@@ -27,6 +27,11 @@ pub const NO_PROFILE: u8 = 7;
 /// Gone for good: the contact deleted the connection, or this device was
 /// removed from the profile. Retrying cannot help.
 pub const GONE: u8 = 8;
+/// `tern send --wait-delivered SECS`: the message is on a relay, but no
+/// device of the contact confirmed storing it within SECS (it may still
+/// arrive later; the contact may also have turned receipts off). Distinct
+/// from 75: nothing is wrong here, and sending again would send a copy.
+pub const NOT_DELIVERED: u8 = 9;
 /// `tern recv --fail-if-empty`: no message arrived (EX_NOINPUT).
 pub const NOTHING_RECEIVED: u8 = 66;
 /// Temporary failure: relays unreachable or full. Work is kept and retried

@@ -49,6 +49,10 @@ No profile in the home directory: run \fBtern init\fR.
 .TP
 \fB8\fR
 Permanently gone: this device was removed from the profile by another one; \fBtern send\fR and \fBtern recv\fR refuse for good.
+.TP
+\fB9\fR
+\fBtern send \-\-wait\-delivered\fR: the message is on a relay, but no device of the contact confirmed storing it in time (it may still arrive; a contact who turned receipts off never confirms). Sending again would send a second copy.
+.TP
 \fB66\fR
 \fBtern recv \-\-fail\-if\-empty\fR: no message arrived.
 .TP

@@ -86,6 +86,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         device_name: String::new(),
         profile_changed_on: None,
         removed: None,
+        receipts: true,
     };
     store.transaction(|tx| {
         tx.put(SETTINGS, &settings)?;

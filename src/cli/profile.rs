@@ -16,7 +16,7 @@ use crate::proto::text::status_problem;
 /// Show or change your profile; changes are sent to connected contacts
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern profile\n  tern profile --status 'on holiday until Monday'\n  tern profile --avatar me.png"
+    after_help = "Examples:\n  tern profile\n  tern profile --status 'on holiday until Monday'\n  tern profile --avatar me.png\n  tern profile --receipts off             # tell no contact what this device stored"
 )]
 pub struct Args {
     /// Your display name (1 to 64 bytes, no control or format characters)
@@ -31,6 +31,12 @@ pub struct Args {
     /// Remove the avatar
     #[arg(long, conflicts_with = "avatar")]
     pub no_avatar: bool,
+    /// Send delivery receipts from this device (on by default; a setting
+    /// of each device): contacts see which of their messages it stored,
+    /// never whether you read them. Off: no contact ever sees "delivered"
+    /// from this device
+    #[arg(long, value_name = "on|off", value_parser = super::contacts::parse_on_off)]
+    pub receipts: Option<bool>,
     /// Print the profile as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -40,6 +46,26 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut client = unlock::open(cli)?;
     let changing =
         args.name.is_some() || args.status.is_some() || args.avatar.is_some() || args.no_avatar;
+    if let Some(on) = args.receipts {
+        // A setting of this device's, sent to nobody; written on the
+        // settings as they are now (the daemon may write them meanwhile).
+        let before = client.settings()?;
+        client.store.transaction(|tx| {
+            let mut current = tx
+                .get::<Settings>(SETTINGS)?
+                .unwrap_or_else(|| before.clone());
+            current.receipts = on;
+            tx.put::<Settings>(SETTINGS, &current)
+        })?;
+        note(&format!(
+            "delivery receipts {}",
+            if on {
+                "on: contacts see which of their messages this device stored"
+            } else {
+                "off: no contact sees that this device stored their messages"
+            }
+        ));
+    }
     if changing {
         let avatar = match (&args.avatar, args.no_avatar) {
             (Some(path), _) => Some(Some(
@@ -68,9 +94,9 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let p = &settings.profile;
     if args.json {
         json(
-            &json!({"name": p.name, "status": p.status, "avatar_bytes": p.avatar.as_ref().map(Vec::len)}),
+            &json!({"name": p.name, "status": p.status, "avatar_bytes": p.avatar.as_ref().map(Vec::len), "receipts": settings.receipts}),
         );
-    } else if !changing {
+    } else if !changing && args.receipts.is_none() {
         // Another device of ours can set these: escaped like a contact's.
         line(&format!("name:   {}", text(&p.name)));
         line(&format!("status: {}", text(&p.status)));
@@ -79,6 +105,10 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             p.avatar
                 .as_ref()
                 .map_or("none".to_string(), |a| format!("{} bytes", a.len()))
+        ));
+        line(&format!(
+            "receipts: {}",
+            if settings.receipts { "on" } else { "off" }
         ));
     }
     Ok(())

@@ -177,7 +177,8 @@ pub fn print_event(e: &Event, as_json: bool, me: &str) -> std::io::Result<()> {
             "warning: dropped a {what} from {contact} that breaks the protocol's rules: {reason}"
         )),
         Event::Notice(n) => note(n),
-        Event::Pending(_) => {}
+        // Recorded for `tern log`; `send --wait-delivered` waits for it.
+        Event::Delivered { .. } | Event::Pending(_) => {}
     }
     Ok(())
 }
@@ -230,6 +231,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         wait: args.wait.map(Duration::from_secs),
         follow: args.follow,
         contact_id,
+        until_delivered: None,
     };
     let as_json = args.json;
     let me = client.settings()?.profile.name;

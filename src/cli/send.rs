@@ -6,10 +6,12 @@ use anyhow::Context;
 use data_encoding::HEXLOWER;
 use serde_json::{json, Value};
 
-use super::exit::{fail, FAILURE, GONE, TRY_AGAIN, USAGE};
+use super::exit::{fail, FAILURE, GONE, NOT_DELIVERED, TRY_AGAIN, USAGE};
 use super::output::{json, note, stdin_is_terminal};
 use super::{unlock, Cli};
+use crate::client::fetch::{Event, FetchOptions, Shown};
 use crate::client::send::SendOutcome;
+use crate::client::Client;
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 
 /// Past this much input on stdin tern stops counting: the size is only for
@@ -30,7 +32,7 @@ const OPTION_WORDS: &[&str] = &[
 /// Send a message: from the arguments, or from stdin when there are none
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern send bob 'see you at 6'\n  tern send bob -5 degrees tonight        # the message may start with -\n  tern send bob --json 'on my way'        # options before the message\n  tern send bob -- --json                 # after --, every word is the message\n  df -h | tern send ops-bot\n  tern send bob --file report.pdf 'the numbers'   # a file, with a caption\n  pg_dump db | tern send ops --file - --name db.sql\n\nOptions go before the message: after the contact, the first word that is\nnot an option starts the message, and every word from there on is part of\nit, including words that begin with - (`tern send bob hi --json` sends\n\"hi --json\", and says so). `--` starts the message explicitly. The words\nare joined with single spaces.\n\nExit status 75 means no relay could take the message now: it is kept and\nsent by the next `tern send` or `tern recv`."
+    after_help = "Examples:\n  tern send bob 'see you at 6'\n  tern send bob -5 degrees tonight        # the message may start with -\n  tern send bob --json 'on my way'        # options before the message\n  tern send bob -- --json                 # after --, every word is the message\n  df -h | tern send ops-bot\n  tern send bob --file report.pdf 'the numbers'   # a file, with a caption\n  pg_dump db | tern send ops --file - --name db.sql\n\nOptions go before the message: after the contact, the first word that is\nnot an option starts the message, and every word from there on is part of\nit, including words that begin with - (`tern send bob hi --json` sends\n\"hi --json\", and says so). `--` starts the message explicitly. The words\nare joined with single spaces.\n\nExit status 75 means no relay could take the message now: it is kept and\nsent by the next `tern send` or `tern recv`.\n\nWith --wait-delivered SECS, tern keeps receiving until a device of the\ncontact confirms it stored the message (a delivery receipt) and exits 0,\nor exits 9 once SECS pass without one (the message is on a relay and may\nstill arrive; a contact who turned receipts off never confirms). What\narrives meanwhile is stored and shown by the next `tern recv`:\n  df -h | tern send ops --wait-delivered 120 || echo 'nobody has it yet'"
 )]
 pub struct Args {
     /// The contact's name (see `tern contacts`)
@@ -56,6 +58,11 @@ pub struct Args {
     /// upload resumes with `tern files retry`)
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub stall: u64,
+    /// Wait up to SECS (at most 86400) for a device of the contact to
+    /// confirm it stored the message; exit 9 if none did in time
+    #[arg(long, value_name = "SECS", conflicts_with_all = ["lines", "file"],
+          value_parser = clap::value_parser!(u64).range(..=86_400))]
+    pub wait_delivered: Option<u64>,
 }
 
 /// The message from stdin: its bytes, or the error that says how big it
@@ -103,9 +110,15 @@ fn send_via_daemon(
     args: &Args,
     text: String,
 ) -> anyhow::Result<()> {
-    let params =
+    let mut params =
         json!({"profile": home.display().to_string(), "contact": args.contact, "text": text});
-    let (result, error) = match super::daemon::client::call(socket, "send", params) {
+    if let Some(secs) = args.wait_delivered {
+        params["wait_delivered"] = json!(secs);
+    }
+    let timeout = super::daemon::client::CALL_TIMEOUT
+        + std::time::Duration::from_secs(args.wait_delivered.unwrap_or(0));
+    let (result, error) = match super::daemon::client::call_timeout(socket, "send", params, timeout)
+    {
         Ok(r) => (r, None),
         Err(e) => (e.data, Some(e.error)),
     };
@@ -114,13 +127,18 @@ fn send_via_daemon(
             .as_array()
             .map(|f| f.iter().map(|e| &e["error"]).collect())
             .unwrap_or_default();
-        json(&json!({
+        let mut v = json!({
             "type": "sent",
             "contact": result["contact"],
             "id": result["id"],
             "state": result["state"],
             "errors": errors,
-        }));
+        });
+        if args.wait_delivered.is_some() {
+            v["delivered"] = result["delivered"].clone();
+            v["device"] = result["device"].clone();
+        }
+        json(&v);
     }
     if let Some(e) = error {
         return Err(e);
@@ -135,6 +153,12 @@ fn send_via_daemon(
         note(&format!(
             "warning: {} (sent through the other relays)",
             f["error"].as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(d) = result["device"].as_str() {
+        note(&format!(
+            "delivered: {}'s device {d} has it",
+            result["contact"].as_str().unwrap_or_default()
         ));
     }
     Ok(())
@@ -304,10 +328,22 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let id = client.contact_id(&args.contact)?;
     let name = client.contact(&id)?.name;
     let outcome = client.send(&id, Kind::Text, text.into_bytes())?;
-    if args.json {
-        json(&sent_json(&name, &outcome));
+    let mut delivered = None;
+    if let Some(secs) = args.wait_delivered {
+        // Only what a relay took (or will take, once connected) can arrive.
+        if outcome.delivered || outcome.awaiting_connection {
+            delivered = Some(wait_delivered(&mut client, &id, &outcome.id, secs)?);
+        }
     }
-    if outcome.awaiting_connection {
+    if args.json {
+        let mut v = sent_json(&name, &outcome);
+        if let Some(d) = &delivered {
+            v["delivered"] = json!(d.is_some());
+            v["device"] = json!(d.as_ref().map(|d| &d.device));
+        }
+        json(&v);
+    }
+    if outcome.awaiting_connection && delivered.is_none() {
         note(&format!(
             "{name} has not completed the connection yet; the message will go out once they do (run `tern recv`)"
         ));
@@ -332,5 +368,54 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     for e in &outcome.report.errors {
         note(&format!("warning: {e} (sent through the other relays)"));
     }
+    match (&delivered, args.wait_delivered) {
+        (Some(None), Some(secs)) => return Err(not_delivered(&name, secs)),
+        (Some(Some(d)), _) => note(&format!("delivered: {name}'s device {} has it", d.device)),
+        _ => {}
+    }
     Ok(())
+}
+
+pub fn not_delivered(name: &str, secs: u64) -> anyhow::Error {
+    fail(
+        NOT_DELIVERED,
+        format!(
+            "no device of {name} confirmed the message within {secs} s; it is on a relay and              may still arrive (a contact who turned receipts off never confirms)"
+        ),
+    )
+}
+
+/// `--wait-delivered`: receives on every queue of the profile until a
+/// device of the contact confirms message `msg` or `secs` pass. Messages
+/// that arrive meanwhile are stored and left in the inbox ([`Shown::Later`]),
+/// so the next `tern recv` shows them exactly as if it had fetched them;
+/// other news goes to stderr.
+fn wait_delivered(
+    client: &mut Client,
+    contact_id: &str,
+    msg: &[u8; 16],
+    secs: u64,
+) -> anyhow::Result<Option<crate::client::model::DeliveredTo>> {
+    // Another process on this profile (a `tern recv`) may have the receipt.
+    if let Some(d) = client.delivered_to(contact_id, msg)?.into_iter().next() {
+        return Ok(Some(d));
+    }
+    let me = client.settings()?.profile.name;
+    let opts = FetchOptions {
+        wait: Some(std::time::Duration::from_secs(secs)),
+        until_delivered: Some(*msg),
+        ..FetchOptions::default()
+    };
+    let summary = client.fetch(&opts, &mut |e| match e {
+        Event::Message { .. } => Shown::Later,
+        other => {
+            // Text mode: everything but messages goes to stderr.
+            let _ = super::recv::print_event(&other, false, &me);
+            Shown::Yes
+        }
+    })?;
+    if summary.delivered.is_some() {
+        return Ok(summary.delivered);
+    }
+    Ok(client.delivered_to(contact_id, msg)?.into_iter().next())
 }

@@ -109,6 +109,13 @@ pub(crate) fn record_history(
     }
     tx.mark_seen(&seen, &d)?;
     tx.append(&history_log(group), entry)?;
+    if entry.dir == Direction::Out {
+        // What delivery receipts may mark: only ids sent to this contact.
+        tx.put(
+            &super::model::outgoing_key(group, &entry.id),
+            &super::model::Outgoing::default(),
+        )?;
+    }
     Ok(true)
 }
 

@@ -18,6 +18,15 @@ pub enum Event {
     Connected {
         contact: String,
     },
+    /// A device of the contact confirmed storing a message we sent (a
+    /// delivery receipt, PROTOCOL.md §7.6); recorded already.
+    Delivered {
+        contact: String,
+        id: [u8; 16],
+        /// The connection with that device ([`crate::client::model::Contact::device_label`]).
+        device: String,
+        at_ms: u64,
+    },
     ProfileUpdated {
         contact: String,
     },

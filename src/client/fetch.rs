@@ -83,6 +83,11 @@ pub struct FetchOptions {
     pub follow: bool,
     /// Only this contact's queues.
     pub contact_id: Option<String>,
+    /// With `wait`: receive until a delivery receipt for this message
+    /// arrives (or `wait` passes), not just until the first message;
+    /// what arrives meanwhile is stored and stays in the inbox unless the
+    /// caller shows it (`tern send --wait-delivered`).
+    pub until_delivered: Option<[u8; 16]>,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +107,10 @@ pub struct FetchSummary {
     failed_relays: HashSet<String>,
     /// The caller could not show an event: receiving stopped there.
     pub output_failed: bool,
+    /// [`FetchOptions::until_delivered`]: the first device of the contact
+    /// that confirmed it, once one has.
+    pub delivered: Option<super::model::DeliveredTo>,
+    until_delivered: Option<[u8; 16]>,
 }
 
 /// One queue to receive from.
@@ -400,7 +409,10 @@ impl Client {
         opts: &FetchOptions,
         on_event: &mut dyn FnMut(Event) -> Shown,
     ) -> Result<FetchSummary, ClientError> {
-        let mut summary = FetchSummary::default();
+        let mut summary = FetchSummary {
+            until_delivered: opts.until_delivered,
+            ..FetchSummary::default()
+        };
         let only = opts.contact_id.as_deref();
         let waiting = opts.follow || opts.wait.is_some();
         if let Some(e) = self.removed_error()? {
@@ -696,7 +708,15 @@ impl Client {
             if !waiting && watch.settled() {
                 break Ok(());
             }
-            if waiting && !opts.follow && progress && watch.settled() {
+            if waiting
+                && !opts.follow
+                && progress
+                && watch.settled()
+                && opts.until_delivered.is_none()
+            {
+                break Ok(());
+            }
+            if summary.delivered.is_some() {
                 break Ok(());
             }
             if deadline.is_some_and(|d| now >= d) {
@@ -950,14 +970,24 @@ impl Client {
             .collect();
         let queues = &watch.queues;
         let linking = self.linking.clone();
-        let outcomes = self
+        let (outcomes, with_receipts) = self
             .store
             .transaction(|tx| {
                 let mut out = Vec::with_capacity(batch.len());
+                // Texts and file offers stored: receipts for them below.
+                let mut stored: Vec<(String, [u8; 16])> = Vec::new();
                 for (d, message) in batch.iter().zip(&opened) {
                     let q = &queues[d.token];
                     let mut events = match message {
-                        Some(m) => tx.savepoint(|tx| process(tx, q, m, now, linking.as_deref()))?,
+                        Some(m) => tx.savepoint(|tx| {
+                            let mut ids = Vec::new();
+                            let events =
+                                process_inner(tx, q, m, now, linking.as_deref(), &mut ids)?;
+                            // Only once its savepoint holds: an error leaves
+                            // no trace of the message, and no receipt.
+                            stored.extend(ids.into_iter().map(|i| (q.contact_id.clone(), i)));
+                            Ok(events)
+                        })?,
                         None => vec![Event::Warning(format!(
                             "relay {} delivered a message that does not decrypt; dropped",
                             q.relay.label()
@@ -985,9 +1015,16 @@ impl Client {
                     }
                     out.push(events);
                 }
-                Ok(out)
+                // One receipt per contact for the whole batch, committed
+                // with it and uploaded only after the commit.
+                let with_receipts = super::receipts::send_receipts(tx, &stored, now)?;
+                Ok((out, with_receipts))
             })
             .map_err(unwrap_abort)?;
+        for id in with_receipts {
+            summary.touched.insert(id.clone());
+            summary.recent.insert(id);
+        }
         // Committed: acknowledge each queue's run with one command, after
         // the last message of it.
         let mut last: HashMap<usize, Id> = HashMap::new();
@@ -1016,6 +1053,14 @@ impl Client {
                     // `--wait` also ends when a connection completes: that
                     // is what `tern invite` tells people to wait for.
                     Event::Connected { .. } => summary.connected += 1,
+                    Event::Delivered {
+                        id, device, at_ms, ..
+                    } if summary.until_delivered == Some(*id) && summary.delivered.is_none() => {
+                        summary.delivered = Some(super::model::DeliveredTo {
+                            device: device.clone(),
+                            at_ms: *at_ms,
+                        });
+                    }
                     Event::Pending(id) => {
                         summary.touched.insert(id.clone());
                         summary.recent.insert(id.clone());
@@ -1084,19 +1129,28 @@ pub(crate) fn process_held(
     now: u64,
     linking: Option<&str>,
 ) -> Result<Vec<Event>, StoreError> {
-    process(tx, &QueueRef::new(contact_id, queue), message, now, linking)
+    process_inner(
+        tx,
+        &QueueRef::new(contact_id, queue),
+        message,
+        now,
+        linking,
+        &mut Vec::new(),
+    )
 }
 
 /// Stores one delivered (and decrypted) message inside `tx`; `Ok` means it
 /// may be acknowledged once `tx` has committed. Runs in a savepoint of its
 /// own: an `Err` leaves no trace of it. `linking` is the device link this
-/// process may complete (see [`Client::linking`]).
-fn process(
+/// process may complete (see [`Client::linking`]). The ids of the texts and
+/// file offers from a contact it stored go to `stored` (for receipts).
+fn process_inner(
     tx: &Tx<'_>,
     q: &QueueRef,
     message: &[u8],
     now: u64,
     linking: Option<&str>,
+    stored: &mut Vec<[u8; 16]>,
 ) -> Result<Vec<Event>, StoreError> {
     let id = q.contact_id.clone();
     let settings: Settings = tx.get(SETTINGS)?.ok_or_else(|| {
@@ -1292,6 +1346,11 @@ fn process(
             };
             let group = c.group().to_string();
             let new = super::devices::record_history(tx, &group, &entry)?;
+            if !c.device {
+                // Stored here, new or not (another device of ours may have
+                // copied it first): the contact hears this device has it.
+                stored.push(envelope.id);
+            }
             if new && !c.device {
                 // Answered ADDs are remembered a week: late messages sent
                 // before the answer may still come.
@@ -1354,6 +1413,12 @@ fn process(
         }),
         Incoming::File { envelope, offer } => {
             events.extend(super::files::receive_offer(tx, &c, &envelope, &offer, now)?);
+            if !c.device {
+                stored.push(envelope.id);
+            }
+        }
+        Incoming::Receipt { receipt } => {
+            events.extend(super::receipts::apply_receipt(tx, &c, &receipt, now)?);
         }
         Incoming::Device { body, seq } => {
             // Authentic (it decrypted), so never counted as junk.

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod files;
 pub mod jobs;
 pub mod model;
+pub mod receipts;
 pub mod rotate;
 pub mod send;
 

@@ -44,6 +44,42 @@ pub fn group_info_key(group: &str) -> String {
     format!("group-info/{group}")
 }
 
+/// What we know of one message we (or another device of ours) sent to the
+/// contact of `group`: which of the contact's devices confirmed storing it.
+/// A record of its own per message, so that a receipt costs one small read
+/// and write whatever the length of the history; its existence is also
+/// what says the message went to that contact (a receipt naming any other
+/// id is ignored).
+pub fn outgoing_key(group: &str, id: &[u8; 16]) -> String {
+    format!("out/{group}/{}", data_encoding::HEXLOWER.encode(id))
+}
+/// Present (true): this device sends no delivery receipts to the contact
+/// of `group` (`tern contacts receipts NAME off`).
+pub fn no_receipts_key(group: &str) -> String {
+    format!("no-receipts/{group}")
+}
+
+/// The most devices of a contact recorded per message: a group has a
+/// handful of connections (each ADD is bounded), so this only bounds what a
+/// hostile contact could make us store.
+pub const MAX_DELIVERED_DEVICES: usize = 32;
+
+/// See [`outgoing_key`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outgoing {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered: Vec<DeliveredTo>,
+}
+
+/// One of the contact's devices stored the message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeliveredTo {
+    /// The connection with that device, as [`Contact::device_label`] names it.
+    pub device: String,
+    /// When its receipt was stored here (our clock, ms).
+    pub at_ms: u64,
+}
+
 /// A contact (group) another device of ours told us about (GROUP), kept
 /// from the moment we hear of it: it decides who may add to it later.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,6 +129,14 @@ pub struct Settings {
     /// Set once another device removed this one from the profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed: Option<Removal>,
+    /// Send delivery receipts (PROTOCOL.md §7.6); on unless turned off
+    /// with `tern profile --receipts off`. Per device.
+    #[serde(default = "yes")]
+    pub receipts: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Settings {
@@ -516,6 +560,17 @@ impl Contact {
             .keys
             .as_ref()
             .map(|k| crate::proto::device::fingerprint(&k.transcript()))
+    }
+
+    /// How the device at the other end of this connection is named in
+    /// delivery states: the start of the connection's fingerprint, which
+    /// the contact's device can compute too (their device names are never
+    /// sent to us). The record id before the handshake gave keys.
+    pub fn device_label(&self) -> String {
+        match self.fingerprint() {
+            Some(f) => data_encoding::HEXLOWER.encode(&f[..4]),
+            None => self.id.clone(),
+        }
     }
 
     /// This connection's own security code, and whether it was compared

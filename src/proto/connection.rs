@@ -239,6 +239,12 @@ pub enum Incoming {
         envelope: Envelope,
         offer: Box<super::file::FileOffer>,
     },
+    /// A delivery receipt (PROTOCOL.md §7.6): the peer's device stored
+    /// these messages. The ids are the peer's word only: the client marks
+    /// only messages it sent on this connection's group.
+    Receipt {
+        receipt: super::receipt::Receipt,
+    },
     /// A device message (PROTOCOL.md §12), for the client to act on.
     Device {
         body: Vec<u8>,
@@ -976,7 +982,18 @@ impl Connection {
                 ),
             },
             (ConnState::Connected, Kind::Control) => self.apply_control(&env.body, now_ms, rng)?,
-            (ConnState::Connected, Kind::Receipt) => (Incoming::Nothing, Vec::new()),
+            (ConnState::Connected, Kind::Receipt) => {
+                match super::receipt::Receipt::decode(&env.body) {
+                    Ok(receipt) => (Incoming::Receipt { receipt }, Vec::new()),
+                    Err(reason) => (
+                        Incoming::Refused {
+                            what: "delivery receipt",
+                            reason,
+                        },
+                        Vec::new(),
+                    ),
+                }
+            }
             (ConnState::Connected, Kind::Device) => (
                 Incoming::Device {
                     body: env.body.clone(),

@@ -15,6 +15,7 @@ pub mod invitation;
 pub mod keys;
 pub mod queue_msg;
 pub mod ratchet;
+pub mod receipt;
 pub mod rekey;
 pub mod resync;
 pub mod rotation;

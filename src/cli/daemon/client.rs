@@ -14,7 +14,7 @@ use crate::cli::exit::{fail, FAILURE};
 
 /// How long a call may take: a send waits for the relays (each has its own
 /// timeouts, well within this).
-const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The socket of the daemon serving `home`, if one runs. `TERN_NO_DAEMON`
 /// (set, non-empty) makes commands ignore it.
@@ -35,6 +35,17 @@ pub struct CallError {
 /// Calls `method` on the daemon at `socket`. A JSON-RPC error becomes an
 /// error with the exit code the daemon says it stands for.
 pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value, CallError> {
+    call_timeout(socket, method, params, CALL_TIMEOUT)
+}
+
+/// [`call`] for a method that may take longer (`send` with
+/// `wait_delivered`).
+pub fn call_timeout(
+    socket: &Path,
+    method: &str,
+    params: Value,
+    timeout: Duration,
+) -> Result<Value, CallError> {
     let plain = |e: anyhow::Error| CallError {
         error: e,
         data: Value::Null,
@@ -44,8 +55,8 @@ pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value, CallErr
         .with_context(reached)
         .map_err(plain)?;
     stream
-        .set_read_timeout(Some(CALL_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(CALL_TIMEOUT)))
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .with_context(reached)
         .map_err(plain)?;
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});

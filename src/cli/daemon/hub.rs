@@ -12,11 +12,13 @@
 //! starts by reading the inbox again (at least once; ids make duplicates
 //! easy to drop).
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use crate::client::events::Shown;
 
@@ -135,10 +137,18 @@ impl State {
     }
 }
 
+/// How many recent delivery receipts (message id, device) the hub keeps
+/// for `send` calls waiting on one (`wait_delivered`).
+const RECEIPTS_KEPT: usize = 1024;
+
 /// The delivery state of one served profile.
 pub struct Hub {
     manual_ack: bool,
     state: Mutex<State>,
+    /// Receipts the engine recorded lately, newest last: a `send` waiting
+    /// for its message looks here (the store has them too).
+    receipts: Mutex<VecDeque<(String, String)>>,
+    receipt_came: Condvar,
 }
 
 impl Hub {
@@ -146,6 +156,8 @@ impl Hub {
         Hub {
             manual_ack,
             state: Mutex::new(State::default()),
+            receipts: Mutex::new(VecDeque::new()),
+            receipt_came: Condvar::new(),
         }
     }
 
@@ -178,6 +190,37 @@ impl Hub {
                 st.pending.insert(s, Pending { id, line });
                 Shown::Later
             }
+        }
+    }
+
+    /// A device of the contact confirmed message `id` (hex): wakes the
+    /// `send` calls waiting for it.
+    pub fn receipt(&self, id: String, device: String) {
+        let mut r = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
+        r.push_back((id, device));
+        while r.len() > RECEIPTS_KEPT {
+            r.pop_front();
+        }
+        self.receipt_came.notify_all();
+    }
+
+    /// Waits until a receipt for message `id` (hex) comes or `deadline`
+    /// passes; the device that sent it.
+    pub fn wait_receipt(&self, id: &str, deadline: Instant) -> Option<String> {
+        let mut r = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some((_, d)) = r.iter().find(|(i, _)| i == id) {
+                return Some(d.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            r = self
+                .receipt_came
+                .wait_timeout(r, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 

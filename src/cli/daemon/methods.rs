@@ -14,7 +14,7 @@ use super::rpc::{
     NOT_PENDING, UNKNOWN_PROFILE,
 };
 use super::{Daemon, Ready, Served};
-use crate::cli::exit::{BAD_INVITATION, GONE, TRY_AGAIN, USAGE};
+use crate::cli::exit::{BAD_INVITATION, GONE, NOT_DELIVERED, TRY_AGAIN, USAGE};
 use crate::cli::{accept, contacts, device, invite, profile, recv, rotate, verify};
 use crate::client::model::{history_log, HistoryEntry};
 use crate::client::{now, Client};
@@ -58,6 +58,8 @@ pub fn method_names() -> impl Iterator<Item = &'static str> {
 
 /// The longest `log` answer, in messages.
 const MAX_LOG: u64 = 10_000;
+/// The longest `send` may wait for a delivery receipt (`wait_delivered`).
+const MAX_WAIT_DELIVERED: u64 = 24 * 3600;
 
 impl Ready {
     pub(super) fn client(&self) -> MutexGuard<'_, Client> {
@@ -386,9 +388,16 @@ impl Daemon {
     }
 
     fn send(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
-        only(p, &["profile", "contact", "text"])?;
+        only(p, &["profile", "contact", "text", "wait_delivered"])?;
         let contact = req_str(p, "contact")?;
         let text = req_str(p, "text")?;
+        let wait = opt_u64(p, "wait_delivered")?;
+        if wait.is_some_and(|w| w > MAX_WAIT_DELIVERED) {
+            return Err(RpcError::exit(
+                USAGE,
+                format!("\"wait_delivered\" is at most {MAX_WAIT_DELIVERED} seconds"),
+            ));
+        }
         if text.is_empty() {
             return Err(RpcError::exit(
                 USAGE,
@@ -436,13 +445,43 @@ impl Daemon {
         } else {
             "kept"
         };
-        let result = json!({
+        let mut result = json!({
             "id": HEXLOWER.encode(&out.id),
             "contact": name,
             "state": state,
             "relays": if out.delivered { json!(took) } else { json!([]) },
             "failed": failed,
         });
+        if let Some(secs) = wait {
+            if out.delivered || out.awaiting_connection {
+                // The engine receives (and records the receipt); this call
+                // only waits, without holding the profile.
+                drop(c);
+                let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+                let hex = HEXLOWER.encode(&out.id);
+                let device = r.hub.wait_receipt(&hex, deadline).or_else(|| {
+                    // Recorded before this call started waiting.
+                    r.client()
+                        .delivered_to(&id, &out.id)
+                        .ok()
+                        .and_then(|d| d.into_iter().next().map(|d| d.device))
+                });
+                result["delivered"] = json!(device.is_some());
+                result["device"] = json!(device);
+                if device.is_none() {
+                    return Err(RpcError::exit(
+                        NOT_DELIVERED,
+                        format!(
+                            "no device of {name} confirmed the message within {secs} s; it is \
+                             on a relay and may still arrive (a contact who turned receipts off \
+                             never confirms)"
+                        ),
+                    )
+                    .with(result));
+                }
+                return Ok(result);
+            }
+        }
         if out.awaiting_connection {
             return Ok(result);
         }
@@ -519,10 +558,18 @@ impl Daemon {
             c.store.read(|tx| tx.tail(&history_log(&group), limit))?;
         entries.sort_by_key(|(_, e)| e.sent_at_ms);
         let me = c.settings()?.profile.name;
+        let plain: Vec<HistoryEntry> = entries.into_iter().map(|(_, e)| e).collect();
+        let states = c.message_states(&group, &plain)?;
         Ok(Value::Array(
-            entries
+            plain
                 .iter()
-                .map(|(_, e)| recv::message_json(&record.name, &me, e, None))
+                .zip(&states)
+                .map(|(e, st)| {
+                    // As `tern log --json`: with the delivery state.
+                    let mut v = recv::message_json(&record.name, &me, e, None);
+                    crate::cli::log::state_json(&mut v, st.as_ref());
+                    v
+                })
                 .collect(),
         ))
     }

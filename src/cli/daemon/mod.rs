@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use data_encoding::HEXLOWER;
 use serde_json::{json, Value};
 
 use super::exit::code_for;
@@ -426,6 +427,19 @@ fn on_event(label: &str, me: &str, hub: &Hub, e: Event) -> Shown {
             return hub.message(delivery, id, notification("message", v));
         }
         Event::Connected { contact } => ("connected", json!({"contact": contact})),
+        Event::Delivered {
+            contact,
+            id,
+            device,
+            ..
+        } => {
+            let id = HEXLOWER.encode(&id);
+            hub.receipt(id.clone(), device.clone());
+            (
+                "delivered",
+                json!({"contact": contact, "id": id, "device": device}),
+            )
+        }
         Event::ProfileUpdated { contact } => ("contact_updated", json!({"contact": contact})),
         Event::Warning(w) => ("error", json!({"kind": "warning", "message": w})),
         Event::Refused {
