@@ -360,7 +360,11 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
     .with_context(reached)?;
     // Without --follow: what is pending (written before the response to
     // subscribe), or with --wait the first message within that time.
-    let deadline = args.wait.map(|w| Instant::now() + Duration::from_secs(w));
+    // Beyond a century a wait is for ever (and a larger one would overflow
+    // the clock).
+    let deadline = args
+        .wait
+        .map(|w| Instant::now() + Duration::from_secs(w.min(u32::MAX.into())));
     let mut subscribed = false;
     let mut shown = 0usize;
     let mut acks_due = 0usize;

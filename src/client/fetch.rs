@@ -661,7 +661,9 @@ impl Client {
         let deadline = opts
             .wait
             .filter(|_| !opts.follow)
-            .map(|w| Instant::now() + w);
+            // Beyond a century a wait is for ever (and a larger one would
+            // overflow the clock).
+            .map(|w| Instant::now() + w.min(Duration::from_secs(u32::MAX.into())));
         let isolate = self.net.isolates();
         let (tx, rx) = mpsc::channel();
         let mut watch = Watch::new(tx, waiting);
