@@ -209,6 +209,18 @@ fn shown(h: &[Entry]) -> Vec<(String, String)> {
     h.iter().map(|e| (e.dir.clone(), e.text.clone())).collect()
 }
 
+/// Whether every one of Alice's devices has each of `expected` in its
+/// history with Bob (copies may still be on their way).
+fn histories_hold(alice: &[&Profile], expected: &[(String, String)]) -> bool {
+    let mut want: Vec<(String, String)> = expected.to_vec();
+    want.sort();
+    alice.iter().all(|p| {
+        let mut got = shown(&history(p, "bob"));
+        got.sort();
+        got == want
+    })
+}
+
 /// Both of Alice's devices hold exactly `expected` (direction, text) in
 /// their history with Bob, each once, with the same message ids, and
 /// `tern log` shows them in the same order on both; Bob holds each once
@@ -1011,6 +1023,14 @@ fn two_processes_on_one_home(busy: Busy) {
     );
     settle(&mut printed, &all, 1);
     both_ways(&mut w, &server, "after the concurrent rounds");
+    // A copy one of Alice's devices still owes another goes out with that
+    // device's next run: a few rounds, never an unbounded wait.
+    let alice = [&w.laptop, &server];
+    let all = [&w.laptop, &server, &w.bob];
+    let sent = w.sent.clone();
+    settle_until(&mut printed, &all, 4, "copies on their way", || {
+        histories_hold(&alice, &sent)
+    });
     printed.assert_at_most_once();
     assert_histories(&[&w.laptop, &server], &w.bob, &w.sent);
 }
