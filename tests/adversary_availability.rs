@@ -208,7 +208,13 @@ fn a_stalled_relay_does_not_hold_back_the_others() {
         t.elapsed(),
         show(&o)
     );
-    assert_eq!(texts(&json_lines(&stdout(&o))), vec!["s3"], "{}", show(&o));
+    // s2 again first is at least once, not a double: the follower was
+    // SIGKILLed right after printing it, maybe before it recorded that.
+    let mut got = texts(&json_lines(&stdout(&o)));
+    if got.first().is_some_and(|t| t == "s2") {
+        got.remove(0);
+    }
+    assert_eq!(got, vec!["s3"], "{}", show(&o));
     assert!(stderr(&o).contains("warning"), "{}", show(&o));
 
     // Awake again: its copies are duplicates.
