@@ -38,56 +38,6 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreError;
 
-/// Accepts any certificate, but still checks that the server holds its key
-/// (the handshake signatures), as libpq's `sslmode=require` does.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// How the relay reaches its database: the driver's configuration and the
 /// TLS connector its `sslmode` asks for.
 #[derive(Clone)]
@@ -105,28 +55,27 @@ impl DbConfig {
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions");
-        let config = match verify {
-            None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-                .with_no_client_auth(),
+        let (chain, check_name) = match verify {
+            None => (None, false),
             Some(v) => {
                 pg.ssl_mode(SslMode::Require);
                 let roots = Arc::new(v.roots().map_err(bad)?);
-                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
                     .map_err(|e| {
                         bad(format!("cannot use the database's root certificates: {e}"))
                     })?;
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(Verifying {
-                        webpki,
-                        check_name: v.check_name,
-                    }))
-                    .with_no_client_auth()
+                (Some(webpki), v.check_name)
             }
         };
+        let config = builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(DbVerifier {
+                provider,
+                chain,
+                check_name,
+            }))
+            .with_no_client_auth();
         Ok(DbConfig {
             pg,
             tls: MakeRustlsConnect::new(config),
@@ -232,16 +181,21 @@ fn split_verification(url: &str) -> Result<(Cow<'_, str>, Option<Verification>),
     ))
 }
 
-/// webpki's verifier; for `verify-ca`, a certificate for another name is
-/// accepted. webpki checks the name only after the chain, so that error
-/// means the chain was good.
+/// The certificate check of every mode. The handshake signatures are
+/// always checked (the server must hold its certificate's key, as libpq's
+/// `require` also insists); the certificate itself only with a chain
+/// verifier (`verify-ca`, `verify-full`): webpki's, which for `verify-ca`
+/// accepts a certificate for another name. webpki checks the name only
+/// after the chain, so that error means the chain was good.
 #[derive(Debug)]
-struct Verifying {
-    webpki: Arc<WebPkiServerVerifier>,
+struct DbVerifier {
+    provider: Arc<CryptoProvider>,
+    /// `None`: any certificate (`prefer`, `require`).
+    chain: Option<Arc<WebPkiServerVerifier>>,
     check_name: bool,
 }
 
-impl ServerCertVerifier for Verifying {
+impl ServerCertVerifier for DbVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -250,13 +204,11 @@ impl ServerCertVerifier for Verifying {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        let Some(webpki) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_name => Ok(ServerCertVerified::assertion()),
@@ -270,7 +222,8 @@ impl ServerCertVerifier for Verifying {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
     }
 
     fn verify_tls13_signature(
@@ -279,11 +232,14 @@ impl ServerCertVerifier for Verifying {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
