@@ -3,6 +3,7 @@
 //! names, limits, relays killed mid-transfer, killed senders and recipients.
 
 mod cli_common;
+mod daemon_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -549,115 +550,25 @@ fn a_hundred_mib_file_arrives_whole_while_it_uploads() {
     assert!(std::fs::read(&got[0].1).unwrap() == bytes, "byte for byte");
 }
 
-/// `tern daemon` for a profile on a socket in its sandbox, killed on drop;
-/// `call` sends a request and gathers the notifications that come before
-/// its response.
-struct FileDaemon {
-    child: std::process::Child,
-    socket: PathBuf,
-}
-
-impl FileDaemon {
-    fn start(p: &Profile, extra: &[&str]) -> FileDaemon {
-        use std::io::BufRead;
-        let run = p.sandbox().join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .unwrap();
-        let socket = run.join("d.sock");
-        let mut args = vec!["daemon", "--socket", socket.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let mut c = p.cmd(&args);
-        c.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
-        let mut child = c.spawn().unwrap();
-        let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert_eq!(
-            first.trim(),
-            socket.to_str().unwrap(),
-            "the daemon did not start"
-        );
-        FileDaemon { child, socket }
-    }
-
-    fn connect(&self) -> DaemonConn {
-        let s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        DaemonConn {
-            reader: std::io::BufReader::new(s.try_clone().unwrap()),
-            out: s,
-            next: 1,
-        }
-    }
-}
-
-impl Drop for FileDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct DaemonConn {
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
-    out: std::os::unix::net::UnixStream,
-    next: u64,
-}
-
-impl DaemonConn {
-    fn line(&mut self) -> Value {
-        use std::io::BufRead;
-        let mut l = String::new();
-        assert!(
-            self.reader.read_line(&mut l).unwrap() > 0,
-            "the daemon hung up"
-        );
-        serde_json::from_str(&l).unwrap()
-    }
-
-    /// The response to `method` and the notifications before it.
-    fn call(&mut self, method: &str, params: Value) -> (Value, Vec<Value>) {
-        use std::io::Write;
-        let id = self.next;
-        self.next += 1;
-        let req =
-            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        writeln!(self.out, "{req}").unwrap();
-        let mut notes = Vec::new();
-        loop {
-            let v = self.line();
-            if v["id"] == id {
-                return (v, notes);
-            }
-            notes.push(v);
-        }
-    }
-
-    /// Notifications until one satisfies `done` (which is returned last).
-    fn until(&mut self, done: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let mut seen = Vec::new();
-        loop {
-            let v = self.line();
-            let stop = done(&v);
-            seen.push(v);
-            if stop {
-                return seen;
-            }
-        }
-    }
+/// `tern daemon` for a profile (docs/JSONRPC.md), on a private socket in
+/// its sandbox; every exchange is checked against the schema.
+fn file_daemon(p: &Profile, name: &str, extra: &[&str]) -> daemon_common::Daemon {
+    let socket = daemon_common::socket_in(p, name);
+    let c = daemon_common::daemon_cmd(p.sandbox(), &[&p.home], &socket, extra);
+    daemon_common::Daemon::start(c, &socket)
 }
 
 #[test]
 fn files_through_daemons_both_ways_with_progress_and_limits() {
+    use daemon_common::WAIT;
+    use serde_json::json;
     let relay = Relay::start();
     let (ada, bob) = pair(&[&relay]);
     let bob_dir = files_dir(&bob);
-    let ada_daemon = FileDaemon::start(&ada, &[]);
-    let bob_daemon = FileDaemon::start(
+    let ada_daemon = file_daemon(&ada, "a.sock", &[]);
+    let bob_daemon = file_daemon(
         &bob,
+        "b.sock",
         &[
             "--files-dir",
             bob_dir.to_str().unwrap(),
@@ -666,28 +577,26 @@ fn files_through_daemons_both_ways_with_progress_and_limits() {
         ],
     );
     let mut bob_rpc = bob_daemon.connect();
-    let (r, _) = bob_rpc.call("subscribe", serde_json::json!({}));
-    assert!(r["result"].is_object(), "{r}");
+    bob_rpc.ok("subscribe", json!({}));
 
     // Up through ada's daemon: progress comes to the caller, the result
     // says the copy is on the relay.
     let bytes = content(2_500_000, 11);
     let src = write(&ada.sandbox().join("out"), "photo.jpg", &bytes);
     let mut ada_rpc = ada_daemon.connect();
-    let (r, _) = ada_rpc.call(
+    let e = ada_rpc.error(
         "send_file",
-        serde_json::json!({"contact": "bob", "path": "out/photo.jpg"}),
+        json!({"contact": "bob", "path": "out/photo.jpg"}),
     );
-    assert_eq!(r["error"]["code"], -32602, "a relative path: {r}");
-    let (r, notes) = ada_rpc.call(
+    assert_eq!(e["code"], -32602, "a relative path: {e}");
+    let r = ada_rpc.ok(
         "send_file",
-        serde_json::json!({"contact": "bob", "path": src, "caption": "from the trip"}),
+        json!({"contact": "bob", "path": src, "caption": "from the trip"}),
     );
-    let files = r["result"]["files"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{r}"));
+    let files = r["files"].as_array().unwrap_or_else(|| panic!("{r}"));
     assert_eq!(files.len(), 1);
     assert_eq!(files[0]["state"], "sent");
+    let notes = ada_rpc.take_notes();
     let progress: Vec<&Value> = notes
         .iter()
         .filter(|n| n["method"] == "file_progress")
@@ -695,43 +604,46 @@ fn files_through_daemons_both_ways_with_progress_and_limits() {
     assert!(progress.len() >= 2, "{notes:?}");
     assert_eq!(progress.last().unwrap()["params"]["done"], 2_500_000);
 
-    // Down by bob's daemon on its own, into its files folder.
-    let seen = bob_rpc.until(|n| n["method"] == "file" && n["params"]["state"] == "received");
-    let got = &seen.last().unwrap()["params"];
+    // Down by bob's daemon on its own, into its files folder, with
+    // progress to the subscribers first.
+    assert!(bob_rpc.notification("file_progress", WAIT).is_some());
+    let got = bob_rpc
+        .notification_where("file", WAIT, |p| p["state"] == "received")
+        .expect("the file was saved");
     assert_eq!(got["name"], "photo.jpg");
     assert_eq!(got["caption"], "from the trip");
     assert_eq!(got["contact"], "ada");
     let path = PathBuf::from(got["saved_as"].as_str().unwrap());
     assert_eq!(path.parent().unwrap(), bob_dir);
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
-    assert!(seen.iter().any(|n| n["method"] == "file_progress"));
 
     // Over bob's limit: offered, not downloaded, until file_get.
     let big = content(3_500_000, 12);
     let src = write(&ada.sandbox().join("out"), "big.bin", &big);
-    let (r, _) = ada_rpc.call(
-        "send_file",
-        serde_json::json!({"contact": "bob", "path": src}),
-    );
-    assert_eq!(r["result"]["files"][0]["state"], "sent", "{r}");
-    let seen = bob_rpc.until(|n| n["method"] == "file" && n["params"]["name"] == "big.bin");
-    let offered = &seen.last().unwrap()["params"];
+    let r = ada_rpc.ok("send_file", json!({"contact": "bob", "path": src}));
+    assert_eq!(r["files"][0]["state"], "sent", "{r}");
+    let offered = bob_rpc
+        .notification_where("file", WAIT, |p| p["name"] == "big.bin")
+        .expect("the offer was told");
     assert_eq!(offered["state"], "too-large", "{offered}");
     let id = offered["id"].as_str().unwrap().to_string();
-    let (r, _) = bob_rpc.call("files", serde_json::json!({}));
-    let listed = r["result"].as_array().unwrap();
+    let listed = bob_rpc.ok("files", json!({}));
+    let listed = listed.as_array().unwrap();
     assert!(listed
         .iter()
         .any(|f| f["id"] == id.as_str() && f["state"] == "too-large"));
     let mut getter = bob_daemon.connect();
-    let (r, notes) = getter.call("file_get", serde_json::json!({"id": &id[..8]}));
-    assert_eq!(r["result"]["state"], "received", "{r}");
-    assert!(notes.iter().any(|n| n["method"] == "file_progress"));
-    let path = PathBuf::from(r["result"]["saved_as"].as_str().unwrap());
+    let r = getter.ok("file_get", json!({"id": &id[..8]}));
+    assert_eq!(r["state"], "received", "{r}");
+    assert!(getter
+        .take_notes()
+        .iter()
+        .any(|n| n["method"] == "file_progress"));
+    let path = PathBuf::from(r["saved_as"].as_str().unwrap());
     assert_eq!(std::fs::read(&path).unwrap(), big);
     // Done: nothing to cancel or get again.
-    let (r, _) = getter.call("file_cancel", serde_json::json!({"id": &id}));
-    assert_eq!(r["error"]["code"], -32001, "{r}");
-    let (r, _) = getter.call("file_get", serde_json::json!({"id": "zz"}));
-    assert!(r["error"].is_object(), "{r}");
+    let e = getter.error("file_cancel", json!({"id": &id}));
+    assert_eq!(e["code"], -32001, "{e}");
+    let e = getter.error("file_get", json!({"id": "zz"}));
+    assert!(e.is_object(), "{e}");
 }

@@ -471,7 +471,8 @@ fn get(client: &mut Client, t: Transfer, dir: &Path, as_json: bool) -> anyhow::R
     }
 }
 
-fn contact_name(client: &Client, t: &Transfer) -> String {
+/// The name of a transfer's contact, as `tern files` and the daemon show it.
+pub(crate) fn contact_name(client: &Client, t: &Transfer) -> String {
     client
         .contact(&t.contact)
         .map(|c| c.name)

@@ -356,9 +356,24 @@ impl Rpc {
     /// The next notification of `method`, waiting up to `limit`; `None` if
     /// none came (other notifications are dropped).
     pub fn notification(&mut self, method: &str, limit: Duration) -> Option<Value> {
+        self.notification_where(method, limit, |_| true)
+    }
+
+    /// The next notification of `method` whose params satisfy `pred`,
+    /// waiting up to `limit`; `None` if none came (others are dropped).
+    pub fn notification_where(
+        &mut self,
+        method: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(i) = self.notes.iter().position(|n| n["method"] == method) {
+            if let Some(i) = self
+                .notes
+                .iter()
+                .position(|n| n["method"] == method && pred(&n["params"]))
+            {
                 let n = self.notes.remove(i).unwrap();
                 return Some(n["params"].clone());
             }
@@ -372,6 +387,12 @@ impl Rpc {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// The notifications that came while waiting for responses, oldest
+    /// first (taken).
+    pub fn take_notes(&mut self) -> Vec<Value> {
+        self.notes.drain(..).collect()
     }
 
     /// The next `n` messages.

@@ -16,7 +16,7 @@ use super::rpc::{notification, only, opt_str, opt_u64, req_str, RpcError};
 use super::{Daemon, Ready};
 use crate::cli::exit::{FAILURE, TRY_AGAIN, USAGE};
 use crate::cli::output::note;
-use crate::cli::transfers::state_json;
+use crate::cli::transfers::{contact_name, state_json};
 use crate::client::files::download::{DownloadOptions, FileEvent};
 use crate::client::files::upload::{FileInput, UploadOptions, Uploaded};
 use crate::client::files::{FileProgress, FileState, Transfer};
@@ -97,13 +97,6 @@ impl ProgressNotes {
             }),
         ))
     }
-}
-
-fn contact_name(client: &Client, t: &Transfer) -> String {
-    client
-        .contact(&t.contact)
-        .map(|c| c.name)
-        .unwrap_or_else(|_| "(forgotten)".into())
 }
 
 fn file_value(label: &str, client: &Client, t: &Transfer) -> Value {
