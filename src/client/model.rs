@@ -10,7 +10,7 @@ use tern_wire::Id;
 use crate::proto::connection::Connection;
 use crate::proto::envelope::Kind;
 use crate::proto::hello::Profile;
-use crate::proto::keys::b64;
+use crate::proto::keys::{b64, b64vec};
 
 pub const SETTINGS: &str = "settings";
 /// Re-key invitations of one contact kept open at once.
@@ -103,6 +103,7 @@ pub struct Removal {
 pub struct Deferred {
     #[serde(with = "b64")]
     pub recipient_id: Id,
+    #[serde(with = "b64vec")]
     pub message: Vec<u8>,
     pub received_at_ms: u64,
 }
@@ -256,6 +257,7 @@ pub enum DeviceJob {
     },
     /// Accept an invitation that came in an ADD over this connection.
     Accept {
+        #[serde(with = "b64vec")]
         invitation: Vec<u8>,
         name: String,
         introduce: bool,
@@ -287,6 +289,7 @@ pub enum Job {
         #[serde(with = "b64")]
         envelope_id: [u8; 16],
         /// A ratchet message, or (when `raw`) a whole queue message.
+        #[serde(with = "b64vec")]
         payload: Vec<u8>,
         signed: bool,
         raw: bool,
@@ -332,6 +335,7 @@ pub struct Queued {
     pub kind: Kind,
     #[serde(with = "b64")]
     pub id: [u8; 16],
+    #[serde(with = "b64vec")]
     pub body: Vec<u8>,
     /// When it was written: its sent time, however late it goes out (all
     /// devices of the contact must show one time). 0: at sending.
@@ -462,6 +466,7 @@ pub struct Contact {
 pub struct HeldRequest {
     #[serde(with = "b64")]
     pub recipient_id: Id,
+    #[serde(with = "b64vec")]
     pub message: Vec<u8>,
     #[serde(with = "b64")]
     pub digest: [u8; 32],

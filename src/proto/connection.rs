@@ -31,7 +31,7 @@ use super::envelope::{ChainError, ChainReceiver, ChainSender, ChainStatus, Envel
 use super::handshake::{invitation_hash, joiner_agree, HandshakeKeys, InviterSecrets};
 use super::hello::{negotiate, Channel, Hello, HelloReply, Profile};
 use super::invitation::{Invitation, SendQueue, KIND_CONTACT, KIND_DEVICE};
-use super::keys::{b64, DhKeyPair, Secret32};
+use super::keys::{b64, b64vec, DhKeyPair, Secret32};
 use super::queue_msg::{self, QueueMessage};
 use super::ratchet::Ratchet;
 use super::security_code::security_code;
@@ -204,6 +204,7 @@ pub enum Action {
     Deliver {
         #[serde(with = "b64")]
         envelope_id: [u8; 16],
+        #[serde(with = "b64vec")]
         ratchet_msg: Vec<u8>,
         signed: bool,
     },
