@@ -415,7 +415,12 @@ impl Client {
             ));
         }
         let now = super::now();
-        let waiting = self.update_contact(id, |_, c| {
+        // What the relays took: lost only to a power cut before the next
+        // commit, and then the jobs run again, which the relays and the
+        // peer take as the repeats they are (as after a kill between the
+        // upload and this commit). A send is two commits, and this is the
+        // one its caller need not wait for.
+        let waiting = self.update_contact_lazily(id, |_, c| {
             for (generation, rid) in &forget {
                 if *generation == c.generation {
                     c.conn.forget_queue(rid);

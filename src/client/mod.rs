@@ -164,6 +164,16 @@ impl Client {
             .ok_or_else(|| ClientError::UnknownContact(name.to_string()))
     }
 
+    /// The name of the contact of connection `id`, from the index (no
+    /// contact record to open).
+    pub fn name_of(&self, id: &str) -> Result<String, ClientError> {
+        self.index()?
+            .into_iter()
+            .find(|e| e.id == id)
+            .map(|e| e.name)
+            .ok_or_else(|| ClientError::UnknownContact(id.to_string()))
+    }
+
     /// The ids of every connection in the group of connection `id`: one per
     /// device of the contact.
     pub fn group_members(&self, id: &str) -> Result<Vec<String>, ClientError> {
@@ -206,15 +216,19 @@ impl Client {
         f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         self.store
-            .transaction(|tx| {
-                let key = contact_key(id);
-                let mut c = tx
-                    .get::<Contact>(&key)?
-                    .ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
-                let out = f(tx, &mut c).map_err(abort)?;
-                tx.put(&key, &c)?;
-                Ok(out)
-            })
+            .transaction(|tx| change_contact(tx, id, f))
+            .map_err(unwrap_abort)
+    }
+
+    /// [`Client::update_contact`] with a lazy commit: only for what may be
+    /// lost to a power cut (see [`crate::store::Store::transaction_lazy`]).
+    pub fn update_contact_lazily<T>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        self.store
+            .transaction_lazy(|tx| change_contact(tx, id, f))
             .map_err(unwrap_abort)
     }
 
@@ -425,4 +439,19 @@ fn create_queue(net: &RelayClient, relay: &RelayAddress) -> Result<RecvQueue, Cl
             relay.label()
         ))),
     }
+}
+
+/// The read-modify-write of one contact record inside `tx`.
+fn change_contact<T>(
+    tx: &Tx<'_>,
+    id: &str,
+    f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
+) -> Result<T, crate::store::StoreError> {
+    let key = contact_key(id);
+    let mut c = tx
+        .get::<Contact>(&key)?
+        .ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
+    let out = f(tx, &mut c).map_err(abort)?;
+    tx.put(&key, &c)?;
+    Ok(out)
 }

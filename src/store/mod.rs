@@ -659,6 +659,28 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::transaction`] whose commit need not reach the disk before
+    /// it returns: it is atomic and survives the process being killed (the
+    /// operating system has it), and it becomes durable with the next
+    /// ordinary commit or checkpoint, which write the log in order; only a
+    /// power cut or an operating system crash before then can undo it.
+    /// For bookkeeping whose loss only repeats work that is safe to repeat
+    /// (an upload a relay took, which the peer drops as the duplicate it
+    /// is), never for a received message or key material: it saves one
+    /// fsync where a caller is waiting.
+    pub fn transaction_lazy<T>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // In WAL mode the setting in force when the transaction commits
+        // decides whether the log is fsynced; SQLite refuses to change it
+        // inside one. Set back whatever the transaction gave.
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = self.transaction(f);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        out
+    }
+
     /// Run `f` on a read-only snapshot: it sees the database as of its
     /// first read, unaffected by concurrent writers, and never blocks them.
     /// A [`Tx`] derefs to [`ReadTx`], so reading helpers written against
