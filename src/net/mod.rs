@@ -398,22 +398,26 @@ impl RelayClient {
                 .push((i, t));
         }
         let mut results: Vec<Option<Result<Reply, NetError>>> = (0..n).map(|_| None).collect();
-        let answered: Vec<Vec<(usize, Result<Reply, NetError>)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = groups
-                .into_values()
-                .map(|group| {
-                    s.spawn(move || {
-                        let relay = group[0].1.relay;
-                        let queue = group[0].1.queue;
-                        let (idx, calls): (Vec<usize>, Vec<Call<'_>>) =
-                            group.into_iter().map(|(i, t)| (i, t.call)).unzip();
-                        let replies = self.batch_for(relay, queue.as_ref(), calls);
-                        idx.into_iter().zip(replies).collect()
-                    })
-                })
-                .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
-        });
+        let run = |group: Vec<(usize, Targeted<'_>)>| -> Vec<(usize, Result<Reply, NetError>)> {
+            let relay = group[0].1.relay;
+            let queue = group[0].1.queue;
+            let (idx, calls): (Vec<usize>, Vec<Call<'_>>) =
+                group.into_iter().map(|(i, t)| (i, t.call)).unzip();
+            let replies = self.batch_for(relay, queue.as_ref(), calls);
+            idx.into_iter().zip(replies).collect()
+        };
+        // One session (the usual send): no thread to start and join.
+        let answered: Vec<Vec<(usize, Result<Reply, NetError>)>> = if groups.len() == 1 {
+            groups.into_values().map(run).collect()
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = groups
+                    .into_values()
+                    .map(|group| s.spawn(move || run(group)))
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            })
+        };
         for (i, r) in answered.into_iter().flatten() {
             results[i] = Some(r);
         }
