@@ -304,7 +304,7 @@ fn contact_json(l: &Listed) -> serde_json::Value {
 /// unlock. `false` for what the daemon does not do (renaming, saving an
 /// avatar): that works alone, as before.
 fn via_daemon(
-    socket: &std::path::Path,
+    daemon: &mut super::daemon::client::Connection,
     home: &std::path::Path,
     args: &Args,
 ) -> anyhow::Result<bool> {
@@ -323,12 +323,9 @@ fn via_daemon(
         (None, None) => (None, &args.show, args.show.long),
         _ => return Ok(false),
     };
-    let all = super::daemon::client::call(
-        socket,
-        "contacts",
-        json!({"profile": home.display().to_string()}),
-    )
-    .map_err(|e| e.error)?;
+    let all = daemon
+        .call("contacts", json!({"profile": home.display().to_string()}))
+        .map_err(|e| e.error)?;
     let mut list: Vec<serde_json::Value> = all.as_array().cloned().unwrap_or_default();
     if let Some(n) = name {
         list.retain(|c| c["name"] == n.as_str());
@@ -492,8 +489,8 @@ fn rename(client: &mut Client, old: &str, new: &str) -> anyhow::Result<()> {
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let home = unlock::home(cli)?;
-    if let Some(socket) = super::daemon::client::find(&home) {
-        if via_daemon(&socket, &home, args)? {
+    if let Some(mut daemon) = super::daemon::client::find(&home)? {
+        if via_daemon(&mut daemon, &home, args)? {
             return Ok(());
         }
     }

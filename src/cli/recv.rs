@@ -218,8 +218,8 @@ fn follow_files(
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let home = unlock::home(cli)?;
-    if let Some(socket) = super::daemon::client::find(&home) {
-        return via_daemon(&socket, &home, args);
+    if let Some(daemon) = super::daemon::client::find(&home)? {
+        return via_daemon(daemon, &home, args);
     }
     let mut client = unlock::open_at(cli, &home)?;
     let contact_id = args
@@ -298,7 +298,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
 }
 
 /// A `message` notification of the daemon as the entry it was made from.
-fn entry_of(m: &serde_json::Value) -> Option<HistoryEntry> {
+pub(super) fn entry_of(m: &serde_json::Value) -> Option<HistoryEntry> {
     let id = HEXLOWER.decode(m["id"].as_str()?.as_bytes()).ok()?;
     Some(HistoryEntry {
         dir: if m["direction"] == "out" {
@@ -320,17 +320,21 @@ fn entry_of(m: &serde_json::Value) -> Option<HistoryEntry> {
 /// and acknowledged it, so a recv killed (or a stdout closed) in between
 /// leaves it for the next client. Files are not fetched this way (run
 /// with `TERN_NO_DAEMON=1` for them).
-fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
+fn via_daemon(
+    mut daemon: super::daemon::client::Connection,
+    home: &std::path::Path,
+    args: &Args,
+) -> anyhow::Result<()> {
     use std::time::Instant;
 
-    use super::daemon::client;
+    use super::daemon::client::rpc_failure;
     use crate::client::ClientError;
 
     let profile = home.display().to_string();
     if let Some(from) = &args.from {
-        let contacts =
-            client::call(socket, "contacts", json!({"profile": profile})).map_err(|e| e.error)?;
+        let contacts = daemon
+            .call("contacts", json!({"profile": profile}))
+            .map_err(|e| e.error)?;
         let known = contacts
             .as_array()
             .is_some_and(|a| a.iter().any(|c| c["name"] == from.as_str()));
@@ -338,26 +342,13 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
             return Err(ClientError::UnknownContact(from.clone()).into());
         }
     }
+    let socket = daemon.socket().to_path_buf();
     let reached = || format!("talking to the tern daemon at {}", socket.display());
-    let mut out = std::os::unix::net::UnixStream::connect(socket).with_context(reached)?;
-    let mut input = BufReader::new(out.try_clone().with_context(reached)?);
-    let request = |out: &mut std::os::unix::net::UnixStream,
-                   id: String,
-                   method: &str,
-                   params: serde_json::Value| {
-        writeln!(
-            out,
-            "{}",
-            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
-        )
-    };
-    request(
-        &mut out,
-        "subscribe".into(),
+    daemon.request(
+        json!("subscribe"),
         "subscribe",
         json!({"profile": profile, "manual_ack": true}),
-    )
-    .with_context(reached)?;
+    )?;
     // Without --follow: what is pending (written before the response to
     // subscribe), or with --wait the first message within that time.
     // Beyond a century a wait is for ever (and a larger one would overflow
@@ -365,6 +356,7 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
     let deadline = args
         .wait
         .map(|w| Instant::now() + Duration::from_secs(w.min(u32::MAX.into())));
+    let mut line = String::new();
     let mut subscribed = false;
     let mut shown = 0usize;
     let mut acks_due = 0usize;
@@ -384,12 +376,7 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
             _ if args.follow && acks_due == 0 => None,
             _ => Some(Duration::from_secs(120)),
         };
-        input
-            .get_ref()
-            .set_read_timeout(timeout)
-            .with_context(reached)?;
-        let mut line = String::new();
-        match input.read_line(&mut line) {
+        match daemon.read_line(&mut line, timeout) {
             Ok(0) => {
                 return Err(fail(
                     FAILURE,
@@ -455,13 +442,11 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
                 shown += 1;
                 next_ack += 1;
                 acks_due += 1;
-                request(
-                    &mut out,
-                    format!("ack-{next_ack}"),
+                daemon.request(
+                    json!(format!("ack-{next_ack}")),
                     "ack",
                     json!({"profile": profile, "id": params["id"]}),
-                )
-                .with_context(reached)?;
+                )?;
             }
             Some(kind @ ("connected" | "contact_updated")) => {
                 let contact = params["contact"].as_str().unwrap_or_default();
@@ -492,18 +477,7 @@ fn via_daemon(socket: &std::path::Path, home: &std::path::Path, args: &Args) -> 
             Some(_) => {}
             None if v["id"] == "subscribe" => {
                 if let Some(e) = v.get("error") {
-                    // The exit code the daemon says the error stands for.
-                    let code = e["data"]["exit_code"]
-                        .as_u64()
-                        .and_then(|c| u8::try_from(c).ok())
-                        .unwrap_or(FAILURE);
-                    return Err(fail(
-                        code,
-                        e["message"]
-                            .as_str()
-                            .unwrap_or("the daemon refused")
-                            .to_string(),
-                    ));
+                    return Err(rpc_failure(e, "the daemon refused"));
                 }
                 subscribed = true;
             }

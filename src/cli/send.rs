@@ -105,7 +105,7 @@ fn read_stdin() -> anyhow::Result<String> {
 /// `tern send` through the daemon that serves the home: the same output
 /// and exit codes, with no unlock and no relay sessions of its own.
 fn send_via_daemon(
-    socket: &std::path::Path,
+    mut daemon: super::daemon::client::Connection,
     home: &std::path::Path,
     args: &Args,
     text: String,
@@ -117,8 +117,7 @@ fn send_via_daemon(
     }
     let timeout = super::daemon::client::CALL_TIMEOUT
         + std::time::Duration::from_secs(args.wait_delivered.unwrap_or(0));
-    let (result, error) = match super::daemon::client::call_timeout(socket, "send", params, timeout)
-    {
+    let (result, error) = match daemon.call_timeout("send", params, timeout) {
         Ok(r) => (r, None),
         Err(e) => (e.data, Some(e.error)),
     };
@@ -321,8 +320,8 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         return Err(too_long(&format!("{} bytes", text.len())));
     }
     let home = unlock::home(cli)?;
-    if let Some(socket) = super::daemon::client::find(&home) {
-        return send_via_daemon(&socket, &home, args, text);
+    if let Some(daemon) = super::daemon::client::find(&home)? {
+        return send_via_daemon(daemon, &home, args, text);
     }
     let mut client = unlock::open_at(cli, &home)?;
     let id = client.contact_id(&args.contact)?;
