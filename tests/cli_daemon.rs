@@ -723,7 +723,7 @@ fn verify_rotate_devices_and_profile_changes_through_the_daemon() {
 /// passphrase needed. A message counts as delivered only once recv wrote
 /// it out: a recv that cannot write leaves it for the next one.
 #[test]
-fn one_shot_contacts_and_recv_go_through_the_daemon() {
+fn one_shot_contacts_recv_and_log_go_through_the_daemon() {
     let relay = Relay::start();
     let a = Profile::new("Ada", &[&relay]);
     let b = Profile::with_passphrase("Bob", &[&relay], "plum ferry onion velvet gravel");
@@ -810,6 +810,38 @@ fn one_shot_contacts_and_recv_go_through_the_daemon() {
     assert!(
         !line.contains('\u{1b}'),
         "a raw escape reached the terminal: {line:?}"
+    );
+
+    // log: what the same command alone shows (with the passphrase), to the
+    // byte, in text and in JSON.
+    for args in [
+        &["log", "ada"][..],
+        &["log", "--json", "--limit", "2", "ada"],
+    ] {
+        let o = bare(args);
+        assert_code(&o, 0, "log through the daemon");
+        let mut alone = b.cmd(args);
+        alone.env("TERN_NO_DAEMON", "1");
+        let by_itself = run_cmd(alone, None, HANG_GUARD);
+        assert_code(&by_itself, 0, "log alone");
+        assert_eq!(stdout(&o), stdout(&by_itself), "{args:?}");
+    }
+    let o = bare(&["log", "ada"]);
+    let shown = stdout(&o);
+    assert!(shown.contains("ada: first"), "{shown}");
+    assert!(!shown.contains('\u{1b}'), "a raw escape in log: {shown:?}");
+    let o = bare(&["log", "--json", "ada"]);
+    let texts_logged = texts(&json_lines(&stdout(&o)));
+    assert_eq!(texts_logged.first().map(String::as_str), Some("first"));
+    assert_eq!(texts_logged.len(), 4, "{}", show(&o));
+    assert_code(&bare(&["log", "nobody"]), 3, "log of no such contact");
+    // Told to work alone, log needs the passphrase.
+    let mut alone = b.bare_cmd(&["log", "ada"]);
+    alone.env("TERN_NO_DAEMON", "1");
+    assert_code(
+        &run_cmd(alone, None, HANG_GUARD),
+        5,
+        "log without the daemon",
     );
 
     // Told to work alone, recv needs the passphrase.
@@ -995,4 +1027,85 @@ fn two_bots_on_two_daemons_survive_relay_restarts() {
         );
         assert_eq!(&unique, want, "{}'s history", p.home.display());
     }
+}
+
+/// One-shot commands talk only to a daemon of their own user: a lock file
+/// naming a socket that another user listens on makes them refuse, with
+/// nothing written to it (the text of a message would go to whoever
+/// listens there).
+#[test]
+fn a_socket_served_by_another_user_gets_nothing() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("note: skipped: listening as another user needs root");
+        return;
+    }
+    for tool in ["setpriv", "python3"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        if !found.status.success() {
+            eprintln!("note: skipped: {tool} is not installed");
+            return;
+        }
+    }
+    let relay = Relay::start();
+    let b = Profile::new("Bob", &[&relay]);
+    // A directory the other user (nobody) can listen in.
+    let dir = tempfile::Builder::new()
+        .prefix("tern-peer-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("stranger.sock");
+    let listen = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX)\n\
+                  s.bind(sys.argv[1]); s.listen(4); s.settimeout(60)\n\
+                  c, _ = s.accept(); c.settimeout(60)\n\
+                  got = b''\n\
+                  while True:\n    \
+                      d = c.recv(65536)\n    \
+                      if not d: break\n    \
+                      got += d\n\
+                  print(len(got), flush=True)\n";
+    let mut stranger = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+            listen,
+        ])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the stranger's socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(
+        b.home.join("daemon.lock"),
+        format!("4242\n{}\n", socket.display()),
+    )
+    .unwrap();
+    let o = b.run(&["send", "ada", "for my contact only"]);
+    assert_code(&o, 1, "send beside a stranger's socket");
+    assert!(
+        stderr(&o).contains("served by another user"),
+        "{}",
+        show(&o)
+    );
+    let out = stranger.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "bytes reached the stranger's socket"
+    );
 }

@@ -81,7 +81,7 @@ The relay's data directory, as \fBtern relay serve \-\-data\fR.
 \fBtern relay serve\fR listens on this port, overriding \fB\-\-listen\fR's.
 .TP
 \fBTERN_NO_DAEMON\fR
-Set and not empty: \fBtern send\fR, \fBtern recv\fR and \fBtern contacts\fR work alone even when a \fBtern daemon\fR serves their home.
+Set and not empty: \fBtern send\fR, \fBtern recv\fR, \fBtern contacts\fR and \fBtern log\fR work alone even when a \fBtern daemon\fR serves their home.
 .TP
 \fBXDG_DATA_HOME\fR
 Base of the default profile and relay directories.

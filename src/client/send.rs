@@ -21,6 +21,8 @@ pub struct SendOutcome {
     /// deleted the conversation (see [`Contact::peer_gone`]).
     pub gone: bool,
     pub report: JobReport,
+    /// The relays of the contact's queues (of every device of theirs).
+    pub relays: std::collections::BTreeSet<String>,
 }
 
 impl Client {
@@ -88,9 +90,11 @@ impl Client {
         let mut report = JobReport::default();
         let mut delivered = false;
         let mut gone = !members.is_empty();
+        let mut relays = std::collections::BTreeSet::new();
         for m in &members {
             let r = self.run_jobs(m)?;
             let c = self.contact(m)?;
+            relays.extend(c.conn.peer_queues.iter().map(|q| q.relay.label()));
             delivered |= reached_a_relay(&c, &msg_id);
             gone &= c.peer_gone;
             report.waiting += r.waiting;
@@ -111,6 +115,7 @@ impl Client {
             awaiting_connection: !connected,
             gone,
             report,
+            relays,
         })
     }
 

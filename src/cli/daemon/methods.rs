@@ -1,7 +1,7 @@
 //! The methods: each one the CLI command of the same name, on a profile
 //! that stays unlocked. docs/JSONRPC.md is their reference.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -15,8 +15,7 @@ use super::rpc::{
 };
 use super::{Daemon, Ready, Served};
 use crate::cli::exit::{BAD_INVITATION, GONE, NOT_DELIVERED, TRY_AGAIN, USAGE};
-use crate::cli::{accept, contacts, device, invite, profile, recv, rotate, verify};
-use crate::client::model::{history_log, HistoryEntry};
+use crate::cli::{accept, contacts, device, invite, profile, rotate, verify};
 use crate::client::{now, Client};
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
 use crate::proto::hello::Channel;
@@ -56,8 +55,6 @@ pub fn method_names() -> impl Iterator<Item = &'static str> {
     METHODS.iter().map(|(name, _)| *name)
 }
 
-/// The longest `log` answer, in messages.
-const MAX_LOG: u64 = 10_000;
 /// The longest `send` may wait for a delivery receipt (`wait_delivered`).
 const MAX_WAIT_DELIVERED: u64 = 24 * 3600;
 
@@ -417,18 +414,12 @@ impl Daemon {
         let (_, r) = self.ready(p)?;
         let mut c = r.client();
         let id = c.contact_id(contact)?;
-        let name = c.contact(&id)?.name;
-        let members = c.group_members(&id)?;
+        let name = c.name_of(&id)?;
         let out = c.send(&id, Kind::Text, text.as_bytes().to_vec())?;
         // The relays the message was for, less those that failed.
-        let mut relays = BTreeSet::new();
-        for m in &members {
-            if let Ok(mc) = c.contact(m) {
-                relays.extend(contacts::relays(&mc).1);
-            }
-        }
         let failed_relays: HashSet<&str> = out.report.errors.iter().map(|e| e.relay()).collect();
-        let took: Vec<&String> = relays
+        let took: Vec<&String> = out
+            .relays
             .iter()
             .filter(|r| !failed_relays.contains(r.as_str()))
             .collect();
@@ -548,29 +539,14 @@ impl Daemon {
     fn log(&self, p: &Value, _: &Arc<Conn>) -> Result<Value, RpcError> {
         only(p, &["profile", "contact", "limit"])?;
         let contact = req_str(p, "contact")?;
-        let limit = opt_u64(p, "limit")?.unwrap_or(50).min(MAX_LOG) as usize;
+        let limit = opt_u64(p, "limit")?
+            .unwrap_or(50)
+            .min(super::MAX_LOG as u64) as usize;
         let (_, r) = self.ready(p)?;
-        let c = r.client();
-        let id = c.contact_id(contact)?;
-        let record = c.contact(&id)?;
-        let group = record.group().to_string();
-        let mut entries: Vec<(u64, HistoryEntry)> =
-            c.store.read(|tx| tx.tail(&history_log(&group), limit))?;
-        entries.sort_by_key(|(_, e)| e.sent_at_ms);
-        let me = c.settings()?.profile.name;
-        let plain: Vec<HistoryEntry> = entries.into_iter().map(|(_, e)| e).collect();
-        let states = c.message_states(&group, &plain)?;
-        Ok(Value::Array(
-            plain
-                .iter()
-                .zip(&states)
-                .map(|(e, st)| {
-                    // As `tern log --json`: with the delivery state.
-                    let mut v = recv::message_json(&record.name, &me, e, None);
-                    crate::cli::log::state_json(&mut v, st.as_ref());
-                    v
-                })
-                .collect(),
-        ))
+        Ok(Value::Array(crate::cli::log::messages(
+            &r.client(),
+            contact,
+            limit,
+        )?))
     }
 }

@@ -17,6 +17,9 @@ pub mod hub;
 pub mod lock;
 mod methods;
 pub use methods::method_names;
+
+/// The longest `log` answer, in messages.
+pub const MAX_LOG: usize = 10_000;
 pub mod rpc;
 
 use std::io::{BufReader, BufWriter};
@@ -52,7 +55,7 @@ const MAX_RESTART: Duration = Duration::from_secs(60);
 /// Serve profiles to bots and scripts: JSON-RPC 2.0 on a Unix socket
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tern daemon --home ~/bots/alerts &\n  tern daemon --home A --home B --socket /run/user/1000/tern/bots.sock --manual-ack\n  tern daemon --homes-dir ~/bots\n  echo '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"contacts\"}' | socat - UNIX-CONNECT:SOCKET\n\nOnce listening, the daemon prints the socket's path on stdout. It unlocks\neach profile once, as other commands do (--passphrase-file,\nTERN_PASSPHRASE_FILE, --identity; the same for every --home); a profile\nthat cannot be opened is reported and the others are served. A second\ndaemon for a home is refused. `tern send`, `tern recv` and `tern contacts`\ngo through a daemon serving their home (TERN_NO_DAEMON=1: not). Methods,\nnotifications and error codes: man tern-daemon, docs/JSONRPC.md and\ndocs/jsonrpc.schema.json."
+    after_help = "Examples:\n  tern daemon --home ~/bots/alerts &\n  tern daemon --home A --home B --socket /run/user/1000/tern/bots.sock --manual-ack\n  tern daemon --homes-dir ~/bots\n  echo '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"contacts\"}' | socat - UNIX-CONNECT:SOCKET\n\nOnce listening, the daemon prints the socket's path on stdout. It unlocks\neach profile once, as other commands do (--passphrase-file,\nTERN_PASSPHRASE_FILE, --identity; the same for every --home); a profile\nthat cannot be opened is reported and the others are served. A second\ndaemon for a home is refused. `tern send`, `tern recv`, `tern contacts`\nand `tern log` go through a daemon serving their home (TERN_NO_DAEMON=1: not). Methods,\nnotifications and error codes: man tern-daemon, docs/JSONRPC.md and\ndocs/jsonrpc.schema.json."
 )]
 pub struct Args {
     /// The socket to listen on [default: $XDG_RUNTIME_DIR/tern/ID.sock, or
