@@ -252,12 +252,11 @@ impl Contact {
 
     /// What decides an automatic rotation, if one may start now.
     pub fn rotation_facts(&self) -> Option<RotationFacts> {
-        (self.conn.state == ConnState::Connected && !self.conn.rotating() && !self.removed).then(
-            || RotationFacts {
-                wanted: self.rotation_wanted,
-                next_ms: self.next_rotation_ms,
-                last_rotated_ms: self.conn.last_rotated_ms,
-            },
-        )
+        let may = self.conn.state == ConnState::Connected && !self.conn.rotating() && !self.removed;
+        may.then_some(RotationFacts {
+            wanted: self.rotation_wanted,
+            next_ms: self.next_rotation_ms,
+            last_rotated_ms: self.conn.last_rotated_ms,
+        })
     }
 }
