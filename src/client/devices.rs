@@ -19,10 +19,11 @@ use tern_wire::{Command, ErrorCode};
 use super::events::Event;
 use super::jobs::{flush_outbox, push_request};
 use super::model::{
-    contact_key, group_info_key, group_name_key, group_seen, history_log, AddWatch, Announced,
-    Contact, DeviceJob, Direction, GrantedQueue, GroupInfo, HeldRequest, HistoryEntry, IndexEntry,
-    Queued, Removal, RootCode, Settings, DEVICES, INDEX, SETTINGS,
+    group_info_key, group_name_key, group_seen, history_log, AddWatch, Announced, Contact,
+    DeviceJob, Direction, GrantedQueue, GroupInfo, HeldRequest, HistoryEntry, IndexEntry, Queued,
+    Removal, RootCode, Settings, DEVICES, INDEX, SETTINGS,
 };
+use super::records;
 use super::{abort, new_contact_id, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::{ConnState, Connection, SecurityLevel};
 use crate::proto::device::{added_tag, history_messages, DeviceMsg, Entry, QueueGrant};
@@ -141,11 +142,11 @@ fn for_each_of(
 ) -> Result<Vec<String>, StoreError> {
     let mut changed = Vec::new();
     for id in ids.into_iter().filter(|id| id != skip) {
-        let Some(mut other) = tx.get::<Contact>(&contact_key(&id))? else {
+        let Some(mut other) = records::load(tx, &id)? else {
             continue;
         };
         if f(&mut other).map_err(abort)? {
-            tx.put(&contact_key(&id), &other)?;
+            records::save(tx, &other)?;
             changed.push(id);
         }
     }
@@ -357,7 +358,7 @@ fn group_owner(tx: &Tx<'_>, group: &str) -> Result<Option<Option<String>>, Store
     let mut known = false;
     let mut owner: Option<String> = None;
     for e in index.iter().filter(|e| !e.device && e.group() == group) {
-        let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? else {
+        let Some(m) = records::load(tx, &e.id)? else {
             continue;
         };
         known = true;
@@ -390,7 +391,7 @@ fn forget_group_in(tx: &Tx<'_>, group: &str) -> Result<Vec<GrantedQueue>, StoreE
     let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
     let mut queues = Vec::new();
     for e in index.iter().filter(|e| !e.device && e.group() == group) {
-        if let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? {
+        if let Some(m) = records::load(tx, &e.id)? {
             queues.extend(m.queue_grants());
         }
         Client::remove_member_in(tx, &e.id)?;
@@ -466,7 +467,7 @@ pub(crate) fn device_connected(
     let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
     let mut others: Vec<Contact> = Vec::new();
     for e in index.iter().filter(|e| e.id != c.id) {
-        if let Some(o) = tx.get::<Contact>(&contact_key(&e.id))? {
+        if let Some(o) = records::load(tx, &e.id)? {
             others.push(o);
         }
     }
@@ -578,7 +579,7 @@ fn drop_connection(tx: &Tx<'_>, carrier: &mut Contact, victim: &Contact) -> Resu
             if gone.iter().any(|g| g.id == e.id) {
                 continue;
             }
-            if let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? {
+            if let Some(m) = records::load(tx, &e.id)? {
                 if m.added_via.as_deref() == Some(id.as_str()) && !m.conn.verified {
                     gone.push(m);
                 }
@@ -657,15 +658,14 @@ pub(crate) fn on_device_message(
                 w.since_ms = now;
                 // The contact's new connection goes with the device it was
                 // made for, even if that device never announces it.
-                let key = contact_key(&w.device);
-                if let Some(mut d) = tx.get::<Contact>(&key)? {
+                if let Some(mut d) = records::load(tx, &w.device)? {
                     if !d.announced.iter().any(|a| a.fingerprint == fingerprint) {
                         d.announced.push(Announced {
                             group: Some(group),
                             fingerprint,
                             queues: Vec::new(),
                         });
-                        tx.put(&key, &d)?;
+                        records::save(tx, &d)?;
                     }
                 }
             }
@@ -706,7 +706,7 @@ pub(crate) fn on_device_message(
                 .filter(|e| e.id != own && e.device == device)
                 .filter(|e| device || e.group() == group)
             {
-                let Some(victim) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                let Some(victim) = records::load(tx, &e.id)? else {
                     continue;
                 };
                 if victim.fingerprint() != Some(fingerprint) {
@@ -740,7 +740,7 @@ pub(crate) fn on_device_message(
             let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
             let own = c.id.clone();
             for e in index.iter().filter(|e| e.id != own && e.device) {
-                let Some(victim) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                let Some(victim) = records::load(tx, &e.id)? else {
                     continue;
                 };
                 if victim
@@ -886,7 +886,7 @@ pub(crate) fn on_device_message(
             };
             c.offer_slots.remove(slot);
             c.awaiting_offers = c.awaiting_offers.saturating_sub(1);
-            let Some(mut target) = tx.get::<Contact>(&contact_key(&via))? else {
+            let Some(mut target) = records::load(tx, &via)? else {
                 events.push(Event::Warning(format!(
                     "device {} offered a connection through one that is gone; ignored",
                     c.name
@@ -917,7 +917,7 @@ pub(crate) fn on_device_message(
                 send_on(c, &add, now)?;
             } else {
                 send_on(&mut target, &add, now)?;
-                tx.put(&contact_key(&target.id), &target)?;
+                records::save(tx, &target)?;
                 changed.push(target.id.clone());
             }
         }
@@ -1098,7 +1098,7 @@ pub(crate) fn device_link_copied(tx: &Tx<'_>, c: &mut Contact) -> Result<Vec<Eve
         ))]);
     }
     withdraw(c);
-    tx.put(&contact_key(&c.id), &*c)?;
+    records::save(tx, &*c)?;
     Ok(vec![
         Event::Warning(
             "two devices answered your device link: it was copied on its way. Nothing was sent \
@@ -1151,7 +1151,7 @@ pub(crate) fn hold_request(
         name: name.clone(),
         received_ms: now,
     });
-    tx.put(&contact_key(&c.id), &*c)?;
+    records::save(tx, &*c)?;
     Ok(vec![Event::Notice(format!(
         "a device calling itself {name:?} answered your device link {}: it gets nothing until \
          you confirm it here with `tern device confirm` (or withdraw the link: `tern device \
@@ -1165,7 +1165,7 @@ pub(crate) fn hold_request(
 pub(crate) fn gained_device(tx: &Tx<'_>, c: &Contact) -> Result<String, StoreError> {
     let index = tx.get::<Vec<IndexEntry>>(INDEX)?.unwrap_or_default();
     let through = match &c.introduced_by {
-        Some(d) => match tx.get::<Contact>(&contact_key(d))? {
+        Some(d) => match records::load(tx, d)? {
             Some(dev) => format!("introduced by your device {}", dev.name),
             None => "introduced by a device that is gone".to_string(),
         },
@@ -1531,9 +1531,7 @@ impl Client {
                     Some(e) => e.name,
                     None => Client::unique_name(tx, &record.name, &record.id)?,
                 };
-                let key = contact_key(carrier);
-                let mut c: Contact = tx
-                    .get(&key)?
+                let mut c: Contact = records::load(tx, carrier)?
                     .ok_or_else(|| abort(ClientError::UnknownContact(carrier.into())))?;
                 if !c.device_jobs.iter().any(|j| j.id == task) {
                     // Done meanwhile by a process whose claim had expired.
@@ -1542,7 +1540,7 @@ impl Client {
                 Client::add_contact_in(tx, &record)?;
                 send_on(&mut c, &offer, t).map_err(abort)?;
                 c.device_jobs.retain(|j| j.id != task);
-                tx.put(&key, &c)?;
+                records::save(tx, &c)?;
                 Ok(())
             })
             .map_err(unwrap_abort)?;
@@ -1604,8 +1602,7 @@ impl Client {
         let done = self
             .store
             .transaction(|tx| {
-                let key = contact_key(carrier);
-                let Some(mut c) = tx.get::<Contact>(&key)? else {
+                let Some(mut c) = records::load(tx, carrier)? else {
                     return Ok(false);
                 };
                 if !c.device_jobs.iter().any(|j| j.id == task) {
@@ -1619,7 +1616,7 @@ impl Client {
                     let fingerprint = record.fingerprint().unwrap_or_default();
                     send_on(&mut c, &DeviceMsg::Added { tag, fingerprint }, t).map_err(abort)?;
                 }
-                tx.put(&key, &c)?;
+                records::save(tx, &c)?;
                 if record.device {
                     let base = record.name.clone();
                     record.name = Client::unique_name(tx, &base, &record.id)?;
@@ -1688,9 +1685,7 @@ impl Client {
         let (name, touched, dependents) = self
             .store
             .transaction(|tx| {
-                let key = contact_key(id);
-                let mut r: Contact = tx
-                    .get(&key)?
+                let mut r: Contact = records::load(tx, id)?
                     .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
                 if r.elder && refuse_elder {
                     return Err(abort(ClientError::Invalid(format!(
@@ -1752,7 +1747,7 @@ impl Client {
                 let mut queues = r.queue_grants();
                 let mut dependents = Vec::new();
                 for e in index.iter().filter(|e| e.id != id) {
-                    let Some(m) = tx.get::<Contact>(&contact_key(&e.id))? else {
+                    let Some(m) = records::load(tx, &e.id)? else {
                         continue;
                     };
                     if rests_on(&m) != Some(id) {
@@ -1794,7 +1789,7 @@ impl Client {
                     .map_err(abort)?;
                 }
                 r.push_device_job(DeviceJob::DeleteQueues { queues });
-                tx.put(&key, &r)?;
+                records::save(tx, &r)?;
                 Ok((r.name.clone(), changed, dependents))
             })
             .map_err(unwrap_abort)?;
@@ -1921,15 +1916,14 @@ impl Client {
             let mut events = Vec::new();
             self.store
                 .transaction(|tx| {
-                    let mut c: Contact = tx
-                        .get(&contact_key(id))?
+                    let mut c: Contact = records::load(tx, id)?
                         .ok_or_else(|| abort(ClientError::UnknownContact(id.into())))?;
                     c.link_confirmed = true;
                     if c.conn.state == ConnState::Connected {
                         device_connected(tx, &mut c, &settings, now(), &mut events)
                             .map_err(abort)?;
                     }
-                    tx.put(&contact_key(id), &c)
+                    records::save(tx, &c)
                 })
                 .map_err(unwrap_abort)?;
         }

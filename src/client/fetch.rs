@@ -33,9 +33,9 @@ use super::jobs::{
     flush_outbox, peer_left_old_connection, push_actions, push_actions_for, settle_old_connection,
 };
 use super::model::{
-    contact_key, deferred_log, seen_set, Contact, Deferred, Direction, HistoryEntry, Job, Settings,
-    SETTINGS,
+    deferred_log, seen_set, Contact, Deferred, Direction, HistoryEntry, Job, Settings, SETTINGS,
 };
+use super::records;
 use super::{abort, unwrap_abort, Client, ClientError};
 use crate::net::{Call, NetError, SubEvent, SubSpec, Subscription, Targeted};
 use crate::proto::connection::{ConnState, Incoming};
@@ -223,6 +223,9 @@ impl Watch {
     /// Adds queues not watched yet; returns their tokens.
     fn add(&mut self, queues: Vec<Arc<QueueRef>>, isolate: bool) -> Vec<usize> {
         let mut added = Vec::new();
+        // Most queues share a handful of relays: each relay's part of the
+        // session key is made once.
+        let mut relays: Vec<(RelayAddress, String)> = Vec::new();
         for q in queues {
             let key = (q.contact_id.clone(), q.recipient_id);
             if self.by_queue.contains_key(&key) {
@@ -230,7 +233,16 @@ impl Watch {
             }
             let token = self.queues.len();
             self.by_queue.insert(key, token);
-            self.session_of.push(session_key(&q, isolate));
+            let relay = match relays.iter().find(|(r, _)| *r == q.relay) {
+                Some((_, k)) => k.clone(),
+                None => {
+                    let k = session_key(&q, false).0;
+                    relays.push((q.relay.clone(), k.clone()));
+                    k
+                }
+            };
+            self.session_of
+                .push((relay, isolate.then_some(q.recipient_id)));
             self.queues.push(q);
             self.idle.push(false);
             self.done.push(false);
@@ -422,21 +434,26 @@ impl Client {
             })?;
             return Err(e);
         }
-        // A plain `recv` of everything reads every contact record once, and
-        // the decisions below (expired? jobs? rotation due? which queues?)
-        // are all made from that one read; records are read again only
-        // after something changed them. (Parsing the records is most of
-        // what a `recv` with many contacts and nothing new costs.)
+        // A plain `recv` of everything reads every contact's summary once
+        // (records::Summary: its queues, whether it has work, when it
+        // expires or rotates), and the decisions below (expired? jobs?
+        // rotation due? which queues?) are all made from that one read; a
+        // contact's record is read only when its summary says there is
+        // something to do, and summaries are read again only after
+        // something changed. (Reading every record is most of what a
+        // `recv` with many contacts and nothing new would cost.)
         let mut snapshot = if only.is_none() && !waiting {
-            Some(self.contacts()?)
+            Some(records::glance_all(&mut self.store)?)
         } else {
             None
         };
         let mut changed = false;
         // Invitations and device links past their time are void.
         match &snapshot {
-            Some(cs) => {
-                changed |= self.withdraw_expired_in(cs, &mut |e| {
+            Some(gs) => {
+                let t = super::now();
+                let expired = self.records_of(gs, |g| g.summary.expired(t))?;
+                changed |= self.withdraw_expired_in(&expired, &mut |e| {
                     let _ = on_event(e);
                 })?
             }
@@ -468,14 +485,26 @@ impl Client {
             // steps), and queue rotations that are due. (When waiting, a
             // thread of its own does this, so that receiving never waits
             // for an upload to a slow relay.)
-            if let Some(cs) = snapshot.take() {
-                let cs = if changed { self.contacts()? } else { cs };
-                changed |= self.run_jobs_for(&cs, &mut |e| {
+            if let Some(gs) = snapshot.take() {
+                let gs = if changed {
+                    records::glance_all(&mut self.store)?
+                } else {
+                    gs
+                };
+                let working = self.records_of(&gs, |g| g.summary.has_work)?;
+                changed |= self.run_jobs_for(&working, &mut |e| {
                     let _ = on_event(e);
                 })?;
-                let cs = if changed { self.contacts()? } else { cs };
-                let refs: Vec<Arc<QueueRef>> = cs.iter().flat_map(contact_queue_refs).collect();
-                changed |= self.rotate_those(cs, &mut |e| {
+                let gs = if changed {
+                    records::glance_all(&mut self.store)?
+                } else {
+                    gs
+                };
+                let refs: Vec<Arc<QueueRef>> = gs.iter().flat_map(glance_queue_refs).collect();
+                let days = self.settings()?.rotate_days;
+                let t = super::now();
+                let due = self.records_of(&gs, |g| g.summary.rotation_due(&g.id, days, t))?;
+                changed |= self.rotate_those(due, &mut |e| {
                     let _ = on_event(e);
                 })?;
                 if !changed {
@@ -497,7 +526,10 @@ impl Client {
         summary.queues = queues.len();
         summary.relays = queues
             .iter()
-            .map(|q| q.relay.label())
+            .map(|q| &q.relay)
+            .collect::<HashSet<_>>()
+            .iter()
+            .map(|r| r.label())
             .collect::<HashSet<_>>()
             .len();
         self.receive(opts, queues, &mut summary, on_event)?;
@@ -538,6 +570,30 @@ impl Client {
             }))
     }
 
+    /// The records of the contacts whose summary says `pick`, as they are
+    /// now (the few a plain `recv` has something to do with).
+    fn records_of(
+        &self,
+        glances: &[records::Glance],
+        pick: impl Fn(&records::Glance) -> bool,
+    ) -> Result<Vec<Contact>, ClientError> {
+        let ids: Vec<&str> = glances
+            .iter()
+            .filter(|g| pick(g))
+            .map(|g| g.id.as_str())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.read(|tx| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.extend(records::load(tx, id)?);
+            }
+            Ok(out)
+        })?)
+    }
+
     fn run_all_jobs(
         &mut self,
         only: Option<&str>,
@@ -562,7 +618,7 @@ impl Client {
         let mut pending = Vec::new();
         for id in ids {
             let Ok(c) = self.contact(id) else { continue };
-            if has_work(&c) {
+            if c.has_work() {
                 pending.push(c.id);
             }
         }
@@ -578,7 +634,7 @@ impl Client {
     ) -> Result<bool, ClientError> {
         let pending: Vec<String> = contacts
             .iter()
-            .filter(|c| has_work(c))
+            .filter(|c| c.has_work())
             .map(|c| c.id.clone())
             .collect();
         let any = !pending.is_empty();
@@ -1102,22 +1158,29 @@ impl Client {
 }
 
 /// The receiving queues of one contact: every connection's (current,
-/// rotating, retired; the one a re-key replaced; re-key invitations').
-/// Whether a contact has anything for `run_jobs` to do.
-fn has_work(c: &Contact) -> bool {
-    !c.jobs.is_empty()
-        || !c.device_jobs.is_empty()
-        || (c.conn.state == ConnState::Connected && !c.outbox.is_empty())
+/// rotating, retired; the one a re-key replaced; re-key invitations'), as
+/// its summary lists them.
+fn contact_queue_refs(c: &Contact) -> Vec<Arc<QueueRef>> {
+    records::Summary::queues_of(c)
+        .map(|q| Arc::new(QueueRef::new(&c.id, q)))
+        .collect()
 }
 
-fn contact_queue_refs(c: &Contact) -> Vec<Arc<QueueRef>> {
-    let old = c.old.iter().flat_map(|o| o.conn.all_recv_queues());
-    let rekey = c.rekeys.iter().flat_map(|r| r.recv_queues.iter());
-    c.conn
-        .all_recv_queues()
-        .chain(old)
-        .chain(rekey)
-        .map(|q| Arc::new(QueueRef::new(&c.id, q)))
+/// [`contact_queue_refs`] from a contact's summary.
+fn glance_queue_refs(g: &records::Glance) -> Vec<Arc<QueueRef>> {
+    g.summary
+        .queues
+        .iter()
+        .map(|q| {
+            Arc::new(QueueRef {
+                contact_id: g.id.clone(),
+                relay: q.relay.clone(),
+                recipient_id: q.recipient_id,
+                auth: q.auth.clone(),
+                signer: std::sync::OnceLock::new(),
+                queue_secret: q.queue_secret.clone(),
+            })
+        })
         .collect()
 }
 
@@ -1160,7 +1223,7 @@ fn process_inner(
             "the profile has no settings: it was not fully initialised".into(),
         ))
     })?;
-    let Some(mut c) = tx.get::<Contact>(&contact_key(&id))? else {
+    let Some(mut c) = records::load(tx, &id)? else {
         // Forgotten meanwhile.
         return Ok(Vec::new());
     };
@@ -1202,7 +1265,7 @@ fn process_inner(
         if c.expired(now) {
             // A late answer to an invitation or link whose time is up.
             super::devices::withdraw(&mut c);
-            tx.put(&contact_key(&id), &c)?;
+            records::save(tx, &c)?;
             return Ok(vec![
                 Event::Warning(format!(
                     "refused an answer to {} {}: it had expired; it is withdrawn now",
@@ -1494,7 +1557,7 @@ fn process_inner(
             super::devices::announce_if_changed(tx, &mut c, &queues_before, now).map_err(abort)?,
         );
     }
-    tx.put(&contact_key(&id), &c)?;
+    records::save(tx, &c)?;
     events.extend(others.into_iter().map(Event::Pending));
     Ok(events)
 }

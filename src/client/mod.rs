@@ -14,6 +14,7 @@ pub mod files;
 pub mod jobs;
 pub mod model;
 pub mod receipts;
+pub mod records;
 pub mod rotate;
 pub mod send;
 
@@ -31,7 +32,7 @@ use crate::proto::connection::{QueueKeys, RecvQueue};
 use crate::proto::text::name_key;
 use crate::proto::ProtoError;
 use crate::store::{KeySource, Store, StoreError, Tx};
-use model::{contact_key, Contact, IndexEntry, Settings, INDEX, SETTINGS};
+use model::{Contact, IndexEntry, Settings, INDEX, SETTINGS};
 
 /// Most relays one direction of a connection uses.
 pub const MAX_RELAYS_PER_CONNECTION: usize = 3;
@@ -192,7 +193,7 @@ impl Client {
 
     pub fn contact(&self, id: &str) -> Result<Contact, ClientError> {
         self.store
-            .read(|tx| tx.get::<Contact>(&contact_key(id)))?
+            .read(|tx| records::load(tx, id))?
             .ok_or_else(|| ClientError::UnknownContact(id.to_string()))
     }
 
@@ -201,7 +202,7 @@ impl Client {
         Ok(self.store.read(|tx| {
             let mut out = Vec::with_capacity(index.len());
             for e in &index {
-                if let Some(c) = tx.get::<Contact>(&contact_key(&e.id))? {
+                if let Some(c) = records::load(tx, &e.id)? {
                     out.push(c);
                 }
             }
@@ -311,7 +312,7 @@ impl Client {
             devices.push(contact.id.clone());
             tx.put(model::DEVICES, &devices)?;
         }
-        tx.put(&contact_key(&contact.id), contact)?;
+        records::save(tx, contact)?;
         Ok(())
     }
 
@@ -335,7 +336,7 @@ impl Client {
                 tx.put(model::DEVICES, &devices)?;
             }
         }
-        tx.delete(&contact_key(id))?;
+        records::delete(tx, id)?;
         tx.clear_seen(&model::seen_set(id))?;
         if let (true, Some(g)) = (last, group) {
             tx.remove_log(&model::history_log(&g))?;
@@ -387,9 +388,9 @@ impl Client {
         for e in index.iter_mut().filter(|e| e.group() == group) {
             e.name = name.clone();
             if e.id != contact.id {
-                if let Some(mut other) = tx.get::<Contact>(&contact_key(&e.id))? {
+                if let Some(mut other) = records::load(tx, &e.id)? {
                     other.name = name.clone();
-                    tx.put(&contact_key(&e.id), &other)?;
+                    records::save(tx, &other)?;
                 }
             }
         }
@@ -447,11 +448,9 @@ fn change_contact<T>(
     id: &str,
     f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
 ) -> Result<T, crate::store::StoreError> {
-    let key = contact_key(id);
-    let mut c = tx
-        .get::<Contact>(&key)?
+    let mut c = records::load(tx, id)?
         .ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
     let out = f(tx, &mut c).map_err(abort)?;
-    tx.put(&key, &c)?;
+    records::save(tx, &c)?;
     Ok(out)
 }

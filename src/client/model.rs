@@ -2,6 +2,8 @@
 //!
 //! Record names are opaque: contacts are known by random ids, never by the
 //! names people give them (those live inside the encrypted values).
+//! Contact records (`contact/<id>`) are read and written only through
+//! [`super::records`], which keeps a summary of each beside it.
 
 use serde::{Deserialize, Serialize};
 use tern_wire::address::RelayAddress;
@@ -19,9 +21,6 @@ pub const INDEX: &str = "contacts";
 /// The ids of our connections with our other devices (a subset of the index).
 pub const DEVICES: &str = "devices";
 
-pub fn contact_key(id: &str) -> String {
-    format!("contact/{id}")
-}
 pub fn history_log(id: &str) -> String {
     format!("history/{id}")
 }
@@ -596,11 +595,7 @@ impl Contact {
 
     /// An invitation or link whose time is up and that nobody used yet.
     pub fn expired(&self, now_ms: u64) -> bool {
-        self.expires_ms != 0
-            && now_ms >= self.expires_ms
-            && !self.removed
-            && (self.conn.state == crate::proto::connection::ConnState::Invited
-                || (self.is_pending_link() && !self.link_confirmed))
+        self.expires_at().is_some_and(|at| now_ms >= at)
     }
 
     /// Every receiving queue of this contact record: the connection's, the

@@ -21,8 +21,8 @@ use rand::rngs::OsRng;
 use super::events::Event;
 use super::jobs::push_actions;
 use super::model::{
-    contact_key, no_receipts_key, outgoing_key, Contact, DeliveredTo, Direction, HistoryEntry,
-    IndexEntry, Job, Outgoing, Settings, INDEX, MAX_DELIVERED_DEVICES, SETTINGS,
+    no_receipts_key, outgoing_key, Contact, DeliveredTo, Direction, HistoryEntry, IndexEntry, Job,
+    Outgoing, Settings, INDEX, MAX_DELIVERED_DEVICES, SETTINGS,
 };
 use super::{random_id, Client, ClientError};
 use crate::proto::connection::ConnState;
@@ -81,8 +81,7 @@ pub(crate) fn send_receipts(
             continue;
         };
         for m in index.iter().filter(|e| e.group() == group && !e.device) {
-            let key = contact_key(&m.id);
-            let Some(mut c) = tx.get::<Contact>(&key)? else {
+            let Some(mut c) = super::records::load(tx, &m.id)? else {
                 continue;
             };
             // While our resync offer is out (PROTOCOL.md §6.7) the ratchet
@@ -109,7 +108,7 @@ pub(crate) fn send_receipts(
                 continue;
             }
             push_actions(&mut c, actions, now);
-            tx.put(&key, &c)?;
+            super::records::save(tx, &c)?;
             changed.push(m.id.clone());
         }
     }

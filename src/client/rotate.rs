@@ -8,6 +8,7 @@ use rand::Rng;
 use super::events::Event;
 use super::jobs::{push_actions, JobReport};
 use super::model::{Contact, Job};
+use super::records::RotationFacts;
 use super::{now, Client, ClientError};
 use crate::proto::connection::ConnState;
 
@@ -24,6 +25,25 @@ pub fn next_due(now_ms: u64, days: u32) -> u64 {
 fn stable_jitter(id: &str, max: u64) -> u64 {
     let n = u64::from_str_radix(&id[..id.len().min(15)], 16).unwrap_or(0);
     n % (max + 1)
+}
+
+/// Whether a rotation of contact `id` is due at `now_ms` (by the schedule
+/// of every `days`, or because the peer asked), for a connection that may
+/// rotate now ([`Contact::rotation_facts`]).
+pub(crate) fn due(f: &RotationFacts, id: &str, days: u32, now_ms: u64) -> bool {
+    let scheduled = days > 0 && {
+        let at = if f.next_ms > 0 {
+            f.next_ms
+        } else {
+            // Before the first rotation: jitter from the contact's random
+            // id, so connections made together do not first rotate
+            // together.
+            let base = u64::from(days) * DAY_MS;
+            f.last_rotated_ms + base + stable_jitter(id, base / 4)
+        };
+        now_ms >= at
+    };
+    f.wanted || scheduled
 }
 
 impl Client {
@@ -104,22 +124,7 @@ impl Client {
         let t = now();
         let due: Vec<(String, String)> = contacts
             .into_iter()
-            .filter(|c| c.conn.state == ConnState::Connected && !c.conn.rotating() && !c.removed)
-            .filter(|c| {
-                let scheduled = days > 0 && {
-                    let at = if c.next_rotation_ms > 0 {
-                        c.next_rotation_ms
-                    } else {
-                        // Before the first rotation: jitter from the contact's
-                        // random id, so connections made together do not
-                        // first rotate together.
-                        let base = u64::from(days) * DAY_MS;
-                        c.conn.last_rotated_ms + base + stable_jitter(&c.id, base / 4)
-                    };
-                    t >= at
-                };
-                c.rotation_wanted || scheduled
-            })
+            .filter(|c| c.rotation_facts().is_some_and(|f| due(&f, &c.id, days, t)))
             .map(|c| (c.id, c.name))
             .collect();
         let any = !due.is_empty();

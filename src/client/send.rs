@@ -5,7 +5,8 @@ use rand::rngs::OsRng;
 
 use super::devices::{copy_to_devices, record_history};
 use super::jobs::{flush_outbox, push_actions, reached_a_relay, JobReport};
-use super::model::{contact_key, Contact, Direction, HistoryEntry, Queued};
+use super::model::{Direction, HistoryEntry, Queued};
+use super::records;
 use super::{abort, now, random_id, unwrap_abort, Client, ClientError};
 use crate::proto::connection::ConnState;
 use crate::proto::envelope::{Kind, MAX_BODY_LEN};
@@ -55,8 +56,7 @@ impl Client {
                 let mut connected = false;
                 let mut group = None;
                 for m in &members {
-                    let key = contact_key(m);
-                    let Some(mut c) = tx.get::<Contact>(&key)? else {
+                    let Some(mut c) = records::load(tx, m)? else {
                         continue;
                     };
                     group.get_or_insert_with(|| c.group().to_string());
@@ -69,7 +69,7 @@ impl Client {
                     flush_outbox(&mut c, t).map_err(abort)?;
                     c.last_activity_ms = t;
                     connected |= c.conn.state == ConnState::Connected;
-                    tx.put(&key, &c)?;
+                    records::save(tx, &c)?;
                 }
                 let mut devices = Vec::new();
                 if let (Kind::Text, Some(group)) = (kind, group) {

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 /// First byte of every sealed blob, so the format can change later without
 /// guessing. It is also covered by the associated data.
 const SEAL_VERSION: u8 = 1;
-const NONCE_LEN: usize = 24;
+pub(crate) const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 
 /// Plaintexts are padded with JSON whitespace to a multiple of this, so the

@@ -43,6 +43,13 @@
 //! that the database shows which records share a first segment (how many
 //! contacts, say), not what the segment is.
 //!
+//! Every [`Tx::put`] seals the record's name afresh too, with a new random
+//! nonce: that nonce is the record's [`Stamp`], which [`ReadTx::stamp`]
+//! reads from the small name column without opening the value. A small
+//! record written with a big one can so carry the big one's stamp and tell
+//! a reader whether the big one has been written since (the client's
+//! contact summaries, `client::records`).
+//!
 //! # Re-keying
 //!
 //! [`Store::rekey`] (`tern key passwd --rekey`) replaces the identity: a new
@@ -837,6 +844,59 @@ fn check_epoch(conn: &Connection, epoch: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What tells one write of a record from any other: the record's row, and
+/// the random nonce its name was sealed with, which every [`Tx::put`] of
+/// the record (in any version of tern, and a re-key) draws afresh.
+/// [`ReadTx::stamp`] and [`ReadTx::is_current`] read it without opening the
+/// value, so a small record written beside a big one can say which write
+/// of the big one it belongs to, and a reader can tell cheaply whether the
+/// big one was written again since. It is not authenticated on its own: it
+/// only ever decides whether to read the record itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    row: [u8; 32],
+    nonce: [u8; crypto::NONCE_LEN],
+}
+
+const STAMP_LEN: usize = 32 + crypto::NONCE_LEN;
+
+impl Serialize for Stamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut raw = [0u8; STAMP_LEN];
+        raw[..32].copy_from_slice(&self.row);
+        raw[32..].copy_from_slice(&self.nonce);
+        s.serialize_str(&data_encoding::HEXLOWER.encode(&raw))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Stamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Stamp, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let raw = data_encoding::HEXLOWER
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)?;
+        if raw.len() != STAMP_LEN {
+            return Err(serde::de::Error::custom("a stamp is 56 bytes"));
+        }
+        let mut stamp = Stamp {
+            row: [0; 32],
+            nonce: [0; crypto::NONCE_LEN],
+        };
+        stamp.row.copy_from_slice(&raw[..32]);
+        stamp.nonce.copy_from_slice(&raw[32..]);
+        Ok(stamp)
+    }
+}
+
+/// The stamp of row `row`, from its sealed name (`version || nonce || …`).
+fn stamp_of(row: &[u8; 32], sealed_name: &[u8]) -> Result<Stamp, StoreError> {
+    sealed_name
+        .get(1..1 + crypto::NONCE_LEN)
+        .and_then(|n| <[u8; crypto::NONCE_LEN]>::try_from(n).ok())
+        .map(|nonce| Stamp { row: *row, nonce })
+        .ok_or_else(|| StoreError::Corrupt("a record name is too short".into()))
+}
+
 /// A `kv` row as stored: id, bucket, sealed name, sealed value.
 type KvRow = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
 
@@ -1022,6 +1082,61 @@ impl ReadTx<'_> {
         from_json(key, &plain).map(Some)
     }
 
+    /// The [`Stamp`] of the record under `key`, if there is one: without
+    /// opening its value (one small column of its row).
+    pub fn stamp(&self, key: &str) -> Result<Option<Stamp>, StoreError> {
+        let id = self.kv_id(key);
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT name FROM kv WHERE id = ?1")?
+            .query_row([&id[..]], |r| r.get(0))
+            .optional()?;
+        sealed.map(|s| stamp_of(&id, &s)).transpose()
+    }
+
+    /// Whether `stamp` is the stamp of its record as it is now (false if the
+    /// record was written again, deleted, or moved by a re-key): one lookup,
+    /// no name to hash, nothing opened.
+    pub fn is_current(&self, stamp: &Stamp) -> Result<bool, StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT name FROM kv WHERE id = ?1")?
+            .query_row([&stamp.row[..]], |r| r.get(0))
+            .optional()?;
+        Ok(match sealed {
+            Some(s) => stamp_of(&stamp.row, &s)? == *stamp,
+            None => false,
+        })
+    }
+
+    /// The value of every record in bucket `bucket` (a first segment with
+    /// its `/`, such as `"summary/"`), in no particular order, each opened
+    /// and decoded on its own: one that fails to is an `Err` in the list,
+    /// not a failure of the whole. Costs no name hash per record; the
+    /// values must say themselves which record they are.
+    pub fn bucket_values<T: DeserializeOwned>(
+        &self,
+        bucket: &str,
+    ) -> Result<Vec<Result<T, StoreError>>, StoreError> {
+        debug_assert!(bucket.ends_with('/') && bucket.matches('/').count() == 1);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, value FROM kv WHERE bucket = ?1")?;
+        let mut rows = stmt.query([self.bucket(bucket)])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+            let sealed = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            let value = <&[u8; 32]>::try_from(id)
+                .ok()
+                .and_then(|id| self.keys.open(Slot::KvValue(id), sealed))
+                .ok_or_else(|| corrupt_record("a record of bucket", bucket))
+                .and_then(|plain| from_json(bucket, &plain));
+            out.push(value);
+        }
+        Ok(out)
+    }
+
     /// All record keys starting with `prefix`, sorted. A prefix containing
     /// `/` reads only the records whose first segment matches; a prefix
     /// without one (including `""`) reads every record's name.
@@ -1176,6 +1291,15 @@ impl Tx<'_> {
 
     /// Store `value` under `key`, replacing any previous value.
     pub fn put<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.put_stamped(key, value).map(|_| ())
+    }
+
+    /// [`Tx::put`], returning the record's new [`Stamp`].
+    pub fn put_stamped<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<Stamp, StoreError> {
         let r = &self.read;
         let id = r.kv_id(key);
         let json = to_json(key, value)?;
@@ -1190,10 +1314,10 @@ impl Tx<'_> {
             .execute(rusqlite::params![
                 &id[..],
                 r.bucket(key),
-                sealed_name,
+                &sealed_name,
                 sealed_value
             ])?;
-        Ok(())
+        stamp_of(&id, &sealed_name)
     }
 
     /// Remove the record under `key` (no error if there is none).

@@ -1057,3 +1057,41 @@ fn an_interrupted_rekey_is_undone_or_finished() {
     assert_eq!(s.read(|tx| tx.get::<u32>("k")).unwrap(), Some(2));
     assert_eq!(mode(&home.join("key.age")), 0o600);
 }
+
+#[test]
+fn a_stamp_changes_with_every_write_of_its_record_only() {
+    let (_d, home) = new_home();
+    let mut s = Store::create(&home, NewKey::Unprotected).unwrap();
+    let note = |n: &str| Contact {
+        name: n.into(),
+        note: String::new(),
+    };
+    let first = s
+        .transaction(|tx| {
+            tx.put("contact/b", &note("b"))?;
+            tx.put_stamped("contact/a", &note("a"))
+        })
+        .unwrap();
+    let read = |s: &Store, k: &str| s.read(|tx| tx.stamp(k)).unwrap();
+    assert_eq!(read(&s, "contact/a"), Some(first));
+    assert_eq!(read(&s, "contact/none"), None);
+    // Other records' writes leave it alone; the same value written again
+    // does not.
+    let b = read(&s, "contact/b");
+    s.transaction(|tx| tx.put("contact/b", &note("b"))).unwrap();
+    assert_eq!(read(&s, "contact/a"), Some(first));
+    assert_ne!(read(&s, "contact/b"), b);
+    s.transaction(|tx| tx.put("contact/a", &note("a"))).unwrap();
+    let second = read(&s, "contact/a").unwrap();
+    assert_ne!(second, first);
+    // A re-key seals every row again.
+    s.rekey(NewKey::Unprotected).unwrap();
+    assert_ne!(read(&s, "contact/a"), Some(second));
+    assert!(read(&s, "contact/a").is_some());
+    // Deleted: none.
+    s.transaction(|tx| tx.delete("contact/a")).unwrap();
+    assert_eq!(read(&s, "contact/a"), None);
+    // It serialises (summaries keep it) and reads back the same.
+    let json = serde_json::to_string(&second).unwrap();
+    assert_eq!(serde_json::from_str::<Stamp>(&json).unwrap(), second);
+}

@@ -21,7 +21,8 @@ use super::source::{self, Source};
 use super::{FileProgress, FileState, OutSet, SenderQueue, Transfer};
 use crate::client::devices::record_history;
 use crate::client::jobs::flush_outbox;
-use crate::client::model::{contact_key, Contact, Direction, HistoryEntry, Queued};
+use crate::client::model::{Contact, Direction, HistoryEntry, Queued};
+use crate::client::records;
 use crate::client::{
     abort, now, random_id, unwrap_abort, Client, ClientError, MAX_RELAYS_PER_CONNECTION,
 };
@@ -305,8 +306,7 @@ impl Client {
         let member = c.id.clone();
         self.store
             .transaction(|tx| {
-                let key = contact_key(&member);
-                let Some(mut c) = tx.get::<Contact>(&key)? else {
+                let Some(mut c) = records::load(tx, &member)? else {
                     return Err(abort(ClientError::UnknownContact(member.clone())));
                 };
                 c.outbox.push(Queued {
@@ -317,7 +317,7 @@ impl Client {
                 });
                 flush_outbox(&mut c, t_now).map_err(abort)?;
                 c.last_activity_ms = t_now;
-                tx.put(&key, &c)?;
+                records::save(tx, &c)?;
                 tx.put(&super::transfer_key(&id), &transfer)?;
                 record_history(
                     tx,
