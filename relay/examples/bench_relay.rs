@@ -1255,6 +1255,31 @@ fn thread_cpu_secs(pid: u32) -> Vec<(String, (f64, f64))> {
     out
 }
 
+/// Context switches (voluntary + involuntary) of all threads of `pid` so far.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        for l in s.lines() {
+            if l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+            {
+                n += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
 /// `bench_relay fixed --tern PATH [--pairs N] [--messages M]`: exactly M
 /// messages through each of N pairs (per pair, one at a time: SEND and its
 /// OK, the push to the subscribed recipient, its ACK), then one INFO per
@@ -1293,6 +1318,7 @@ fn fixed(tern: &Path, pairs: usize, messages: u64) -> io::Result<()> {
         thread::sleep(Duration::from_secs(secs.min(60)));
     }
     let before = thread_cpu_secs(relay.pid);
+    let switches = context_switches(relay.pid);
     let client0 = cpu_secs("self");
     let t0 = Instant::now();
     let handles: Vec<_> = sides
@@ -1320,6 +1346,7 @@ fn fixed(tern: &Path, pairs: usize, messages: u64) -> io::Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     let client = cpu_secs("self") - client0;
     let after = thread_cpu_secs(relay.pid);
+    let switches = context_switches(relay.pid) - switches;
     let n = (pairs as u64 * messages) as f64;
     let mut total = 0.0;
     println!(
@@ -1341,9 +1368,10 @@ fn fixed(tern: &Path, pairs: usize, messages: u64) -> io::Result<()> {
         );
     }
     println!(
-        "  relay total: {:.0} µs; driver (client threads): {:.0} µs",
+        "  relay total: {:.0} µs; driver (client threads): {:.0} µs; relay context switches per message: {:.1}",
         total * 1e6 / n,
-        client * 1e6 / n
+        client * 1e6 / n,
+        switches as f64 / n
     );
     relay.stop();
     Ok(())
