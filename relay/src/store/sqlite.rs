@@ -652,13 +652,14 @@ fn set_sync(
     wanted: Durability,
 ) -> Result<(), StoreError> {
     if *current != wanted {
-        run_cached(
-            conn,
-            match wanted {
-                Durability::Durable => "PRAGMA synchronous = FULL",
-                Durability::Lazy => "PRAGMA synchronous = NORMAL",
-            },
-        )?;
+        let level = match wanted {
+            Durability::Durable => "FULL",
+            Durability::Lazy => "NORMAL",
+        };
+        // Not a cached statement: SQLite applies `PRAGMA synchronous = X`
+        // when the statement is compiled, not when it is run, so running a
+        // prepared one again would change nothing.
+        conn.pragma_update(None, "synchronous", level)?;
         *current = wanted;
     }
     Ok(())
@@ -684,4 +685,53 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     let mut rows = stmt.raw_query();
     while rows.next()?.is_some() {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_cached;
+    use rusqlite::Connection;
+
+    fn synchronous(c: &Connection) -> i64 {
+        c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Why `set_sync` compiles its PRAGMA each time: SQLite applies
+    /// `synchronous` when the statement is prepared, so a cached one run
+    /// again would leave the level where the last preparation put it.
+    #[test]
+    fn a_prepared_synchronous_pragma_does_nothing_when_run_again() {
+        let c = Connection::open_in_memory().unwrap();
+        run_cached(&c, "PRAGMA synchronous = NORMAL").unwrap();
+        assert_eq!(synchronous(&c), 1);
+        run_cached(&c, "PRAGMA synchronous = FULL").unwrap();
+        assert_eq!(synchronous(&c), 2);
+        run_cached(&c, "PRAGMA synchronous = NORMAL").unwrap();
+        assert_eq!(synchronous(&c), 2, "the cached statement changed nothing");
+        c.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        assert_eq!(synchronous(&c), 1);
+    }
+
+    /// The statements `run_cached` runs again do take effect each time.
+    #[test]
+    fn cached_transaction_statements_run_each_time() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        for i in 0..3 {
+            run_cached(&c, "BEGIN IMMEDIATE").unwrap();
+            assert!(!c.is_autocommit());
+            run_cached(&c, "SAVEPOINT op").unwrap();
+            c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            if i == 1 {
+                run_cached(&c, "ROLLBACK TO op").unwrap();
+            }
+            run_cached(&c, "RELEASE op").unwrap();
+            run_cached(&c, "COMMIT").unwrap();
+            assert!(c.is_autocommit());
+        }
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2, "the rolled-back insert is gone, the others stayed");
+    }
 }
