@@ -656,9 +656,7 @@ fn set_sync(
             Durability::Durable => "FULL",
             Durability::Lazy => "NORMAL",
         };
-        // Not a cached statement: SQLite applies `PRAGMA synchronous = X`
-        // when the statement is compiled, not when it is run, so running a
-        // prepared one again would change nothing.
+        // Not cached: SQLite compiles a PRAGMA again on every run anyway.
         conn.pragma_update(None, "synchronous", level)?;
         *current = wanted;
     }
@@ -696,20 +694,19 @@ mod tests {
         c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
     }
 
-    /// Why `set_sync` compiles its PRAGMA each time: SQLite applies
-    /// `synchronous` when the statement is prepared, so a cached one run
-    /// again would leave the level where the last preparation put it.
+    /// SQLite marks every PRAGMA statement to be run only once (it expires
+    /// itself and is compiled again on its next run), so even a cached
+    /// `synchronous` switch takes effect each time: caching it would only
+    /// save nothing, which is why `set_sync` does not.
     #[test]
-    fn a_prepared_synchronous_pragma_does_nothing_when_run_again() {
+    fn a_cached_synchronous_pragma_still_acts_each_time() {
         let c = Connection::open_in_memory().unwrap();
-        run_cached(&c, "PRAGMA synchronous = NORMAL").unwrap();
-        assert_eq!(synchronous(&c), 1);
-        run_cached(&c, "PRAGMA synchronous = FULL").unwrap();
-        assert_eq!(synchronous(&c), 2);
-        run_cached(&c, "PRAGMA synchronous = NORMAL").unwrap();
-        assert_eq!(synchronous(&c), 2, "the cached statement changed nothing");
-        c.pragma_update(None, "synchronous", "NORMAL").unwrap();
-        assert_eq!(synchronous(&c), 1);
+        for _ in 0..3 {
+            run_cached(&c, "PRAGMA synchronous = NORMAL").unwrap();
+            assert_eq!(synchronous(&c), 1);
+            run_cached(&c, "PRAGMA synchronous = FULL").unwrap();
+            assert_eq!(synchronous(&c), 2);
+        }
     }
 
     /// The statements `run_cached` runs again do take effect each time.
