@@ -4,6 +4,7 @@
 //! bench_relay throughput --tern PATH [--redis-server PATH] [--quick]
 //!                        [--store POSTGRES_URL [--nodes 2]]
 //! bench_relay scale      --tern PATH [--quick]
+//! bench_relay fixed      --tern PATH [--pairs N] [--messages M]
 //! ```
 //!
 //! Every relay is a separate process (`tern relay serve --listen
@@ -1204,6 +1205,178 @@ fn throughput(
     crypto_breakdown()
 }
 
+// ------------------------------------------------------------ fixed count
+
+/// User and system CPU seconds of one thread (`/proc/PID/task/TID/stat`).
+fn user_sys_secs(path: &str) -> (f64, f64) {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{path}/stat")) else {
+        return (0.0, 0.0);
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return (0.0, 0.0);
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// User and system CPU seconds per thread of process `pid`, summed by
+/// thread name with any trailing worker number dropped ("relay-worker-3"
+/// counts as "relay-worker"; the kernel keeps 15 bytes of a name).
+fn thread_cpu_secs(pid: u32) -> Vec<(String, (f64, f64))> {
+    let mut out: Vec<(String, (f64, f64))> = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let tid = e.file_name().to_string_lossy().to_string();
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        let name = stat
+            .find('(')
+            .zip(stat.rfind(')'))
+            .map(|(a, b)| stat[a + 1..b].to_string())
+            .unwrap_or_default();
+        let name = name
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .trim_end_matches('-')
+            .to_string();
+        let (u, k) = user_sys_secs(&format!("{pid}/task/{tid}"));
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => {
+                s.0 += u;
+                s.1 += k;
+            }
+            None => out.push((name, (u, k))),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Context switches (voluntary + involuntary) of all threads of `pid` so far.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        for l in s.lines() {
+            if l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+            {
+                n += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
+/// `bench_relay fixed --tern PATH [--pairs N] [--messages M]`: exactly M
+/// messages through each of N pairs (per pair, one at a time: SEND and its
+/// OK, the push to the subscribed recipient, its ACK), then one INFO per
+/// recipient session so that every ACK has been handled. Prints the relay's
+/// CPU per delivered message, per thread, for before/after comparisons and
+/// for profiling: `--tern` may be a wrapper (valgrind, perf), and with
+/// BENCH_FIXED_PAUSE=SECS the driver waits that long after printing the
+/// relay's pid, before the timed part, so a profiler can attach.
+fn fixed(tern: &Path, pairs: usize, messages: u64) -> io::Result<()> {
+    let base = tempfile::Builder::new().prefix("tern-bench-").tempdir()?;
+    let relay = RelayProc::start(tern, base.path(), "relay-fixed", BENCH_RELAY_FLAGS)?;
+    let keys = Keys::generate();
+    let queues = create_queues(relay.addr, relay.key, &keys, pairs, 8, true)?;
+    let mut message = vec![0u8; QUEUE_MSG_LEN];
+    OsRng.fill_bytes(&mut message);
+    let mut sides = Vec::with_capacity(pairs);
+    for q in &queues {
+        let tx = TernSender {
+            conn: Session::connect(relay.addr, &relay.key)?,
+            keys: Arc::clone(&keys),
+            queue: *q,
+            message: message.clone(),
+        };
+        let rx = TernRecipient::subscribe(
+            Session::connect(relay.addr, &relay.key)?,
+            Arc::clone(&keys),
+            *q,
+        )?;
+        sides.push((tx, rx));
+    }
+    progress(&format!("relay pid {} ready", relay.pid));
+    if let Some(secs) = std::env::var("BENCH_FIXED_PAUSE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        thread::sleep(Duration::from_secs(secs.min(60)));
+    }
+    let before = thread_cpu_secs(relay.pid);
+    let switches = context_switches(relay.pid);
+    let client0 = cpu_secs("self");
+    let t0 = Instant::now();
+    let handles: Vec<_> = sides
+        .into_iter()
+        .map(|(mut tx, mut rx)| {
+            thread::spawn(move || -> io::Result<()> {
+                for seq in 0..messages {
+                    tx.send(seq)?;
+                    match rx.recv(Duration::from_secs(60))? {
+                        Some(s) if s == seq => {}
+                        other => return Err(err(format!("pushed {other:?}, not {seq}"))),
+                    }
+                    rx.ack()?;
+                }
+                match rx.conn.call(&Command::Info, None)? {
+                    Reply::Info(_) => Ok(()),
+                    other => Err(err(format!("INFO answered {other:?}"))),
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| err("pair thread panicked"))??;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let client = cpu_secs("self") - client0;
+    let after = thread_cpu_secs(relay.pid);
+    let switches = context_switches(relay.pid) - switches;
+    let n = (pairs as u64 * messages) as f64;
+    let mut total = 0.0;
+    println!(
+        "{pairs} pairs × {messages} messages in {wall:.2} s ({:.0} msg/s); relay CPU per message by thread:",
+        n / wall
+    );
+    for (name, (user, sys)) in &after {
+        let (u0, k0) = before
+            .iter()
+            .find(|(b, _)| b == name)
+            .map_or((0.0, 0.0), |(_, s)| *s);
+        let (u, k) = (user - u0, sys - k0);
+        total += u + k;
+        println!(
+            "  {name}: {:.0} µs (user {:.0}, system {:.0})",
+            (u + k) * 1e6 / n,
+            u * 1e6 / n,
+            k * 1e6 / n
+        );
+    }
+    println!(
+        "  relay total: {:.0} µs; driver (client threads): {:.0} µs; relay context switches per message: {:.1}",
+        total * 1e6 / n,
+        client * 1e6 / n,
+        switches as f64 / n
+    );
+    relay.stop();
+    Ok(())
+}
+
 // ----------------------------------------------------------------- probes
 
 /// Nanoseconds this thread has run on a CPU (`/proc/thread-self/schedstat`),
@@ -1757,6 +1930,7 @@ fn main() {
     let mut levels = None;
     let mut store = None;
     let mut nodes = 1;
+    let mut messages = 500;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -1770,8 +1944,10 @@ fn main() {
                     .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
             }
             "--store" => store = it.next().cloned(),
+            // `fixed`: messages per pair.
+            "--messages" => messages = it.next().and_then(|n| n.parse().ok()).unwrap_or(500),
             "--nodes" => nodes = it.next().and_then(|n| n.parse().ok()).unwrap_or(0),
-            "throughput" | "scale" | "crypto" => what = Some(a.clone()),
+            "throughput" | "scale" | "crypto" | "fixed" => what = Some(a.clone()),
             other => {
                 eprintln!("bench_relay: unknown argument {other:?}");
                 std::process::exit(2);
@@ -1790,13 +1966,18 @@ fn main() {
     }
     let (Some(tern), Some(what)) = (tern, what) else {
         eprintln!(
-            "usage: bench_relay throughput|scale --tern PATH [--redis-server PATH] [--quick] [--pairs N,N] [--store POSTGRES_URL [--nodes 2]]\n       bench_relay crypto"
+            "usage: bench_relay throughput|scale --tern PATH [--redis-server PATH] [--quick] [--pairs N,N] [--store POSTGRES_URL [--nodes 2]]\n       bench_relay fixed --tern PATH [--pairs N] [--messages M]\n       bench_relay crypto"
         );
         std::process::exit(2);
     };
     let result = match what.as_str() {
         "throughput" => throughput(&tern, redis.as_deref(), quick, levels),
         "crypto" => crypto_breakdown(),
+        "fixed" => fixed(
+            &tern,
+            levels.and_then(|l| l.first().copied()).unwrap_or(16),
+            messages,
+        ),
         _ => scale(&tern, quick),
     };
     if let Err(e) = result {
