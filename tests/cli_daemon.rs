@@ -1069,7 +1069,7 @@ fn a_socket_served_by_another_user_gets_nothing() {
                       if not d: break\n    \
                       got += d\n\
                   print(len(got), flush=True)\n";
-    let mut stranger = std::process::Command::new("setpriv")
+    let stranger = std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",

@@ -448,8 +448,8 @@ fn change_contact<T>(
     id: &str,
     f: impl FnOnce(&Tx<'_>, &mut Contact) -> Result<T, ClientError>,
 ) -> Result<T, crate::store::StoreError> {
-    let mut c = records::load(tx, id)?
-        .ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
+    let mut c =
+        records::load(tx, id)?.ok_or_else(|| abort(ClientError::UnknownContact(id.to_string())))?;
     let out = f(tx, &mut c).map_err(abort)?;
     records::save(tx, &c)?;
     Ok(out)
