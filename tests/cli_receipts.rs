@@ -392,3 +392,25 @@ fn through_the_daemon_send_waits_and_subscribers_hear_delivered() {
     );
     assert_eq!(r["error"]["data"]["exit_code"], 2, "{r}");
 }
+
+/// Many messages received (in as many batches as the relay pushes) are
+/// acknowledged by receipts that cover what was owed together: every one
+/// ends delivered.
+#[test]
+fn a_long_run_of_messages_is_delivered_by_few_receipts() {
+    let (_relay, ada, bob) = pair();
+    let lines: String = (0..150).map(|i| format!("line {i}\n")).collect();
+    let o = run_cmd(
+        ada.cmd(&["send", "--lines", "bob"]),
+        Some(lines.as_bytes()),
+        HANG_GUARD,
+    );
+    assert_code(&o, 0, "send --lines");
+    let got = bob.recv_texts();
+    assert_eq!(got.len(), 150, "{got:?}");
+    ada.recv_nothing();
+    let log = json_lines(&ada.ok(&["log", "bob", "--json", "--limit", "200"]));
+    assert_eq!(log.len(), 150);
+    let late: Vec<&Value> = log.iter().filter(|e| e["state"] != "delivered").collect();
+    assert!(late.is_empty(), "not delivered: {late:#?}");
+}

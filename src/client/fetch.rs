@@ -1073,9 +1073,9 @@ impl Client {
                     }
                     out.push(events);
                 }
-                // One receipt per contact for the whole batch, committed
-                // with it and uploaded only after the commit.
-                let with_receipts = super::receipts::send_receipts(tx, &stored, now)?;
+                // Receipts owed for what the batch stored, committed with
+                // it; encrypted and uploaded by the jobs after the commit.
+                let with_receipts = super::receipts::send_receipts(tx, &stored)?;
                 Ok((out, with_receipts))
             })
             .map_err(unwrap_abort)?;

@@ -195,6 +195,14 @@ impl Client {
     /// Runs the jobs of contact `id` against the relays.
     pub fn run_jobs(&mut self, id: &str) -> Result<JobReport, ClientError> {
         let mut contact = self.contact(id)?;
+        if super::receipts::receipts_ready(&contact) {
+            // The receipts owed become one upload, stored before it goes.
+            let now = super::now();
+            contact = self.update_contact(id, |_, c| {
+                super::receipts::encrypt_owed(c, now);
+                Ok(c.clone())
+            })?;
+        }
         if !contact.device_jobs.is_empty() {
             self.run_device_jobs(id)?;
             contact = match self.contact(id) {

@@ -357,6 +357,12 @@ pub struct Contact {
     pub jobs: Vec<Job>,
     #[serde(default)]
     pub outbox: Vec<Queued>,
+    /// Ids of the contact's messages this device stored and has not sent a
+    /// receipt for yet: encrypted into one receipt when the jobs next run
+    /// (not one stored upload per batch received, which made a record
+    /// that grows by a padded message per batch until the uploads ran).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub receipts_owed: Vec<ReceiptId>,
     /// When automatic rotation is next due (jittered per contact).
     #[serde(default)]
     pub next_rotation_ms: u64,
@@ -499,6 +505,7 @@ impl Contact {
             last_activity_ms: now_ms,
             jobs: Vec::new(),
             outbox: Vec::new(),
+            receipts_owed: Vec::new(),
             next_rotation_ms: 0,
             rotation_wanted: false,
             generation: 0,
@@ -685,3 +692,7 @@ pub struct HistoryEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
 }
+
+/// A message id a receipt is owed for.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReceiptId(#[serde(with = "b64")] pub [u8; 16]);

@@ -3,11 +3,12 @@
 //! say they stored of ours.
 //!
 //! Sending: the receiving loop collects the ids of the texts and file
-//! offers each batch stored, and in the same transaction encrypts one
-//! receipt per contact (not per message) for every connected device of
-//! that contact. The receipts go out as ordinary uploads after the batch
-//! commits, so none is ever sent for a message that is not durably stored,
-//! and a crash after the commit still sends them (they are stored jobs).
+//! offers each batch stored, and in the same transaction notes them as
+//! owed on every connected device of that contact. When that connection's
+//! jobs next run, what it owes is encrypted into one receipt (not one per
+//! message or per batch) and goes out as an ordinary upload: none is ever
+//! sent for a message that is not durably stored, and a crash after the
+//! commit still sends them (the ids, then the upload, are stored).
 //!
 //! Receiving: a receipt is the contact's word only. Each id marks a
 //! message only if this profile sent it to that contact (the message has an
@@ -22,7 +23,7 @@ use super::events::Event;
 use super::jobs::push_actions;
 use super::model::{
     no_receipts_key, outgoing_key, Contact, DeliveredTo, Direction, HistoryEntry, IndexEntry, Job,
-    Outgoing, Settings, INDEX, MAX_DELIVERED_DEVICES, SETTINGS,
+    Outgoing, ReceiptId, Settings, INDEX, MAX_DELIVERED_DEVICES, SETTINGS,
 };
 use super::{random_id, Client, ClientError};
 use crate::proto::connection::ConnState;
@@ -30,15 +31,22 @@ use crate::proto::envelope::Kind;
 use crate::proto::receipt::{receipts_for, Receipt};
 use crate::store::{StoreError, Tx};
 
-/// Encrypts, inside the batch's transaction, one receipt per contact for
-/// the messages in `stored` (connection id, envelope id), to every
-/// connected device of that contact. Returns the records with new uploads.
-/// Never fails the batch for a receipt: a connection that cannot encrypt
-/// now simply gets none.
+/// The most receipt ids one connection keeps owing (the oldest go first:
+/// receipts are best effort, and a connection that cannot take them for
+/// that long has bigger problems).
+const MAX_RECEIPTS_OWED: usize = 4096;
+
+/// Notes, inside the batch's transaction, that receipts are owed for the
+/// messages in `stored` (connection id, envelope id), on every connected
+/// device of that contact. Returns the records that now owe receipts: their
+/// jobs encrypt one receipt for everything owed ([`encrypt_owed`]) and
+/// upload it, after the batch commits, so none is ever sent for a message
+/// that is not durably stored, and a crash after the commit still sends
+/// them. A batch adds only ids to the record, however many batches come
+/// before the uploads run.
 pub(crate) fn send_receipts(
     tx: &Tx<'_>,
     stored: &[(String, [u8; 16])],
-    now: u64,
 ) -> Result<Vec<String>, StoreError> {
     if stored.is_empty() {
         return Ok(Vec::new());
@@ -72,47 +80,59 @@ pub(crate) fn send_receipts(
         if tx.get::<bool>(&no_receipts_key(&group))?.unwrap_or(false) {
             continue;
         }
-        let receipts = receipts_for(&ids);
-        let Ok(bodies) = receipts
-            .iter()
-            .map(Receipt::encode)
-            .collect::<Result<Vec<_>, _>>()
-        else {
-            continue;
-        };
         for m in index.iter().filter(|e| e.group() == group && !e.device) {
             let Some(mut c) = super::records::load(tx, &m.id)? else {
                 continue;
             };
-            // While our resync offer is out (PROTOCOL.md §6.7) the ratchet
-            // we would encrypt with is the one that lost step: the peer
-            // could not read the receipt and would start a resync of its
-            // own. Best effort: those messages get no receipt from here.
-            if c.conn.state != ConnState::Connected
-                || c.peer_gone
-                || c.removed
-                || c.conn.resync.is_some()
-            {
+            if c.conn.state != ConnState::Connected || c.peer_gone || c.removed {
                 continue;
             }
-            let mut actions = Vec::new();
-            for body in &bodies {
-                if let Ok(a) =
-                    c.conn
-                        .encrypt(Kind::Receipt, random_id(), body.clone(), now, &mut OsRng)
-                {
-                    actions.push(a);
-                }
-            }
-            if actions.is_empty() {
-                continue;
-            }
-            push_actions(&mut c, actions, now);
+            c.receipts_owed.extend(ids.iter().copied().map(ReceiptId));
+            let over = c.receipts_owed.len().saturating_sub(MAX_RECEIPTS_OWED);
+            c.receipts_owed.drain(..over);
             super::records::save(tx, &c)?;
             changed.push(m.id.clone());
         }
     }
     Ok(changed)
+}
+
+/// Whether [`encrypt_owed`] would encrypt anything for `c` now.
+pub(crate) fn receipts_ready(c: &Contact) -> bool {
+    // While our resync offer is out (PROTOCOL.md §6.7) the ratchet we would
+    // encrypt with is the one that lost step: the peer could not read the
+    // receipt and would start a resync of its own. They wait till it ends.
+    !c.receipts_owed.is_empty()
+        && c.conn.state == ConnState::Connected
+        && !c.peer_gone
+        && !c.removed
+        && c.conn.resync.is_none()
+}
+
+/// Encrypts what `c` owes into receipts (as few as hold the ids) and
+/// stores them as uploads; the caller commits `c` before uploading.
+pub(crate) fn encrypt_owed(c: &mut Contact, now: u64) {
+    if !receipts_ready(c) {
+        return;
+    }
+    let ids: Vec<[u8; 16]> = c.receipts_owed.drain(..).map(|r| r.0).collect();
+    let Ok(bodies) = receipts_for(&ids)
+        .iter()
+        .map(Receipt::encode)
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return;
+    };
+    let mut actions = Vec::new();
+    for body in bodies {
+        if let Ok(a) = c
+            .conn
+            .encrypt(Kind::Receipt, random_id(), body, now, &mut OsRng)
+        {
+            actions.push(a);
+        }
+    }
+    push_actions(c, actions, now);
 }
 
 /// Records a receipt that came on connection `c`; an event for each

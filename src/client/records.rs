@@ -236,6 +236,7 @@ impl Contact {
     /// contact.
     pub fn has_work(&self) -> bool {
         !self.jobs.is_empty()
+            || !self.receipts_owed.is_empty()
             || !self.device_jobs.is_empty()
             || (self.conn.state == ConnState::Connected && !self.outbox.is_empty())
     }
