@@ -1040,15 +1040,16 @@ fn a_socket_served_by_another_user_gets_nothing() {
         eprintln!("note: skipped: listening as another user needs root");
         return;
     }
-    for tool in ["setpriv", "python3"] {
-        let found = std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .unwrap();
-        if !found.status.success() {
-            eprintln!("note: skipped: {tool} is not installed");
-            return;
-        }
+    // The system's Python: one found through root's PATH (a pyenv shim in
+    // root's home, say) may be out of the other user's reach.
+    let python = Path::new("/usr/bin/python3");
+    let setpriv = std::process::Command::new("sh")
+        .args(["-c", "command -v setpriv"])
+        .output()
+        .unwrap();
+    if !setpriv.status.success() || !python.exists() {
+        eprintln!("note: skipped: needs setpriv and /usr/bin/python3");
+        return;
     }
     let relay = Relay::start();
     let b = Profile::new("Bob", &[&relay]);
@@ -1069,21 +1070,19 @@ fn a_socket_served_by_another_user_gets_nothing() {
                       if not d: break\n    \
                       got += d\n\
                   print(len(got), flush=True)\n";
-    let stranger = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "python3",
-            "-c",
-            listen,
-        ])
+    let mut stranger = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(python)
+        .args(["-c", listen])
         .arg(&socket)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + WAIT;
     while !socket.exists() {
+        if let Some(status) = stranger.try_wait().unwrap() {
+            panic!("the stranger's listener ended ({status}) before listening");
+        }
         assert!(
             Instant::now() < deadline,
             "the stranger's socket never appeared"
