@@ -266,20 +266,9 @@ fn linking_while_messages_are_in_flight_and_a_device_catching_up_later() {
     let laptop = Profile::new("Alice", &[&r1]);
     let bob = Profile::new("Bob", &[&r2]);
     connect(&laptop, "bob", &bob, "alice");
-    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
-    let server = Profile::empty("Alice-server");
     // Its first queues on a relay of its own (as when the profile's relays
     // need an access key); the profile's relay list replaces it.
-    server.ok(&[
-        "device",
-        "join",
-        link.trim(),
-        "--name",
-        "server",
-        "--no-passphrase",
-        "--relay",
-        &r3.addr,
-    ]);
+    let server = join_server(&laptop, &["--relay", &r3.addr]);
     laptop.ok(&["device", "confirm", "--yes"]);
     // Messages while the devices are still introducing themselves.
     bob.send("alice", "in flight 1");

@@ -140,16 +140,7 @@ fn world() -> World {
     bob.ok(&["verify", "alice", code.trim()]);
     laptop.send("bob", "before the link");
     bob.recv();
-    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
-    let server = Profile::empty("Alice-server");
-    server.ok(&[
-        "device",
-        "join",
-        link.trim(),
-        "--name",
-        "server",
-        "--no-passphrase",
-    ]);
+    let server = join_server(&laptop, &[]);
     laptop.ok(&["device", "confirm", "--yes"]);
     settle(&[&laptop, &server, &bob], 5);
     assert_eq!(bob.contact("alice")["devices"], 2);

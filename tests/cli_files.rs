@@ -491,16 +491,7 @@ fn every_device_of_the_recipient_gets_the_file() {
     let laptop = Profile::new("Alice", &[&r1]);
     let bob = Profile::new("Bob", &[&r2]);
     connect(&laptop, "bob", &bob, "alice");
-    let link = laptop.ok(&["device", "link", "--link", "--name", "laptop"]);
-    let server = Profile::empty("Alice-server");
-    server.ok(&[
-        "device",
-        "join",
-        link.trim(),
-        "--name",
-        "server",
-        "--no-passphrase",
-    ]);
+    let server = join_server(&laptop, &[]);
     laptop.ok(&["device", "confirm", "--yes"]);
     for _ in 0..5 {
         for p in [&laptop, &server, &bob] {

@@ -57,16 +57,7 @@ fn connections_are_post_quantum_and_stay_so_across_rotation_and_devices() {
 
     // A linked device: its own connections (with Alice's first device and
     // with Bob) are made by the same hybrid handshake.
-    let link = a.ok(&["device", "link", "--link", "--name", "laptop"]);
-    let server = Profile::empty("Alice-server");
-    server.ok(&[
-        "device",
-        "join",
-        link.trim(),
-        "--name",
-        "server",
-        "--no-passphrase",
-    ]);
+    let server = join_server(&a, &[]);
     // A plain recv never links a device: confirmed on the first device.
     a.ok(&["device", "confirm", "--yes"]);
     for _ in 0..5 {

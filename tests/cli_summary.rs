@@ -121,16 +121,7 @@ fn every_write_of_a_contact_record_writes_its_summary() {
     assert_summaries_agree(&alice, "the invitation revoked");
 
     // A device link: the new device's records, and Alice's of it.
-    let link = alice.ok(&["device", "link", "--link", "--name", "laptop"]);
-    let server = Profile::empty("Alice-server");
-    server.ok(&[
-        "device",
-        "join",
-        link.trim(),
-        "--name",
-        "server",
-        "--no-passphrase",
-    ]);
+    let server = join_server(&alice, &[]);
     alice.ok(&["device", "confirm", "--yes"]);
     settle(&[&alice, &server, &bob, &carol], 5);
     for p in [&alice, &server, &bob, &carol] {

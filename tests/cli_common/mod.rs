@@ -683,3 +683,23 @@ pub fn have_program(name: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
 }
+
+/// A new device ("Alice-server", named "server") that joins `first`'s
+/// profile through a `device link --link` shown by `first` (named
+/// "laptop"), with `extra` options for `device join`; `first` still has to
+/// confirm it (`device confirm --yes`).
+pub fn join_server(first: &Profile, extra: &[&str]) -> Profile {
+    let link = first.ok(&["device", "link", "--link", "--name", "laptop"]);
+    let server = Profile::empty("Alice-server");
+    let mut args = vec![
+        "device",
+        "join",
+        link.trim(),
+        "--name",
+        "server",
+        "--no-passphrase",
+    ];
+    args.extend_from_slice(extra);
+    server.ok(&args);
+    server
+}
